@@ -1,0 +1,264 @@
+"""The ``flhf`` command: run a preset with overrides, build the shipped tokenizer.
+
+``flhf run [PRESET] [key=value ...]`` exists because ``flwr run`` refuses a
+preset file together with ``key=value`` overrides, and answers an unknown key
+with a bare "Invalid run configuration". It merges pyproject's defaults, the
+preset and the overrides; validates them with :class:`RunConfig` (an error
+names the key and what is allowed); resolves ``results-dir`` to an absolute
+path; starts a local simulation SuperLink if none is running (and stops it
+afterwards, by PID); submits the run with ``flwr run``; streams its logs; and
+exits with the run's real status, which ``flwr run --stream`` does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .config import PYPROJECT, ConfigError, RunConfig, load_preset, pyproject_defaults
+
+PROJECT_DIR = PYPROJECT.parent
+PRESETS_DIR = PROJECT_DIR / "configs"
+RUNTIME_ENV = {
+    # Flower would otherwise build a fresh environment per run (and fetch CUDA torch).
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` with a TOML value; bare words are strings (``dataset=aclsum``)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value.")
+    key, raw = (part.strip() for part in item.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def resolve_preset(name: str | None) -> Path | None:
+    if name is None:
+        return PRESETS_DIR / "default.toml"
+    path = Path(name)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    candidate = PRESETS_DIR / f"{name}.toml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+    raise ConfigError(f"preset {name!r} not found; presets: {', '.join(known)}, or a path to a .toml file.")
+
+
+def merged_config(preset: str | None, overrides: list[str]) -> dict[str, Any]:
+    """Defaults <- preset <- overrides, validated, with an absolute results-dir and a run name."""
+    values = dict(pyproject_defaults())
+    preset_path = resolve_preset(preset)
+    if preset_path is not None:
+        values.update(load_preset(preset_path))
+    values.update(parse_override(item) for item in overrides)
+    config = RunConfig.from_mapping(values)  # names any bad key or value
+    run_name = config.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    candidate, suffix = run_name, 1
+    while (config.results_path / candidate).exists():
+        suffix += 1
+        candidate = f"{run_name}-{suffix}"
+    return config.replace(**{"results-dir": str(config.results_path), "run-name": candidate}).to_mapping()
+
+
+# --------------------------------------------------------------------------
+# Local SuperLink
+# --------------------------------------------------------------------------
+def _local_ports() -> tuple[str, str]:
+    from flwr.cli.constant import LOCAL_CONTROL_API_PORT, LOCAL_SUPERLINK_HTTP_API_PORT
+
+    return LOCAL_SUPERLINK_HTTP_API_PORT, LOCAL_CONTROL_API_PORT
+
+
+def superlink_running(http_port: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=0.5).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def start_local_superlink(log_file: Path) -> subprocess.Popen:
+    """A simulation SuperLink in its own session, as ``flwr run`` would start it."""
+    http_port, control_port = _local_ports()
+    command = [
+        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--control-api-address", f"127.0.0.1:{control_port}",
+        "--host", "127.0.0.1", "--port", http_port,
+    ]  # fmt: skip
+    fleet = os.environ.get("FLHF_FLEET_API_ADDRESS")
+    if fleet:
+        command += ["--fleet-api-address", fleet]
+    log = log_file.open("ab")
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **RUNTIME_ENV}, cwd=PROJECT_DIR,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not superlink_running(http_port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process_group(process)
+            raise RuntimeError(f"flower-superlink did not start; see {log_file}")
+        time.sleep(0.2)
+    return process
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process's whole group, then SIGKILL what is left."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+# --------------------------------------------------------------------------
+# flwr run, and the run's real status
+# --------------------------------------------------------------------------
+def _flwr(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["flwr", *args], capture_output=capture, text=True, env={**os.environ, **RUNTIME_ENV}, check=False
+    )
+
+
+def run_status(run_id: str) -> tuple[str, str]:
+    """``(status, details)`` of a run, from ``flwr ls --format json``."""
+    result = _flwr("ls", "--run-id", run_id, "--format", "json")
+    try:
+        run = json.loads(result.stdout)["runs"][0]
+        return run["status"], run.get("status-details", "")
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return "unknown", result.stdout + result.stderr
+
+
+def submit_and_follow(config: dict[str, Any], users: int, stream: bool) -> int:
+    """Submit the run, follow it to its end, and return 0 only if it completed."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".toml", delete=False) as f:
+        f.write("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()).encode())
+        config_file = f.name
+    try:
+        result = _flwr(
+            "run", str(PROJECT_DIR), "--run-config", config_file,
+            "--federation-config", f"num-supernodes={users}", "--format", "json",
+        )  # fmt: skip
+    finally:
+        os.unlink(config_file)
+    try:
+        run_id = str(json.loads(result.stdout)["run-id"])
+    except (json.JSONDecodeError, KeyError):
+        print(f"flhf: flwr run failed:\n{result.stdout}{result.stderr}", file=sys.stderr)
+        return 1
+    print(f"flhf: run {run_id} submitted with {users} users", flush=True)
+    logs = subprocess.Popen(["flwr", "log", run_id, "--stream"]) if stream else None
+    try:
+        while (status := run_status(run_id))[0] != "unknown" and not status[0].startswith("finished"):
+            time.sleep(2.0)
+    except KeyboardInterrupt:
+        print(f"flhf: interrupted; stopping run {run_id}", file=sys.stderr)
+        _flwr("stop", run_id)
+        raise
+    finally:
+        if logs is not None:
+            time.sleep(2.0)  # let the last lines arrive
+            logs.terminate()
+            logs.wait()
+    status, details = status
+    print(f"flhf: run {run_id} {status}" + (f": {details}" if details and details != "N/A" else ""))
+    return 0 if status == "finished:completed" else 1
+
+
+def command_run(args: argparse.Namespace) -> int:
+    config = merged_config(args.preset, args.overrides)
+    users = args.users or max(int(config["min-available-nodes"]), 2)
+    run_dir = Path(config["results-dir"]) / config["run-name"]
+    print(f"flhf: results will be written to {run_dir}", flush=True)
+    http_port, _ = _local_ports()
+    superlink = None
+    if not superlink_running(http_port):
+        log_file = Path(config["results-dir"]) / "superlink.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        superlink = start_local_superlink(log_file)
+    try:
+        code = submit_and_follow(config, users, stream=not args.quiet)
+    finally:
+        if superlink is not None:
+            stop_process_group(superlink)
+    if code == 0 and (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        k = config["lead-words"]
+        print(
+            f"flhf: held-out ROUGE-L {summary['rougeL']:.2f} (round 0: {summary['rougeL-round0']:.2f}, "
+            f"lead-{k} baseline: {summary[f'baseline-lead{k}-rougeL']:.2f}); results in {run_dir}"
+        )
+    return code
+
+
+def command_build_tokenizer(args: argparse.Namespace) -> int:
+    from . import data, model
+
+    corpus = data.load_corpus(
+        RunConfig.from_mapping({"document-sections": "abstract,introduction,conclusion"})
+    )
+    tokenizer = model.train_tokenizer(model.corpus_texts(corpus), args.vocab_size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(tokenizer.to_str())
+    print(f"wrote {out} ({tokenizer.get_vocab_size()} tokens, sha256 {model.sha256(out.read_bytes())[:12]})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flhf", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a preset in Flower's simulation engine")
+    run.add_argument("preset", nargs="?", help="a name in configs/ (default: default) or a .toml path")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides")
+    run.add_argument("--users", type=int, help="simulated users (default: the preset's min-available-nodes)")
+    run.add_argument("--quiet", action="store_true", help="do not stream the run's logs")
+    run.set_defaults(handler=command_run)
+    tok = commands.add_parser("build-tokenizer", help="train the shipped aclsum tokenizer")
+    tok.add_argument("--vocab-size", type=int, default=6000)
+    tok.add_argument("--out", default=str(Path(__file__).parent / "assets" / "aclsum-tokenizer.json"))
+    tok.set_defaults(handler=command_build_tokenizer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `flhf run smoke num-server-rounds=3`: a first positional with '=' is an override
+    if len(argv) >= 2 and argv[0] == "run" and "=" in argv[1]:
+        argv.insert(1, "default")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"flhf: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

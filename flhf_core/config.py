@@ -1,0 +1,204 @@
+"""One typed, validated view of the run config.
+
+Flower hands both apps a flat ``{key: scalar}`` mapping whose keys are the
+kebab-case names declared under ``[tool.flwr.app.config]`` in ``pyproject.toml``.
+:meth:`RunConfig.from_mapping` turns it into a frozen dataclass and is the only
+place where values are checked: every bad key or value raises
+:class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+ASPECTS_ACLSUM = ("challenge", "approach", "outcome")
+PARTITIONINGS = ("iid", "dirichlet", "preference")
+TINY_T5_SIZES = ("xs", "s", "m")
+REWARD_WEIGHTINGS = ("none",)
+DEVICES = ("auto", "cpu", "cuda")
+ACLSUM_SECTIONS = ("abstract", "introduction", "conclusion")
+
+
+class ConfigError(ValueError):
+    """A run-config key or value is not allowed; the message says which and why."""
+
+
+def _choice(*allowed: str) -> dict[str, Any]:
+    return {"choices": allowed}
+
+
+def _range(low: float | None = None, high: float | None = None) -> dict[str, Any]:
+    return {"low": low, "high": high}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run-config key, with its type, default and allowed values.
+
+    Field names are the keys with ``-`` replaced by ``_``. The defaults here are
+    the ones pyproject declares (a test keeps the two in sync).
+    """
+
+    # --- federation -------------------------------------------------------
+    num_server_rounds: int = field(default=8, metadata=_range(1))
+    fraction_train: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    fraction_evaluate: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    min_available_nodes: int = field(default=2, metadata=_range(1))
+    round_timeout: float = field(default=600.0, metadata=_range(0.0))
+    reward_weighting: str = field(default="none", metadata=_choice(*REWARD_WEIGHTINGS))
+    seed: int = field(default=42, metadata=_range(0))
+    # --- data ---------------------------------------------------------------
+    dataset: str = "aclsum"
+    document_field: str = "document"
+    summary_fields: str = "summary"
+    document_sections: str = "abstract"
+    partitioning: str = field(default="iid", metadata=_choice(*PARTITIONINGS))
+    dirichlet_alpha: float = field(default=0.5, metadata=_range(1e-3))
+    heldout_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
+    val_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
+    max_source_tokens: int = field(default=192, metadata=_range(8))
+    max_target_tokens: int = field(default=64, metadata=_range(4))
+    # --- model ----------------------------------------------------------------
+    model: str = "tiny-t5"
+    tiny_t5_size: str = field(default="s", metadata=_choice(*TINY_T5_SIZES))
+    device: str = field(default="auto", metadata=_choice(*DEVICES))
+    bf16: bool = True
+    # --- local training -----------------------------------------------------
+    local_epochs: int = field(default=2, metadata=_range(1))
+    batch_size: int = field(default=16, metadata=_range(1))
+    learning_rate: float = field(default=2e-3, metadata=_range(0.0, 1.0))
+    weight_decay: float = field(default=0.01, metadata=_range(0.0))
+    max_grad_norm: float = field(default=1.0, metadata=_range(0.0))
+    # --- generation and evaluation ------------------------------------------
+    num_beams: int = field(default=1, metadata=_range(1))
+    no_repeat_ngram_size: int = field(default=3, metadata=_range(0))
+    max_new_tokens: int = field(default=48, metadata=_range(1))
+    eval_max_examples: int = field(default=64, metadata=_range(0))
+    heldout_max_examples: int = field(default=150, metadata=_range(0))
+    lead_words: int = field(default=25, metadata=_range(1))
+    # --- results --------------------------------------------------------------
+    results_dir: str = "results"
+    run_name: str = ""
+
+    # ------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Validate a kebab-case mapping; unspecified keys take their defaults."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        types = get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                suggestion = f" Did you mean '{hint[0]}'?" if hint else ""
+                raise ConfigError(
+                    f"unknown run-config key '{key}'.{suggestion} Known keys: {', '.join(sorted(known))}."
+                )
+            spec = known[key]
+            kwargs[spec.name] = _coerce(key, value, types[spec.name], spec.metadata)
+        config = cls(**kwargs)
+        config._check_semantics()
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The kebab-case mapping, as Flower's run config spells it."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return RunConfig.from_mapping({**self.to_mapping(), **changes})
+
+    # ------------------------------------------------------------------------
+    @property
+    def summary_field_list(self) -> tuple[str, ...]:
+        return tuple(s.strip() for s in self.summary_fields.split(",") if s.strip())
+
+    @property
+    def section_list(self) -> tuple[str, ...]:
+        return tuple(s.strip() for s in self.document_sections.split(",") if s.strip())
+
+    @property
+    def results_path(self) -> Path:
+        """``results-dir`` as an absolute path.
+
+        The ServerApp runs in the SuperLink's working directory, so a relative
+        path is resolved against the caller's directory by the launcher and
+        against the current directory here, and always printed.
+        """
+        return Path(self.results_dir).expanduser().resolve()
+
+    def _check_semantics(self) -> None:
+        if not self.summary_field_list:
+            raise ConfigError("summary-fields: give at least one field name, comma separated.")
+        if self.dataset == "aclsum":
+            bad = [s for s in self.section_list if s not in ACLSUM_SECTIONS]
+            if bad or not self.section_list:
+                raise ConfigError(
+                    f"document-sections: {self.document_sections!r} is not allowed; use a "
+                    f"comma-separated subset of {', '.join(ACLSUM_SECTIONS)}."
+                )
+        elif not (self.dataset.startswith("hf:") and len(self.dataset) > 3):
+            suffix = Path(self.dataset).suffix.lower()
+            if suffix not in (".jsonl", ".json", ".csv"):
+                raise ConfigError(
+                    f"dataset: {self.dataset!r} is not allowed; use 'aclsum', a path to a "
+                    "local .jsonl/.json/.csv file, or 'hf:<name or local folder>'."
+                )
+        if self.model != "tiny-t5" and not self.model.strip():
+            raise ConfigError("model: give 'tiny-t5', a Hugging Face name or a local path.")
+        if self.heldout_fraction + self.val_fraction >= 1.0:
+            raise ConfigError("heldout-fraction + val-fraction must stay below 1.")
+        if any(c in self.run_name for c in "/\\") or self.run_name in (".", ".."):
+            raise ConfigError(f"run-name: {self.run_name!r} must be a plain folder name.")
+
+
+def _coerce(key: str, value: Any, kind: type, rules: Mapping[str, Any]) -> Any:
+    """Check one value against its field's type, range and choices."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}.")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}.")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}.")
+        value = float(value)
+    elif kind is str and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}.")
+    choices = rules.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(choices)}.")
+    low, high = rules.get("low"), rules.get("high")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{key}: {value!r} is out of range; it must be {bounds}.")
+    return value
+
+
+def pyproject_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
+    """The run-config defaults declared in ``[tool.flwr.app.config]``."""
+    with pyproject.open("rb") as f:
+        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+
+
+def load_preset(path: Path) -> dict[str, Any]:
+    """Read a preset TOML file (flat ``key = value`` pairs)."""
+    try:
+        with path.open("rb") as f:
+            values = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"preset file {path} does not exist.") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"preset file {path} is not valid TOML: {error}") from None
+    nested = [k for k, v in values.items() if isinstance(v, dict | list)]
+    if nested:
+        raise ConfigError(f"preset file {path}: values must be scalars, not {nested}.")
+    return values

@@ -1,0 +1,287 @@
+"""Documents, their summaries by aspect, and who holds which.
+
+A *corpus* is a tuple of :class:`Document` s, each with one reference summary
+per aspect (for aclsum: challenge, approach, outcome; for a local or hub
+dataset: one aspect per name in ``summary-fields``). Everything else is
+derived from it deterministically by ``seed``:
+
+* the server's held-out documents (``heldout-fraction`` of them, by a hash of
+  the document id, so no user ever trains on them);
+* one user's examples out of ``num-partitions``: ``iid`` (every (document,
+  aspect) pair goes to a uniformly chosen user), ``dirichlet`` (per aspect, the
+  users' shares follow Dir(alpha), so users see skewed aspect mixes) or
+  ``preference`` (documents are dealt out and each user keeps the summaries
+  of its preferred aspect, ``aspects[user % len(aspects)]``);
+* that user's train / validation split.
+
+A user's partition is computed from hashes of (seed, document, aspect) alone,
+never by materializing everyone's, so 1000 users cost what 2 do.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    text: str  # what the model reads (sections joined)
+    abstract: str  # for the last-sentence baseline
+    summaries: tuple[tuple[str, str], ...]  # (aspect, reference summary)
+
+    def summary(self, aspect: str) -> str:
+        return dict(self.summaries)[aspect]
+
+
+@dataclass(frozen=True)
+class Example:
+    doc_id: str
+    aspect: str
+    document: str
+    summary: str
+
+    @property
+    def source(self) -> str:
+        """The model input: the aspect as an instruction, then the document."""
+        return f"{self.aspect}: {self.document}"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    documents: tuple[Document, ...]
+    aspects: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?%)\]])")
+_SPACE_AFTER_OPEN = re.compile(r"([(\[])\s+")
+
+
+def detokenize(text: str) -> str:
+    """Undo aclsum's tokenized spacing (``"results , as"`` -> ``"results, as"``)."""
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+    return _SPACE_AFTER_OPEN.sub(r"\1", text).replace(" n't", "n't")
+
+
+def corpus_key(config: RunConfig) -> tuple[str, str, str, str]:
+    """The run-config values that determine the corpus (the cache key)."""
+    return (config.dataset, config.document_field, config.summary_fields, config.document_sections)
+
+
+def load_corpus(config: RunConfig) -> Corpus:
+    """Load the configured dataset (cached per process: it is immutable)."""
+    return _load_corpus_cached(*corpus_key(config))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_corpus_cached(dataset: str, document_field: str, summary_fields: str, sections: str) -> Corpus:
+    if dataset == "aclsum":
+        return _load_aclsum(tuple(s.strip() for s in sections.split(",")))
+    fields = tuple(s.strip() for s in summary_fields.split(",") if s.strip())
+    return _load_table(dataset, document_field, fields)
+
+
+def _load_aclsum(sections: tuple[str, ...]) -> Corpus:
+    """The aclsum package's JSONL files (train, val, test), read through ``datasets``."""
+    import aclsum
+    import datasets
+
+    data_dir = Path(aclsum.__file__).parent / "dataset"
+    files = {split: str(data_dir / f"{split}.jsonl") for split in ("train", "val", "test")}
+    rows = datasets.load_dataset("json", data_files=files)
+    documents = []
+    for split in ("train", "val", "test"):
+        for row in rows[split]:
+            text = " ".join(sentence for s in sections for sentence in row["sentences"][s])
+            documents.append(
+                Document(
+                    doc_id=row["id"],
+                    text=detokenize(text),
+                    abstract=detokenize(" ".join(row["sentences"]["abstract"])),
+                    summaries=tuple(
+                        (a, row["summary"][a].strip()) for a in ("challenge", "approach", "outcome")
+                    ),
+                )
+            )
+    return Corpus("aclsum", tuple(documents), ("challenge", "approach", "outcome"))
+
+
+def _load_table(dataset: str, document_field: str, summary_fields: tuple[str, ...]) -> Corpus:
+    """A local JSONL/JSON/CSV file, or ``hf:<name>`` through ``datasets.load_dataset``."""
+    import datasets
+
+    try:
+        if dataset.startswith("hf:"):
+            loaded = datasets.load_dataset(dataset[3:])
+            table = datasets.concatenate_datasets([loaded[s] for s in sorted(loaded)])
+        else:
+            path = Path(dataset).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"dataset: file {path} does not exist.")
+            builder = "csv" if path.suffix.lower() == ".csv" else "json"
+            table = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except ConfigError:
+        raise
+    except Exception as error:  # datasets raises many kinds; report the file and the cause
+        raise ConfigError(f"dataset: could not read {dataset!r}: {type(error).__name__}: {error}") from None
+
+    columns = set(table.column_names)
+    for key, name in [("document-field", document_field)] + [("summary-fields", f) for f in summary_fields]:
+        if name not in columns:
+            raise ConfigError(
+                f"{key}: field {name!r} is not in {dataset!r}; its fields are {', '.join(sorted(columns))}."
+            )
+    documents = []
+    for index, row in enumerate(table):
+        text = str(row[document_field] or "").strip()
+        summaries = tuple((f, str(row[f] or "").strip()) for f in summary_fields)
+        if not text or not any(s for _, s in summaries):
+            continue
+        doc_id = str(row["id"]) if "id" in columns else f"row-{index}"
+        documents.append(Document(doc_id, text, text, summaries))
+    if len(documents) < 2:
+        raise ConfigError(f"dataset: {dataset!r} has fewer than 2 usable rows.")
+    return Corpus(dataset, tuple(documents), summary_fields)
+
+
+# --------------------------------------------------------------------------
+# Deterministic assignment
+# --------------------------------------------------------------------------
+def unit_hash(*parts: object) -> float:
+    """A stable pseudo-random number in [0, 1) from its arguments (same in every process)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def is_heldout(doc_id: str, seed: int, heldout_fraction: float) -> bool:
+    return unit_hash(seed, "heldout", doc_id) < heldout_fraction
+
+
+def preferred_aspect(user: int, aspects: Sequence[str]) -> str:
+    """The aspect user ``user`` prefers under ``preference`` partitioning."""
+    return aspects[user % len(aspects)]
+
+
+@functools.lru_cache(maxsize=64)
+def dirichlet_shares(seed: int, aspect: str, num_users: int, alpha: float) -> np.ndarray:
+    """Cumulative user shares of one aspect's examples, drawn from Dir(alpha)."""
+    rng = np.random.default_rng([seed, int(unit_hash("dirichlet", aspect) * 2**32)])
+    return np.cumsum(rng.dirichlet(np.full(num_users, alpha)))
+
+
+def owner(doc_id: str, aspect: str, num_users: int, config: RunConfig, aspects: Sequence[str]) -> int | None:
+    """Which user holds the (document, aspect) example, or None if nobody does."""
+    seed = config.seed
+    if config.partitioning == "iid":
+        return int(unit_hash(seed, "iid", doc_id, aspect) * num_users)
+    if config.partitioning == "dirichlet":
+        shares = dirichlet_shares(seed, aspect, num_users, config.dirichlet_alpha)
+        u = unit_hash(seed, "dirichlet", doc_id, aspect) * shares[-1]
+        return min(int(np.searchsorted(shares, u, side="right")), num_users - 1)
+    # preference: each document goes to one user, who keeps its preferred aspect
+    user = int(unit_hash(seed, "preference", doc_id) * num_users)
+    return user if preferred_aspect(user, aspects) == aspect else None
+
+
+@dataclass(frozen=True)
+class UserData:
+    user: int
+    train: tuple[Example, ...]
+    validation: tuple[Example, ...]
+
+
+def user_partition(corpus: Corpus, user: int, num_users: int, config: RunConfig) -> UserData:
+    """User ``user``'s train and validation examples (never any held-out document)."""
+    if not 0 <= user < num_users:
+        raise ConfigError(f"partition-id {user} is outside [0, num-partitions={num_users}).")
+    train, validation = [], []
+    for doc in corpus.documents:
+        if is_heldout(doc.doc_id, config.seed, config.heldout_fraction):
+            continue
+        for aspect, summary in doc.summaries:
+            if not summary or owner(doc.doc_id, aspect, num_users, config, corpus.aspects) != user:
+                continue
+            example = Example(doc.doc_id, aspect, doc.text, summary)
+            in_val = unit_hash(config.seed, "val", doc.doc_id, aspect) < config.val_fraction
+            (validation if in_val else train).append(example)
+    return UserData(user, tuple(train), tuple(validation))
+
+
+def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
+    """The server's held-out (document, aspect) examples, capped at ``heldout-max-examples``."""
+    examples = [
+        Example(doc.doc_id, aspect, doc.text, summary)
+        for doc in corpus.documents
+        if is_heldout(doc.doc_id, config.seed, config.heldout_fraction)
+        for aspect, summary in doc.summaries
+        if summary
+    ]
+    if config.heldout_max_examples and len(examples) > config.heldout_max_examples:
+        examples.sort(key=lambda e: unit_hash(config.seed, "heldout-order", e.doc_id, e.aspect))
+        examples = examples[: config.heldout_max_examples]
+    return tuple(examples)
+
+
+def abstracts(corpus: Corpus) -> dict[str, str]:
+    return {doc.doc_id: doc.abstract for doc in corpus.documents}
+
+
+# --------------------------------------------------------------------------
+# Tokenization
+# --------------------------------------------------------------------------
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # target ids with padding set to -100 (ignored by the loss)
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+def make_batches(
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int,
+    max_source_tokens: int,
+    max_target_tokens: int,
+    generator: torch.Generator | None = None,
+) -> list[Batch]:
+    """Tokenize and pad examples into batches; shuffled when a generator is given."""
+    order = list(range(len(examples)))
+    if generator is not None:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        source = tokenizer(
+            [e.source for e in chunk],
+            max_length=max_source_tokens,
+            truncation=True,
+            padding=True,
+            return_tensors="pt",
+        )
+        target = tokenizer(
+            text_target=[e.summary for e in chunk],
+            max_length=max_target_tokens,
+            truncation=True,
+            padding=True,
+            return_tensors="pt",
+        )
+        labels = target["input_ids"].masked_fill(target["attention_mask"] == 0, -100)
+        batches.append(Batch(source["input_ids"], source["attention_mask"], labels))
+    return batches

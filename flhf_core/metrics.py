@@ -1,0 +1,118 @@
+"""Quality figures: ROUGE (``rouge-score``), loss and perplexity, extractive baselines.
+
+ROUGE is reported as F1 in percent (0-100), as summarization papers do.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+from rouge_score import rouge_scorer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import RunConfig
+from .data import Batch, Example, make_batches
+from .generate import DecodingConfig, generate_summaries
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+@functools.lru_cache(maxsize=1)
+def _scorer() -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+def rouge_pair(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-1/2/L F1 (0-1) of one prediction against one reference."""
+    scores = _scorer().score(reference, prediction)
+    return {name: scores[name].fmeasure for name in ROUGE_TYPES}
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 in percent over aligned predictions and references."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return {name: 0.0 for name in ROUGE_TYPES}
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        for name, value in rouge_pair(prediction, reference).items():
+            totals[name] += value
+    return {name: 100.0 * total / len(predictions) for name, total in totals.items()}
+
+
+@torch.no_grad()
+def token_loss(model: PreTrainedModel, batches: Sequence[Batch]) -> tuple[float, float]:
+    """Mean cross-entropy per target token, and its perplexity exp(loss)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+        ).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += int((batch.labels != -100).sum())
+    model.train(was_training)
+    loss = total_nll / max(total_tokens, 1)
+    return loss, math.exp(min(loss, 50.0))
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    config: RunConfig,
+) -> dict[str, float]:
+    """Loss, perplexity, ROUGE and mean output length of ``model`` on ``examples``."""
+    batches = make_batches(tokenizer, examples, 32, config.max_source_tokens, config.max_target_tokens)
+    loss, perplexity = token_loss(model, batches)
+    predictions = generate_summaries(
+        model,
+        tokenizer,
+        [e.source for e in examples],
+        DecodingConfig.from_run_config(config),
+        config.max_source_tokens,
+    )
+    scores = rouge(predictions, [e.summary for e in examples])
+    words = sum(len(p.split()) for p in predictions) / max(len(predictions), 1)
+    return {"loss": loss, "perplexity": perplexity, **scores, "output-words": words}
+
+
+# --------------------------------------------------------------------------
+# Extractive baselines: where a model stands against trivial summaries
+# --------------------------------------------------------------------------
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(])")
+
+
+def lead_words(document: str, k: int) -> str:
+    """The first ``k`` words of the document."""
+    return " ".join(document.split()[:k])
+
+
+def last_sentence(text: str) -> str:
+    """The last sentence of ``text`` (the abstract's usually states the outcome)."""
+    sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
+    return sentences[-1] if sentences else ""
+
+
+def baseline_scores(examples: Sequence[Example], abstracts: dict[str, str], k: int) -> dict[str, float]:
+    """ROUGE-L and ROUGE-1 of the two extractive baselines on ``examples``."""
+    references = [e.summary for e in examples]
+    lead = rouge([lead_words(e.document, k) for e in examples], references)
+    last = rouge([last_sentence(abstracts[e.doc_id]) for e in examples], references)
+    return {
+        f"baseline-lead{k}-rougeL": lead["rougeL"],
+        f"baseline-lead{k}-rouge1": lead["rouge1"],
+        "baseline-last-sentence-rougeL": last["rougeL"],
+        "baseline-last-sentence-rouge1": last["rouge1"],
+    }

@@ -1,0 +1,263 @@
+"""Model and tokenizer factory, and parameters as Flower ``ArrayRecord`` s.
+
+``model = "tiny-t5"`` builds a small T5 from a ``T5Config`` (sizes ``xs``, ``s``,
+``m``) whose LM head is *untied* from the input embedding, so that the head
+can later stay on the client. Transformers 5 forces T5's head to be tied, so
+:class:`UntiedT5ForConditionalGeneration` declares only the encoder/decoder
+embeddings as tied; load its ``save_pretrained`` folders with
+:func:`load_pretrained` (plain ``AutoModelForSeq2SeqLM`` would re-tie the head).
+
+Its tokenizer is trained once on the corpus with ``tokenizers`` (a Unigram
+model, T5's special-token ids) and shipped in ``flhf_core/assets/``, built by
+``flhf build-tokenizer``. For another dataset the ServerApp trains one at the
+start and sends it to the clients with its sha256; clients refuse a mismatch.
+Any other ``model`` is a Hugging Face seq2seq checkpoint, by name or local path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers.utils import logging as hf_logging
+
+from .config import ConfigError, RunConfig
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHIPPED_TOKENIZER = ASSETS / "aclsum-tokenizer.json"
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
+
+# d_model, d_ff, layers (encoder = decoder), heads, d_kv
+TINY_T5_PRESETS = {
+    "xs": dict(d_model=64, d_ff=256, num_layers=1, num_heads=4, d_kv=16),
+    "s": dict(d_model=128, d_ff=512, num_layers=2, num_heads=4, d_kv=32),
+    "m": dict(d_model=256, d_ff=1024, num_layers=4, num_heads=4, d_kv=64),
+}
+
+
+class TokenizerMismatch(RuntimeError):
+    """The client's tokenizer is not the one the server announced."""
+
+
+class UntiedT5ForConditionalGeneration(T5ForConditionalGeneration):
+    """T5 whose LM head is a parameter of its own (the T5 v1.1 layout).
+
+    Only the encoder and decoder input embeddings share ``shared.weight``. An
+    untied head is not rescaled by d_model^-0.5 before projection (T5 v1.1).
+    """
+
+    _tied_weights_keys = {
+        "encoder.embed_tokens.weight": "shared.weight",
+        "decoder.embed_tokens.weight": "shared.weight",
+    }
+
+    def __init__(self, config: T5Config) -> None:
+        config.scale_decoder_outputs = False
+        super().__init__(config)
+
+
+# --------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------
+def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    """Train a Unigram (SentencePiece-style) tokenizer with T5's special tokens."""
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(r"\s+", " ")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), unk_token="<unk>", show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return tokenizer
+
+
+def corpus_texts(corpus) -> list[str]:
+    """Every document and summary of a corpus, the tokenizer's training text."""
+    return [d.text for d in corpus.documents] + [s for d in corpus.documents for _, s in d.summaries]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wrap_tokenizer(tokenizer_json: bytes) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer from serialized ``tokenizers`` JSON."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer_json.decode()),
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What the server tells clients about the tokenizer, every round."""
+
+    sha256: str
+    payload: bytes = b""  # the tokenizer JSON, only when it is not shipped with the package
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of the tokenizer's full serialized form."""
+    return sha256(tokenizer.backend_tokenizer.to_str().encode())
+
+
+def server_tokenizer(config: RunConfig, corpus) -> tuple[PreTrainedTokenizerBase, TokenizerSpec]:
+    """The run's tokenizer, and how clients get it.
+
+    tiny-t5 on aclsum uses the shipped file; tiny-t5 on other data trains one
+    here and sends it along; a hub model brings its own (only the hash travels).
+    """
+    if config.model != "tiny-t5":
+        tokenizer = load_hub_tokenizer(config.model)
+        return tokenizer, TokenizerSpec(tokenizer_fingerprint(tokenizer))
+    if config.dataset == "aclsum":
+        tokenizer = shipped_tokenizer()
+        return tokenizer, TokenizerSpec(tokenizer_fingerprint(tokenizer))
+    payload = train_tokenizer(corpus_texts(corpus), vocab_size=4000).to_str().encode()
+    tokenizer = wrap_tokenizer(payload)
+    return tokenizer, TokenizerSpec(tokenizer_fingerprint(tokenizer), payload)
+
+
+def client_tokenizer(config: RunConfig, spec: TokenizerSpec) -> PreTrainedTokenizerBase:
+    """The tokenizer a client uses, checked against the server's hash."""
+    if config.model != "tiny-t5":
+        tokenizer = load_hub_tokenizer(config.model)
+    elif spec.payload:
+        tokenizer = wrap_tokenizer(spec.payload)
+    else:
+        tokenizer = shipped_tokenizer()
+    actual = tokenizer_fingerprint(tokenizer)
+    if actual != spec.sha256:
+        raise TokenizerMismatch(
+            f"tokenizer hash {actual[:12]} differs from the server's {spec.sha256[:12]}: "
+            "client and server would not agree on token ids."
+        )
+    return tokenizer
+
+
+def shipped_tokenizer() -> PreTrainedTokenizerFast:
+    if not SHIPPED_TOKENIZER.is_file():
+        raise FileNotFoundError(f"{SHIPPED_TOKENIZER} is missing; rebuild it with `flhf build-tokenizer`.")
+    return wrap_tokenizer(SHIPPED_TOKENIZER.read_bytes())
+
+
+def load_hub_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model: cannot load a tokenizer for {name!r}: {error}") from None
+
+
+# --------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------
+def build_tiny_t5(size: str, vocab_size: int, seed: int) -> UntiedT5ForConditionalGeneration:
+    preset = TINY_T5_PRESETS[size]
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=preset["d_model"],
+        d_ff=preset["d_ff"],
+        d_kv=preset["d_kv"],
+        num_layers=preset["num_layers"],
+        num_decoder_layers=preset["num_layers"],
+        num_heads=preset["num_heads"],
+        dropout_rate=0.1,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    config.architectures = ["UntiedT5ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = UntiedT5ForConditionalGeneration(config)
+    # Transformers initializes the head with std 1, tuned for a tied, rescaled head:
+    # untied, that gives logits of std ~sqrt(d_model) and an initial loss near 20.
+    # Mesh TensorFlow's T5 v1.1 uses std d_model^-0.5 (logits of unit scale).
+    torch.nn.init.normal_(model.lm_head.weight, std=preset["d_model"] ** -0.5)
+    return model
+
+
+def build_model(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The run's initial model: tiny-t5 from config (seeded) or a pretrained checkpoint."""
+    if config.model == "tiny-t5":
+        return build_tiny_t5(config.tiny_t5_size, len(tokenizer), config.seed)
+    return load_pretrained(config.model)
+
+
+def load_pretrained(name_or_path: str | Path) -> PreTrainedModel:
+    """Load a ``save_pretrained`` folder (ours or any seq2seq) or a hub name."""
+    config_file = Path(name_or_path) / "config.json"
+    try:
+        if config_file.is_file() and "UntiedT5ForConditionalGeneration" in json.loads(
+            config_file.read_text()
+        ).get("architectures", []):
+            return UntiedT5ForConditionalGeneration.from_pretrained(name_or_path)
+        return AutoModelForSeq2SeqLM.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model: cannot load {str(name_or_path)!r}: {error}") from None
+
+
+def select_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was requested but no CUDA device is available.")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+# --------------------------------------------------------------------------
+# Parameters <-> ArrayRecord
+# --------------------------------------------------------------------------
+def parameters_to_record(model: torch.nn.Module) -> ArrayRecord:
+    """Every parameter once (``named_parameters`` skips tied aliases), as numpy arrays."""
+    return ArrayRecord(
+        {name: Array(p.detach().cpu().float().numpy()) for name, p in model.named_parameters()}
+    )
+
+
+def record_to_parameters(model: torch.nn.Module, record: ArrayRecord) -> None:
+    """Load a record into ``model`` in place, after checking names, shapes and values."""
+    params = dict(model.named_parameters())
+    missing, unexpected = params.keys() - record.keys(), record.keys() - params.keys()
+    if missing or unexpected:
+        raise ValueError(
+            f"parameter record does not fit the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    with torch.no_grad():
+        for name, array in record.items():
+            value = array.numpy()
+            target = params[name]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"parameter {name}: shape {value.shape} != model's {tuple(target.shape)}")
+            if not np.isfinite(value).all():
+                raise ValueError(f"parameter {name} has non-finite values")
+            target.copy_(torch.from_numpy(value).to(target.dtype))
+
+
+def record_nbytes(record: ArrayRecord) -> int:
+    """Bytes of tensor data in a record (what dominates a message)."""
+    return sum(len(array.data) for array in record.values())

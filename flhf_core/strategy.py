@@ -1,0 +1,267 @@
+"""FeedbackFedAvg: Flower's FedAvg that distrusts replies and knows its users.
+
+Differences from :class:`flwr.serverapp.strategy.FedAvg`, each for a reason:
+
+* Node sampling is seeded (FedAvg uses Python's global ``random``) and waits
+  for nodes at most ``node_wait_timeout`` seconds (FedAvg waits forever).
+* Replies are screened before aggregation instead of raising
+  ``InconsistentMessageReplies`` (which ends the run): error replies, missing
+  records or keys, and non-finite values are rejected, logged, and counted.
+* Valid replies are sorted by user id before averaging, so float sums do not
+  depend on arrival order; each reply's metrics are kept per user (an
+  aggregated MetricRecord would average the user id too).
+* Client weights come from :func:`flhf_core.aggregation.client_weights`;
+  with ``reward_weighting="none"`` the result equals FedAvg's bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from .aggregation import client_weights, weighted_average
+
+USER_RECORD = "user"  # ConfigRecord in every reply, naming the user who sent it
+USER_ID = "user-id"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    node_id: int
+    user_id: int | None
+    reason: str
+
+
+@dataclass
+class RoundReport:
+    """What the strategy saw in one round: who was asked, who counted, why not."""
+
+    server_round: int
+    phase: str
+    sampled_nodes: list[int] = field(default_factory=list)
+    user_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    weights: dict[int, float] = field(default_factory=dict)
+    rejected: list[Rejection] = field(default_factory=list)
+
+    @property
+    def failures(self) -> int:
+        """Sampled minus valid: error replies, rejected replies and missing ones."""
+        return len(self.sampled_nodes) - len(self.user_metrics)
+
+
+class FeedbackFedAvg(FedAvg):
+    """FedAvg with reward-aware client weights and screened replies.
+
+    Parameters (besides FedAvg's)
+    -----------------------------
+    reward_key : str
+        The MetricRecord key holding a client's reward in [0, 1].
+    reward_weighting : str
+        ``"none"`` aggregates exactly as FedAvg.
+    reward_temperature : float
+        Temperature of the ``softmax`` weighting (used by later modes).
+    max_client_weight : float
+        Cap on any client's share of the average (used by later modes).
+    sampling_seed : int
+        Seeds node sampling (per round and phase).
+    node_wait_timeout : float
+        Seconds to wait for ``min_available_nodes`` before giving up.
+    """
+
+    def __init__(
+        self,
+        *,
+        reward_key: str = "reward",
+        reward_weighting: str = "none",
+        reward_temperature: float = 1.0,
+        max_client_weight: float = 1.0,
+        sampling_seed: int = 0,
+        node_wait_timeout: float = 300.0,
+        **fedavg_kwargs,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.reward_key = reward_key
+        self.reward_weighting = reward_weighting
+        self.reward_temperature = reward_temperature
+        self.max_client_weight = max_client_weight
+        self.sampling_seed = sampling_seed
+        self.node_wait_timeout = node_wait_timeout
+        self.reports: dict[tuple[int, str], RoundReport] = {}
+        self._sent: dict[tuple[int, str], list[Message]] = {}
+
+    # ------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------
+    def sample(self, grid: Grid, server_round: int, phase: str, fraction: float, minimum: int) -> list[int]:
+        """Seeded sample of connected nodes; waits at most ``node_wait_timeout``."""
+        deadline = time.monotonic() + self.node_wait_timeout
+        needed = max(self.min_available_nodes, minimum)
+        while len(nodes := sorted(grid.get_node_ids())) < needed:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} nodes connected after {self.node_wait_timeout:.0f}s; "
+                    f"{needed} are required (min-available-nodes)"
+                )
+            log(INFO, "Waiting for nodes: %d connected, %d required", len(nodes), needed)
+            time.sleep(1.0)
+        size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
+        rng = random.Random(f"{self.sampling_seed}/{phase}/{server_round}")
+        return sorted(rng.sample(nodes, size))
+
+    def _configure(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, phase: str
+    ) -> list[Message]:
+        is_train = phase == MessageType.TRAIN
+        fraction = self.fraction_train if is_train else self.fraction_evaluate
+        if fraction == 0.0:
+            return []
+        minimum = self.min_train_nodes if is_train else self.min_evaluate_nodes
+        node_ids = self.sample(grid, server_round, phase, fraction, minimum)
+        log(INFO, "configure_%s: sampled %d nodes", phase, len(node_ids))
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        messages = list(self._construct_messages(record, node_ids, phase))
+        self._sent[(server_round, phase)] = messages
+        self.reports[(server_round, phase)] = RoundReport(server_round, phase, list(node_ids))
+        return messages
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._configure(server_round, arrays, config, grid, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._configure(server_round, arrays, config, grid, MessageType.EVALUATE)
+
+    # ------------------------------------------------------------------
+    # Screening
+    # ------------------------------------------------------------------
+    def _node_of(self, reply: Message, server_round: int, phase: str) -> int:
+        """The node a reply answers for (error replies come from the SuperLink)."""
+        if not reply.has_error():
+            return reply.metadata.src_node_id
+        for sent in self._sent.get((server_round, phase), []):
+            if sent.metadata.message_id == reply.metadata.reply_to_message_id:
+                return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
+
+    def screen(
+        self, server_round: int, replies: Iterable[Message], phase: str, expected_keys: set[str] | None
+    ) -> list[tuple[int, RecordDict]]:
+        """Valid ``(user_id, content)`` pairs sorted by user id; rejections go to the report."""
+        report = self.reports.setdefault((server_round, phase), RoundReport(server_round, phase))
+        valid: dict[int, RecordDict] = {}
+        for reply in replies:
+            node_id = self._node_of(reply, server_round, phase)
+            user_id, reason = None, None
+            if reply.has_error():
+                reason = f"error reply: {reply.error.reason}"
+            else:
+                user_id, reason = self._check_content(reply.content, expected_keys)
+                if reason is None and user_id in valid:
+                    reason = f"duplicate reply for user {user_id}"
+            if reason is None:
+                valid[user_id] = reply.content
+            else:
+                report.rejected.append(Rejection(node_id, user_id, reason))
+                log(
+                    WARNING,
+                    "round %d %s: rejected reply from node %d: %s",
+                    server_round,
+                    phase,
+                    node_id,
+                    reason,
+                )
+        ordered = sorted(valid.items())
+        for user_id, content in ordered:
+            metrics = next(iter(content.metric_records.values()))
+            report.user_metrics[user_id] = {
+                k: float(v) for k, v in metrics.items() if not isinstance(v, list)
+            }
+        return ordered
+
+    def _check_content(
+        self, content: RecordDict, expected_keys: set[str] | None
+    ) -> tuple[int | None, str | None]:
+        user = content.config_records.get(USER_RECORD)
+        if user is None or not isinstance(user.get(USER_ID), int):
+            return None, f"no '{USER_RECORD}.{USER_ID}' in the reply"
+        user_id = int(user[USER_ID])
+        if len(content.metric_records) != 1:
+            return user_id, f"expected one MetricRecord, got {len(content.metric_records)}"
+        metrics = next(iter(content.metric_records.values()))
+        weight = metrics.get(self.weighted_by_key)
+        if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
+            return user_id, f"'{self.weighted_by_key}' missing or not a positive number: {weight!r}"
+        for key, value in metrics.items():
+            values = value if isinstance(value, list) else [value]
+            if not all(math.isfinite(v) for v in values):
+                return user_id, f"metric '{key}' is not finite"
+        if expected_keys is None:
+            return user_id, None
+        if len(content.array_records) != 1:
+            return user_id, f"expected one ArrayRecord, got {len(content.array_records)}"
+        arrays = next(iter(content.array_records.values()))
+        if set(arrays.keys()) != expected_keys:
+            missing = sorted(expected_keys - set(arrays.keys()))[:3]
+            extra = sorted(set(arrays.keys()) - expected_keys)[:3]
+            return user_id, f"parameter names differ from the global model (missing {missing}, extra {extra})"
+        for key, array in arrays.items():
+            if not np.isfinite(array.numpy()).all():
+                return user_id, f"parameter '{key}' has non-finite values"
+        return user_id, None
+
+    # ------------------------------------------------------------------
+    # Aggregation
+    # ------------------------------------------------------------------
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Weighted average of the valid replies' parameters and metrics."""
+        sent = self._sent.get((server_round, MessageType.TRAIN), [])
+        expected = set(sent[0].content[self.arrayrecord_key].keys()) if sent else None
+        valid = self.screen(server_round, replies, MessageType.TRAIN, expected)
+        if not valid:
+            return None, None
+        contents = [content for _, content in valid]
+        weights = client_weights([self._num_examples(c) for c in contents], self.reward_weighting)
+        self.reports[(server_round, MessageType.TRAIN)].weights = {
+            user_id: w for (user_id, _), w in zip(valid, weights, strict=True)
+        }
+        arrays = weighted_average(
+            [{k: a.numpy() for k, a in next(iter(c.array_records.values())).items()} for c in contents],
+            weights,
+        )
+        return ArrayRecord({k: Array(v) for k, v in arrays.items()}), self._average_metrics(contents)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        valid = self.screen(server_round, replies, MessageType.EVALUATE, None)
+        return self._average_metrics([content for _, content in valid]) if valid else None
+
+    def _num_examples(self, content: RecordDict) -> float:
+        return float(next(iter(content.metric_records.values()))[self.weighted_by_key])
+
+    def _average_metrics(self, contents: list[RecordDict]) -> MetricRecord:
+        """Example-weighted mean of every scalar metric that all replies carry."""
+        records = [next(iter(c.metric_records.values())) for c in contents]
+        common = set.intersection(*(set(r.keys()) for r in records)) - {self.weighted_by_key}
+        counts = [float(r[self.weighted_by_key]) for r in records]
+        total = sum(counts)
+        averaged = MetricRecord()
+        for key in sorted(common):
+            if any(isinstance(r[key], list) for r in records):
+                continue
+            averaged[key] = sum(float(r[key]) * n for r, n in zip(records, counts, strict=True)) / total
+        return averaged

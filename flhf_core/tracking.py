@@ -1,0 +1,169 @@
+"""The results directory of one run, written so that nothing is ever half-written.
+
+``<results-dir>/<run-name>/`` holds ``config.json``, ``metrics.jsonl`` (one
+JSON object a line, flushed and fsynced per line), ``summary.json``,
+``tensorboard/``, ``plots/`` and ``checkpoints/``. JSON files are written to a
+temporary file and renamed; model folders are saved to a temporary folder and
+renamed, so a crash leaves the previous version, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+METRIC_COLUMNS = ("round", "phase", "scope", "client")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    """Non-finite floats become null (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def save_folder_atomically(path: Path, save: callable) -> None:
+    """Call ``save(tmp_dir)``, then move ``tmp_dir`` to ``path`` (replacing it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        save(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def new_run_dir(results_dir: Path, run_name: str) -> Path:
+    """Create ``results_dir/run_name`` (a timestamped name if empty; never reuses one)."""
+    name = run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    candidate, suffix = results_dir / name, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            suffix += 1
+            candidate = results_dir / f"{name}-{suffix}"
+
+
+class Tracker:
+    """Appends metric rows to ``metrics.jsonl`` and TensorBoard, writes the rest."""
+
+    def __init__(self, run_dir: Path, config: Mapping[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        atomic_write_json(run_dir / "config.json", dict(config))
+        self._metrics_file = self.metrics_path.open("a")
+        self._writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is a dependency; tolerate its absence anyway
+            pass
+
+    def log(
+        self, round_: int, phase: str, scope: str, client: int | None, metrics: Mapping[str, float]
+    ) -> dict:
+        """One row: ``round``, ``phase``, ``scope``, ``client``, then the metrics."""
+        row = {"round": round_, "phase": phase, "scope": scope, "client": client, **metrics}
+        self._metrics_file.write(json.dumps(_jsonable(row)) + "\n")
+        self._metrics_file.flush()
+        os.fsync(self._metrics_file.fileno())
+        if self._writer is not None:
+            tag = scope if client is None else f"client-{client}"
+            for key, value in metrics.items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self._writer.add_scalar(f"{tag}/{key}", value, round_)
+        return row
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        atomic_write_json(self.run_dir / "summary.json", dict(summary))
+
+    def close(self) -> None:
+        self._metrics_file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a ``metrics.jsonl`` file."""
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(rows: Iterable[Mapping[str, Any]], out_dir: Path, keys: Iterable[str]) -> list[Path]:
+    """One PNG per metric: the server's figure per round, and each client's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key in keys:
+        series: dict[str, list[tuple[int, float]]] = {}
+        for row in rows:
+            value = row.get(key)
+            if isinstance(value, int | float):
+                label = "federation" if row["client"] is None else f"user {row['client']}"
+                series.setdefault(label, []).append((row["round"], value))
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, points in sorted(series.items(), key=lambda kv: (kv[0] != "federation", kv[0])):
+            xs, ys = zip(*sorted(points), strict=True)
+            style = dict(linewidth=2.5, color="black") if label == "federation" else dict(alpha=0.6)
+            ax.plot(xs, ys, marker="o", label=label, **style)
+        ax.set_xlabel("round")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{key}.png"
+        tmp = path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
