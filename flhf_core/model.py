@@ -20,6 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ class UntiedT5ForConditionalGeneration(T5ForConditionalGeneration):
     untied head is not rescaled by d_model^-0.5 before projection (T5 v1.1).
     """
 
-    _tied_weights_keys = {
+    _tied_weights_keys: ClassVar[dict[str, str]] = {
         "encoder.embed_tokens.weight": "shared.weight",
         "decoder.embed_tokens.weight": "shared.weight",
     }
