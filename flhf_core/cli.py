@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PYPROJECT, ConfigError, RunConfig, load_preset, pyproject_defaults
+from .tracking import atomic_write_text
 
 PROJECT_DIR = PYPROJECT.parent
 PRESETS_DIR = PROJECT_DIR / "configs"
@@ -98,19 +99,31 @@ def start_local_superlink(log_file: Path) -> subprocess.Popen:
     """A simulation SuperLink in its own session, as ``flwr run`` would start it."""
     http_port, control_port = _local_ports()
     command = [
-        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+        "flower-superlink",
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
         "--disable-runtime-dependency-installation",
-        "--control-api-address", f"127.0.0.1:{control_port}",
-        "--host", "127.0.0.1", "--port", http_port,
-    ]  # fmt: skip
+        "--control-api-address",
+        f"127.0.0.1:{control_port}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        http_port,
+    ]
     fleet = os.environ.get("FLHF_FLEET_API_ADDRESS")
     if fleet:
         command += ["--fleet-api-address", fleet]
     log = log_file.open("ab")
     process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, **RUNTIME_ENV}, cwd=PROJECT_DIR,
-    )  # fmt: skip
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **RUNTIME_ENV},
+        cwd=PROJECT_DIR,
+    )
     deadline = time.monotonic() + 30
     while not superlink_running(http_port):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -159,9 +172,15 @@ def submit_and_follow(config: dict[str, Any], users: int, stream: bool) -> int:
         config_file = f.name
     try:
         result = _flwr(
-            "run", str(PROJECT_DIR), "--run-config", config_file,
-            "--federation-config", f"num-supernodes={users}", "--format", "json",
-        )  # fmt: skip
+            "run",
+            str(PROJECT_DIR),
+            "--run-config",
+            config_file,
+            "--federation-config",
+            f"num-supernodes={users}",
+            "--format",
+            "json",
+        )
     finally:
         os.unlink(config_file)
     try:
@@ -170,26 +189,48 @@ def submit_and_follow(config: dict[str, Any], users: int, stream: bool) -> int:
         print(f"flhf: flwr run failed:\n{result.stdout}{result.stderr}", file=sys.stderr)
         return 1
     print(f"flhf: run {run_id} submitted with {users} users", flush=True)
-    logs = subprocess.Popen(["flwr", "log", run_id, "--stream"]) if stream else None
-    try:
-        while (status := run_status(run_id))[0] != "unknown" and not status[0].startswith("finished"):
-            time.sleep(2.0)
-    except KeyboardInterrupt:
-        print(f"flhf: interrupted; stopping run {run_id}", file=sys.stderr)
-        _flwr("stop", run_id)
-        raise
-    finally:
-        if logs is not None:
-            time.sleep(2.0)  # let the last lines arrive
-            logs.terminate()
-            logs.wait()
-    status, details = status
+    log_lines = follow_logs(run_id, echo=stream)
+    status, details = run_status(run_id)
+    for _ in range(30):  # the log stream can end a moment before the status is final
+        if status.startswith("finished"):
+            break
+        time.sleep(1.0)
+        status, details = run_status(run_id)
+    run_dir = Path(config["results-dir"]) / config["run-name"]
+    if run_dir.is_dir():
+        atomic_write_text(run_dir / "flower.log", "".join(log_lines))
     print(f"flhf: run {run_id} {status}" + (f": {details}" if details and details != "N/A" else ""))
     return 0 if status == "finished:completed" else 1
 
 
+def follow_logs(run_id: str, echo: bool) -> list[str]:
+    """Stream the run's logs until the run ends (``flwr log --stream`` returns then)."""
+    process = subprocess.Popen(
+        ["flwr", "log", run_id, "--stream"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **RUNTIME_ENV},
+    )
+    lines: list[str] = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if echo:
+                print(line, end="", flush=True)
+        process.wait()
+    except KeyboardInterrupt:
+        print(f"flhf: interrupted; stopping run {run_id}", file=sys.stderr)
+        process.terminate()
+        _flwr("stop", run_id)
+        raise
+    return lines
+
+
 def command_run(args: argparse.Namespace) -> int:
-    config = merged_config(args.preset, args.overrides)
+    has_preset = bool(args.items) and "=" not in args.items[0]
+    preset, overrides = (args.items[0], args.items[1:]) if has_preset else (None, args.items)
+    config = merged_config(preset, overrides)
     users = args.users or max(int(config["min-available-nodes"]), 2)
     run_dir = Path(config["results-dir"]) / config["run-name"]
     print(f"flhf: results will be written to {run_dir}", flush=True)
@@ -232,8 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flhf", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a preset in Flower's simulation engine")
-    run.add_argument("preset", nargs="?", help="a name in configs/ (default: default) or a .toml path")
-    run.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides")
+    run.add_argument(
+        "items",
+        nargs="*",
+        metavar="[PRESET] [key=value ...]",
+        help="a preset (a name in configs/, default 'default', or a .toml path), then run-config overrides",
+    )
     run.add_argument("--users", type=int, help="simulated users (default: the preset's min-available-nodes)")
     run.add_argument("--quiet", action="store_true", help="do not stream the run's logs")
     run.set_defaults(handler=command_run)
@@ -245,11 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # `flhf run smoke num-server-rounds=3`: a first positional with '=' is an override
-    if len(argv) >= 2 and argv[0] == "run" and "=" in argv[1]:
-        argv.insert(1, "default")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if extra:  # overrides that followed an option, as in `flhf run smoke --quiet seed=1`
+        if args.command != "run" or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.items += extra
     try:
         return args.handler(args)
     except ConfigError as error:

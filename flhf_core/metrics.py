@@ -6,6 +6,7 @@ ROUGE is reported as F1 in percent (0-100), as summarization papers do.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -23,6 +24,10 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 @functools.lru_cache(maxsize=1)
 def _scorer() -> rouge_scorer.RougeScorer:
+    # rouge-score logs through absl, which calls logging.basicConfig() when the root logger
+    # has no handler; Flower's log lines would then all print twice.
+    if not logging.root.handlers:
+        logging.root.addHandler(logging.NullHandler())
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
 
 

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from flhf_core.cli import merged_config, parse_override
+from flhf_core.config import PYPROJECT, ConfigError, RunConfig, load_preset, pyproject_defaults
+
+
+def test_pyproject_declares_every_key_with_the_dataclass_default():
+    declared = pyproject_defaults()
+    fields = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(RunConfig)}
+    assert declared == fields
+
+
+def test_every_key_has_a_comment_in_pyproject():
+    lines = PYPROJECT.read_text().split("[tool.flwr.app.config]")[1].split("\n[")[0].splitlines()
+    entries = [line for line in lines if "=" in line and not line.lstrip().startswith("#")]
+    assert entries and all("#" in line.split("=", 1)[1] for line in entries)
+
+
+def test_presets_are_valid():
+    for preset in (PYPROJECT.parent / "configs").glob("*.toml"):
+        RunConfig.from_mapping(load_preset(preset))
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown run-config key 'num-server-round'.*'num-server-rounds'"):
+        RunConfig.from_mapping({"num-server-round": 3})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("num-server-rounds", "3", "expected an integer"),
+        ("num-server-rounds", 0, "out of range"),
+        ("learning-rate", True, "expected a number"),
+        ("partitioning", "random", "choose one of iid, dirichlet, preference"),
+        ("tiny-t5-size", "xxl", "choose one of xs, s, m"),
+        ("reward-weighting", "magic", "choose one of none"),
+        ("dataset", "wikipedia", "use 'aclsum', a path to a local"),
+        ("dataset", "data.parquet", "use 'aclsum', a path to a local"),
+        ("document-sections", "abstract,methods", "subset of abstract, introduction, conclusion"),
+        ("bf16", 1, "expected true or false"),
+        ("run-name", "a/b", "plain folder name"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(key, value, message):
+    with pytest.raises(ConfigError, match=key) as error:
+        RunConfig.from_mapping({key: value})
+    assert message in str(error.value)
+
+
+def test_integers_are_accepted_for_floats():
+    assert RunConfig.from_mapping({"learning-rate": 1}).learning_rate == 1.0
+
+
+def test_results_dir_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert RunConfig.from_mapping({"results-dir": "out"}).results_path == tmp_path / "out"
+
+
+def test_override_values_are_toml_or_plain_strings():
+    assert parse_override("num-server-rounds=3") == ("num-server-rounds", 3)
+    assert parse_override("bf16=false") == ("bf16", False)
+    assert parse_override("dataset=aclsum") == ("dataset", "aclsum")
+    assert parse_override("learning-rate=1e-3") == ("learning-rate", 0.001)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("num-server-rounds")
+
+
+def test_launcher_merges_preset_and_overrides(tmp_path):
+    config = merged_config("smoke", ["num-server-rounds=3", f"results-dir={tmp_path}"])
+    assert config["num-server-rounds"] == 3  # override wins
+    assert config["tiny-t5-size"] == "xs"  # from the preset
+    assert config["learning-rate"] == pyproject_defaults()["learning-rate"]  # default
+    assert config["results-dir"] == str(tmp_path)
+    (tmp_path / "smoke").mkdir()
+    assert merged_config("smoke", [f"results-dir={tmp_path}"])["run-name"] == "smoke-2"  # never reused
+
+
+def test_launcher_rejects_unknown_preset_and_key():
+    with pytest.raises(ConfigError, match=r"preset .nope. not found; presets: .*smoke"):
+        merged_config("nope", [])
+    with pytest.raises(ConfigError, match="unknown run-config key 'epochs'"):
+        merged_config("smoke", ["epochs=3"])
+
+
+def test_readme_documents_every_key_and_ci_runs_its_test_command():
+    readme = (PYPROJECT.parent / "README.md").read_text()
+    undocumented = [key for key in pyproject_defaults() if f"`{key}`" not in readme]
+    assert not undocumented
+    test_command = readme.split("Run the tests:")[1].split("```bash\n")[1].split("\n")[0]
+    assert test_command in (PYPROJECT.parent / ".ci" / "run").read_text()

@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flhf_core import data
+from flhf_core.config import ConfigError, RunConfig
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return data.load_corpus(RunConfig())
+
+
+def examples_of(corpus, users, config):
+    return [data.user_partition(corpus, u, users, config) for u in range(users)]
+
+
+def keys(examples):
+    return {(e.doc_id, e.aspect) for e in examples}
+
+
+def test_aclsum_has_250_papers_with_three_aspect_summaries(corpus):
+    assert len(corpus.documents) == 250
+    assert corpus.aspects == ("challenge", "approach", "outcome")
+    doc = corpus.documents[0]
+    assert all(doc.summary(a) for a in corpus.aspects)
+    assert " ," not in doc.text and doc.text.startswith(doc.abstract[:50])
+
+
+def test_sections_extend_the_document():
+    short = data.load_corpus(RunConfig()).documents[0].text
+    long = data.load_corpus(RunConfig(document_sections="abstract,introduction")).documents[0].text
+    assert long.startswith(short) and len(long) > 2 * len(short)
+
+
+@pytest.mark.parametrize("partitioning", ["iid", "dirichlet", "preference"])
+def test_partitions_are_disjoint_deterministic_and_avoid_heldout(corpus, partitioning):
+    config = RunConfig(partitioning=partitioning)
+    users = examples_of(corpus, 5, config)
+    again = examples_of(corpus, 5, config)
+    assert users == again
+    heldout = {e.doc_id for e in data.heldout_examples(corpus, config.replace(**{"heldout-max-examples": 0}))}
+    seen: set = set()
+    for user in users:
+        held = keys(user.train) | keys(user.validation)
+        assert not held & seen, "an example is held by two users"
+        assert not keys(user.train) & keys(user.validation)
+        assert not {doc for doc, _ in held} & heldout
+        seen |= held
+    if partitioning != "preference":  # every non-held-out example belongs to someone
+        total = sum(1 for d in corpus.documents if d.doc_id not in heldout for _ in d.summaries)
+        assert len(seen) == total
+
+
+def test_seed_changes_the_partition(corpus):
+    a = data.user_partition(corpus, 0, 4, RunConfig(seed=1))
+    b = data.user_partition(corpus, 0, 4, RunConfig(seed=2))
+    assert keys(a.train) != keys(b.train)
+
+
+def test_iid_sizes_are_balanced_and_validation_share_holds(corpus):
+    users = examples_of(corpus, 6, RunConfig())
+    sizes = [len(u.train) + len(u.validation) for u in users]
+    assert max(sizes) < 1.5 * min(sizes)
+    share = sum(len(u.validation) for u in users) / sum(sizes)
+    assert 0.12 < share < 0.28
+
+
+def test_preference_users_hold_only_their_aspect(corpus):
+    config = RunConfig(partitioning="preference")
+    for user in examples_of(corpus, 6, config):
+        assert {e.aspect for e in user.train} == {data.preferred_aspect(user.user, corpus.aspects)}
+
+
+def test_dirichlet_skews_aspect_mix(corpus):
+    config = RunConfig(partitioning="dirichlet", dirichlet_alpha=0.1)
+    mixes = []
+    for user in examples_of(corpus, 6, config):
+        counts = [sum(e.aspect == a for e in user.train) for a in corpus.aspects]
+        if sum(counts):
+            mixes.append(max(counts) / sum(counts))
+    assert max(mixes) > 0.8  # some user is dominated by one aspect
+
+
+def test_one_user_of_a_thousand_is_computed_without_the_others(corpus):
+    part = data.user_partition(corpus, 999, 1000, RunConfig())
+    assert len(part.train) + len(part.validation) <= 10
+    with pytest.raises(ConfigError, match="partition-id 1000"):
+        data.user_partition(corpus, 1000, 1000, RunConfig())
+
+
+def test_heldout_is_capped_and_stable(corpus):
+    config = RunConfig(heldout_max_examples=30)
+    first = data.heldout_examples(corpus, config)
+    assert len(first) == 30 and first == data.heldout_examples(corpus, config)
+
+
+def test_batches_mask_target_padding(tokenizer, corpus):
+    examples = data.user_partition(corpus, 0, 2, RunConfig()).train[:5]
+    (batch,) = data.make_batches(tokenizer, examples, 8, 64, 16)
+    assert batch.input_ids.shape[0] == 5 and batch.input_ids.shape[1] <= 64
+    assert (batch.labels == -100).any() or batch.labels.shape[1] == 16
+    assert (batch.labels[batch.labels != -100] != tokenizer.pad_token_id).all()
+
+
+# --------------------------------------------------------------------------
+# Local files and hub datasets
+# --------------------------------------------------------------------------
+ROWS = [
+    {"paper": f"Document number {i}. It studies topic {i % 3}.", "tldr": f"Topic {i % 3}.", "key": f"k{i}"}
+    for i in range(12)
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def local_config(dataset, **extra):
+    return RunConfig.from_mapping(
+        {"dataset": str(dataset), "document-field": "paper", "summary-fields": "tldr,key", **extra}
+    )
+
+
+def test_local_jsonl_with_field_names(tmp_path):
+    corpus = data.load_corpus(local_config(write_jsonl(tmp_path / "d.jsonl", ROWS)))
+    assert len(corpus.documents) == 12 and corpus.aspects == ("tldr", "key")
+    assert corpus.documents[3].summary("key") == "k3"
+
+
+def test_local_csv(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("paper,tldr,key\n" + "".join(f'"{r["paper"]}",{r["tldr"]},{r["key"]}\n' for r in ROWS))
+    corpus = data.load_corpus(local_config(path))
+    assert [d.summary("tldr") for d in corpus.documents] == [r["tldr"] for r in ROWS]
+
+
+def test_hub_code_path_with_a_local_dataset_folder(tmp_path):
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", ROWS[:8])
+    write_jsonl(folder / "test.jsonl", ROWS[8:])
+    corpus = data.load_corpus(local_config(f"hf:{folder}"))
+    assert len(corpus.documents) == 12
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"dataset: file .*absent.jsonl does not exist"):
+        data.load_corpus(local_config(tmp_path / "absent.jsonl"))
+
+
+def test_malformed_file_is_named(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"paper": "a", "tldr": "b"\nnot json\n')
+    with pytest.raises(ConfigError, match=r"could not read .*broken.jsonl"):
+        data.load_corpus(local_config(path))
+
+
+def test_absent_field_names_the_field_and_the_available_ones(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(ConfigError, match=r"summary-fields: field 'abstract' is not in .*key, paper, tldr"):
+        data.load_corpus(
+            RunConfig.from_mapping(
+                {"dataset": str(path), "document-field": "paper", "summary-fields": "abstract"}
+            )
+        )
+
+
+def test_missing_hub_dataset_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="could not read 'hf:"):
+        data.load_corpus(RunConfig(dataset=f"hf:{tmp_path}/nothing-here"))

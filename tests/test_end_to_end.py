@@ -1,0 +1,118 @@
+"""The smoke preset through Flower's simulation engine, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flhf_core.config import RunConfig
+from flhf_core.server import run_federation
+from flhf_core.tracking import read_metrics
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def isolated_flower(tmp_path):
+    """Own FLWR_HOME and ports, so the test neither uses nor disturbs another SuperLink."""
+    ports = {"http": free_port(), "control": free_port(), "fleet": free_port()}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(ports["http"]),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(ports["control"]),
+        "FLHF_FLEET_API_ADDRESS": f"127.0.0.1:{ports['fleet']}",
+    }
+    return env, ports
+
+
+def flhf(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flhf_core.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if text in cmdline and "pytest" not in cmdline:
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_results_and_learns(tmp_path, isolated_flower):
+    env, ports = isolated_flower
+    result = flhf("run", "smoke", "--quiet", f"results-dir={tmp_path / 'results'}", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "finished:completed" in result.stdout
+    run_dir = tmp_path / "results" / "smoke"
+    assert str(run_dir) in result.stdout  # the run prints where it writes
+
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "model/model.safetensors",
+        "model/config.json",
+        "checkpoints/latest/model.safetensors",
+        "plots/rougeL.png",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((run_dir / "config.json").read_text())["results-dir"] == str(tmp_path / "results")
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    server = [r for r in rows if r["scope"] == "server"]
+    assert [r["round"] for r in server] == [0, 1, 2]
+    assert server[-1]["loss"] < server[0]["loss"]  # held-out loss fell
+    clients = [r for r in rows if r["scope"] == "client"]
+    assert {r["client"] for r in clients} == {0, 1}
+    assert all(r["train-loss-last"] < r["train-loss-first"] for r in clients)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["failures"] == 0
+    assert summary["rougeL"] > summary["rougeL-round0"]
+    assert summary["bytes-down"] > 0 and summary["bytes-up"] == summary["bytes-down"]
+
+    time.sleep(1)
+    assert not processes_mentioning(f"127.0.0.1:{ports['control']}"), "the SuperLink was left running"
+
+
+@pytest.mark.slow
+def test_bad_key_is_refused_before_anything_starts(tmp_path, isolated_flower):
+    env, ports = isolated_flower
+    result = flhf("run", "smoke", "local-epoch=3", f"results-dir={tmp_path}", env=env)
+    assert result.returncode == 2
+    assert "unknown run-config key 'local-epoch'. Did you mean 'local-epochs'?" in result.stderr
+    assert not list(tmp_path.iterdir()) and not processes_mentioning(f"127.0.0.1:{ports['control']}")
+
+
+def test_serverapp_with_bad_data_writes_nothing(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    config = RunConfig(dataset=str(tmp_path / "missing.jsonl"), results_dir=str(tmp_path / "results"))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=config.to_mapping())
+    with pytest.raises(ValueError, match=r"missing\.jsonl does not exist"):
+        run_federation(grid=None, context=context)
+    assert not (tmp_path / "results").exists()

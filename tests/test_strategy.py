@@ -1,0 +1,146 @@
+"""FeedbackFedAvg fed with real Flower replies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAvg
+
+from flhf_core.aggregation import client_weights, weighted_average
+from flhf_core.strategy import USER_ID, USER_RECORD, FeedbackFedAvg
+
+SHAPES = {"a": (3, 4), "b": (5,)}
+
+
+class FakeGrid:
+    """Stands in for the Grid where only node ids are needed."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def global_arrays(value=0.0):
+    return ArrayRecord({k: Array(np.full(s, value, dtype=np.float32)) for k, s in SHAPES.items()})
+
+
+def reply_to(sent: Message, user_id: int, num_examples: float, seed: int, **replace) -> Message:
+    """A client's reply; ``replace`` swaps (or, with None, drops) records of its content."""
+    rng = np.random.default_rng(seed)
+    arrays = ArrayRecord({k: Array(rng.normal(size=s).astype(np.float32)) for k, s in SHAPES.items()})
+    metrics = MetricRecord({"num-examples": num_examples, "train-loss": float(seed)})
+    content = RecordDict(
+        {"arrays": arrays, "metrics": metrics, USER_RECORD: ConfigRecord({USER_ID: user_id})}
+    )
+    for key, value in replace.items():
+        if value is None:
+            del content[key]
+        else:
+            content[key] = value
+    return Message(content=content, reply_to=sent)
+
+
+@pytest.fixture
+def round_one(flower_identity):
+    """A strategy that sent round 1 to four nodes, and those messages."""
+    strategy = FeedbackFedAvg(min_available_nodes=1, sampling_seed=3)
+    sent = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid([11, 12, 13, 14])))
+    for message in sent:  # what Grid.push_messages does: give each message its id
+        message.metadata.__dict__["_message_id"] = message.object_id
+    return strategy, sent
+
+
+def test_none_weighting_equals_flower_fedavg_on_unequal_weights(round_one):
+    strategy, sent = round_one
+    counts = [10, 250, 37, 3]
+    replies = [
+        reply_to(m, user_id=i, num_examples=n, seed=i)
+        for i, (m, n) in enumerate(zip(sent, counts, strict=False))
+    ]
+    ours, our_metrics = strategy.aggregate_train(1, replies)
+    theirs, their_metrics = FedAvg().aggregate_train(1, replies)
+    for key in SHAPES:
+        np.testing.assert_array_equal(ours[key].numpy(), theirs[key].numpy())
+    assert our_metrics["train-loss"] == pytest.approx(their_metrics["train-loss"])
+    assert strategy.reports[(1, MessageType.TRAIN)].weights == pytest.approx(
+        {i: n / sum(counts) for i, n in enumerate(counts)}
+    )
+
+
+def test_arrival_order_does_not_change_the_result(round_one):
+    strategy, sent = round_one
+    replies = [reply_to(m, user_id=i, num_examples=7 + 13 * i, seed=i) for i, m in enumerate(sent)]
+    forward, _ = strategy.aggregate_train(1, replies)
+    backward, _ = strategy.aggregate_train(1, replies[::-1])
+    for key in SHAPES:
+        np.testing.assert_array_equal(forward[key].numpy(), backward[key].numpy())
+
+
+def test_bad_replies_are_rejected_and_the_round_goes_on(round_one):
+    strategy, sent = round_one
+    nan = ArrayRecord({k: Array(np.full(s, np.nan, dtype=np.float32)) for k, s in SHAPES.items()})
+    replies = [
+        reply_to(sent[0], user_id=0, num_examples=10, seed=0),
+        reply_to(sent[1], user_id=1, num_examples=10, seed=1, arrays=nan),
+        reply_to(sent[2], user_id=2, num_examples=10, seed=2, **{USER_RECORD: None}),
+        Message(Error(code=0, reason="client crashed"), reply_to=sent[3]),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    report = strategy.reports[(1, MessageType.TRAIN)]
+    assert list(report.user_metrics) == [0]
+    assert report.failures == 3
+    reasons = " | ".join(r.reason for r in report.rejected)
+    assert "non-finite" in reasons and "user-id" in reasons and "client crashed" in reasons
+    # the one valid reply is the new model; the crashed reply is attributed to the node it was sent to
+    np.testing.assert_array_equal(arrays["a"].numpy(), replies[0].content["arrays"]["a"].numpy())
+    assert sent[3].metadata.dst_node_id in {r.node_id for r in report.rejected}
+
+
+def test_missing_weight_key_is_rejected_where_fedavg_would_raise(round_one):
+    strategy, sent = round_one
+    good = reply_to(sent[0], user_id=0, num_examples=5, seed=0)
+    bad = reply_to(sent[1], user_id=1, num_examples=5, seed=1, metrics=MetricRecord({"train-loss": 1.0}))
+    arrays, _ = strategy.aggregate_train(1, [good, bad])
+    assert arrays is not None and strategy.reports[(1, MessageType.TRAIN)].failures == 3  # 4 sampled, 1 valid
+    with pytest.raises(InconsistentMessageReplies):
+        FedAvg().aggregate_train(1, [good, bad])
+
+
+def test_no_valid_reply_leaves_the_model_unchanged(round_one):
+    strategy, sent = round_one
+    arrays, metrics = strategy.aggregate_train(1, [Message(Error(code=0, reason="x"), reply_to=sent[0])])
+    assert arrays is None and metrics is None
+
+
+def test_sampling_is_seeded_and_respects_fraction(flower_identity):
+    grid = FakeGrid(range(100, 120))
+    a = FeedbackFedAvg(fraction_train=0.25, min_available_nodes=1, sampling_seed=1)
+    b = FeedbackFedAvg(fraction_train=0.25, min_available_nodes=1, sampling_seed=1)
+    nodes = [m.metadata.dst_node_id for m in a.configure_train(1, global_arrays(), ConfigRecord(), grid)]
+    assert len(nodes) == 5
+    assert nodes == [
+        m.metadata.dst_node_id for m in b.configure_train(1, global_arrays(), ConfigRecord(), grid)
+    ]
+    later = [m.metadata.dst_node_id for m in a.configure_train(2, global_arrays(), ConfigRecord(), grid)]
+    assert later != nodes
+
+
+def test_waiting_for_nodes_times_out(flower_identity):
+    strategy = FeedbackFedAvg(min_available_nodes=3, node_wait_timeout=0.0)
+    with pytest.raises(TimeoutError, match="only 1 nodes connected"):
+        strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid([1]))
+
+
+def test_client_weights_and_weighted_average():
+    weights = client_weights([1, 3])
+    assert weights == [0.25, 0.75] and sum(client_weights([2, 5, 9])) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="positive"):
+        client_weights([0, 1])
+    average = weighted_average([{"w": np.ones(2)}, {"w": np.full(2, 5.0)}], weights)
+    np.testing.assert_allclose(average["w"], [4.0, 4.0])
+    with pytest.raises(ValueError, match="different parameter names"):
+        weighted_average([{"w": np.ones(2)}, {"v": np.ones(2)}], weights)
