@@ -29,10 +29,20 @@ from .config import PYPROJECT, ConfigError, RunConfig, load_preset, pyproject_de
 from .tracking import atomic_write_text
 
 PROJECT_DIR = PYPROJECT.parent
+
+
+def flower_bin(name: str) -> str:
+    """A Flower executable from this interpreter's environment (it need not be activated)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
+
+
 PRESETS_DIR = PROJECT_DIR / "configs"
 RUNTIME_ENV = {
     # Flower would otherwise build a fresh environment per run (and fetch CUDA torch).
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # The SuperLink spawns flower-superexec and flwr-* by name: find this environment's.
+    "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
 }
 
 
@@ -98,20 +108,10 @@ def superlink_running(http_port: str) -> bool:
 def start_local_superlink(log_file: Path) -> subprocess.Popen:
     """A simulation SuperLink in its own session, as ``flwr run`` would start it."""
     http_port, control_port = _local_ports()
-    command = [
-        "flower-superlink",
-        "--insecure",
-        "--simulation",
-        "--isolation",
-        "subprocess",
-        "--disable-runtime-dependency-installation",
-        "--control-api-address",
-        f"127.0.0.1:{control_port}",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        http_port,
-    ]
+    command = [flower_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
+    command += ["--disable-runtime-dependency-installation"]
+    command += ["--control-api-address", f"127.0.0.1:{control_port}"]
+    command += ["--host", "127.0.0.1", "--port", http_port]
     fleet = os.environ.get("FLHF_FLEET_API_ADDRESS")
     if fleet:
         command += ["--fleet-api-address", fleet]
@@ -150,9 +150,9 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
 # flwr run, and the run's real status
 # --------------------------------------------------------------------------
 def _flwr(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["flwr", *args], capture_output=capture, text=True, env={**os.environ, **RUNTIME_ENV}, check=False
-    )
+    env = {**os.environ, **RUNTIME_ENV}
+    command = [flower_bin("flwr"), *args]
+    return subprocess.run(command, capture_output=capture, text=True, env=env, check=False)
 
 
 def run_status(run_id: str) -> tuple[str, str]:
@@ -206,7 +206,7 @@ def submit_and_follow(config: dict[str, Any], users: int, stream: bool) -> int:
 def follow_logs(run_id: str, echo: bool) -> list[str]:
     """Stream the run's logs until the run ends (``flwr log --stream`` returns then)."""
     process = subprocess.Popen(
-        ["flwr", "log", run_id, "--stream"],
+        [flower_bin("flwr"), "log", run_id, "--stream"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
