@@ -94,7 +94,7 @@ def train(message: Message, context: Context) -> Message:
     sft = SFTConfig(
         epochs=config.local_epochs,
         batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
+        learning_rate=float(message.content[CONFIG].get("learning-rate", config.learning_rate)),
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         bf16=config.bf16,

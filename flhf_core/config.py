@@ -24,6 +24,7 @@ PARTITIONINGS = ("iid", "dirichlet", "preference")
 TINY_T5_SIZES = ("xs", "s", "m")
 REWARD_WEIGHTINGS = ("none",)
 DEVICES = ("auto", "cpu", "cuda")
+LR_SCHEDULES = ("constant", "cosine")
 ACLSUM_SECTIONS = ("abstract", "introduction", "conclusion")
 
 
@@ -75,6 +76,7 @@ class RunConfig:
     local_epochs: int = field(default=2, metadata=_range(1))
     batch_size: int = field(default=16, metadata=_range(1))
     learning_rate: float = field(default=2e-3, metadata=_range(0.0, 1.0))
+    lr_schedule: str = field(default="constant", metadata=_choice(*LR_SCHEDULES))
     weight_decay: float = field(default=0.01, metadata=_range(0.0))
     max_grad_norm: float = field(default=1.0, metadata=_range(0.0))
     # --- generation and evaluation ------------------------------------------

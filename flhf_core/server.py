@@ -11,13 +11,14 @@ before the run directory is created, so a bad run leaves nothing behind.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.serverapp import Grid
 from flwr.supercore import log
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -74,8 +75,26 @@ def build_strategy(config: RunConfig) -> FeedbackFedAvg:
     )
 
 
-def round_config(state: ServerState, phase: str) -> ConfigRecord:
-    record = ConfigRecord({"phase": phase, "tokenizer-sha256": state.tokenizer_spec.sha256})
+def round_learning_rate(config: RunConfig, server_round: int) -> float:
+    """The clients' learning rate in ``server_round`` (1-based).
+
+    ``cosine`` decays from ``learning-rate`` to a tenth of it at the last round: late rounds
+    then average small, consistent client updates instead of noisy ones.
+    """
+    if config.lr_schedule == "constant" or config.num_server_rounds == 1:
+        return config.learning_rate
+    progress = (server_round - 1) / (config.num_server_rounds - 1)
+    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def round_config(state: ServerState, phase: str, server_round: int) -> ConfigRecord:
+    record = ConfigRecord(
+        {
+            "phase": phase,
+            "tokenizer-sha256": state.tokenizer_spec.sha256,
+            "learning-rate": round_learning_rate(state.config, server_round),
+        }
+    )
     if state.tokenizer_spec.payload:
         record["tokenizer-json"] = state.tokenizer_spec.payload
     return record
@@ -84,82 +103,102 @@ def round_config(state: ServerState, phase: str) -> ConfigRecord:
 def run_federation(grid: Grid, context: Context) -> Path:
     """Run ``num-server-rounds`` rounds and write the results directory; return it."""
     config = RunConfig.from_mapping(context.run_config)
-    state = prepare(config)
+    state = prepare(config)  # every bad input fails here, before anything is written
     run_dir = new_run_dir(config.results_path, config.run_name)
     log(INFO, "FLHF results directory: %s", run_dir)
     tracker = Tracker(run_dir, config.to_mapping())
-    strategy = build_strategy(config)
-    timeout = config.round_timeout or None
     try:
-        initial = server_evaluate(state)
-        tracker.log(0, "init", "server", None, {**initial, **state.baselines})
+        Federation(grid, state, tracker, build_strategy(config)).run()
+    finally:
+        tracker.close()
+    log(INFO, "FLHF run finished: %s", run_dir)
+    return run_dir
+
+
+@dataclass
+class Federation:
+    """The round loop: configure -> send and receive -> aggregate -> evaluate -> record."""
+
+    grid: Grid
+    state: ServerState
+    tracker: Tracker
+    strategy: FeedbackFedAvg
+
+    def run(self) -> None:
+        config = self.state.config
+        initial = server_evaluate(self.state)
+        self.tracker.log(0, "init", "server", None, {**initial, **self.state.baselines})
+        lead = self.state.baselines[f"baseline-lead{config.lead_words}-rougeL"]
         log(
             INFO,
             "round 0: held-out rougeL %.2f (lead-%d baseline %.2f)",
             initial["rougeL"],
             config.lead_words,
-            state.baselines[f"baseline-lead{config.lead_words}-rougeL"],
+            lead,
         )
-        arrays = parameters_to_record(state.model)
+        arrays = parameters_to_record(self.state.model)
         for server_round in range(1, config.num_server_rounds + 1):
-            started = time.perf_counter()
-            phase = "sft"
-            messages = list(strategy.configure_train(server_round, arrays, round_config(state, phase), grid))
-            replies = list(grid.send_and_receive(messages, timeout=timeout))
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-            train_report = strategy.reports[(server_round, MessageType.TRAIN)]
-            traffic = {
-                "bytes-down": record_nbytes(arrays) * len(messages),
-                "bytes-up": sum(
-                    record_nbytes(r.content["arrays"])
-                    for r in replies
-                    if not r.has_error() and "arrays" in r.content
-                ),
-            }
-            if new_arrays is None:
-                log(WARNING, "round %d: no valid training reply; the global model is unchanged", server_round)
-            else:
-                arrays = new_arrays
-                record_to_parameters(state.model, arrays)
+            arrays = self.run_round(server_round, arrays)
+        finish(self.tracker.run_dir, self.tracker, self.state, initial)
 
-            messages = list(
-                strategy.configure_evaluate(server_round, arrays, round_config(state, phase), grid)
-            )
-            replies = list(grid.send_and_receive(messages, timeout=timeout))
-            client_eval = strategy.aggregate_evaluate(server_round, replies)
-            eval_report = strategy.reports[(server_round, MessageType.EVALUATE)]
-            heldout = server_evaluate(state)
-            seconds = time.perf_counter() - started
+    def exchange(self, messages: list[Message]) -> list[Message]:
+        return list(self.grid.send_and_receive(messages, timeout=self.state.config.round_timeout or None))
 
-            record_users(tracker, server_round, phase, train_report, eval_report)
-            server_row = {
-                **heldout,
-                **train_columns(train_metrics or {}),
-                **{f"client-{k}": v for k, v in eval_columns(client_eval or {}).items()},
-                "clients": len(train_report.user_metrics),
-                "failures": train_report.failures,
-                **traffic,
-                "seconds": seconds,
-            }
-            tracker.log(server_round, phase, "server", None, server_row)
-            save_checkpoint(run_dir, state, server_round)
-            log(
-                INFO,
-                "round %d/%d [%s] held-out rougeL %.2f loss %.3f | clients %d, failures %d | %.1fs",
-                server_round,
-                config.num_server_rounds,
-                phase,
-                heldout["rougeL"],
-                heldout["loss"],
-                len(train_report.user_metrics),
-                train_report.failures,
-                seconds,
-            )
-        finish(run_dir, tracker, state, initial)
-    finally:
-        tracker.close()
-    log(INFO, "FLHF run finished: %s", run_dir)
-    return run_dir
+    def run_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """One round; returns the new global parameters (unchanged if no reply was valid)."""
+        started = time.perf_counter()
+        phase = "sft"
+        config_record = round_config(self.state, phase, server_round)
+
+        sent = list(self.strategy.configure_train(server_round, arrays, config_record, self.grid))
+        replies = self.exchange(sent)
+        new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
+        traffic = {"bytes-down": record_nbytes(arrays) * len(sent), "bytes-up": uploaded_bytes(replies)}
+        if new_arrays is None:
+            log(WARNING, "round %d: no valid training reply; the global model is unchanged", server_round)
+        else:
+            arrays = new_arrays
+            record_to_parameters(self.state.model, arrays)
+
+        sent = list(self.strategy.configure_evaluate(server_round, arrays, config_record, self.grid))
+        client_eval = self.strategy.aggregate_evaluate(server_round, self.exchange(sent))
+        heldout = server_evaluate(self.state)
+        seconds = time.perf_counter() - started
+
+        train_report = self.strategy.reports[(server_round, MessageType.TRAIN)]
+        eval_report = self.strategy.reports[(server_round, MessageType.EVALUATE)]
+        record_users(self.tracker, server_round, phase, train_report, eval_report)
+        server_row = {
+            **heldout,
+            **train_columns(train_metrics or {}),
+            **{f"client-{k}": v for k, v in eval_columns(client_eval or {}).items()},
+            "clients": len(train_report.user_metrics),
+            "failures": train_report.failures,
+            **traffic,
+            "seconds": seconds,
+        }
+        self.tracker.log(server_round, phase, "server", None, server_row)
+        save_checkpoint(self.tracker.run_dir, self.state, server_round)
+        log(
+            INFO,
+            "round %d/%d [%s] held-out rougeL %.2f loss %.3f | clients %d, failures %d | %.1fs",
+            server_round,
+            self.state.config.num_server_rounds,
+            phase,
+            heldout["rougeL"],
+            heldout["loss"],
+            len(train_report.user_metrics),
+            train_report.failures,
+            seconds,
+        )
+        return arrays
+
+
+def uploaded_bytes(replies: list[Message]) -> int:
+    """Parameter bytes the clients sent back."""
+    return sum(
+        record_nbytes(r.content["arrays"]) for r in replies if not r.has_error() and "arrays" in r.content
+    )
 
 
 def server_evaluate(state: ServerState) -> dict[str, float]:
