@@ -6,7 +6,8 @@ proportional to their number of training examples:
     theta = sum_k w_k * theta_k,   w_k = n_k / sum_j n_j
 
 ``reward-weighting = "none"`` is exactly that. The reward-aware modes fold a
-per-client reward into w_k (see :func:`client_weights`).
+per-client reward into w_k (see :func:`client_weights`), and :func:`cap_shares` keeps any
+one client (say, one reporting an inflated reward) from dominating the average.
 """
 
 from __future__ import annotations
@@ -17,19 +18,70 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def client_weights(num_examples: Sequence[float], mode: str = "none") -> list[float]:
+def client_weights(
+    num_examples: Sequence[float],
+    mode: str = "none",
+    rewards: Sequence[float] | None = None,
+    rewards_before: Sequence[float] | None = None,
+    temperature: float = 0.1,
+    max_weight: float = 1.0,
+) -> list[float]:
     """Normalized aggregation weights, one per client, summing to 1.
 
-    ``mode="none"``: w_k = n_k / sum_j n_j (FedAvg).
+    With n_k examples, reward r_k in [0, 1] and reward before the round b_k:
+
+    * ``none``:    w_k ∝ n_k                              (FedAvg)
+    * ``linear``:  w_k ∝ n_k * r_k                        (all rewards 0: FedAvg)
+    * ``softmax``: w_k ∝ n_k * exp(r_k / T)               (T < 0 favours the worst-served users)
+    * ``gain``:    w_k ∝ n_k * max(r_k - b_k, 0)          (no positive gain: FedAvg)
+
+    then no share exceeds ``max_weight`` (:func:`cap_shares`).
     """
     if not num_examples:
         raise ValueError("no clients to weight")
     if any(not math.isfinite(n) or n <= 0 for n in num_examples):
         raise ValueError(f"num-examples must be positive and finite, got {list(num_examples)}")
-    if mode != "none":
-        raise ValueError(f"unknown reward weighting {mode!r}")
-    total = float(sum(num_examples))
-    return [n / total for n in num_examples]
+    counts = np.asarray(num_examples, dtype=np.float64)
+    if mode == "none":
+        raw = counts
+    else:
+        if rewards is None or len(rewards) != len(counts):
+            raise ValueError(f"reward weighting {mode!r} needs one reward per client")
+        r = np.asarray(rewards, dtype=np.float64)
+        if mode == "linear":
+            raw = counts * r
+        elif mode == "softmax":
+            logits = r / temperature
+            raw = counts * np.exp(logits - logits.max())  # shifted: same shares, no overflow
+        elif mode == "gain":
+            if rewards_before is None or len(rewards_before) != len(counts):
+                raise ValueError("reward weighting 'gain' needs the rewards before the round")
+            raw = counts * np.maximum(r - np.asarray(rewards_before, dtype=np.float64), 0.0)
+        else:
+            raise ValueError(f"unknown reward weighting {mode!r}")
+        if raw.sum() <= 0:  # nobody earned weight: fall back to FedAvg
+            raw = counts
+    return cap_shares((raw / raw.sum()).tolist(), max_weight)
+
+
+def cap_shares(shares: Sequence[float], max_share: float) -> list[float]:
+    """Shares summing to 1 with none above ``max_share``, the excess spread proportionally.
+
+    Water-filling: clip the largest shares to the cap and rescale the rest, until no
+    share exceeds it. If the cap is below 1/n it cannot hold for n clients; the closest
+    feasible answer, equal shares 1/n, is returned (one client alone always gets 1).
+    """
+    n = len(shares)
+    if max_share * n <= 1.0:
+        return [1.0 / n] * n
+    result = np.asarray(shares, dtype=np.float64)
+    capped = np.zeros(n, dtype=bool)
+    while (result > max_share + 1e-12).any():
+        capped |= result > max_share
+        free = 1.0 - max_share * capped.sum()
+        rest = result[~capped].sum()
+        result = np.where(capped, max_share, result * free / rest if rest > 0 else free / (~capped).sum())
+    return result.tolist()
 
 
 def weighted_average(

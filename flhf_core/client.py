@@ -9,15 +9,21 @@ Module-level caches hold only immutable things (the corpus, via ``data``).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import data
+from .algorithms import FEEDBACK_ALGORITHMS
+from .algorithms.rollout import FeedbackConfig
 from .algorithms.sft import SFTConfig, train_sft
 from .config import ConfigError, RunConfig
+from .feedback import Judgement, UserProfile, build_profile, judge, preference_probability
+from .generate import DecodingConfig, generate_summaries
 from .metrics import evaluate_model
 from .model import (
     TokenizerSpec,
@@ -39,9 +45,14 @@ class UserSession:
     config: RunConfig
     user: int
     server_round: int
+    phase: str
+    server_config: ConfigRecord
     tokenizer: PreTrainedTokenizerBase
     model: PreTrainedModel
     data: data.UserData
+    profile: UserProfile
+    feedback_docs: tuple[data.Example, ...]  # the user's training documents, neutrally prompted
+    reward_docs: tuple[data.Example, ...]  # the user's validation documents, neutrally prompted
 
 
 def user_identity(context: Context) -> tuple[int, int]:
@@ -70,13 +81,21 @@ def open_session(message: Message, context: Context) -> UserSession:
     record_to_parameters(model, message.content[ARRAYS])
     model.to(select_device(config.device))
     corpus = data.load_corpus(config)
+    partition = data.user_partition(corpus, user, num_users, config)
+    profile = build_profile(user, config.user_profiles, corpus.aspects, config.seed)
+    reward_docs = data.aspect_examples(corpus, [e.doc_id for e in partition.validation], profile.aspect)
     return UserSession(
         config=config,
         user=user,
         server_round=int(server_config.get("server-round", 0)),
+        phase=str(server_config.get("phase", "sft")),
+        server_config=server_config,
         tokenizer=tokenizer,
         model=model,
-        data=data.user_partition(corpus, user, num_users, config),
+        data=partition,
+        profile=profile,
+        feedback_docs=data.aspect_examples(corpus, [e.doc_id for e in partition.train], profile.aspect),
+        reward_docs=reward_docs[: config.eval_max_examples or None],
     )
 
 
@@ -87,24 +106,78 @@ def reply(message: Message, session: UserSession, metrics: dict[str, float], wit
     return Message(content=content, reply_to=message)
 
 
+def user_judgements(session: UserSession, model: PreTrainedModel) -> list[Judgement]:
+    """The user's true judgement of ``model``'s greedy summaries of its validation documents."""
+    summaries = generate_summaries(
+        model,
+        session.tokenizer,
+        [e.source for e in session.reward_docs],
+        DecodingConfig.from_run_config(session.config),
+        session.config.max_source_tokens,
+    )
+    return [judge(session.profile, s, e.summary) for s, e in zip(summaries, session.reward_docs, strict=True)]
+
+
+def reward_metrics(judgements: list[Judgement], prefix: str = "reward") -> dict[str, float]:
+    """Mean utility and its factors: ``reward``, ``reward-content``, ``reward-length``, ..."""
+    if not judgements:
+        raise ValueError("no validation documents to judge the model on (val-fraction too small)")
+    mean = lambda values: float(np.mean(values))  # noqa: E731
+    return {
+        prefix: mean([j.utility for j in judgements]),
+        f"{prefix}-content": mean([j.content for j in judgements]),
+        f"{prefix}-length": mean([j.length for j in judgements]),
+        f"{prefix}-keywords": mean([j.keywords for j in judgements]),
+    }
+
+
+def text_metrics(judgements: list[Judgement]) -> dict[str, float]:
+    """Output length and repetition of the judged summaries (reward-hacking diagnostics)."""
+    return {
+        "output-words": float(np.mean([j.words for j in judgements])),
+        "repetition": float(np.mean([j.repetition for j in judgements])),
+    }
+
+
+def round_seed(session: UserSession, stream: int) -> int:
+    return session.config.seed * 100_003 + session.user * 1_009 + session.server_round * 17 + stream
+
+
 def train(message: Message, context: Context) -> Message:
-    """Local supervised fine-tuning on the user's (document, summary) pairs."""
+    """One local round: supervised fine-tuning, or learning from the user's feedback.
+
+    The reply's ``reward`` is the user's mean true utility of the updated model's summaries
+    of its validation documents, ``reward-before`` that of the received model.
+    """
     session = open_session(message, context)
+    config = session.config
+    before = reward_metrics(user_judgements(session, session.model), "reward-before")
+    torch.manual_seed(round_seed(session, 0))  # dropout masks
+    metrics = local_sft(session) if session.phase == "sft" else local_feedback(session)
+    after = user_judgements(session, session.model)
+    metrics.update(before)
+    metrics.update(reward_metrics(after))
+    metrics["reward-gain"] = metrics["reward"] - metrics["reward-before"]
+    metrics.update(text_metrics(after))
+    metrics["learning-rate"] = float(session.server_config.get("learning-rate", config.learning_rate))
+    return reply(message, session, metrics, with_arrays=True)
+
+
+def local_sft(session: UserSession) -> dict[str, float]:
     config = session.config
     sft = SFTConfig(
         epochs=config.local_epochs,
         batch_size=config.batch_size,
-        learning_rate=float(message.content[CONFIG].get("learning-rate", config.learning_rate)),
+        learning_rate=float(session.server_config.get("learning-rate", config.learning_rate)),
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         bf16=config.bf16,
         max_source_tokens=config.max_source_tokens,
         max_target_tokens=config.max_target_tokens,
-        seed=config.seed * 100_003 + session.user * 1_009 + session.server_round,
+        seed=round_seed(session, 1),
     )
-    torch.manual_seed(sft.seed)  # dropout masks
     stats = train_sft(session.model, session.tokenizer, session.data.train, sft)
-    metrics = {
+    return {
         "num-examples": len(session.data.train),
         "train-loss": stats.loss,
         "train-loss-first": stats.first_loss,
@@ -113,19 +186,68 @@ def train(message: Message, context: Context) -> Message:
         "train-seconds": stats.seconds,
         "tokens-per-second": stats.tokens_per_second,
     }
-    return reply(message, session, metrics, with_arrays=True)
+
+
+def local_feedback(session: UserSession) -> dict[str, float]:
+    config = session.config
+    feedback = FeedbackConfig(
+        steps=config.feedback_steps,
+        prompts_per_step=config.feedback_prompts,
+        samples_per_prompt=config.samples_per_prompt,
+        learning_rate=config.feedback_learning_rate,
+        kl_coef=config.kl_coef,
+        temperature=config.sample_temperature,
+        ppo_epochs=config.ppo_epochs,
+        ppo_clip=config.ppo_clip,
+        dpo_beta=config.dpo_beta,
+        max_new_tokens=config.max_new_tokens,
+        max_source_tokens=config.max_source_tokens,
+        max_grad_norm=config.max_grad_norm,
+        bf16=config.bf16,
+    )
+    if not session.feedback_docs:
+        raise ValueError(f"user {session.user} holds no documents to give feedback on")
+    update = FEEDBACK_ALGORITHMS[config.feedback_algorithm]
+    rng = np.random.default_rng(round_seed(session, 2))
+    started = time.perf_counter()
+    stats = update(
+        session.model, session.tokenizer, list(session.feedback_docs), session.profile, feedback, rng
+    )
+    return {
+        "num-examples": len(session.feedback_docs),
+        "train-seconds": time.perf_counter() - started,
+        **{f"train-{k}": v for k, v in stats.items()},
+    }
 
 
 def evaluate(message: Message, context: Context) -> Message:
-    """The received model on the user's validation examples."""
+    """The received global model on the user's validation data, as the user sees it.
+
+    Loss, perplexity and ROUGE on the validation examples; the user's reward on its
+    validation documents; and the win rate against the round-0 model: the Bradley-Terry
+    probability, under the user's true utility, that the user prefers the global model's
+    summary of a document to the round-0 model's, averaged over documents.
+    """
     session = open_session(message, context)
     examples = session.data.validation
     if session.config.eval_max_examples:
         examples = examples[: session.config.eval_max_examples]
     if not examples:
         raise ValueError(f"user {session.user} has no validation examples (val-fraction too small)")
+    judgements = user_judgements(session, session.model)
+    initial = build_model(session.config, session.tokenizer).to(next(session.model.parameters()).device)
+    baseline = user_judgements(session, initial)
+    win_rate = np.mean(
+        [
+            preference_probability(session.profile, new.utility, old.utility)
+            for new, old in zip(judgements, baseline, strict=True)
+        ]
+    )
     metrics = {
         "num-examples": len(examples),
         **evaluate_model(session.model, session.tokenizer, examples, session.config),
+        **reward_metrics(judgements),
+        **text_metrics(judgements),
+        "win-rate": float(win_rate),
     }
     return reply(message, session, metrics, with_arrays=False)

@@ -22,7 +22,8 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 ASPECTS_ACLSUM = ("challenge", "approach", "outcome")
 PARTITIONINGS = ("iid", "dirichlet", "preference")
 TINY_T5_SIZES = ("xs", "s", "m")
-REWARD_WEIGHTINGS = ("none",)
+REWARD_WEIGHTINGS = ("none", "linear", "softmax", "gain")
+FEEDBACK_ALGORITHMS = ("sft", "best-of-n", "reinforce", "ppo", "dpo")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
 ACLSUM_SECTIONS = ("abstract", "introduction", "conclusion")
@@ -54,7 +55,10 @@ class RunConfig:
     fraction_evaluate: float = field(default=1.0, metadata=_range(0.0, 1.0))
     min_available_nodes: int = field(default=2, metadata=_range(1))
     round_timeout: float = field(default=600.0, metadata=_range(0.0))
+    sft_rounds: int = field(default=8, metadata=_range(0))
     reward_weighting: str = field(default="none", metadata=_choice(*REWARD_WEIGHTINGS))
+    reward_temperature: float = 0.1
+    max_client_weight: float = field(default=1.0, metadata=_range(1e-6, 1.0))
     seed: int = field(default=42, metadata=_range(0))
     # --- data ---------------------------------------------------------------
     dataset: str = "aclsum"
@@ -79,6 +83,18 @@ class RunConfig:
     lr_schedule: str = field(default="constant", metadata=_choice(*LR_SCHEDULES))
     weight_decay: float = field(default=0.01, metadata=_range(0.0))
     max_grad_norm: float = field(default=1.0, metadata=_range(0.0))
+    # --- feedback ------------------------------------------------------------
+    feedback_algorithm: str = field(default="sft", metadata=_choice(*FEEDBACK_ALGORITHMS))
+    user_profiles: str = "aspects"
+    feedback_steps: int = field(default=10, metadata=_range(1))
+    feedback_prompts: int = field(default=8, metadata=_range(1))
+    samples_per_prompt: int = field(default=4, metadata=_range(2))
+    feedback_learning_rate: float = field(default=3e-4, metadata=_range(0.0, 1.0))
+    kl_coef: float = field(default=0.05, metadata=_range(0.0))
+    sample_temperature: float = field(default=1.0, metadata=_range(1e-3))
+    ppo_epochs: int = field(default=4, metadata=_range(1))
+    ppo_clip: float = field(default=0.2, metadata=_range(1e-3, 1.0))
+    dpo_beta: float = field(default=0.1, metadata=_range(1e-4))
     # --- generation and evaluation ------------------------------------------
     num_beams: int = field(default=1, metadata=_range(1))
     no_repeat_ngram_size: int = field(default=3, metadata=_range(0))
@@ -136,6 +152,12 @@ class RunConfig:
         """
         return Path(self.results_dir).expanduser().resolve()
 
+    def phase(self, server_round: int) -> str:
+        """``sft`` for the first ``sft-rounds`` rounds (and always with the sft algorithm), else ``feedback``."""
+        if self.feedback_algorithm == "sft" or server_round <= self.sft_rounds:
+            return "sft"
+        return "feedback"
+
     def _check_semantics(self) -> None:
         if not self.summary_field_list:
             raise ConfigError("summary-fields: give at least one field name, comma separated.")
@@ -155,6 +177,10 @@ class RunConfig:
                 )
         if self.model != "tiny-t5" and not self.model.strip():
             raise ConfigError("model: give 'tiny-t5', a Hugging Face name or a local path.")
+        if self.reward_temperature == 0.0:
+            raise ConfigError("reward-temperature: must not be 0 (negative favours the worst-served users).")
+        if self.feedback_algorithm == "dpo" and self.samples_per_prompt % 2:
+            raise ConfigError("samples-per-prompt: dpo pairs samples, so it must be even.")
         if self.heldout_fraction + self.val_fraction >= 1.0:
             raise ConfigError("heldout-fraction + val-fraction must stay below 1.")
         if any(c in self.run_name for c in "/\\") or self.run_name in (".", ".."):

@@ -44,17 +44,21 @@ class Document:
         return dict(self.summaries)[aspect]
 
 
+NEUTRAL_INSTRUCTION = "summarize"
+
+
 @dataclass(frozen=True)
 class Example:
     doc_id: str
-    aspect: str
+    aspect: str  # whose reference ``summary`` is
     document: str
     summary: str
+    instruction: str = ""  # what the model is told; empty: the aspect itself
 
     @property
     def source(self) -> str:
-        """The model input: the aspect as an instruction, then the document."""
-        return f"{self.aspect}: {self.document}"
+        """The model input: the instruction (by default the aspect), then the document."""
+        return f"{self.instruction or self.aspect}: {self.document}"
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,7 @@ def user_partition(corpus: Corpus, user: int, num_users: int, config: RunConfig)
         for aspect, summary in doc.summaries:
             if not summary or owner(doc.doc_id, aspect, num_users, config, corpus.aspects) != user:
                 continue
-            example = Example(doc.doc_id, aspect, doc.text, summary)
+            example = Example(doc.doc_id, aspect, doc.text, summary, instruction_for(config))
             in_val = unit_hash(config.seed, "val", doc.doc_id, aspect) < config.val_fraction
             (validation if in_val else train).append(example)
     return UserData(user, tuple(train), tuple(validation))
@@ -224,7 +228,7 @@ def user_partition(corpus: Corpus, user: int, num_users: int, config: RunConfig)
 def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
     """The server's held-out (document, aspect) examples, capped at ``heldout-max-examples``."""
     examples = [
-        Example(doc.doc_id, aspect, doc.text, summary)
+        Example(doc.doc_id, aspect, doc.text, summary, instruction_for(config))
         for doc in corpus.documents
         if is_heldout(doc.doc_id, config.seed, config.heldout_fraction)
         for aspect, summary in doc.summaries
@@ -233,6 +237,27 @@ def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
     if config.heldout_max_examples and len(examples) > config.heldout_max_examples:
         examples.sort(key=lambda e: unit_hash(config.seed, "heldout-order", e.doc_id, e.aspect))
         examples = examples[: config.heldout_max_examples]
+    return tuple(examples)
+
+
+def instruction_for(config: RunConfig) -> str:
+    """Under ``preference`` partitioning users never name their aspect: the prompt is neutral."""
+    return NEUTRAL_INSTRUCTION if config.partitioning == "preference" else ""
+
+
+def aspect_examples(
+    corpus: Corpus, doc_ids: Sequence[str], aspect: str, instruction: str = NEUTRAL_INSTRUCTION
+) -> tuple[Example, ...]:
+    """(document, ``aspect`` summary) examples of the given documents, neutrally prompted.
+
+    What a user asks for feedback on: "summarize this", judged against its own aspect.
+    """
+    by_id = {doc.doc_id: doc for doc in corpus.documents}
+    examples = []
+    for doc_id in dict.fromkeys(doc_ids):  # unique, in order
+        doc = by_id[doc_id]
+        if doc.summary(aspect):
+            examples.append(Example(doc_id, aspect, doc.text, doc.summary(aspect), instruction))
     return tuple(examples)
 
 

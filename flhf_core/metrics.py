@@ -72,6 +72,25 @@ def token_loss(model: PreTrainedModel, batches: Sequence[Batch]) -> tuple[float,
     return loss, math.exp(min(loss, 50.0))
 
 
+@torch.no_grad()
+def mean_token_kl(model: PreTrainedModel, reference: PreTrainedModel, batches: Sequence[Batch]) -> float:
+    """Mean over target tokens of KL(model || reference), teacher-forced on the references."""
+    model.eval()
+    reference.eval()
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+        logp = torch.log_softmax(model(**inputs).logits.float(), dim=-1)
+        logq = torch.log_softmax(reference(**inputs).logits.float(), dim=-1)
+        kl = (logp.exp() * (logp - logq)).sum(dim=-1)
+        mask = batch.labels != -100
+        total += kl[mask].sum().item()
+        tokens += int(mask.sum())
+    return total / max(tokens, 1)
+
+
 def evaluate_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

@@ -11,6 +11,7 @@ before the run directory is created, so a bad run leaves nothing behind.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.serverapp import Grid
 from flwr.supercore import log
@@ -25,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import data
 from .config import RunConfig
-from .metrics import baseline_scores, evaluate_model
+from .metrics import baseline_scores, evaluate_model, mean_token_kl
 from .model import (
     TokenizerSpec,
     build_model,
@@ -50,6 +52,17 @@ class ServerState:
     heldout: tuple[data.Example, ...]
     baselines: dict[str, float]
 
+    def kl_to(self, previous: PreTrainedModel) -> float:
+        """Mean per-token KL(new global || previous global) on the held-out references."""
+        return mean_token_kl(self.model, previous, self.heldout_batches)
+
+    @property
+    def heldout_batches(self) -> list[data.Batch]:
+        config = self.config
+        return data.make_batches(
+            self.tokenizer, self.heldout, 32, config.max_source_tokens, config.max_target_tokens
+        )
+
 
 def prepare(config: RunConfig) -> ServerState:
     """Load data, tokenizer and the initial model; raises on any bad input."""
@@ -71,6 +84,8 @@ def build_strategy(config: RunConfig) -> FeedbackFedAvg:
         min_evaluate_nodes=1,
         min_available_nodes=config.min_available_nodes,
         reward_weighting=config.reward_weighting,
+        reward_temperature=config.reward_temperature,
+        max_client_weight=config.max_client_weight,
         sampling_seed=config.seed,
     )
 
@@ -147,18 +162,21 @@ class Federation:
     def run_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """One round; returns the new global parameters (unchanged if no reply was valid)."""
         started = time.perf_counter()
-        phase = "sft"
+        phase = self.state.config.phase(server_round)
         config_record = round_config(self.state, phase, server_round)
 
         sent = list(self.strategy.configure_train(server_round, arrays, config_record, self.grid))
         replies = self.exchange(sent)
         new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
         traffic = {"bytes-down": record_nbytes(arrays) * len(sent), "bytes-up": uploaded_bytes(replies)}
+        drift: dict[str, float] = {}
         if new_arrays is None:
             log(WARNING, "round %d: no valid training reply; the global model is unchanged", server_round)
         else:
+            previous = copy.deepcopy(self.state.model)
             arrays = new_arrays
             record_to_parameters(self.state.model, arrays)
+            drift = {"kl-to-previous": self.state.kl_to(previous)}
 
         sent = list(self.strategy.configure_evaluate(server_round, arrays, config_record, self.grid))
         client_eval = self.strategy.aggregate_evaluate(server_round, self.exchange(sent))
@@ -175,6 +193,8 @@ class Federation:
             "clients": len(train_report.user_metrics),
             "failures": train_report.failures,
             **traffic,
+            **drift,
+            **user_spread(eval_report.user_metrics),
             "seconds": seconds,
         }
         self.tracker.log(server_round, phase, "server", None, server_row)
@@ -192,6 +212,21 @@ class Federation:
             seconds,
         )
         return arrays
+
+
+def user_spread(user_metrics: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """Fairness across users: mean, worst and spread of the global model's reward."""
+    rewards = [m["reward"] for m in user_metrics.values() if "reward" in m]
+    if not rewards:
+        return {}
+    win_rates = [m["win-rate"] for m in user_metrics.values() if "win-rate" in m]
+    return {
+        "reward": float(np.mean(rewards)),
+        "reward-worst": float(np.min(rewards)),
+        "reward-best": float(np.max(rewards)),
+        "reward-std": float(np.std(rewards)),
+        **({"win-rate": float(np.mean(win_rates))} if win_rates else {}),
+    }
 
 
 def uploaded_bytes(replies: list[Message]) -> int:

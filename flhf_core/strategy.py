@@ -67,11 +67,13 @@ class FeedbackFedAvg(FedAvg):
     reward_key : str
         The MetricRecord key holding a client's reward in [0, 1].
     reward_weighting : str
-        ``"none"`` aggregates exactly as FedAvg.
+        ``"none"`` aggregates exactly as FedAvg; ``linear``, ``softmax`` and ``gain``
+        fold the reward in (see :func:`flhf_core.aggregation.client_weights`). A reply
+        without the reward the mode needs, or with a reward outside [0, 1], is rejected.
     reward_temperature : float
-        Temperature of the ``softmax`` weighting (used by later modes).
+        Temperature of the ``softmax`` weighting; negative favours low rewards.
     max_client_weight : float
-        Cap on any client's share of the average (used by later modes).
+        Cap on any client's share of the average.
     sampling_seed : int
         Seeds node sampling (per round and phase).
     node_wait_timeout : float
@@ -96,6 +98,14 @@ class FeedbackFedAvg(FedAvg):
         self.max_client_weight = max_client_weight
         self.sampling_seed = sampling_seed
         self.node_wait_timeout = node_wait_timeout
+        needs_reward = reward_weighting != "none"
+        self.required_metrics = (
+            (reward_key, f"{reward_key}-before")
+            if reward_weighting == "gain"
+            else (reward_key,)
+            if needs_reward
+            else ()
+        )
         self.reports: dict[tuple[int, str], RoundReport] = {}
         self._sent: dict[tuple[int, str], list[Message]] = {}
 
@@ -209,6 +219,12 @@ class FeedbackFedAvg(FedAvg):
             values = value if isinstance(value, list) else [value]
             if not all(math.isfinite(v) for v in values):
                 return user_id, f"metric '{key}' is not finite"
+        for key in self.required_metrics:
+            if key not in metrics:
+                return user_id, f"metric '{key}' is missing"
+        for key in (self.reward_key, f"{self.reward_key}-before"):
+            if key in metrics and not 0.0 <= float(metrics[key]) <= 1.0:
+                return user_id, f"metric '{key}' = {metrics[key]} is outside [0, 1]"
         if expected_keys is None:
             return user_id, None
         if len(content.array_records) != 1:
@@ -236,7 +252,14 @@ class FeedbackFedAvg(FedAvg):
         if not valid:
             return None, None
         contents = [content for _, content in valid]
-        weights = client_weights([self._num_examples(c) for c in contents], self.reward_weighting)
+        weights = client_weights(
+            [self._num_examples(c) for c in contents],
+            self.reward_weighting,
+            rewards=[self._metric(c, self.reward_key) for c in contents],
+            rewards_before=[self._metric(c, f"{self.reward_key}-before") for c in contents],
+            temperature=self.reward_temperature,
+            max_weight=self.max_client_weight,
+        )
         self.reports[(server_round, MessageType.TRAIN)].weights = {
             user_id: w for (user_id, _), w in zip(valid, weights, strict=True)
         }
@@ -252,6 +275,10 @@ class FeedbackFedAvg(FedAvg):
 
     def _num_examples(self, content: RecordDict) -> float:
         return float(next(iter(content.metric_records.values()))[self.weighted_by_key])
+
+    @staticmethod
+    def _metric(content: RecordDict, key: str) -> float:
+        return float(next(iter(content.metric_records.values())).get(key, 0.0))
 
     def _average_metrics(self, contents: list[RecordDict]) -> MetricRecord:
         """Example-weighted mean of every scalar metric that all replies carry."""

@@ -1,0 +1,222 @@
+"""What every feedback algorithm shares: sampling summaries, their log-probabilities,
+asking the simulated user, and the hyperparameters.
+
+A *rollout* is ``samples_per_prompt`` summaries sampled for each of a few documents,
+with the token ids the policy produced. Log-probabilities are recomputed by teacher
+forcing those ids, so the same code serves the policy (with gradients) and the frozen
+reference model (the model received this round).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..data import Example
+from ..feedback import UserProfile, judge, score
+from .sft import autocast
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """Hyperparameters of the feedback algorithms (each algorithm reads what it needs)."""
+
+    steps: int = 10  # sample-then-update iterations per round
+    prompts_per_step: int = 8  # documents per iteration
+    samples_per_prompt: int = 4  # n: candidate summaries per document
+    learning_rate: float = 3e-4  # AdamW step size for the policy
+    kl_coef: float = 0.05  # beta of the KL penalty to the received model (REINFORCE, PPO)
+    temperature: float = 1.0  # sampling temperature
+    ppo_epochs: int = 4  # PPO: passes over each rollout
+    ppo_clip: float = 0.2  # PPO: epsilon of the clipped ratio
+    dpo_beta: float = 0.1  # DPO: inverse temperature of the implicit reward
+    max_new_tokens: int = 48
+    max_source_tokens: int = 192
+    max_grad_norm: float = 1.0
+    bf16: bool = True
+
+
+@dataclass
+class Rollout:
+    examples: list[Example]  # one per sample (each prompt repeated n times)
+    input_ids: torch.Tensor  # [B, S] encoder input
+    attention_mask: torch.Tensor  # [B, S]
+    response_ids: torch.Tensor  # [B, T] sampled tokens, padded after </s>
+    response_mask: torch.Tensor  # [B, T] 1.0 up to and including </s>
+    texts: list[str]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.response_ids.masked_fill(self.response_mask == 0, -100)
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    config: FeedbackConfig,
+) -> Rollout:
+    """``samples_per_prompt`` sampled summaries of each example's document."""
+    model.eval()
+    device = next(model.parameters()).device
+    n = config.samples_per_prompt
+    encoded = tokenizer(
+        [e.source for e in examples],
+        max_length=config.max_source_tokens,
+        truncation=True,
+        padding=True,
+        return_tensors="pt",
+    ).to(device)
+    generated = model.generate(
+        **encoded,
+        do_sample=True,
+        top_k=0,
+        temperature=config.temperature,
+        num_return_sequences=n,
+        max_new_tokens=config.max_new_tokens,
+    )
+    response = generated[:, 1:]  # drop the decoder start token
+    is_eos = response == tokenizer.eos_token_id
+    # keep tokens up to and including the first </s> (all of them if none was produced)
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    mask = (~after_eos).float()
+    return Rollout(
+        examples=[e for e in examples for _ in range(n)],
+        input_ids=encoded["input_ids"].repeat_interleave(n, dim=0),
+        attention_mask=encoded["attention_mask"].repeat_interleave(n, dim=0),
+        response_ids=response,
+        response_mask=mask,
+        texts=[t.strip() for t in tokenizer.batch_decode(response, skip_special_tokens=True)],
+    )
+
+
+def token_logprobs(model: PreTrainedModel, rollout: Rollout, bf16: bool = False) -> torch.Tensor:
+    """log pi(y_t | y_<t, x) for each response token, zero where masked; shape [B, T]."""
+    device = next(model.parameters()).device
+    with autocast(device, bf16):
+        logits = model(
+            input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, labels=rollout.labels
+        ).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
+    return picked * rollout.response_mask
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """The reference policy: a frozen copy of the model received this round."""
+    reference = copy.deepcopy(model).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
+@dataclass
+class RolloutFeedback:
+    scores: torch.Tensor  # [B] the user's noisy ratings (0 where unrated)
+    rated: torch.Tensor  # [B] 1.0 where the user rated
+    utility: torch.Tensor  # [B] true utilities (diagnostics only)
+
+    def summary(self) -> dict[str, float]:
+        rated = self.rated.sum().clamp(min=1)
+        return {
+            "sample_score": ((self.scores * self.rated).sum() / rated).item(),
+            "sample_utility": self.utility.mean().item(),
+            "rated_fraction": self.rated.mean().item(),
+        }
+
+
+def rate(rollout: Rollout, profile: UserProfile, rng: np.random.Generator) -> RolloutFeedback:
+    """Ask the simulated user to rate every sampled summary."""
+    utilities, scores, rated = [], [], []
+    for example, text in zip(rollout.examples, rollout.texts, strict=True):
+        utility = judge(profile, text, example.summary).utility
+        rating = score(profile, utility, rng)
+        utilities.append(utility)
+        scores.append(0.0 if rating is None else rating)
+        rated.append(0.0 if rating is None else 1.0)
+    return RolloutFeedback(torch.tensor(scores), torch.tensor(rated), torch.tensor(utilities))
+
+
+def group_advantages(rewards: torch.Tensor, rated: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Whitened reward minus the mean of the rated samples of the same prompt (0 where unrated).
+
+    A per-prompt baseline removes how easy the document is from the signal (as in
+    RLOO/GRPO). Ratings differ by a few hundredths between samples, so the centred rewards
+    are divided by their standard deviation over the batch: the step size then means the
+    same whatever the reward scale. Unrated samples and prompts with one rating carry no
+    signal.
+    """
+    r = rewards.view(-1, group_size)
+    m = rated.view(-1, group_size)
+    count = m.sum(dim=1, keepdim=True)
+    baseline = (r * m).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    centred = ((r - baseline) * m * (count > 1)).view(-1)
+    informative = centred[(m * (count > 1)).view(-1) > 0]
+    if informative.numel() < 2:
+        return centred
+    return centred / (informative.std() + 1e-6)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(π_θ || π_ref) on tokens sampled from π_θ, averaged.
+
+    k3 = exp(q) - q - 1 with q = log π_ref - log π_θ: unbiased and never negative
+    (Schulman, 2020, http://joschu.net/blog/kl-approx.html).
+    """
+    q = (ref_logp - logp) * mask
+    return ((q.exp() - q - 1) * mask).sum() / mask.sum().clamp(min=1)
+
+
+def subset(rollout: Rollout, index: torch.Tensor) -> Rollout:
+    """The samples of a rollout at ``index``."""
+    keep = index.tolist()
+    return Rollout(
+        examples=[rollout.examples[i] for i in keep],
+        input_ids=rollout.input_ids[index],
+        attention_mask=rollout.attention_mask[index],
+        response_ids=rollout.response_ids[index],
+        response_mask=rollout.response_mask[index],
+        texts=[rollout.texts[i] for i in keep],
+    )
+
+
+class StatsMeter:
+    """Running means of named figures (a key's mean over the times it was added)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, **values: float) -> None:
+        for key, value in values.items():
+            self.totals[key] = self.totals.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {key.replace("_", "-"): total / self.counts[key] for key, total in self.totals.items()}
+
+
+def make_optimizer(model: PreTrainedModel, config: FeedbackConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+
+
+def optimizer_step(
+    model: PreTrainedModel, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float
+) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+
+
+def pick_prompts(examples: Sequence[Example], count: int, rng: np.random.Generator) -> list[Example]:
+    """``count`` documents drawn without replacement (all of them if fewer)."""
+    order = rng.permutation(len(examples))[:count]
+    return [examples[i] for i in order]

@@ -1,0 +1,180 @@
+"""Simulated users: who they are, what they like, and how they say so.
+
+A :class:`UserProfile` describes one user: the aspect of a paper they want summarized,
+the length they like (and how strict they are about it), words they want to see or
+avoid, how noisy their ratings are, and how often they bother to rate.
+
+True utility of a summary ``s`` of document ``d`` for a user (every factor in [0, 1]):
+
+    content(s)  = ROUGE-L F1(s, reference summary of d for the user's aspect)
+    length(s)   = exp(-((words(s) - L) / tol)^2 / 2)
+    keywords(s) = (1 + #include found) / (1 + #include)  *  (1 - #avoid found / (2 #avoid))
+    utility(s)  = content(s) * length(s) * keywords(s)
+
+(a factor whose keyword list is empty is 1). The user reports it two ways:
+
+* a score (Likert-like): ``clip(utility + N(0, rating_noise^2), 0, 1)``, given only for a
+  ``rating_rate`` share of the summaries (``None`` otherwise);
+* a pairwise preference from the Bradley-Terry model (Bradley & Terry, 1952):
+  ``P(a preferred to b) = sigmoid((utility(a) - utility(b)) / preference_temperature)``.
+
+Each component is reported separately, so that a gain can be traced to content, length
+or keywords. Randomness comes from a generator the caller seeds (user, round), so the
+same seed gives the same feedback.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from .config import ConfigError
+from .metrics import rouge_pair
+
+PROFILE_PRESETS = ("aspects", "uniform")
+_WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+
+
+@dataclass(frozen=True)
+class UserProfile:
+    user_id: int
+    aspect: str  # whose reference summary the user compares against
+    length_words: int = 25  # preferred summary length
+    length_tolerance: float = 10.0  # words; the width of the length preference
+    include_keywords: tuple[str, ...] = ()  # words the user wants to see
+    avoid_keywords: tuple[str, ...] = ()  # words the user dislikes
+    rating_noise: float = 0.02  # std of the score noise (utilities are mostly below 0.4)
+    rating_rate: float = 1.0  # share of summaries the user rates
+    preference_temperature: float = 0.02  # Bradley-Terry scale; smaller = more decisive
+
+    def __post_init__(self) -> None:
+        checks = {
+            "length_words": self.length_words > 0,
+            "length_tolerance": self.length_tolerance > 0,
+            "rating_noise": self.rating_noise >= 0,
+            "rating_rate": 0 < self.rating_rate <= 1,
+            "preference_temperature": self.preference_temperature > 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"user profile {self.user_id}: invalid {', '.join(bad)} in {self}")
+
+
+# --------------------------------------------------------------------------
+# Profiles
+# --------------------------------------------------------------------------
+def build_profile(user_id: int, preset: str, aspects: Sequence[str], seed: int) -> UserProfile:
+    """User ``user_id``'s profile from a preset name or a TOML file path.
+
+    ``aspects``: users differ by aspect (``user % #aspects``), preferred length (15, 25
+    or 35 words, by ``user // #aspects``), rating noise and rating rate (seeded).
+    ``uniform``: everyone prefers the first aspect at 25 words, rates everything.
+    A TOML file has ``[[user]]`` tables with UserProfile fields; user k gets table
+    ``k % len(tables)``.
+    """
+    if preset == "uniform":
+        return UserProfile(user_id, aspects[0])
+    if preset == "aspects":
+        rng = np.random.default_rng([seed, user_id, 7])
+        return UserProfile(
+            user_id,
+            aspect=aspects[user_id % len(aspects)],
+            length_words=(15, 25, 35)[(user_id // len(aspects)) % 3],
+            rating_noise=float(rng.uniform(0.01, 0.04)),
+            rating_rate=float(rng.uniform(0.6, 1.0)),
+        )
+    return _profile_from_file(user_id, Path(preset), aspects)
+
+
+def _profile_from_file(user_id: int, path: Path, aspects: Sequence[str]) -> UserProfile:
+    try:
+        tables = tomllib.loads(path.read_text()).get("user", [])
+    except FileNotFoundError:
+        raise ConfigError(
+            f"user-profiles: {str(path)!r} is neither a preset ({', '.join(PROFILE_PRESETS)}) nor a file."
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"user-profiles: {path} is not valid TOML: {error}") from None
+    if not tables:
+        raise ConfigError(f"user-profiles: {path} has no [[user]] tables.")
+    table = dict(tables[user_id % len(tables)])
+    allowed = {f.name for f in fields(UserProfile)} - {"user_id"}
+    unknown = set(table) - allowed
+    if unknown:
+        raise ConfigError(
+            f"user-profiles: {path}: unknown fields {sorted(unknown)}; allowed: {sorted(allowed)}."
+        )
+    if table.get("aspect") not in aspects:
+        raise ConfigError(
+            f"user-profiles: {path}: aspect {table.get('aspect')!r} is not one of {list(aspects)}."
+        )
+    for key in ("include_keywords", "avoid_keywords"):
+        table[key] = tuple(str(w).lower() for w in table.get(key, ()))
+    try:
+        return UserProfile(user_id, **table)
+    except TypeError as error:
+        raise ConfigError(f"user-profiles: {path}: {error}") from None
+
+
+# --------------------------------------------------------------------------
+# Utility and feedback
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Judgement:
+    """The true utility of one summary and its factors."""
+
+    utility: float
+    content: float
+    length: float
+    keywords: float
+    words: int  # length of the summary
+    repetition: float  # share of repeated word 3-grams (a reward-hacking diagnostic)
+
+
+def judge(profile: UserProfile, summary: str, reference: str) -> Judgement:
+    """True utility of ``summary`` for ``profile``; ``reference`` is the preferred aspect's."""
+    words = _WORD.findall(summary.lower())
+    content = rouge_pair(summary, reference)["rougeL"] if words else 0.0
+    length = math.exp(-0.5 * ((len(words) - profile.length_words) / profile.length_tolerance) ** 2)
+    present = set(words)
+    keywords = 1.0
+    if profile.include_keywords:
+        found = sum(k in present for k in profile.include_keywords)
+        keywords *= (1 + found) / (1 + len(profile.include_keywords))
+    if profile.avoid_keywords:
+        found = sum(k in present for k in profile.avoid_keywords)
+        keywords *= 1 - found / (2 * len(profile.avoid_keywords))
+    return Judgement(
+        content * length * keywords, content, length, keywords, len(words), repetition_rate(summary)
+    )
+
+
+def score(profile: UserProfile, utility: float, rng: np.random.Generator) -> float | None:
+    """A noisy rating in [0, 1], or None when the user does not bother to rate."""
+    if rng.random() >= profile.rating_rate:
+        return None
+    return float(np.clip(utility + rng.normal(0.0, profile.rating_noise), 0.0, 1.0))
+
+
+def preference_probability(profile: UserProfile, utility_a: float, utility_b: float) -> float:
+    """Bradley-Terry probability that the user prefers a over b."""
+    z = (utility_a - utility_b) / profile.preference_temperature
+    return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+
+def prefers_first(profile: UserProfile, utility_a: float, utility_b: float, rng: np.random.Generator) -> bool:
+    """Draw the user's pairwise preference between a and b."""
+    return bool(rng.random() < preference_probability(profile, utility_a, utility_b))
+
+
+def repetition_rate(summary: str, n: int = 3) -> float:
+    """Share of repeated word n-grams: a reward-hacking diagnostic (0 = none repeated)."""
+    words = summary.lower().split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0

@@ -1,0 +1,102 @@
+"""Reward-aware client weights: pure math, and the strategy's distrust of reports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import MessageType, MetricRecord
+from test_strategy import FakeGrid, global_arrays, reply_to
+
+from flhf_core.aggregation import cap_shares, client_weights
+from flhf_core.strategy import FeedbackFedAvg
+
+COUNTS = [10, 40, 25, 25]
+REWARDS = [0.2, 0.5, 0.1, 0.35]
+
+
+@pytest.mark.parametrize("mode", ["none", "linear", "softmax", "gain"])
+@pytest.mark.parametrize("cap", [1.0, 0.4, 0.3])
+def test_weights_sum_to_one_and_respect_the_cap(mode, cap):
+    weights = client_weights(COUNTS, mode, REWARDS, [0.1] * 4, temperature=0.1, max_weight=cap)
+    assert sum(weights) == pytest.approx(1.0)
+    assert max(weights) <= cap + 1e-9 and min(weights) >= 0
+
+
+def test_none_is_fedavg_and_linear_is_reward_times_examples():
+    assert client_weights(COUNTS) == pytest.approx([n / 100 for n in COUNTS])
+    linear = client_weights(COUNTS, "linear", REWARDS)
+    raw = [n * r for n, r in zip(COUNTS, REWARDS, strict=True)]
+    assert linear == pytest.approx([x / sum(raw) for x in raw])
+
+
+def test_softmax_is_monotone_in_reward_and_a_negative_temperature_favours_the_worst():
+    counts = [10] * 4
+    warm = client_weights(counts, "softmax", REWARDS, temperature=0.1)
+    assert np.argsort(warm).tolist() == np.argsort(REWARDS).tolist()
+    for better in np.linspace(0.0, 1.0, 11):  # raising one reward raises its weight
+        assert (
+            client_weights(counts, "softmax", [better, 0.3, 0.3, 0.3], temperature=0.1)[0]
+            >= client_weights(counts, "softmax", [better - 0.05, 0.3, 0.3, 0.3], temperature=0.1)[0]
+        )
+    cold = client_weights(counts, "softmax", REWARDS, temperature=-0.1)
+    assert np.argmax(cold) == np.argmin(REWARDS)
+
+
+def test_gain_uses_improvement_and_falls_back_when_nobody_improved():
+    gains = client_weights([10, 10, 10], "gain", [0.3, 0.3, 0.3], [0.1, 0.2, 0.4])
+    assert gains == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert client_weights([10, 30], "gain", [0.1, 0.1], [0.2, 0.3]) == pytest.approx([0.25, 0.75])
+
+
+def test_cap_edges():
+    assert cap_shares([0.7, 0.2, 0.1], 0.5) == pytest.approx([0.5, 0.5 * 2 / 3, 0.5 / 3])
+    assert cap_shares([0.7, 0.2, 0.1], 0.2) == pytest.approx([1 / 3] * 3)  # cap below 1/n: equal shares
+    assert cap_shares([1.0], 0.1) == [1.0]  # one valid client
+    assert cap_shares([0.9, 0.05, 0.05], 0.4) == pytest.approx([0.4, 0.3, 0.3])
+
+
+def test_an_inflated_reward_never_exceeds_the_cap(flower_identity):
+    strategy = FeedbackFedAvg(
+        min_available_nodes=1, reward_weighting="softmax", reward_temperature=0.01, max_client_weight=0.4
+    )
+    sent = list(
+        strategy.configure_train(
+            1, global_arrays(), __import__("flwr").app.ConfigRecord(), FakeGrid([1, 2, 3])
+        )
+    )
+    replies = [
+        reply_to(
+            m, user_id=i, num_examples=10, seed=i, metrics=MetricRecord({"num-examples": 10, "reward": r})
+        )
+        for i, (m, r) in enumerate(zip(sent, [1.0, 0.1, 0.1], strict=True))
+    ]
+    strategy.aggregate_train(1, replies)
+    weights = strategy.reports[(1, MessageType.TRAIN)].weights
+    assert weights[0] == pytest.approx(0.4) and sum(weights.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("reward", "reason"),
+    [(1.5, "outside [0, 1]"), (float("nan"), "not finite"), (None, "'reward' is missing")],
+)
+def test_bad_rewards_are_rejected(flower_identity, reward, reason):
+    from flwr.app import ConfigRecord
+
+    strategy = FeedbackFedAvg(min_available_nodes=1, reward_weighting="linear")
+    sent = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid([1, 2])))
+    bad_metrics = {"num-examples": 10} if reward is None else {"num-examples": 10, "reward": reward}
+    replies = [
+        reply_to(
+            sent[0],
+            user_id=0,
+            num_examples=10,
+            seed=0,
+            metrics=MetricRecord({"num-examples": 10, "reward": 0.3}),
+        ),
+        reply_to(sent[1], user_id=1, num_examples=10, seed=1, metrics=MetricRecord(bad_metrics)),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    report = strategy.reports[(1, MessageType.TRAIN)]
+    assert list(report.user_metrics) == [0] and report.failures == 1
+    assert reason in report.rejected[0].reason
+    np.testing.assert_array_equal(arrays["a"].numpy(), replies[0].content["arrays"]["a"].numpy())
