@@ -52,7 +52,7 @@ class UserSession:
     data: data.UserData
     profile: UserProfile
     feedback_docs: tuple[data.Example, ...]  # the user's training documents, neutrally prompted
-    reward_docs: tuple[data.Example, ...]  # the user's validation documents, neutrally prompted
+    reward_docs: tuple[data.Example, ...]  # held-out documents, neutrally prompted, judged by this user
 
 
 def user_identity(context: Context) -> tuple[int, int]:
@@ -83,7 +83,7 @@ def open_session(message: Message, context: Context) -> UserSession:
     corpus = data.load_corpus(config)
     partition = data.user_partition(corpus, user, num_users, config)
     profile = build_profile(user, config.user_profiles, corpus.aspects, config.seed)
-    reward_docs = data.aspect_examples(corpus, [e.doc_id for e in partition.validation], profile.aspect)
+    reward_docs = data.aspect_examples(corpus, data.heldout_doc_ids(corpus, config), profile.aspect)
     return UserSession(
         config=config,
         user=user,
@@ -107,7 +107,11 @@ def reply(message: Message, session: UserSession, metrics: dict[str, float], wit
 
 
 def user_judgements(session: UserSession, model: PreTrainedModel) -> list[Judgement]:
-    """The user's true judgement of ``model``'s greedy summaries of its validation documents."""
+    """The user's true judgement of ``model``'s greedy summaries of held-out documents.
+
+    Held-out documents are ones no user trains on: the user's fresh documents. Every user
+    reads the same ones, each judging by its own profile, so rewards compare across users.
+    """
     summaries = generate_summaries(
         model,
         session.tokenizer,
@@ -121,13 +125,12 @@ def user_judgements(session: UserSession, model: PreTrainedModel) -> list[Judgem
 def reward_metrics(judgements: list[Judgement], prefix: str = "reward") -> dict[str, float]:
     """Mean utility and its factors: ``reward``, ``reward-content``, ``reward-length``, ..."""
     if not judgements:
-        raise ValueError("no validation documents to judge the model on (val-fraction too small)")
-    mean = lambda values: float(np.mean(values))  # noqa: E731
+        raise ValueError("no held-out documents to judge the model on (heldout-fraction too small)")
     return {
-        prefix: mean([j.utility for j in judgements]),
-        f"{prefix}-content": mean([j.content for j in judgements]),
-        f"{prefix}-length": mean([j.length for j in judgements]),
-        f"{prefix}-keywords": mean([j.keywords for j in judgements]),
+        prefix: float(np.mean([j.utility for j in judgements])),
+        f"{prefix}-content": float(np.mean([j.content for j in judgements])),
+        f"{prefix}-length": float(np.mean([j.length for j in judgements])),
+        f"{prefix}-keywords": float(np.mean([j.keywords for j in judgements])),
     }
 
 
@@ -147,7 +150,7 @@ def train(message: Message, context: Context) -> Message:
     """One local round: supervised fine-tuning, or learning from the user's feedback.
 
     The reply's ``reward`` is the user's mean true utility of the updated model's summaries
-    of its validation documents, ``reward-before`` that of the received model.
+    of held-out documents, ``reward-before`` that of the received model.
     """
     session = open_session(message, context)
     config = session.config
@@ -223,8 +226,8 @@ def local_feedback(session: UserSession) -> dict[str, float]:
 def evaluate(message: Message, context: Context) -> Message:
     """The received global model on the user's validation data, as the user sees it.
 
-    Loss, perplexity and ROUGE on the validation examples; the user's reward on its
-    validation documents; and the win rate against the round-0 model: the Bradley-Terry
+    Loss, perplexity and ROUGE on the validation examples; the user's reward on held-out
+    documents; and the win rate against the round-0 model: the Bradley-Terry
     probability, under the user's true utility, that the user prefers the global model's
     summary of a document to the round-0 model's, averaged over documents.
     """

@@ -225,6 +225,11 @@ def user_partition(corpus: Corpus, user: int, num_users: int, config: RunConfig)
     return UserData(user, tuple(train), tuple(validation))
 
 
+def heldout_doc_ids(corpus: Corpus, config: RunConfig) -> list[str]:
+    """The documents no user trains on, in corpus order."""
+    return [d.doc_id for d in corpus.documents if is_heldout(d.doc_id, config.seed, config.heldout_fraction)]
+
+
 def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
     """The server's held-out (document, aspect) examples, capped at ``heldout-max-examples``."""
     examples = [

@@ -285,6 +285,22 @@ def save_checkpoint(run_dir: Path, state: ServerState, server_round: int) -> Non
     save_folder_atomically(run_dir / "checkpoints" / "latest", save)
 
 
+def reward_summary(server_rows: list[dict], sft_rounds: int) -> dict[str, float]:
+    """The global model's reward at the end, and when the supervised rounds ended."""
+    if not server_rows or "reward" not in server_rows[-1]:
+        return {}
+    final = server_rows[-1]
+    summary = {
+        key: final[key] for key in ("reward", "reward-worst", "reward-std", "win-rate") if key in final
+    }
+    supervised = [r for r in server_rows if r["phase"] == "sft" and r["round"] <= sft_rounds]
+    if supervised and len(supervised) < len(server_rows):
+        summary["reward-after-sft"] = supervised[-1]["reward"]
+        summary["reward-worst-after-sft"] = supervised[-1]["reward-worst"]
+        summary["reward-gain-from-feedback"] = final["reward"] - supervised[-1]["reward"]
+    return summary
+
+
 def finish(run_dir: Path, tracker: Tracker, state: ServerState, initial: dict[str, float]) -> None:
     """Final model, summary.json and plots."""
 
@@ -313,6 +329,7 @@ def finish(run_dir: Path, tracker: Tracker, state: ServerState, initial: dict[st
         "bytes-down": sum(r.get("bytes-down", 0) for r in server_rows),
         "seconds": sum(r.get("seconds", 0.0) for r in server_rows),
         "train-tokens-per-second": final.get("train-tokens-per-second"),
+        **reward_summary(server_rows, state.config.sft_rounds),
         "model-dir": str(run_dir / "model"),
     }
     tracker.write_summary(summary)
