@@ -168,17 +168,8 @@ def train(message: Message, context: Context) -> Message:
 
 def local_sft(session: UserSession) -> dict[str, float]:
     config = session.config
-    sft = SFTConfig(
-        epochs=config.local_epochs,
-        batch_size=config.batch_size,
-        learning_rate=float(session.server_config.get("learning-rate", config.learning_rate)),
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        bf16=config.bf16,
-        max_source_tokens=config.max_source_tokens,
-        max_target_tokens=config.max_target_tokens,
-        seed=round_seed(session, 1),
-    )
+    learning_rate = float(session.server_config.get("learning-rate", config.learning_rate))
+    sft = SFTConfig.from_run_config(config, learning_rate=learning_rate, seed=round_seed(session, 1))
     stats = train_sft(session.model, session.tokenizer, session.data.train, sft)
     return {
         "num-examples": len(session.data.train),
@@ -193,21 +184,7 @@ def local_sft(session: UserSession) -> dict[str, float]:
 
 def local_feedback(session: UserSession) -> dict[str, float]:
     config = session.config
-    feedback = FeedbackConfig(
-        steps=config.feedback_steps,
-        prompts_per_step=config.feedback_prompts,
-        samples_per_prompt=config.samples_per_prompt,
-        learning_rate=config.feedback_learning_rate,
-        kl_coef=config.kl_coef,
-        temperature=config.sample_temperature,
-        ppo_epochs=config.ppo_epochs,
-        ppo_clip=config.ppo_clip,
-        dpo_beta=config.dpo_beta,
-        max_new_tokens=config.max_new_tokens,
-        max_source_tokens=config.max_source_tokens,
-        max_grad_norm=config.max_grad_norm,
-        bf16=config.bf16,
-    )
+    feedback = FeedbackConfig.from_run_config(config)
     if not session.feedback_docs:
         raise ValueError(f"user {session.user} holds no documents to give feedback on")
     update = FEEDBACK_ALGORITHMS[config.feedback_algorithm]

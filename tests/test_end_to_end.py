@@ -116,3 +116,41 @@ def test_serverapp_with_bad_data_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"missing\.jsonl does not exist"):
         run_federation(grid=None, context=context)
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_feedback_smoke_run_records_rewards_per_user(tmp_path, isolated_flower):
+    env, _ = isolated_flower
+    result = flhf(
+        "run",
+        "feedback-smoke",
+        "--quiet",
+        f"results-dir={tmp_path}",
+        "reward-weighting=softmax",
+        "max-client-weight=0.6",
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = read_metrics(tmp_path / "feedback-smoke" / "metrics.jsonl")
+    server = {r["round"]: r for r in rows if r["scope"] == "server"}
+    assert [server[k]["phase"] for k in (0, 1, 2)] == ["init", "sft", "feedback"]
+    for key in ("reward", "reward-worst", "reward-std", "win-rate", "kl-to-previous", "repetition"):
+        assert key in server[2], key
+    assert server[2]["reward-worst"] <= server[2]["reward"] <= 1.0
+    feedback_users = [r for r in rows if r["scope"] == "client" and r["round"] == 2]
+    assert {r["client"] for r in feedback_users} == {0, 1}
+    for row in feedback_users:
+        assert row["aggregation-weight"] <= 0.6 + 1e-9
+        for key in (
+            "train-reward",
+            "train-reward-before",
+            "train-reward-content",
+            "train-reward-length",
+            "train-sample-score",
+            "train-kl",
+            "reward",
+            "win-rate",
+        ):
+            assert key in row, key
+    summary = json.loads((tmp_path / "feedback-smoke" / "summary.json").read_text())
+    assert "reward-after-sft" in summary and "reward-gain-from-feedback" in summary

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..config import RunConfig
 from ..data import Example
 from ..feedback import UserProfile, judge, score
 from .sft import autocast
@@ -39,6 +40,24 @@ class FeedbackConfig:
     max_source_tokens: int = 192
     max_grad_norm: float = 1.0
     bf16: bool = True
+
+    @classmethod
+    def from_run_config(cls, config: RunConfig) -> FeedbackConfig:
+        return cls(
+            steps=config.feedback_steps,
+            prompts_per_step=config.feedback_prompts,
+            samples_per_prompt=config.samples_per_prompt,
+            learning_rate=config.feedback_learning_rate,
+            kl_coef=config.kl_coef,
+            temperature=config.sample_temperature,
+            ppo_epochs=config.ppo_epochs,
+            ppo_clip=config.ppo_clip,
+            dpo_beta=config.dpo_beta,
+            max_new_tokens=config.max_new_tokens,
+            max_source_tokens=config.max_source_tokens,
+            max_grad_norm=config.max_grad_norm,
+            bf16=config.bf16,
+        )
 
 
 @dataclass

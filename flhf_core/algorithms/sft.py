@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..config import RunConfig
 from ..data import Example, make_batches
 
 
@@ -36,6 +37,21 @@ class SFTConfig:
     max_source_tokens: int = 192
     max_target_tokens: int = 64
     seed: int = 0  # shuffling order
+
+    @classmethod
+    def from_run_config(cls, config: RunConfig, learning_rate: float, seed: int) -> SFTConfig:
+        """The run's settings, with this round's learning rate (the server's schedule) and seed."""
+        return cls(
+            epochs=config.local_epochs,
+            batch_size=config.batch_size,
+            learning_rate=learning_rate,
+            weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm,
+            bf16=config.bf16,
+            max_source_tokens=config.max_source_tokens,
+            max_target_tokens=config.max_target_tokens,
+            seed=seed,
+        )
 
 
 @dataclass(frozen=True)
