@@ -215,13 +215,19 @@ class Federation:
 
 
 def user_spread(user_metrics: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
-    """Fairness across users: mean, worst and spread of the global model's reward."""
+    """Fairness across users: mean (and factors), worst, best and spread of the global model's reward."""
     rewards = [m["reward"] for m in user_metrics.values() if "reward" in m]
     if not rewards:
         return {}
     win_rates = [m["win-rate"] for m in user_metrics.values() if "win-rate" in m]
+    components = {
+        key: float(np.mean([m[key] for m in user_metrics.values() if key in m]))
+        for key in ("reward-content", "reward-length", "reward-keywords")
+        if any(key in m for m in user_metrics.values())
+    }
     return {
         "reward": float(np.mean(rewards)),
+        **components,
         "reward-worst": float(np.min(rewards)),
         "reward-best": float(np.max(rewards)),
         "reward-std": float(np.std(rewards)),
