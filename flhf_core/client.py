@@ -9,15 +9,17 @@ Module-level caches hold only immutable things (the corpus, via ``data``).
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import data
+from . import data, personal
 from .algorithms import FEEDBACK_ALGORITHMS
 from .algorithms.rollout import FeedbackConfig
 from .algorithms.sft import SFTConfig, train_sft
@@ -27,9 +29,12 @@ from .generate import DecodingConfig, generate_summaries
 from .metrics import evaluate_model
 from .model import (
     TokenizerSpec,
+    add_lora,
     build_model,
+    canonical_parameters,
     client_tokenizer,
     parameters_to_record,
+    personal_parameter_names,
     record_to_parameters,
     select_device,
 )
@@ -53,6 +58,20 @@ class UserSession:
     profile: UserProfile
     feedback_docs: tuple[data.Example, ...]  # the user's training documents, neutrally prompted
     reward_docs: tuple[data.Example, ...]  # held-out documents, neutrally prompted, judged by this user
+    context: Context
+    shared_names: frozenset[str]  # parameters that travel
+    personal_names: frozenset[str]  # parameters that never leave this client
+    fresh_personal: ArrayRecord  # personal parameters as a new user starts (the "global" view)
+    restored: personal.Restored
+    state_folder: Path
+
+    def global_view(self) -> PreTrainedModel:
+        """The received global model alone: personal parameters reset to a new user's."""
+        if not self.personal_names:
+            return self.model
+        model = copy.deepcopy(self.model)
+        record_to_parameters(model, self.fresh_personal, names=self.personal_names)
+        return model
 
 
 def user_identity(context: Context) -> tuple[int, int]:
@@ -78,7 +97,16 @@ def open_session(message: Message, context: Context) -> UserSession:
     )
     tokenizer = client_tokenizer(config, spec)
     model = build_model(config, tokenizer)
-    record_to_parameters(model, message.content[ARRAYS])
+    if config.personalization == "lora":
+        model = add_lora(model, config.lora_rank, seed=config.seed * 7_919 + user)
+    personal_names = personal_parameter_names(model, config.personalization, config.personal_layers)
+    shared_names = frozenset(canonical_parameters(model)) - personal_names
+    record_to_parameters(model, message.content[ARRAYS], names=shared_names)
+    fresh_personal = parameters_to_record(model, personal_names)
+    folder = personal.state_dir(context, config, user)
+    restored = personal.restore(context, folder, config.personalization, personal_names)
+    if restored.record is not None:
+        record_to_parameters(model, restored.record, names=personal_names)
     model.to(select_device(config.device))
     corpus = data.load_corpus(config)
     partition = data.user_partition(corpus, user, num_users, config)
@@ -96,14 +124,31 @@ def open_session(message: Message, context: Context) -> UserSession:
         profile=profile,
         feedback_docs=data.aspect_examples(corpus, [e.doc_id for e in partition.train], profile.aspect),
         reward_docs=reward_docs[: config.eval_max_examples or None],
+        context=context,
+        shared_names=shared_names,
+        personal_names=personal_names,
+        fresh_personal=fresh_personal,
+        restored=restored,
+        state_folder=folder,
     )
 
 
 def reply(message: Message, session: UserSession, metrics: dict[str, float], with_arrays: bool) -> Message:
     content = RecordDict({METRICS: MetricRecord(metrics), USER_RECORD: ConfigRecord({USER_ID: session.user})})
-    if with_arrays:
-        content[ARRAYS] = parameters_to_record(session.model)
+    if with_arrays:  # only the shared parameters ever leave
+        content[ARRAYS] = parameters_to_record(session.model, session.shared_names)
     return Message(content=content, reply_to=message)
+
+
+def state_metrics(session: UserSession) -> dict[str, float]:
+    """Where the personal parameters came from this round (1.0 = restored from that source)."""
+    if not session.personal_names:
+        return {}
+    return {
+        "state-from-context": float(session.restored.source == "context"),
+        "state-from-file": float(session.restored.source == "file"),
+        "state-unreadable": float(bool(session.restored.problem)),
+    }
 
 
 def user_judgements(session: UserSession, model: PreTrainedModel) -> list[Judgement]:
@@ -163,6 +208,12 @@ def train(message: Message, context: Context) -> Message:
     metrics["reward-gain"] = metrics["reward"] - metrics["reward-before"]
     metrics.update(text_metrics(after))
     metrics["learning-rate"] = float(session.server_config.get("learning-rate", config.learning_rate))
+    metrics.update(state_metrics(session))
+    if session.personal_names:
+        personal_record = parameters_to_record(session.model, session.personal_names)
+        personal.persist(
+            context, session.state_folder, personal_record, config.personalization, session.server_round
+        )
     return reply(message, session, metrics, with_arrays=True)
 
 
@@ -214,7 +265,8 @@ def evaluate(message: Message, context: Context) -> Message:
         examples = examples[: session.config.eval_max_examples]
     if not examples:
         raise ValueError(f"user {session.user} has no validation examples (val-fraction too small)")
-    judgements = user_judgements(session, session.model)
+    global_model = session.global_view()
+    judgements = user_judgements(session, global_model)
     initial = build_model(session.config, session.tokenizer).to(next(session.model.parameters()).device)
     baseline = user_judgements(session, initial)
     win_rate = np.mean(
@@ -225,9 +277,15 @@ def evaluate(message: Message, context: Context) -> Message:
     )
     metrics = {
         "num-examples": len(examples),
-        **evaluate_model(session.model, session.tokenizer, examples, session.config),
+        **evaluate_model(global_model, session.tokenizer, examples, session.config),
         **reward_metrics(judgements),
         **text_metrics(judgements),
         "win-rate": float(win_rate),
+        **state_metrics(session),
     }
+    if session.personal_names:  # the user's personalized model, on the same data
+        personalized = evaluate_model(session.model, session.tokenizer, examples, session.config)
+        metrics.update({f"{k}-personal": v for k, v in personalized.items()})
+        metrics.update(reward_metrics(user_judgements(session, session.model), "reward-personal"))
+        metrics["personalization-gain"] = metrics["reward-personal"] - metrics["reward"]
     return reply(message, session, metrics, with_arrays=False)

@@ -26,6 +26,7 @@ REWARD_WEIGHTINGS = ("none", "linear", "softmax", "gain")
 FEEDBACK_ALGORITHMS = ("sft", "best-of-n", "reinforce", "ppo", "dpo")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
+PERSONALIZATIONS = ("none", "local-head", "lora")
 ACLSUM_SECTIONS = ("abstract", "introduction", "conclusion")
 
 
@@ -74,6 +75,9 @@ class RunConfig:
     # --- model ----------------------------------------------------------------
     model: str = "tiny-t5"
     tiny_t5_size: str = field(default="s", metadata=_choice(*TINY_T5_SIZES))
+    personalization: str = field(default="none", metadata=_choice(*PERSONALIZATIONS))
+    personal_layers: int = field(default=1, metadata=_range(0))
+    lora_rank: int = field(default=8, metadata=_range(1))
     device: str = field(default="auto", metadata=_choice(*DEVICES))
     bf16: bool = True
     # --- local training -----------------------------------------------------

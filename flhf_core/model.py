@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -232,31 +233,107 @@ def select_device(requested: str) -> torch.device:
 # --------------------------------------------------------------------------
 # Parameters <-> ArrayRecord
 # --------------------------------------------------------------------------
-def parameters_to_record(model: torch.nn.Module) -> ArrayRecord:
-    """Every parameter once (``named_parameters`` skips tied aliases), as numpy arrays."""
-    return ArrayRecord(
-        {name: Array(p.detach().cpu().float().numpy()) for name, p in model.named_parameters()}
-    )
+def canonical_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Parameters by their plain-model names, each once (tied aliases are skipped).
+
+    A LoRA adapter (peft) renames a wrapped weight ``q.weight`` to ``q.base_layer.weight``;
+    it is reported under its plain name, so shared parameters have the same names on
+    every client and on the server, with or without an adapter.
+    """
+    return {name.replace(".base_layer.", "."): p for name, p in model.named_parameters()}
 
 
-def record_to_parameters(model: torch.nn.Module, record: ArrayRecord) -> None:
-    """Load a record into ``model`` in place, after checking names, shapes and values."""
-    params = dict(model.named_parameters())
-    missing, unexpected = params.keys() - record.keys(), record.keys() - params.keys()
+def parameters_to_record(model: torch.nn.Module, names: Collection[str] | None = None) -> ArrayRecord:
+    """The parameters named ``names`` (default: all), as numpy arrays."""
+    params = canonical_parameters(model)
+    selected = params if names is None else {name: params[name] for name in sorted(names)}
+    return ArrayRecord({name: Array(p.detach().cpu().float().numpy()) for name, p in selected.items()})
+
+
+def record_to_parameters(
+    model: torch.nn.Module, record: ArrayRecord, names: Collection[str] | None = None
+) -> None:
+    """Load a record holding exactly the parameters ``names`` (default: all) into ``model``.
+
+    Names, shapes and values are checked before anything is written.
+    """
+    params = canonical_parameters(model)
+    expected = set(params if names is None else names)
+    missing, unexpected = expected - record.keys(), record.keys() - expected
     if missing or unexpected:
         raise ValueError(
             f"parameter record does not fit the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+    values = {}
+    for name, array in record.items():
+        value = array.numpy()
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise ValueError(f"parameter {name}: shape {value.shape} != model's {tuple(params[name].shape)}")
+        if not np.isfinite(value).all():
+            raise ValueError(f"parameter {name} has non-finite values")
+        values[name] = value
     with torch.no_grad():
-        for name, array in record.items():
-            value = array.numpy()
-            target = params[name]
-            if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(f"parameter {name}: shape {value.shape} != model's {tuple(target.shape)}")
-            if not np.isfinite(value).all():
-                raise ValueError(f"parameter {name} has non-finite values")
-            target.copy_(torch.from_numpy(value).to(target.dtype))
+        for name, value in values.items():
+            params[name].copy_(torch.from_numpy(value).to(params[name].dtype))
+
+
+# --------------------------------------------------------------------------
+# Personalization: which parameters stay on the client
+# --------------------------------------------------------------------------
+LORA_TARGETS = ("q", "v")  # T5 attention projections the adapter wraps
+
+
+def head_is_tied(model: PreTrainedModel) -> bool:
+    head = model.get_output_embeddings()
+    return head is None or head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def personal_parameter_names(model: PreTrainedModel, mode: str, personal_layers: int = 1) -> frozenset[str]:
+    """Names of the parameters that never leave the client under ``mode``.
+
+    ``local-head`` (FedPer, Arivazhagan et al., 2019, https://arxiv.org/abs/1912.00818):
+    the untied LM head, the decoder's final layer norm and its last ``personal_layers``
+    blocks. ``lora``: the user's LoRA adapter (:func:`add_lora`).
+    """
+    if mode == "none":
+        return frozenset()
+    names = canonical_parameters(model)
+    if mode == "lora":
+        personal = {n for n in names if "lora_" in n}
+        if not personal:
+            raise ValueError("personalization 'lora': the model has no adapter; call add_lora first")
+        return frozenset(personal)
+    if mode != "local-head":
+        raise ConfigError(f"personalization: {mode!r} is not allowed; choose none, local-head or lora.")
+    if head_is_tied(model):
+        raise ConfigError(
+            "personalization: 'local-head' keeps the LM head on the client, but this model ties its head to "
+            "the input embedding (shared by the encoder). Use model = 'tiny-t5' (untied head), a checkpoint "
+            "with an untied head, or personalization = 'lora'."
+        )
+    blocks = len(model.decoder.block)
+    if not 0 <= personal_layers <= blocks:
+        raise ConfigError(f"personal-layers: {personal_layers} is outside [0, {blocks}] (decoder blocks).")
+    prefixes = ["lm_head.", "decoder.final_layer_norm."]
+    prefixes += [f"decoder.block.{i}." for i in range(blocks - personal_layers, blocks)]
+    return frozenset(n for n in names if any(n.startswith(p) for p in prefixes))
+
+
+def add_lora(model: PreTrainedModel, rank: int, seed: int) -> PreTrainedModel:
+    """Inject a LoRA adapter (Hu et al., 2021, https://arxiv.org/abs/2106.09685) in place.
+
+    The adapter's B matrices start at zero, so the model is unchanged until it trains.
+    Unlike peft's default, the base weights stay trainable: they are federated as usual.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+    model = inject_adapter_in_model(config, model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def record_nbytes(record: ArrayRecord) -> int:

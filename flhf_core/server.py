@@ -26,12 +26,15 @@ from flwr.supercore import log
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import data
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .metrics import baseline_scores, evaluate_model, mean_token_kl
 from .model import (
     TokenizerSpec,
+    add_lora,
     build_model,
+    canonical_parameters,
     parameters_to_record,
+    personal_parameter_names,
     record_nbytes,
     record_to_parameters,
     select_device,
@@ -51,6 +54,7 @@ class ServerState:
     model: PreTrainedModel  # holds the global parameters between rounds
     heldout: tuple[data.Example, ...]
     baselines: dict[str, float]
+    shared_names: frozenset[str]  # what travels: everything but the clients' personal parameters
 
     def kl_to(self, previous: PreTrainedModel) -> float:
         """Mean per-token KL(new global || previous global) on the held-out references."""
@@ -73,7 +77,25 @@ def prepare(config: RunConfig) -> ServerState:
     if not heldout:
         raise ValueError("the held-out set is empty: raise heldout-fraction")
     baselines = baseline_scores(heldout, data.abstracts(corpus), config.lead_words)
-    return ServerState(config, tokenizer, spec, model, heldout, baselines)
+    return ServerState(
+        config, tokenizer, spec, model, heldout, baselines, shared_parameter_names(model, config)
+    )
+
+
+def shared_parameter_names(model: PreTrainedModel, config: RunConfig) -> frozenset[str]:
+    """The parameters the server sends and averages; checks the personalization fits the model.
+
+    Under ``local-head`` the server keeps its round-0 copy of the personal layers (they are
+    never sent). A LoRA adapter exists only on the clients: the server's model has none.
+    """
+    if config.personalization == "lora":
+        try:
+            add_lora(copy.deepcopy(model), config.lora_rank, seed=0)
+        except ValueError as error:
+            raise ConfigError(f"personalization: 'lora' does not fit {config.model!r}: {error}") from None
+        return frozenset(canonical_parameters(model))
+    personal = personal_parameter_names(model, config.personalization, config.personal_layers)
+    return frozenset(canonical_parameters(model)) - personal
 
 
 def build_strategy(config: RunConfig) -> FeedbackFedAvg:
@@ -151,7 +173,7 @@ class Federation:
             config.lead_words,
             lead,
         )
-        arrays = parameters_to_record(self.state.model)
+        arrays = parameters_to_record(self.state.model, self.state.shared_names)
         for server_round in range(1, config.num_server_rounds + 1):
             arrays = self.run_round(server_round, arrays)
         finish(self.tracker.run_dir, self.tracker, self.state, initial)
@@ -175,7 +197,7 @@ class Federation:
         else:
             previous = copy.deepcopy(self.state.model)
             arrays = new_arrays
-            record_to_parameters(self.state.model, arrays)
+            record_to_parameters(self.state.model, arrays, names=self.state.shared_names)
             drift = {"kl-to-previous": self.state.kl_to(previous)}
 
         sent = list(self.strategy.configure_evaluate(server_round, arrays, config_record, self.grid))
@@ -232,6 +254,21 @@ def user_spread(user_metrics: Mapping[int, Mapping[str, float]]) -> dict[str, fl
         "reward-best": float(np.max(rewards)),
         "reward-std": float(np.std(rewards)),
         **({"win-rate": float(np.mean(win_rates))} if win_rates else {}),
+        **personal_spread(user_metrics),
+    }
+
+
+def personal_spread(user_metrics: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """Personalized models: mean and worst-user reward, and the gain over the global model."""
+    personal = [m for m in user_metrics.values() if "reward-personal" in m]
+    if not personal:
+        return {}
+    return {
+        "reward-personal": float(np.mean([m["reward-personal"] for m in personal])),
+        "reward-personal-worst": float(np.min([m["reward-personal"] for m in personal])),
+        "personalization-gain": float(np.mean([m["personalization-gain"] for m in personal])),
+        "personalization-gain-worst": float(np.min([m["personalization-gain"] for m in personal])),
+        "users-helped": float(np.mean([m["personalization-gain"] > 0 for m in personal])),
     }
 
 
