@@ -269,6 +269,46 @@ def command_build_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_summarize(args: argparse.Namespace) -> int:
+    """Summarize a text file with a finished run's global model, or one user's personalized model."""
+    from . import personal
+    from .data import NEUTRAL_INSTRUCTION
+    from .generate import DecodingConfig, generate_summaries
+    from .model import add_lora, load_pretrained
+    from .tracking import read_json
+
+    run_dir = Path(args.run_dir).resolve()
+    if not (run_dir / "model" / "config.json").is_file():
+        raise ConfigError(f"{run_dir} is not a finished FLHF run (no model/ folder).")
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        raise ConfigError(f"text file {text_path} does not exist.")
+    config = RunConfig.from_mapping(read_json(run_dir / "config.json"))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    model = load_pretrained(run_dir / "model")
+    if args.user is not None:
+        state = (
+            Path(args.state) if args.state else run_dir / "users" / f"user-{args.user}" / personal.STATE_FILE
+        )
+        if config.personalization == "none" or not state.is_file():
+            raise ConfigError(
+                f"user {args.user} has no personal state at {state} (personalization: "
+                f"{config.personalization})."
+            )
+        if config.personalization == "lora":
+            model = add_lora(model, config.lora_rank, seed=0)
+        personal.load_into(model, state)
+    instruction = args.aspect or NEUTRAL_INSTRUCTION
+    source = f"{instruction}: {' '.join(text_path.read_text().split())}"
+    (summary,) = generate_summaries(
+        model, tokenizer, [source], DecodingConfig.from_run_config(config), config.max_source_tokens
+    )
+    print(summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flhf", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -282,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--users", type=int, help="simulated users (default: the preset's min-available-nodes)")
     run.add_argument("--quiet", action="store_true", help="do not stream the run's logs")
     run.set_defaults(handler=command_run)
+    summarize = commands.add_parser("summarize", help="summarize a text file with a finished run's model")
+    summarize.add_argument("run_dir", help="a run's results folder, <results-dir>/<run-name>")
+    summarize.add_argument("text", help="a plain-text file to summarize")
+    summarize.add_argument("--user", type=int, help="use this user's personalized model")
+    summarize.add_argument("--state", help="the user's personal state file, if not under the run folder")
+    summarize.add_argument("--aspect", help="ask for an aspect (e.g. outcome) instead of a neutral summary")
+    summarize.set_defaults(handler=command_summarize)
     tok = commands.add_parser("build-tokenizer", help="train the shipped aclsum tokenizer")
     tok.add_argument("--vocab-size", type=int, default=6000)
     tok.add_argument("--out", default=str(Path(__file__).parent / "assets" / "aclsum-tokenizer.json"))

@@ -125,6 +125,11 @@ class Tracker:
             self._writer.close()
 
 
+def read_json(path: Path) -> Any:
+    with path.open() as f:
+        return json.load(f)
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Rows of a ``metrics.jsonl`` file."""
     with path.open() as f:

@@ -1,0 +1,153 @@
+"""Personal parameters stay on the client, persist across rounds and restarts, and help."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from transformers import T5Config, T5ForConditionalGeneration
+
+import client_app
+from flhf_core import personal
+from flhf_core.config import ConfigError, RunConfig
+from flhf_core.model import (
+    add_lora,
+    build_model,
+    parameters_to_record,
+    personal_parameter_names,
+    tokenizer_fingerprint,
+)
+from flhf_core.server import personal_spread, shared_parameter_names
+
+
+def run_config(smoke_config, mode, tmp_path):
+    return smoke_config.replace(**{"personalization": mode, "results-dir": str(tmp_path / "results")})
+
+
+def new_context(config, state_dir, user=0):
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": user, "num-partitions": 2, "state-dir": str(state_dir)},
+        state=RecordDict(),
+        run_config=config.to_mapping(),
+    )
+
+
+def server_message(config, tokenizer, kind=MessageType.TRAIN, server_round=1):
+    model = build_model(config, tokenizer)
+    shared = shared_parameter_names(model, config)
+    record = ConfigRecord(
+        {"phase": "sft", "server-round": server_round, "tokenizer-sha256": tokenizer_fingerprint(tokenizer)}
+    )
+    content = RecordDict({"arrays": parameters_to_record(model, shared), "config": record})
+    return Message(content=content, dst_node_id=7, message_type=kind), shared
+
+
+@pytest.mark.parametrize("mode", ["local-head", "lora"])
+def test_personal_parameters_never_leave_and_survive_rounds_and_restarts(
+    flower_identity, smoke_config, tokenizer, tmp_path, mode
+):
+    config = run_config(smoke_config, mode, tmp_path)
+    sent, shared = server_message(config, tokenizer)
+    context = new_context(config, tmp_path / "state")
+    reply = client_app.train(sent, context)
+    assert set(reply.content["arrays"].keys()) == shared  # only shared parameters travel
+    kept = context.state.array_records[personal.STATE_RECORD]
+    assert kept and not set(kept.keys()) & shared
+    assert reply.content["metrics"]["state-from-context"] == 0.0
+
+    again = client_app.train(server_message(config, tokenizer, server_round=2)[0], context)
+    assert again.content["metrics"]["state-from-context"] == 1.0
+
+    state_file = personal.state_dir(context, config, 0) / personal.STATE_FILE
+    saved = {k: v.numpy().copy() for k, v in context.state.array_records[personal.STATE_RECORD].items()}
+    restarted = new_context(config, tmp_path / "state")  # a new SuperNode: empty Context.state
+    session = client_app.client.open_session(server_message(config, tokenizer, server_round=3)[0], restarted)
+    assert session.restored.source == "file" and state_file.is_file()
+    restored = parameters_to_record(session.model, session.personal_names)
+    assert all(np.array_equal(restored[k].numpy(), saved[k]) for k in saved)
+
+
+def test_a_corrupt_state_file_is_reported_kept_and_the_user_starts_fresh(
+    flower_identity, smoke_config, tokenizer, tmp_path
+):
+    config = run_config(smoke_config, "local-head", tmp_path)
+    context = new_context(config, tmp_path / "state")
+    state_file = personal.state_dir(context, config, 0) / personal.STATE_FILE
+    state_file.parent.mkdir(parents=True)
+    state_file.write_bytes(b"not a safetensors file")
+    reply = client_app.train(server_message(config, tokenizer)[0], context)
+    assert reply.content["metrics"]["state-unreadable"] == 1.0
+    assert state_file.with_name(state_file.name + ".corrupt").read_bytes() == b"not a safetensors file"
+    assert (
+        personal.restore(
+            new_context(config, tmp_path / "state"),
+            state_file.parent,
+            "local-head",
+            frozenset(context.state.array_records["personal"].keys()),
+        ).source
+        == "file"
+    )
+
+
+def test_evaluation_compares_global_and_personalized(flower_identity, smoke_config, tokenizer, tmp_path):
+    config = run_config(smoke_config, "lora", tmp_path)
+    context = new_context(config, tmp_path / "state")
+    client_app.train(server_message(config, tokenizer)[0], context)
+    metrics = client_app.evaluate(
+        server_message(config, tokenizer, MessageType.EVALUATE)[0], context
+    ).content["metrics"]
+    for key in ("reward", "reward-personal", "rougeL", "rougeL-personal", "personalization-gain"):
+        assert key in metrics, key
+    assert metrics["personalization-gain"] == pytest.approx(metrics["reward-personal"] - metrics["reward"])
+
+
+def test_lora_state_save_and_load_round_trip(smoke_config, tokenizer, tmp_path):
+    model = add_lora(build_model(smoke_config, tokenizer), rank=4, seed=1)
+    names = personal_parameter_names(model, "lora")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # a trained adapter
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    path = personal.persist(context, tmp_path, parameters_to_record(model, names), "lora", 3)
+    fresh = add_lora(build_model(smoke_config, tokenizer), rank=4, seed=2)
+    assert personal.load_into(fresh, path) == "lora"
+    batch = tokenizer(["summarize: a document about parsing"], return_tensors="pt")
+    labels = tokenizer(text_target=["a summary"], return_tensors="pt")["input_ids"]
+    model.eval()
+    fresh.eval()
+    assert torch.allclose(model(**batch, labels=labels).logits, fresh(**batch, labels=labels).logits)
+
+
+def test_local_head_refuses_a_tied_head(tmp_path, tokenizer):
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    tied = T5ForConditionalGeneration(config)
+    run = RunConfig(model=str(tmp_path), personalization="local-head")
+    with pytest.raises(ConfigError, match="ties its head to the input embedding"):
+        shared_parameter_names(tied, run)
+    assert shared_parameter_names(tied, run.replace(personalization="lora"))  # lora fits
+
+
+def test_personalization_gain_figures():
+    users = {
+        0: {"reward-personal": 0.3, "personalization-gain": 0.1},
+        1: {"reward-personal": 0.2, "personalization-gain": -0.05},
+        2: {"reward-personal": 0.4, "personalization-gain": 0.2},
+    }
+    spread = personal_spread(users)
+    assert spread["personalization-gain"] == pytest.approx(0.25 / 3)
+    assert spread["personalization-gain-worst"] == -0.05 and spread["reward-personal-worst"] == 0.2
+    assert spread["users-helped"] == pytest.approx(2 / 3)
