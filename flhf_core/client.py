@@ -251,6 +251,25 @@ def local_feedback(session: UserSession) -> dict[str, float]:
     }
 
 
+ROUND0_RECORD = "round0-utilities"
+
+
+def round0_utilities(session: UserSession) -> list[float]:
+    """The user's utilities of the round-0 model's summaries (the win-rate baseline).
+
+    The round-0 model is rebuilt from the seed (or the pretrained checkpoint), so its
+    summaries never change: they are judged once and kept in Context.state.
+    """
+    doc_ids = [e.doc_id for e in session.reward_docs]
+    cached = session.context.state.config_records.get(ROUND0_RECORD)
+    if cached is not None and list(cached["doc-ids"]) == doc_ids:
+        return list(cached["utilities"])
+    initial = build_model(session.config, session.tokenizer).to(next(session.model.parameters()).device)
+    utilities = [j.utility for j in user_judgements(session, initial)]
+    session.context.state[ROUND0_RECORD] = ConfigRecord({"doc-ids": doc_ids, "utilities": utilities})
+    return utilities
+
+
 def evaluate(message: Message, context: Context) -> Message:
     """The received global model on the user's validation data, as the user sees it.
 
@@ -267,11 +286,10 @@ def evaluate(message: Message, context: Context) -> Message:
         raise ValueError(f"user {session.user} has no validation examples (val-fraction too small)")
     global_model = session.global_view()
     judgements = user_judgements(session, global_model)
-    initial = build_model(session.config, session.tokenizer).to(next(session.model.parameters()).device)
-    baseline = user_judgements(session, initial)
+    baseline = round0_utilities(session)
     win_rate = np.mean(
         [
-            preference_probability(session.profile, new.utility, old.utility)
+            preference_probability(session.profile, new.utility, old)
             for new, old in zip(judgements, baseline, strict=True)
         ]
     )
