@@ -35,3 +35,36 @@ def flower_identity():
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     yield
+
+
+@pytest.fixture
+def tied_t5(tokenizer):
+    """A tiny T5 with the usual tied head, standing in for a Hugging Face checkpoint."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+@pytest.fixture
+def logits_of(tokenizer):
+    """A model's logits on one fixed (source, target) pair, in eval mode."""
+
+    def logits(model):
+        batch = tokenizer(["summarize: we propose a method for parsing"], return_tensors="pt")
+        labels = tokenizer(text_target=["they propose a parser"], return_tensors="pt")["input_ids"]
+        model.eval()
+        with torch.no_grad():
+            return model(**batch, labels=labels).logits
+
+    return logits

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 
 from flhf_core import model as M
 from flhf_core.config import ConfigError, RunConfig
@@ -84,32 +84,18 @@ def test_record_round_trip_and_checks(smoke_config, tokenizer, tiny_model):
         M.record_to_parameters(other, record)
 
 
-def test_save_and_load_round_trip(tmp_path, tiny_model, tokenizer):
+def test_save_and_load_round_trip(tmp_path, tiny_model, logits_of):
     tiny_model.save_pretrained(tmp_path)
     loaded = M.load_pretrained(tmp_path)
     assert isinstance(loaded, M.UntiedT5ForConditionalGeneration)
     assert loaded.lm_head.weight.data_ptr() != loaded.shared.weight.data_ptr()
     assert (tmp_path / "model.safetensors").is_file()
-    batch = tokenizer(["approach: we propose a method"], return_tensors="pt")
-    labels = tokenizer(text_target=["they propose"], return_tensors="pt")["input_ids"]
-    tiny_model.eval()
-    assert torch.allclose(tiny_model(**batch, labels=labels).logits, loaded(**batch, labels=labels).logits)
+    assert torch.allclose(logits_of(tiny_model), logits_of(loaded))
 
 
-def test_hub_code_path_with_a_local_checkpoint(tmp_path, tokenizer):
+def test_hub_code_path_with_a_local_checkpoint(tmp_path, tokenizer, tied_t5):
     """A user names a Hugging Face checkpoint; here a local folder stands in for the hub."""
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        d_ff=64,
-        d_kv=8,
-        num_layers=1,
-        num_heads=2,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    T5ForConditionalGeneration(config).save_pretrained(tmp_path)
+    tied_t5.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     run = RunConfig(model=str(tmp_path))
     hub_tokenizer, spec = M.server_tokenizer(run, corpus=None)

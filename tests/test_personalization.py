@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from transformers import T5Config, T5ForConditionalGeneration
 
 import client_app
 from flhf_core import personal
@@ -104,7 +103,7 @@ def test_evaluation_compares_global_and_personalized(flower_identity, smoke_conf
     assert metrics["personalization-gain"] == pytest.approx(metrics["reward-personal"] - metrics["reward"])
 
 
-def test_lora_state_save_and_load_round_trip(smoke_config, tokenizer, tmp_path):
+def test_lora_state_save_and_load_round_trip(smoke_config, tokenizer, tmp_path, logits_of):
     model = add_lora(build_model(smoke_config, tokenizer), rank=4, seed=1)
     names = personal_parameter_names(model, "lora")
     with torch.no_grad():
@@ -115,30 +114,14 @@ def test_lora_state_save_and_load_round_trip(smoke_config, tokenizer, tmp_path):
     path = personal.persist(context, tmp_path, parameters_to_record(model, names), "lora", 3)
     fresh = add_lora(build_model(smoke_config, tokenizer), rank=4, seed=2)
     assert personal.load_into(fresh, path) == "lora"
-    batch = tokenizer(["summarize: a document about parsing"], return_tensors="pt")
-    labels = tokenizer(text_target=["a summary"], return_tensors="pt")["input_ids"]
-    model.eval()
-    fresh.eval()
-    assert torch.allclose(model(**batch, labels=labels).logits, fresh(**batch, labels=labels).logits)
+    assert torch.allclose(logits_of(model), logits_of(fresh))
 
 
-def test_local_head_refuses_a_tied_head(tmp_path, tokenizer):
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        d_ff=64,
-        d_kv=8,
-        num_layers=1,
-        num_heads=2,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    tied = T5ForConditionalGeneration(config)
+def test_local_head_refuses_a_tied_head(tmp_path, tied_t5):
     run = RunConfig(model=str(tmp_path), personalization="local-head")
     with pytest.raises(ConfigError, match="ties its head to the input embedding"):
-        shared_parameter_names(tied, run)
-    assert shared_parameter_names(tied, run.replace(personalization="lora"))  # lora fits
+        shared_parameter_names(tied_t5, run)
+    assert shared_parameter_names(tied_t5, run.replace(personalization="lora"))  # lora fits
 
 
 def test_personalization_gain_figures():
