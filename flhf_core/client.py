@@ -103,7 +103,8 @@ def open_session(message: Message, context: Context) -> UserSession:
     shared_names = frozenset(canonical_parameters(model)) - personal_names
     record_to_parameters(model, message.content[ARRAYS], names=shared_names)
     fresh_personal = parameters_to_record(model, personal_names)
-    folder = personal.state_dir(context, config, user)
+    run_name = str(server_config.get("run-name", config.run_name or "run"))
+    folder = personal.state_dir(context, config, run_name, user)
     restored = personal.restore(context, folder, config.personalization, personal_names)
     if restored.record is not None:
         record_to_parameters(model, restored.record, names=personal_names)

@@ -31,16 +31,17 @@ STATE_FILE = "personal.safetensors"
 log = logging.getLogger("flwr")
 
 
-def state_dir(context: Context, config: RunConfig, user: int) -> Path:
-    """Where user ``user`` keeps its state for this run.
+def state_dir(context: Context, config: RunConfig, run_name: str, user: int) -> Path:
+    """Where user ``user`` keeps its state for the run named ``run_name``.
 
-    The node config's ``state-dir`` (deployment: the user's own disk) or, when absent
-    (simulation), ``<results-dir>/<run-name>/users``; then ``user-<k>`` inside.
+    ``<state-dir>/<run-name>/user-<k>`` with the node config's ``state-dir`` (deployment:
+    the user's own disk), or in simulation, where nodes have no such key,
+    ``<results-dir>/<run-name>/users/user-<k>``.
     """
     root = context.node_config.get("state-dir")
     if root:
-        return Path(str(root)).expanduser().resolve() / (config.run_name or "run") / f"user-{user}"
-    return config.results_path / config.run_name / "users" / f"user-{user}"
+        return Path(str(root)).expanduser().resolve() / run_name / f"user-{user}"
+    return config.results_path / run_name / "users" / f"user-{user}"
 
 
 @dataclass

@@ -124,10 +124,12 @@ def round_learning_rate(config: RunConfig, server_round: int) -> float:
     return config.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def round_config(state: ServerState, phase: str, server_round: int) -> ConfigRecord:
+def round_config(state: ServerState, phase: str, server_round: int, run_name: str) -> ConfigRecord:
+    """What every message of a round tells the clients besides the parameters."""
     record = ConfigRecord(
         {
             "phase": phase,
+            "run-name": run_name,  # the run folder's name (a timestamp when run-name is empty)
             "tokenizer-sha256": state.tokenizer_spec.sha256,
             "learning-rate": round_learning_rate(state.config, server_round),
         }
@@ -185,7 +187,7 @@ class Federation:
         """One round; returns the new global parameters (unchanged if no reply was valid)."""
         started = time.perf_counter()
         phase = self.state.config.phase(server_round)
-        config_record = round_config(self.state, phase, server_round)
+        config_record = round_config(self.state, phase, server_round, self.tracker.run_dir.name)
 
         sent = list(self.strategy.configure_train(server_round, arrays, config_record, self.grid))
         replies = self.exchange(sent)

@@ -60,7 +60,7 @@ def test_personal_parameters_never_leave_and_survive_rounds_and_restarts(
     again = client_app.train(server_message(config, tokenizer, server_round=2)[0], context)
     assert again.content["metrics"]["state-from-context"] == 1.0
 
-    state_file = personal.state_dir(context, config, 0) / personal.STATE_FILE
+    state_file = personal.state_dir(context, config, "run", 0) / personal.STATE_FILE
     saved = {k: v.numpy().copy() for k, v in context.state.array_records[personal.STATE_RECORD].items()}
     restarted = new_context(config, tmp_path / "state")  # a new SuperNode: empty Context.state
     session = client_app.client.open_session(server_message(config, tokenizer, server_round=3)[0], restarted)
@@ -74,7 +74,7 @@ def test_a_corrupt_state_file_is_reported_kept_and_the_user_starts_fresh(
 ):
     config = run_config(smoke_config, "local-head", tmp_path)
     context = new_context(config, tmp_path / "state")
-    state_file = personal.state_dir(context, config, 0) / personal.STATE_FILE
+    state_file = personal.state_dir(context, config, "run", 0) / personal.STATE_FILE
     state_file.parent.mkdir(parents=True)
     state_file.write_bytes(b"not a safetensors file")
     reply = client_app.train(server_message(config, tokenizer)[0], context)
