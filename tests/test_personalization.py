@@ -38,7 +38,12 @@ def server_message(config, tokenizer, kind=MessageType.TRAIN, server_round=1):
     model = build_model(config, tokenizer)
     shared = shared_parameter_names(model, config)
     record = ConfigRecord(
-        {"phase": "sft", "server-round": server_round, "tokenizer-sha256": tokenizer_fingerprint(tokenizer)}
+        {
+            "phase": "sft",
+            "server-round": server_round,
+            "run-name": "run",
+            "tokenizer-sha256": tokenizer_fingerprint(tokenizer),
+        }
     )
     content = RecordDict({"arrays": parameters_to_record(model, shared), "config": record})
     return Message(content=content, dst_node_id=7, message_type=kind), shared
