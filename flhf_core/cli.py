@@ -13,10 +13,8 @@ exits with the run's real status, which ``flwr run --stream`` does not.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,24 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import PYPROJECT, ConfigError, RunConfig, load_preset, pyproject_defaults
-from .tracking import atomic_write_text
+from .deploy import CONNECTION, Loopback, flower_bin, flower_env, stop_process_group
+from .tracking import atomic_write_json, atomic_write_text
 
 PROJECT_DIR = PYPROJECT.parent
-
-
-def flower_bin(name: str) -> str:
-    """A Flower executable from this interpreter's environment (it need not be activated)."""
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else name
-
-
 PRESETS_DIR = PROJECT_DIR / "configs"
-RUNTIME_ENV = {
-    # Flower would otherwise build a fresh environment per run (and fetch CUDA torch).
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    # The SuperLink spawns flower-superexec and flwr-* by name: find this environment's.
-    "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-}
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -90,10 +75,11 @@ def merged_config(preset: str | None, overrides: list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 # Local SuperLink
 # --------------------------------------------------------------------------
-def _local_ports() -> tuple[str, str]:
-    from flwr.cli.constant import LOCAL_CONTROL_API_PORT, LOCAL_SUPERLINK_HTTP_API_PORT
+def local_superlink_port() -> str:
+    """The port ``flwr run`` expects its local SuperLink on (FLWR_LOCAL_SUPERLINK_HTTP_API_PORT)."""
+    from flwr.cli.constant import LOCAL_SUPERLINK_HTTP_API_PORT
 
-    return LOCAL_SUPERLINK_HTTP_API_PORT, LOCAL_CONTROL_API_PORT
+    return LOCAL_SUPERLINK_HTTP_API_PORT
 
 
 def superlink_running(http_port: str) -> bool:
@@ -107,21 +93,16 @@ def superlink_running(http_port: str) -> bool:
 
 def start_local_superlink(log_file: Path) -> subprocess.Popen:
     """A simulation SuperLink in its own session, as ``flwr run`` would start it."""
-    http_port, control_port = _local_ports()
+    http_port = local_superlink_port()
     command = [flower_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
-    command += ["--disable-runtime-dependency-installation"]
-    command += ["--control-api-address", f"127.0.0.1:{control_port}"]
-    command += ["--host", "127.0.0.1", "--port", http_port]
-    fleet = os.environ.get("FLHF_FLEET_API_ADDRESS")
-    if fleet:
-        command += ["--fleet-api-address", fleet]
+    command += ["--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", http_port]
     log = log_file.open("ab")
     process = subprocess.Popen(
         command,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env={**os.environ, **RUNTIME_ENV},
+        env=flower_env(),
         cwd=PROJECT_DIR,
     )
     deadline = time.monotonic() + 30
@@ -133,54 +114,33 @@ def start_local_superlink(log_file: Path) -> subprocess.Popen:
     return process
 
 
-def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process's whole group, then SIGKILL what is left."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
 # --------------------------------------------------------------------------
 # flwr run, and the run's real status
 # --------------------------------------------------------------------------
-def _flwr(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, **RUNTIME_ENV}
+def _flwr(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     command = [flower_bin("flwr"), *args]
-    return subprocess.run(command, capture_output=capture, text=True, env=env, check=False)
+    return subprocess.run(command, capture_output=True, text=True, env=env or flower_env(), check=False)
 
 
-def run_status(run_id: str) -> tuple[str, str]:
-    """``(status, details)`` of a run, from ``flwr ls --format json``."""
-    result = _flwr("ls", "--run-id", run_id, "--format", "json")
+def run_info(run_id: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The run as ``flwr ls --run-id ID --format json`` describes it (empty if unknown)."""
+    result = _flwr("ls", "--run-id", run_id, "--format", "json", env=env)
     try:
-        run = json.loads(result.stdout)["runs"][0]
-        return run["status"], run.get("status-details", "")
+        return json.loads(result.stdout)["runs"][0]
     except (json.JSONDecodeError, KeyError, IndexError):
-        return "unknown", result.stdout + result.stderr
+        return {}
 
 
-def submit_and_follow(config: dict[str, Any], users: int, stream: bool) -> int:
-    """Submit the run, follow it to its end, and return 0 only if it completed."""
+def submit_and_follow(
+    config: dict[str, Any], flwr_args: list[str], stream: bool, env: dict[str, str] | None = None
+) -> int:
+    """Submit the run (``flwr run PROJECT *flwr_args``), follow it to its end, return 0 only if it completed."""
     with tempfile.NamedTemporaryFile("wb", suffix=".toml", delete=False) as f:
         f.write("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()).encode())
         config_file = f.name
     try:
-        result = _flwr(
-            "run",
-            str(PROJECT_DIR),
-            "--run-config",
-            config_file,
-            "--federation-config",
-            f"num-supernodes={users}",
-            "--format",
-            "json",
-        )
+        command = ["run", str(PROJECT_DIR), *flwr_args, "--run-config", config_file, "--format", "json"]
+        result = _flwr(*command, env=env)
     finally:
         os.unlink(config_file)
     try:
@@ -188,29 +148,31 @@ def submit_and_follow(config: dict[str, Any], users: int, stream: bool) -> int:
     except (json.JSONDecodeError, KeyError):
         print(f"flhf: flwr run failed:\n{result.stdout}{result.stderr}", file=sys.stderr)
         return 1
-    print(f"flhf: run {run_id} submitted with {users} users", flush=True)
-    log_lines = follow_logs(run_id, echo=stream)
-    status, details = run_status(run_id)
+    print(f"flhf: run {run_id} submitted", flush=True)
+    log_lines = follow_logs(run_id, echo=stream, env=env)
+    info = run_info(run_id, env)
     for _ in range(30):  # the log stream can end a moment before the status is final
-        if status.startswith("finished"):
+        if info.get("status", "").startswith("finished"):
             break
         time.sleep(1.0)
-        status, details = run_status(run_id)
+        info = run_info(run_id, env)
+    status, details = info.get("status", "unknown"), info.get("status-details", "")
     run_dir = Path(config["results-dir"]) / config["run-name"]
     if run_dir.is_dir():
         atomic_write_text(run_dir / "flower.log", "".join(log_lines))
+        atomic_write_json(run_dir / "flower-run.json", info)  # Flower's own view: status, traffic, time
     print(f"flhf: run {run_id} {status}" + (f": {details}" if details and details != "N/A" else ""))
     return 0 if status == "finished:completed" else 1
 
 
-def follow_logs(run_id: str, echo: bool) -> list[str]:
+def follow_logs(run_id: str, echo: bool, env: dict[str, str] | None = None) -> list[str]:
     """Stream the run's logs until the run ends (``flwr log --stream`` returns then)."""
     process = subprocess.Popen(
         [flower_bin("flwr"), "log", run_id, "--stream"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, **RUNTIME_ENV},
+        env=env or flower_env(),
     )
     lines: list[str] = []
     try:
@@ -222,29 +184,35 @@ def follow_logs(run_id: str, echo: bool) -> list[str]:
     except KeyboardInterrupt:
         print(f"flhf: interrupted; stopping run {run_id}", file=sys.stderr)
         process.terminate()
-        _flwr("stop", run_id)
+        _flwr("stop", run_id, env=env)
         raise
     return lines
 
 
 def command_run(args: argparse.Namespace) -> int:
-    has_preset = bool(args.items) and "=" not in args.items[0]
-    preset, overrides = (args.items[0], args.items[1:]) if has_preset else (None, args.items)
+    preset, overrides = split_items(args.items)
     config = merged_config(preset, overrides)
     users = args.users or max(int(config["min-available-nodes"]), 2)
     run_dir = Path(config["results-dir"]) / config["run-name"]
     print(f"flhf: results will be written to {run_dir}", flush=True)
-    http_port, _ = _local_ports()
     superlink = None
-    if not superlink_running(http_port):
+    if not superlink_running(local_superlink_port()):
         log_file = Path(config["results-dir"]) / "superlink.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         superlink = start_local_superlink(log_file)
     try:
-        code = submit_and_follow(config, users, stream=not args.quiet)
+        federation = ["--federation-config", f"num-supernodes={users}"]
+        code = submit_and_follow(config, federation, stream=not args.quiet)
     finally:
         if superlink is not None:
             stop_process_group(superlink)
+    report(code, config)
+    return code
+
+
+def report(code: int, config: dict[str, Any]) -> None:
+    """The run's headline figures, from its summary.json."""
+    run_dir = Path(config["results-dir"]) / config["run-name"]
     if code == 0 and (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
         k = config["lead-words"]
@@ -252,7 +220,27 @@ def command_run(args: argparse.Namespace) -> int:
             f"flhf: held-out ROUGE-L {summary['rougeL']:.2f} (round 0: {summary['rougeL-round0']:.2f}, "
             f"lead-{k} baseline: {summary[f'baseline-lead{k}-rougeL']:.2f}); results in {run_dir}"
         )
+
+
+def command_loopback(args: argparse.Namespace) -> int:
+    """The same run in Flower's deployment engine: a SuperLink and N SuperNodes on 127.0.0.1."""
+    preset, overrides = split_items(args.items)
+    config = merged_config(preset, overrides)
+    users = args.users or max(int(config["min-available-nodes"]), 2)
+    run_dir = Path(config["results-dir"]) / config["run-name"]
+    workdir = Path(config["results-dir"]) / f"{config['run-name']}.deployment"
+    print(f"flhf: results will be written to {run_dir}; process logs to {workdir}", flush=True)
+    with Loopback(workdir, users, state_dir=workdir / "user-state") as federation:
+        print(f"flhf: SuperLink and {users} SuperNodes up (127.0.0.1:{federation.port})", flush=True)
+        code = submit_and_follow(config, [CONNECTION], stream=not args.quiet, env=federation.env())
+    report(code, config)
     return code
+
+
+def split_items(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[PRESET] [key=value ...]``: a first item without ``=`` names the preset."""
+    has_preset = bool(items) and "=" not in items[0]
+    return (items[0], items[1:]) if has_preset else (None, items)
 
 
 def command_build_tokenizer(args: argparse.Namespace) -> int:
@@ -322,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--users", type=int, help="simulated users (default: the preset's min-available-nodes)")
     run.add_argument("--quiet", action="store_true", help="do not stream the run's logs")
     run.set_defaults(handler=command_run)
+    loopback = commands.add_parser(
+        "loopback", help="run in Flower's deployment engine: a SuperLink and N SuperNodes on 127.0.0.1"
+    )
+    loopback.add_argument("items", nargs="*", metavar="[PRESET] [key=value ...]", help="as for run")
+    loopback.add_argument("--users", type=int, help="SuperNodes to start (default: min-available-nodes)")
+    loopback.add_argument("--quiet", action="store_true", help="do not stream the run's logs")
+    loopback.set_defaults(handler=command_loopback)
     summarize = commands.add_parser("summarize", help="summarize a text file with a finished run's model")
     summarize.add_argument("run_dir", help="a run's results folder, <results-dir>/<run-name>")
     summarize.add_argument("text", help="a plain-text file to summarize")
@@ -340,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if extra:  # overrides that followed an option, as in `flhf run smoke --quiet seed=1`
-        if args.command != "run" or any(item.startswith("-") for item in extra):
+        if args.command not in ("run", "loopback") or any(item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.items += extra
     try:

@@ -203,6 +203,7 @@ class Federation:
             drift = {"kl-to-previous": self.state.kl_to(previous)}
 
         sent = list(self.strategy.configure_evaluate(server_round, arrays, config_record, self.grid))
+        traffic["bytes-down"] += record_nbytes(arrays) * len(sent)  # evaluation messages carry the model too
         client_eval = self.strategy.aggregate_evaluate(server_round, self.exchange(sent))
         heldout = server_evaluate(self.state)
         seconds = time.perf_counter() - started

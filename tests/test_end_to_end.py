@@ -26,15 +26,14 @@ def free_port() -> int:
 @pytest.fixture
 def isolated_flower(tmp_path):
     """Own FLWR_HOME and ports, so the test neither uses nor disturbs another SuperLink."""
-    ports = {"http": free_port(), "control": free_port(), "fleet": free_port()}
+    port = free_port()
     env = {
         **os.environ,
         "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(ports["http"]),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(ports["control"]),
-        "FLHF_FLEET_API_ADDRESS": f"127.0.0.1:{ports['fleet']}",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
     }
-    return env, ports
+    return env, port
 
 
 def flhf(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -62,7 +61,7 @@ def processes_mentioning(text: str) -> list[str]:
 
 @pytest.mark.slow
 def test_smoke_run_writes_results_and_learns(tmp_path, isolated_flower):
-    env, ports = isolated_flower
+    env, port = isolated_flower
     result = flhf("run", "smoke", "--quiet", f"results-dir={tmp_path / 'results'}", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "finished:completed" in result.stdout
@@ -93,19 +92,21 @@ def test_smoke_run_writes_results_and_learns(tmp_path, isolated_flower):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["failures"] == 0
     assert summary["rougeL"] > summary["rougeL-round0"]
-    assert summary["bytes-down"] > 0 and summary["bytes-up"] == summary["bytes-down"]
+    assert (
+        summary["bytes-up"] > 0 and summary["bytes-down"] == 2 * summary["bytes-up"]
+    )  # train + evaluate down
 
     time.sleep(1)
-    assert not processes_mentioning(f"127.0.0.1:{ports['control']}"), "the SuperLink was left running"
+    assert not processes_mentioning(f"--port {port}"), "the SuperLink was left running"
 
 
 @pytest.mark.slow
 def test_bad_key_is_refused_before_anything_starts(tmp_path, isolated_flower):
-    env, ports = isolated_flower
+    env, port = isolated_flower
     result = flhf("run", "smoke", "local-epoch=3", f"results-dir={tmp_path}", env=env)
     assert result.returncode == 2
     assert "unknown run-config key 'local-epoch'. Did you mean 'local-epochs'?" in result.stderr
-    assert not list(tmp_path.iterdir()) and not processes_mentioning(f"127.0.0.1:{ports['control']}")
+    assert not list(tmp_path.iterdir()) and not processes_mentioning(f"--port {port}")
 
 
 def test_serverapp_with_bad_data_writes_nothing(tmp_path):
