@@ -224,14 +224,20 @@ class Federation:
         }
         self.tracker.log(server_round, phase, "server", None, server_row)
         save_checkpoint(self.tracker.run_dir, self.state, server_round)
+        reward = (
+            f" | reward {server_row['reward']:.3f} (worst {server_row['reward-worst']:.3f})"
+            if "reward" in server_row
+            else ""
+        )
         log(
             INFO,
-            "round %d/%d [%s] held-out rougeL %.2f loss %.3f | clients %d, failures %d | %.1fs",
+            "round %d/%d [%s] held-out rougeL %.2f loss %.3f%s | clients %d, failures %d | %.1fs",
             server_round,
             self.state.config.num_server_rounds,
             phase,
             heldout["rougeL"],
             heldout["loss"],
+            reward,
             len(train_report.user_metrics),
             train_report.failures,
             seconds,
