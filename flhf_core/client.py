@@ -200,6 +200,7 @@ def train(message: Message, context: Context) -> Message:
     """
     session = open_session(message, context)
     config = session.config
+    signal_training(context, session.server_round)
     before = reward_metrics(user_judgements(session, session.model), "reward-before")
     torch.manual_seed(round_seed(session, 0))  # dropout masks
     metrics = local_sft(session) if session.phase == "sft" else local_feedback(session)
@@ -216,6 +217,18 @@ def train(message: Message, context: Context) -> Message:
             context, session.state_folder, personal_record, config.personalization, session.server_round
         )
     return reply(message, session, metrics, with_arrays=True)
+
+
+def signal_training(context: Context, server_round: int) -> None:
+    """Touch the node config's ``training-marker`` file, if any: "local training has started".
+
+    Lets an operator (or a failure test) act at a known point of a round without sleeping.
+    """
+    marker = context.node_config.get("training-marker")
+    if marker:
+        path = Path(str(marker))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{server_round}\n")
 
 
 def local_sft(session: UserSession) -> dict[str, float]:

@@ -107,8 +107,13 @@ class Loopback:
         command += ["--disable-runtime-dependency-installation"]
         return [*command, "--host", "127.0.0.1", "--port", str(self.port)]
 
+    def marker(self, user: int) -> Path:
+        """The file user ``user``'s ClientApp touches when local training starts."""
+        return self.workdir / f"training-{user}.marker"
+
     def supernode_command(self, user: int) -> list[str]:
         node_config = f'partition-id={user} num-partitions={self.users} state-dir="{self.state_dir}"'
+        node_config += f' training-marker="{self.marker(user)}"'
         command = [
             flower_bin("flower-supernode"),
             "--insecure",

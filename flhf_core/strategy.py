@@ -107,6 +107,7 @@ class FeedbackFedAvg(FedAvg):
             else ()
         )
         self.reports: dict[tuple[int, str], RoundReport] = {}
+        self.node_users: dict[int, int] = {}  # learned from valid replies, to name the user of a failed node
         self._sent: dict[tuple[int, str], list[Message]] = {}
 
     # ------------------------------------------------------------------
@@ -173,9 +174,11 @@ class FeedbackFedAvg(FedAvg):
         """Valid ``(user_id, content)`` pairs sorted by user id; rejections go to the report."""
         report = self.reports.setdefault((server_round, phase), RoundReport(server_round, phase))
         valid: dict[int, RecordDict] = {}
+        answered: set[int] = set()
         for reply in replies:
             node_id = self._node_of(reply, server_round, phase)
-            user_id, reason = None, None
+            answered.add(node_id)
+            user_id, reason = self.node_users.get(node_id), None
             if reply.has_error():
                 reason = f"error reply: {reply.error.reason}"
             else:
@@ -184,16 +187,11 @@ class FeedbackFedAvg(FedAvg):
                     reason = f"duplicate reply for user {user_id}"
             if reason is None:
                 valid[user_id] = reply.content
+                self.node_users[node_id] = user_id
             else:
-                report.rejected.append(Rejection(node_id, user_id, reason))
-                log(
-                    WARNING,
-                    "round %d %s: rejected reply from node %d: %s",
-                    server_round,
-                    phase,
-                    node_id,
-                    reason,
-                )
+                self._reject(report, node_id, user_id, reason)
+        for node_id in sorted(set(report.sampled_nodes) - answered):
+            self._reject(report, node_id, self.node_users.get(node_id), "no reply within the round timeout")
         ordered = sorted(valid.items())
         for user_id, content in ordered:
             metrics = next(iter(content.metric_records.values()))
@@ -201,6 +199,14 @@ class FeedbackFedAvg(FedAvg):
                 k: float(v) for k, v in metrics.items() if not isinstance(v, list)
             }
         return ordered
+
+    @staticmethod
+    def _reject(report: RoundReport, node_id: int, user_id: int | None, reason: str) -> None:
+        report.rejected.append(Rejection(node_id, user_id, reason))
+        who = f"node {node_id}" + ("" if user_id is None else f" (user {user_id})")
+        log(
+            WARNING, "round %d %s: no valid reply from %s: %s", report.server_round, report.phase, who, reason
+        )
 
     def _check_content(
         self, content: RecordDict, expected_keys: set[str] | None

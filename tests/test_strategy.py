@@ -144,3 +144,21 @@ def test_client_weights_and_weighted_average():
     np.testing.assert_allclose(average["w"], [4.0, 4.0])
     with pytest.raises(ValueError, match="different parameter names"):
         weighted_average([{"w": np.ones(2)}, {"v": np.ones(2)}], weights)
+
+
+def test_a_silent_node_is_a_failure_named_by_its_user(round_one):
+    strategy, sent = round_one
+    strategy.aggregate_train(1, [reply_to(m, user_id=i, num_examples=5, seed=i) for i, m in enumerate(sent)])
+    later = list(strategy.configure_train(2, global_arrays(), ConfigRecord(), FakeGrid([11, 12, 13, 14])))
+    for message in later:
+        message.metadata.__dict__["_message_id"] = message.object_id
+    survivors = [reply_to(m, user_id=i, num_examples=5, seed=i) for i, m in enumerate(later) if i != 2]
+    arrays, _ = strategy.aggregate_train(2, survivors)  # user 2's node never answered (killed, timed out)
+    report = strategy.reports[(2, MessageType.TRAIN)]
+    assert arrays is not None and report.failures == 1
+    (silent,) = report.rejected
+    assert (
+        silent.user_id == 2
+        and "no reply" in silent.reason
+        and silent.node_id == later[2].metadata.dst_node_id
+    )
