@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,24 +51,23 @@ def test_loopback_federation_with_personal_adapters(tmp_path):
 
     # each user's adapter is on its own disk (the SuperNode's state-dir), never in the server's model
     for user in (0, 1):
-        state = load_file(
-            str(
-                run_dir.parent
-                / "smoke.deployment"
-                / "user-state"
-                / "smoke"
-                / f"user-{user}"
-                / "personal.safetensors"
-            )
+        state_file = (
+            run_dir.parent
+            / "smoke.deployment"
+            / "user-state"
+            / "smoke"
+            / f"user-{user}"
+            / "personal.safetensors"
         )
+        state = load_file(str(state_file))
         assert state and all("lora_" in name for name in state)
     server_model = load_file(str(run_dir / "model" / "model.safetensors"))
     assert not any("lora_" in name for name in server_model)
 
-    time.sleep(1)
-    assert not processes_mentioning(str(run_dir.parent / "smoke.deployment")), (
-        "a Flower process was left running"
-    )
+    time.sleep(1)  # every server was stopped with its whole process group (superexec children included)
+    port = re.search(r"SuperNodes up \(127\.0\.0\.1:(\d+)\)", result.stdout).group(1)
+    assert not processes_mentioning(f"127.0.0.1:{port}"), "a Flower process was left running"
+    assert not processes_mentioning(str(run_dir.parent / "smoke.deployment")), "a SuperNode was left running"
 
 
 @pytest.mark.slow
