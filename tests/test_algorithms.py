@@ -82,7 +82,7 @@ def test_group_advantages_centre_each_prompt_and_ignore_unrated():
 
 @pytest.mark.slow
 def test_two_users_each_move_toward_their_own_aspect(setting, tokenizer):
-    """From the same model, a challenge-user's and an outcome-user's feedback pull apart."""
+    """From the same model, an approach-user's and an outcome-user's feedback pull apart."""
     base, corpus, train_ids, heldout_ids = setting
     profiles = [
         UserProfile(0, "challenge", length_tolerance=100),
