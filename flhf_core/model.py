@@ -121,8 +121,14 @@ class TokenizerSpec:
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 of the tokenizer's full serialized form."""
-    return sha256(tokenizer.backend_tokenizer.to_str().encode())
+    """sha256 of what decides token ids: the serialized tokenizer without its runtime state.
+
+    Calling a tokenizer with ``truncation``/``padding`` stores those settings in its
+    serialized form; they change no token id, so they are left out of the hash.
+    """
+    serialized = json.loads(tokenizer.backend_tokenizer.to_str())
+    serialized["truncation"] = serialized["padding"] = None
+    return sha256(json.dumps(serialized, sort_keys=True).encode())
 
 
 def server_tokenizer(config: RunConfig, corpus) -> tuple[PreTrainedTokenizerBase, TokenizerSpec]:

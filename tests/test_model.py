@@ -25,6 +25,13 @@ def test_client_refuses_a_tokenizer_with_another_hash(smoke_config, tokenizer):
         M.client_tokenizer(smoke_config, M.TokenizerSpec("0" * 64))
 
 
+def test_fingerprint_ignores_truncation_and_padding_state(tokenizer):
+    before = M.tokenizer_fingerprint(tokenizer)
+    tokenizer(["a b c", "a"], max_length=2, truncation=True, padding=True)
+    assert M.tokenizer_fingerprint(tokenizer) == before
+    assert M.tokenizer_fingerprint(M.shipped_tokenizer()) == before
+
+
 def test_server_trains_and_sends_a_tokenizer_for_other_data(tmp_path):
     import json
 
