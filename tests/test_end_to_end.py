@@ -135,7 +135,7 @@ def test_feedback_smoke_run_records_rewards_per_user(tmp_path, isolated_flower):
     rows = read_metrics(tmp_path / "feedback-smoke" / "metrics.jsonl")
     server = {r["round"]: r for r in rows if r["scope"] == "server"}
     assert [server[k]["phase"] for k in (0, 1, 2)] == ["init", "sft", "feedback"]
-    for key in ("reward", "reward-worst", "reward-std", "win-rate", "kl-to-previous", "repetition"):
+    for key in ("reward", "reward-worst", "reward-std", "win-rate", "kl-to-previous", "client-repetition"):
         assert key in server[2], key
     assert server[2]["reward-worst"] <= server[2]["reward"] <= 1.0
     feedback_users = [r for r in rows if r["scope"] == "client" and r["round"] == 2]
