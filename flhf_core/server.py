@@ -342,9 +342,18 @@ def reward_summary(server_rows: list[dict], sft_rounds: int) -> dict[str, float]
     if not server_rows or "reward" not in server_rows[-1]:
         return {}
     final = server_rows[-1]
-    summary = {
-        key: final[key] for key in ("reward", "reward-worst", "reward-std", "win-rate") if key in final
-    }
+    keys = (
+        "reward",
+        "reward-worst",
+        "reward-std",
+        "win-rate",
+        "reward-personal",
+        "reward-personal-worst",
+        "personalization-gain",
+        "personalization-gain-worst",
+        "users-helped",
+    )
+    summary = {key: final[key] for key in keys if key in final}
     supervised = [r for r in server_rows if r["phase"] == "sft" and r["round"] <= sft_rounds]
     if supervised and len(supervised) < len(server_rows):
         summary["reward-after-sft"] = supervised[-1]["reward"]

@@ -99,6 +99,16 @@ def test_smoke_run_writes_results_and_learns(tmp_path, isolated_flower):
     time.sleep(1)
     assert not processes_mentioning(f"--port {port}"), "the SuperLink was left running"
 
+    text = tmp_path / "paper.txt"
+    text.write_text(
+        "We propose a parser for long sentences. It improves accuracy by 2 points on two treebanks."
+    )
+    summarized = flhf("summarize", str(run_dir), str(text), "--aspect", "outcome", env=env)
+    assert summarized.returncode == 0, summarized.stderr
+    assert summarized.stdout.strip()  # the global model wrote a summary
+    missing = flhf("summarize", str(run_dir), str(text), "--user", "0", env=env)
+    assert missing.returncode == 2 and "no personal state" in missing.stderr
+
 
 @pytest.mark.slow
 def test_bad_key_is_refused_before_anything_starts(tmp_path, isolated_flower):
@@ -129,6 +139,8 @@ def test_feedback_smoke_run_records_rewards_per_user(tmp_path, isolated_flower):
         f"results-dir={tmp_path}",
         "reward-weighting=softmax",
         "max-client-weight=0.6",
+        "personalization=lora",
+        "lora-rank=4",
         env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -155,3 +167,13 @@ def test_feedback_smoke_run_records_rewards_per_user(tmp_path, isolated_flower):
             assert key in row, key
     summary = json.loads((tmp_path / "feedback-smoke" / "summary.json").read_text())
     assert "reward-after-sft" in summary and "reward-gain-from-feedback" in summary
+    assert "personalization-gain" in summary and "reward-personal-worst" in summary
+
+    # a user puts its personalized model to work
+    text = tmp_path / "paper.txt"
+    text.write_text(
+        "We propose a parser for long sentences. It improves accuracy by 2 points on two treebanks."
+    )
+    for user in ("0", "1"):
+        summarized = flhf("summarize", str(tmp_path / "feedback-smoke"), str(text), "--user", user, env=env)
+        assert summarized.returncode == 0 and summarized.stdout.strip(), summarized.stderr
