@@ -230,8 +230,9 @@ def command_loopback(args: argparse.Namespace) -> int:
     run_dir = Path(config["results-dir"]) / config["run-name"]
     workdir = Path(config["results-dir"]) / f"{config['run-name']}.deployment"
     print(f"flhf: results will be written to {run_dir}; process logs to {workdir}", flush=True)
-    with Loopback(workdir, users, state_dir=workdir / "user-state") as federation:
-        print(f"flhf: SuperLink and {users} SuperNodes up (127.0.0.1:{federation.port})", flush=True)
+    with Loopback(workdir, users, state_dir=workdir / "user-state", secure=args.secure) as federation:
+        how = "TLS, authenticated SuperNodes" if args.secure else "insecure"
+        print(f"flhf: SuperLink and {users} SuperNodes up (127.0.0.1:{federation.port}, {how})", flush=True)
         code = submit_and_follow(config, [CONNECTION], stream=not args.quiet, env=federation.env())
     report(code, config)
     return code
@@ -316,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     loopback.add_argument("items", nargs="*", metavar="[PRESET] [key=value ...]", help="as for run")
     loopback.add_argument("--users", type=int, help="SuperNodes to start (default: min-available-nodes)")
     loopback.add_argument("--quiet", action="store_true", help="do not stream the run's logs")
+    loopback.add_argument(
+        "--secure",
+        action="store_true",
+        help="TLS with a generated CA, and SuperNode authentication (keys registered before the nodes start)",
+    )
     loopback.set_defaults(handler=command_loopback)
     summarize = commands.add_parser("summarize", help="summarize a text file with a finished run's model")
     summarize.add_argument("run_dir", help="a run's results folder, <results-dir>/<run-name>")

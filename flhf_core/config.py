@@ -78,6 +78,7 @@ class RunConfig:
     personalization: str = field(default="none", metadata=_choice(*PERSONALIZATIONS))
     personal_layers: int = field(default=1, metadata=_range(0))
     lora_rank: int = field(default=8, metadata=_range(1))
+    personal_epochs: int = field(default=1, metadata=_range(0))
     device: str = field(default="auto", metadata=_choice(*DEVICES))
     bf16: bool = True
     # --- local training -----------------------------------------------------

@@ -8,7 +8,9 @@ their parent by seconds. Everything is stopped on success, failure and interrupt
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -16,6 +18,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import credentials
 
 CONNECTION = "flhf-loopback"
 
@@ -65,15 +69,22 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
 
 @dataclass
 class Loopback:
-    """SuperLink + SuperNodes on 127.0.0.1, with logs and a private ``FLWR_HOME`` in ``workdir``."""
+    """SuperLink + SuperNodes on 127.0.0.1, with logs and a private ``FLWR_HOME`` in ``workdir``.
+
+    ``secure``: TLS everywhere (a CA, server certificate and node keys generated in
+    ``workdir/credentials``) and SuperNode authentication: each SuperNode's public key is
+    registered with ``flwr supernode register`` before it starts, and the SuperLink
+    refuses any node it does not know.
+    """
 
     workdir: Path
     users: int
     state_dir: Path
-    port: int = field(
-        default_factory=free_port
-    )  # Flower 1.42 serves Fleet, Control and Runtime APIs on one port
+    secure: bool = False
+    # Flower 1.42 serves the Fleet, Control and Runtime APIs on one port
+    port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    credentials: credentials.Credentials | None = None
 
     @property
     def flwr_home(self) -> Path:
@@ -82,8 +93,11 @@ class Loopback:
     def env(self) -> dict[str, str]:
         return flower_env(FLWR_HOME=str(self.flwr_home))
 
-    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+    def spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        """Start ``command`` in its own session, logging to ``workdir/<name>.log`` (command first)."""
         log = (self.workdir / f"{name}.log").open("ab")
+        log.write(f"$ {shlex.join(command)}\n".encode())
+        log.flush()
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env()
         )
@@ -93,38 +107,73 @@ class Loopback:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
+        if self.secure:
+            self.credentials = credentials.generate(self.workdir / "credentials", self.users)
+            security = f'root-certificates = "{self.credentials.ca_cert}"'
+        else:
+            security = "insecure = true"
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'address = "127.0.0.1:{self.port}"\n{security}\n'
         )
-        self._spawn("superlink", self.superlink_command())
+        self.spawn("superlink", self.superlink_command())
         self._wait_for_port(self.port, "superlink")
         for user in range(self.users):
+            if self.secure:
+                self.register(self.credentials.public_key(user))
             self.start_supernode(user)
 
     def superlink_command(self) -> list[str]:
-        command = [flower_bin("flower-superlink"), "--insecure", "--isolation", "subprocess"]
+        command = [flower_bin("flower-superlink"), "--isolation", "subprocess"]
+        if self.credentials is None:
+            command += ["--insecure"]
+        else:
+            command += ["--ssl-ca-certfile", str(self.credentials.ca_cert)]
+            command += ["--ssl-certfile", str(self.credentials.server_cert)]
+            command += ["--ssl-keyfile", str(self.credentials.server_key), "--enable-supernode-auth"]
         command += ["--disable-runtime-dependency-installation"]
         return [*command, "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def register(self, public_key: Path) -> int:
+        """Register a SuperNode's public key with the SuperLink; returns its node id."""
+        result = subprocess.run(
+            [flower_bin("flwr"), "supernode", "register", str(public_key), CONNECTION, "--format", "json"],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            check=False,
+        )
+        try:
+            return int(json.loads(result.stdout)["node-id"])
+        except (json.JSONDecodeError, KeyError):
+            raise RuntimeError(f"could not register {public_key}: {result.stdout}{result.stderr}") from None
+
+    def node_security(self, user: int) -> list[str]:
+        """How SuperNode ``user`` proves itself: nothing (insecure), or the CA and its own key."""
+        if self.credentials is None:
+            return ["--insecure"]
+        return [
+            "--root-certificates",
+            str(self.credentials.ca_cert),
+            "--auth-supernode-private-key",
+            str(self.credentials.node_keys[user]),
+        ]
 
     def marker(self, user: int) -> Path:
         """The file user ``user``'s ClientApp touches when local training starts."""
         return self.workdir / f"training-{user}.marker"
 
-    def supernode_command(self, user: int) -> list[str]:
+    def supernode_command(self, user: int, security: list[str] | None = None) -> list[str]:
+        """SuperNode ``user``'s command; ``security`` replaces its TLS/auth flags (tests of refusal)."""
         node_config = f'partition-id={user} num-partitions={self.users} state-dir="{self.state_dir}"'
         node_config += f' training-marker="{self.marker(user)}"'
-        command = [
-            flower_bin("flower-supernode"),
-            "--insecure",
-            "--superlink",
-            f"127.0.0.1:{self.port}",
-        ]
+        command = [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}"]
+        command += self.node_security(user) if security is None else security
         command += ["--node-config", node_config, "--isolation", "subprocess"]
         return [*command, "--host", "127.0.0.1", "--port", str(free_port())]
 
     def start_supernode(self, user: int) -> subprocess.Popen:
-        return self._spawn(f"supernode-{user}", self.supernode_command(user))
+        return self.spawn(f"supernode-{user}", self.supernode_command(user))
 
     def _wait_for_port(self, port: int, name: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
