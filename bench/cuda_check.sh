@@ -5,7 +5,7 @@
 #   cuda_check.log       everything printed here
 #   versions.txt         versions, where each module comes from, requirement problems, pip check
 #   smoke-summary.json   smoke-metrics.jsonl   flhf loopback smoke device=cuda --users 2
-#   lora-summary.json    lora-metrics.jsonl    ... personalization=lora
+#   lora-summary.json    lora-metrics.jsonl    ... --secure personalization=lora (TLS + SuperNode auth)
 #   logs.tar.gz          both runs' flower.log, flower-run.json, config.json and SuperLink/SuperNode logs
 # Designed to end within ~6 minutes: each step's timeout is cut to what is left of BUDGET_S.
 set -euo pipefail
@@ -182,7 +182,7 @@ EOF
     return "$rc"
   }
   s=0; run_loopback smoke smoke || s=$?; rc_smoke=$s
-  s=0; run_loopback lora smoke-lora personalization=lora || s=$?; rc_lora=$s
+  s=0; run_loopback lora smoke-lora --secure personalization=lora || s=$?; rc_lora=$s
 
   stamp "collect results"
   local run prefix
