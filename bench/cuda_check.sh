@@ -7,12 +7,12 @@
 #   smoke-summary.json   smoke-metrics.jsonl   flhf loopback smoke device=cuda --users 2
 #   lora-summary.json    lora-metrics.jsonl    ... --secure personalization=lora (TLS + SuperNode auth)
 #   logs.tar.gz          both runs' flower.log, flower-run.json, config.json and SuperLink/SuperNode logs
-# Designed to end within ~6 minutes: each step's timeout is cut to what is left of BUDGET_S.
+# Designed to end within ~7 minutes: each step's timeout is cut to what is left of BUDGET_S.
 set -euo pipefail
 
 OUT=${OUT:-/tmp/flhf-out}
 mkdir -p "$OUT"
-BUDGET_S=${BUDGET_S:-340}
+BUDGET_S=${BUDGET_S:-420}
 SITE=/tmp/site
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 RESULTS=/tmp/flhf-results

@@ -260,6 +260,7 @@ def local_sft(session: UserSession) -> dict[str, float]:
         personal_metrics = {
             "personal-loss-first": personal.first_loss,
             "personal-loss-last": personal.last_loss,
+            "personal-seconds": personal.seconds,
         }
     with only_trainable(session.model, session.shared_names) if alternate else nullcontext():
         stats = train_sft(session.model, session.tokenizer, session.data.train, sft)
@@ -270,7 +271,7 @@ def local_sft(session: UserSession) -> dict[str, float]:
         "train-loss-first": stats.first_loss,
         "train-loss-last": stats.last_loss,
         "train-steps": stats.steps,
-        "train-seconds": stats.seconds,
+        "train-seconds": stats.seconds,  # the shared update; the personal one is personal-seconds
         "tokens-per-second": stats.tokens_per_second,
     }
 
