@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # FLHF on an offline CUDA machine (the device tool's 'cuda' image: python3 = /opt/torch/.venv/bin/python3,
 # torch/transformers/tokenizers/peft/... already there). Run from the repo root, with the wheels of
-# everything else in .whl/ (carry: [".whl"]). Writes at most 8 flat files to $OUT:
+# everything else in .whl/ (carry: [".whl"]; bench/cuda_wheels.txt lists them and how to fetch them).
+# Writes at most 8 flat files to $OUT:
 #   cuda_check.log       everything printed here
 #   versions.txt         versions, where each module comes from, requirement problems, pip check
 #   smoke-summary.json   smoke-metrics.jsonl   flhf loopback smoke device=cuda --users 2
