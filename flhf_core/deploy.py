@@ -67,6 +67,11 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
     process.wait()
 
 
+def training_marker(workdir: Path, user: int) -> Path:
+    """The file user ``user``'s ClientApp writes (the round number) when local training starts."""
+    return workdir / f"training-{user}.marker"
+
+
 @dataclass
 class Loopback:
     """SuperLink + SuperNodes on 127.0.0.1, with logs and a private ``FLWR_HOME`` in ``workdir``.
@@ -119,7 +124,7 @@ class Loopback:
         self.spawn("superlink", self.superlink_command())
         self._wait_for_port(self.port, "superlink")
         for user in range(self.users):
-            if self.secure:
+            if self.credentials is not None:
                 self.register(self.credentials.public_key(user))
             self.start_supernode(user)
 
@@ -159,14 +164,10 @@ class Loopback:
             str(self.credentials.node_keys[user]),
         ]
 
-    def marker(self, user: int) -> Path:
-        """The file user ``user``'s ClientApp touches when local training starts."""
-        return self.workdir / f"training-{user}.marker"
-
     def supernode_command(self, user: int, security: list[str] | None = None) -> list[str]:
         """SuperNode ``user``'s command; ``security`` replaces its TLS/auth flags (tests of refusal)."""
         node_config = f'partition-id={user} num-partitions={self.users} state-dir="{self.state_dir}"'
-        node_config += f' training-marker="{self.marker(user)}"'
+        node_config += f' training-marker="{training_marker(self.workdir, user)}"'
         command = [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}"]
         command += self.node_security(user) if security is None else security
         command += ["--node-config", node_config, "--isolation", "subprocess"]

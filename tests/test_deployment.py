@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from test_end_to_end import processes_mentioning
 
 from flhf_core import credentials
-from flhf_core.deploy import CONNECTION, Loopback, flower_bin
+from flhf_core.deploy import CONNECTION, Loopback, flower_bin, training_marker
 from flhf_core.tracking import read_metrics
 
 
@@ -67,7 +67,7 @@ def test_secure_loopback_federation_survives_a_supernode_killed_during_training(
     command += ["personalization=lora", "lora-rank=4"]
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        marker = deployment / "training-2.marker"  # written by user 2's ClientApp as training starts
+        marker = training_marker(deployment, 2)
         wait_for(
             lambda: marker.is_file() and marker.read_text().strip() == "2", 400, "user 2 trains in round 2"
         )
