@@ -16,3 +16,8 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     return client.evaluate(message, context)
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    return client.identify(message, context)

@@ -5,9 +5,10 @@ preset file together with ``key=value`` overrides, and answers an unknown key
 with a bare "Invalid run configuration". It merges pyproject's defaults, the
 preset and the overrides; validates them with :class:`RunConfig` (an error
 names the key and what is allowed); resolves ``results-dir`` to an absolute
-path; starts a local simulation SuperLink if none is running (and stops it
-afterwards, by PID); submits the run with ``flwr run``; streams its logs; and
-exits with the run's real status, which ``flwr run --stream`` does not.
+path; starts a simulation SuperLink of its own (a free port, a private
+``FLWR_HOME``: two runs at once never share or stop each other's) and stops it
+afterwards; submits the run with ``flwr run``; streams its logs; and exits with
+the run's real status, which ``flwr run --stream`` does not.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .config import PYPROJECT, ConfigError, RunConfig, load_preset, pyproject_defaults
-from .deploy import CONNECTION, Loopback, flower_bin, flower_env, stop_process_group
+from .deploy import CONNECTION, LocalSimulation, Loopback, flower_bin, flower_env
 from .tracking import atomic_write_json, atomic_write_text
 
 PROJECT_DIR = PYPROJECT.parent
@@ -69,49 +72,10 @@ def merged_config(preset: str | None, overrides: list[str]) -> dict[str, Any]:
     while (config.results_path / candidate).exists():
         suffix += 1
         candidate = f"{run_name}-{suffix}"
-    return config.replace(**{"results-dir": str(config.results_path), "run-name": candidate}).to_mapping()
-
-
-# --------------------------------------------------------------------------
-# Local SuperLink
-# --------------------------------------------------------------------------
-def local_superlink_port() -> str:
-    """The port ``flwr run`` expects its local SuperLink on (FLWR_LOCAL_SUPERLINK_HTTP_API_PORT)."""
-    from flwr.cli.constant import LOCAL_SUPERLINK_HTTP_API_PORT
-
-    return LOCAL_SUPERLINK_HTTP_API_PORT
-
-
-def superlink_running(http_port: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=0.5).is_success
-    except httpx.HTTPError:
-        return False
-
-
-def start_local_superlink(log_file: Path) -> subprocess.Popen:
-    """A simulation SuperLink in its own session, as ``flwr run`` would start it."""
-    http_port = local_superlink_port()
-    command = [flower_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
-    command += ["--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", http_port]
-    log = log_file.open("ab")
-    process = subprocess.Popen(
-        command,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=flower_env(),
-        cwd=PROJECT_DIR,
-    )
-    deadline = time.monotonic() + 30
-    while not superlink_running(http_port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_process_group(process)
-            raise RuntimeError(f"flower-superlink did not start; see {log_file}")
-        time.sleep(0.2)
-    return process
+    resolved = {"results-dir": str(config.results_path), "run-name": candidate}
+    if Path(config.user_profiles).expanduser().is_file():  # the apps run in the SuperLink's directory
+        resolved["user-profiles"] = str(Path(config.user_profiles).expanduser().resolve())
+    return config.replace(**resolved).to_mapping()
 
 
 # --------------------------------------------------------------------------
@@ -132,9 +96,18 @@ def run_info(run_id: str, env: dict[str, str] | None = None) -> dict[str, Any]:
 
 
 def submit_and_follow(
-    config: dict[str, Any], flwr_args: list[str], stream: bool, env: dict[str, str] | None = None
+    config: dict[str, Any],
+    flwr_args: list[str],
+    stream: bool,
+    env: dict[str, str],
+    superlink_alive: Callable[[], bool],
 ) -> int:
-    """Submit the run (``flwr run PROJECT *flwr_args``), follow it to its end, return 0 only if it completed."""
+    """Submit the run (``flwr run PROJECT *flwr_args``), follow it to its end, return 0 only if it completed.
+
+    ``superlink_alive`` tells whether the SuperLink this launcher started still runs: a run
+    whose SuperLink vanished is reported as such (here and in the run folder), not as a
+    bare "unknown" status.
+    """
     with tempfile.NamedTemporaryFile("wb", suffix=".toml", delete=False) as f:
         f.write("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()).encode())
         config_file = f.name
@@ -152,12 +125,19 @@ def submit_and_follow(
     log_lines = follow_logs(run_id, echo=stream, env=env)
     info = run_info(run_id, env)
     for _ in range(30):  # the log stream can end a moment before the status is final
-        if info.get("status", "").startswith("finished"):
+        if info.get("status", "").startswith("finished") or not superlink_alive():
             break
         time.sleep(1.0)
         info = run_info(run_id, env)
     status, details = info.get("status", "unknown"), info.get("status-details", "")
+    if not superlink_alive():
+        status = "superlink-vanished"
+        details = (
+            "the SuperLink this run was submitted to stopped before the run finished (killed or crashed)"
+        )
+        info = {**info, "status": status, "status-details": details}
     run_dir = Path(config["results-dir"]) / config["run-name"]
+    run_dir.mkdir(parents=True, exist_ok=True)  # a run that died early still says why, in its folder
     if run_dir.is_dir():
         atomic_write_text(run_dir / "flower.log", "".join(log_lines))
         atomic_write_json(run_dir / "flower-run.json", info)  # Flower's own view: status, traffic, time
@@ -195,31 +175,43 @@ def command_run(args: argparse.Namespace) -> int:
     users = args.users or max(int(config["min-available-nodes"]), 2)
     run_dir = Path(config["results-dir"]) / config["run-name"]
     print(f"flhf: results will be written to {run_dir}", flush=True)
-    superlink = None
-    if not superlink_running(local_superlink_port()):
-        log_file = Path(config["results-dir"]) / "superlink.log"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        superlink = start_local_superlink(log_file)
-    try:
-        federation = ["--federation-config", f"num-supernodes={users}"]
-        code = submit_and_follow(config, federation, stream=not args.quiet)
-    finally:
-        if superlink is not None:
-            stop_process_group(superlink)
+    with tempfile.TemporaryDirectory(prefix="flhf-superlink-") as workdir:
+        with LocalSimulation(Path(workdir)) as superlink:
+            federation = [CONNECTION, "--federation-config", f"num-supernodes={users}"]
+            code = submit_and_follow(config, federation, not args.quiet, superlink.env(), superlink.alive)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(superlink.log_path, run_dir / "superlink.log")
     report(code, config)
     return code
 
 
 def report(code: int, config: dict[str, Any]) -> None:
-    """The run's headline figures, from its summary.json."""
+    """The run's headline figures, or why it failed, from its summary.json."""
     run_dir = Path(config["results-dir"]) / config["run-name"]
-    if code == 0 and (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
-        k = config["lead-words"]
+    if not (run_dir / "summary.json").is_file():
+        if code != 0:
+            print(f"flhf: the run failed before writing a summary; see {run_dir}", file=sys.stderr)
+        return
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("status") == "failed":
         print(
-            f"flhf: held-out ROUGE-L {summary['rougeL']:.2f} (round 0: {summary['rougeL-round0']:.2f}, "
-            f"lead-{k} baseline: {summary[f'baseline-lead{k}-rougeL']:.2f}); results in {run_dir}"
+            f"flhf: the run failed in round {summary.get('failed-in-round')}: {summary.get('error')}\n"
+            f"flhf: the rounds before it and the last good model are in {run_dir}",
+            file=sys.stderr,
         )
+        return
+    if code != 0:
+        return
+    k = config["lead-words"]
+    if summary.get("rougeL") is None:  # no global model (local-head)
+        print(
+            f"flhf: personal reward {summary.get('reward-personal', float('nan')):.3f}; results in {run_dir}"
+        )
+        return
+    print(
+        f"flhf: held-out ROUGE-L {summary['rougeL']:.2f} (round 0: {summary['rougeL-round0']:.2f}, "
+        f"lead-{k} baseline: {summary[f'baseline-lead{k}-rougeL']:.2f}); results in {run_dir}"
+    )
 
 
 def command_loopback(args: argparse.Namespace) -> int:
@@ -233,7 +225,7 @@ def command_loopback(args: argparse.Namespace) -> int:
     with Loopback(workdir, users, state_dir=workdir / "user-state", secure=args.secure) as federation:
         how = "TLS, authenticated SuperNodes" if args.secure else "insecure"
         print(f"flhf: SuperLink and {users} SuperNodes up (127.0.0.1:{federation.port}, {how})", flush=True)
-        code = submit_and_follow(config, [CONNECTION], stream=not args.quiet, env=federation.env())
+        code = submit_and_follow(config, [CONNECTION], not args.quiet, federation.env(), federation.alive)
     report(code, config)
     return code
 

@@ -40,9 +40,20 @@ from .model import (
     record_to_parameters,
     select_device,
 )
-from .strategy import USER_ID, USER_RECORD
-
-ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+from .protocol import (
+    ARRAYS,
+    CONFIG,
+    LEARNING_RATE,
+    METRICS,
+    NUM_USERS,
+    PHASE,
+    RUN_NAME,
+    SERVER_ROUND,
+    TOKENIZER_JSON,
+    TOKENIZER_SHA256,
+    USER_ID,
+    USER_RECORD,
+)
 
 
 @dataclass
@@ -59,7 +70,8 @@ class UserSession:
     data: data.UserData
     profile: UserProfile
     feedback_docs: tuple[data.Example, ...]  # the user's training documents, neutrally prompted
-    reward_docs: tuple[data.Example, ...]  # held-out documents, neutrally prompted, judged by this user
+    reward_docs: tuple[data.Example, ...]  # the user's fresh documents: the reward that steers aggregation
+    report_docs: tuple[data.Example, ...]  # the server's held-out documents: for reporting only
     context: Context
     shared_names: frozenset[str]  # parameters that travel
     personal_names: frozenset[str]  # parameters that never leave this client
@@ -94,8 +106,8 @@ def open_session(message: Message, context: Context) -> UserSession:
     user, num_users = user_identity(context)
     server_config = message.content[CONFIG]
     spec = TokenizerSpec(
-        sha256=str(server_config["tokenizer-sha256"]),
-        payload=bytes(server_config.get("tokenizer-json", b"")),
+        sha256=str(server_config[TOKENIZER_SHA256]),
+        payload=bytes(server_config.get(TOKENIZER_JSON, b"")),
     )
     tokenizer = client_tokenizer(config, spec)
     model = build_model(config, tokenizer)
@@ -105,28 +117,31 @@ def open_session(message: Message, context: Context) -> UserSession:
     shared_names = frozenset(canonical_parameters(model)) - personal_names
     record_to_parameters(model, message.content[ARRAYS], names=shared_names)
     fresh_personal = parameters_to_record(model, personal_names)
-    run_name = str(server_config.get("run-name", config.run_name or "run"))
+    run_name = str(server_config.get(RUN_NAME, config.run_name or "run"))
     folder = personal.state_dir(context, config, run_name, user)
-    restored = personal.restore(context, folder, config.personalization, personal_names)
+    restored = personal.restore(
+        context, folder, config.personalization, parameter_shapes(model, personal_names)
+    )
     if restored.record is not None:
         record_to_parameters(model, restored.record, names=personal_names)
     model.to(select_device(config.device))
     corpus = data.load_corpus(config)
     partition = data.user_partition(corpus, user, num_users, config)
     profile = build_profile(user, config.user_profiles, corpus.aspects, config.seed)
-    reward_docs = data.aspect_examples(corpus, data.heldout_doc_ids(corpus, config), profile.aspect)
+    report_docs = data.aspect_examples(corpus, data.heldout_doc_ids(corpus, config), profile.aspect)
     return UserSession(
         config=config,
         user=user,
-        server_round=int(server_config.get("server-round", 0)),
-        phase=str(server_config.get("phase", "sft")),
+        server_round=int(server_config.get(SERVER_ROUND, 0)),
+        phase=str(server_config.get(PHASE, "sft")),
         server_config=server_config,
         tokenizer=tokenizer,
         model=model,
         data=partition,
         profile=profile,
-        feedback_docs=data.aspect_examples(corpus, [e.doc_id for e in partition.train], profile.aspect),
-        reward_docs=reward_docs[: config.eval_max_examples or None],
+        feedback_docs=data.aspect_examples(corpus, partition.feedback_doc_ids, profile.aspect),
+        reward_docs=data.aspect_examples(corpus, partition.reward_doc_ids, profile.aspect),
+        report_docs=report_docs[: config.eval_max_examples or None],
         context=context,
         shared_names=shared_names,
         personal_names=personal_names,
@@ -134,6 +149,11 @@ def open_session(message: Message, context: Context) -> UserSession:
         restored=restored,
         state_folder=folder,
     )
+
+
+def parameter_shapes(model: PreTrainedModel, names: frozenset[str]) -> dict[str, tuple[int, ...]]:
+    params = canonical_parameters(model)
+    return {name: tuple(params[name].shape) for name in names}
 
 
 def reply(message: Message, session: UserSession, metrics: dict[str, float], with_arrays: bool) -> Message:
@@ -154,26 +174,31 @@ def state_metrics(session: UserSession) -> dict[str, float]:
     }
 
 
-def user_judgements(session: UserSession, model: PreTrainedModel) -> list[Judgement]:
-    """The user's true judgement of ``model``'s greedy summaries of held-out documents.
+def user_judgements(
+    session: UserSession, model: PreTrainedModel, documents: tuple[data.Example, ...]
+) -> list[Judgement]:
+    """The user's true judgement of ``model``'s greedy summaries of ``documents``.
 
-    Held-out documents are ones no user trains on: the user's fresh documents. Every user
-    reads the same ones, each judging by its own profile, so rewards compare across users.
+    Two sets are ever judged, and never mixed: the user's fresh reward documents, whose
+    reward steers aggregation (train replies), and the server's held-out documents, whose
+    reward is only reported (evaluate replies).
     """
     summaries = generate_summaries(
         model,
         session.tokenizer,
-        [e.source for e in session.reward_docs],
+        [e.source for e in documents],
         DecodingConfig.from_run_config(session.config),
         session.config.max_source_tokens,
     )
-    return [judge(session.profile, s, e.summary) for s, e in zip(summaries, session.reward_docs, strict=True)]
+    return [judge(session.profile, s, e.summary) for s, e in zip(summaries, documents, strict=True)]
 
 
 def reward_metrics(judgements: list[Judgement], prefix: str = "reward") -> dict[str, float]:
     """Mean utility and its factors: ``reward``, ``reward-content``, ``reward-length``, ..."""
     if not judgements:
-        raise ValueError("no held-out documents to judge the model on (heldout-fraction too small)")
+        raise ValueError(
+            "no documents to judge the model on (reward-fraction, reward-documents or heldout-fraction too small)"
+        )
     return {
         prefix: float(np.mean([j.utility for j in judgements])),
         f"{prefix}-content": float(np.mean([j.content for j in judgements])),
@@ -198,20 +223,21 @@ def train(message: Message, context: Context) -> Message:
     """One local round: supervised fine-tuning, or learning from the user's feedback.
 
     The reply's ``reward`` is the user's mean true utility of the updated model's summaries
-    of held-out documents, ``reward-before`` that of the received model.
+    of the user's own fresh documents (nobody trains on them; the server's held-out
+    documents are never used here), ``reward-before`` that of the received model.
     """
     session = open_session(message, context)
     config = session.config
     signal_training(context, session.server_round)
-    before = reward_metrics(user_judgements(session, session.model), "reward-before")
+    before = reward_metrics(user_judgements(session, session.model, session.reward_docs), "reward-before")
     torch.manual_seed(round_seed(session, 0))  # dropout masks
     metrics = local_sft(session) if session.phase == "sft" else local_feedback(session)
-    after = user_judgements(session, session.model)
+    after = user_judgements(session, session.model, session.reward_docs)
     metrics.update(before)
     metrics.update(reward_metrics(after))
     metrics["reward-gain"] = metrics["reward"] - metrics["reward-before"]
     metrics.update(text_metrics(after))
-    metrics["learning-rate"] = float(session.server_config.get("learning-rate", config.learning_rate))
+    metrics["learning-rate"] = float(session.server_config.get(LEARNING_RATE, config.learning_rate))
     metrics.update(state_metrics(session))
     if session.personal_names:
         personal_record = parameters_to_record(session.model, session.personal_names)
@@ -245,7 +271,7 @@ def local_sft(session: UserSession) -> dict[str, float]:
     everything together.
     """
     config = session.config
-    learning_rate = float(session.server_config.get("learning-rate", config.learning_rate))
+    learning_rate = float(session.server_config.get(LEARNING_RATE, config.learning_rate))
     sft = SFTConfig.from_run_config(config, learning_rate=learning_rate, seed=round_seed(session, 1))
     personal_metrics: dict[str, float] = {}
     alternate = bool(session.personal_names) and config.personal_epochs > 0
@@ -317,12 +343,12 @@ def round0_utilities(session: UserSession) -> list[float]:
     The round-0 model is rebuilt from the seed (or the pretrained checkpoint), so its
     summaries never change: they are judged once and kept in Context.state.
     """
-    doc_ids = [e.doc_id for e in session.reward_docs]
+    doc_ids = [e.doc_id for e in session.report_docs]
     cached = session.context.state.config_records.get(ROUND0_RECORD)
     if cached is not None and list(cached["doc-ids"]) == doc_ids:
         return list(cached["utilities"])
     initial = build_model(session.config, session.tokenizer).to(next(session.model.parameters()).device)
-    utilities = [j.utility for j in user_judgements(session, initial)]
+    utilities = [j.utility for j in user_judgements(session, initial, session.report_docs)]
     session.context.state[ROUND0_RECORD] = ConfigRecord({"doc-ids": doc_ids, "utilities": utilities})
     return utilities
 
@@ -330,37 +356,51 @@ def round0_utilities(session: UserSession) -> list[float]:
 def evaluate(message: Message, context: Context) -> Message:
     """The received global model on the user's validation data, as the user sees it.
 
-    Loss, perplexity and ROUGE on the validation examples; the user's reward on held-out
-    documents; and the win rate against the round-0 model: the Bradley-Terry
-    probability, under the user's true utility, that the user prefers the global model's
-    summary of a document to the round-0 model's, averaged over documents.
+    Loss, perplexity and ROUGE on the validation examples; the user's reward on the
+    server's held-out documents (reported, never used for training or weighting); and the
+    win rate against the round-0 model: the Bradley-Terry probability, under the user's
+    true utility, that the user prefers the global model's summary of a document to the
+    round-0 model's, averaged over documents. With personal parameters, the same figures
+    for the user's personalized model (``-personal``). Under ``local-head`` there is no
+    global model to evaluate (the head exists only on the clients): personal figures only.
     """
     session = open_session(message, context)
-    examples = session.data.validation
-    if session.config.eval_max_examples:
-        examples = examples[: session.config.eval_max_examples]
+    config = session.config
+    examples = session.data.validation[: config.eval_max_examples or None]
     if not examples:
         raise ValueError(f"user {session.user} has no validation examples (val-fraction too small)")
-    global_model = session.global_view()
-    judgements = user_judgements(session, global_model)
-    baseline = round0_utilities(session)
-    win_rate = np.mean(
-        [
-            preference_probability(session.profile, new.utility, old)
-            for new, old in zip(judgements, baseline, strict=True)
-        ]
-    )
-    metrics = {
-        "num-examples": len(examples),
-        **evaluate_model(global_model, session.tokenizer, examples, session.config),
-        **reward_metrics(judgements),
-        **text_metrics(judgements),
-        "win-rate": float(win_rate),
-        **state_metrics(session),
-    }
+    metrics: dict[str, float] = {"num-examples": len(examples), **state_metrics(session)}
+    if config.has_global_model:
+        global_model = session.global_view()
+        judgements = user_judgements(session, global_model, session.report_docs)
+        baseline = round0_utilities(session)
+        win_rate = np.mean(
+            [
+                preference_probability(session.profile, new.utility, old)
+                for new, old in zip(judgements, baseline, strict=True)
+            ]
+        )
+        metrics.update(evaluate_model(global_model, session.tokenizer, examples, config))
+        metrics.update(reward_metrics(judgements))
+        metrics.update(text_metrics(judgements))
+        metrics["win-rate"] = float(win_rate)
     if session.personal_names:  # the user's personalized model, on the same data
-        personalized = evaluate_model(session.model, session.tokenizer, examples, session.config)
+        personalized = evaluate_model(session.model, session.tokenizer, examples, config)
         metrics.update({f"{k}-personal": v for k, v in personalized.items()})
-        metrics.update(reward_metrics(user_judgements(session, session.model), "reward-personal"))
-        metrics["personalization-gain"] = metrics["reward-personal"] - metrics["reward"]
+        metrics.update(
+            reward_metrics(user_judgements(session, session.model, session.report_docs), "reward-personal")
+        )
+        if "reward" in metrics:
+            metrics["personalization-gain"] = metrics["reward-personal"] - metrics["reward"]
     return reply(message, session, metrics, with_arrays=False)
+
+
+def identify(message: Message, context: Context) -> Message:
+    """Which user this node serves: its ``partition-id`` and ``num-partitions``.
+
+    The server asks once per node and run, so that it samples users (the same ones in
+    every run with the same seed) instead of Flower's random node ids.
+    """
+    user, num_users = user_identity(context)
+    content = RecordDict({USER_RECORD: ConfigRecord({USER_ID: user, NUM_USERS: num_users})})
+    return Message(content=content, reply_to=message)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -69,6 +70,8 @@ class RunConfig:
     partitioning: str = field(default="iid", metadata=_choice(*PARTITIONINGS))
     dirichlet_alpha: float = field(default=0.5, metadata=_range(1e-3))
     heldout_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
+    reward_fraction: float = field(default=0.1, metadata=_range(0.0, 0.9))
+    reward_documents: int = field(default=16, metadata=_range(1))
     val_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
     max_source_tokens: int = field(default=192, metadata=_range(8))
     max_target_tokens: int = field(default=64, metadata=_range(4))
@@ -140,6 +143,17 @@ class RunConfig:
 
     # ------------------------------------------------------------------------
     @property
+    def aspects(self) -> tuple[str, ...]:
+        """The corpus's aspects: aclsum's three, or one per summary field of other data."""
+        return ASPECTS_ACLSUM if self.dataset == "aclsum" else self.summary_field_list
+
+    def _check_user_profiles(self) -> None:
+        """``user-profiles`` is a preset or a TOML file whose every table builds a valid profile."""
+        from .profiles import check_profiles  # profiles imports this module
+
+        check_profiles(self.user_profiles, self.aspects)
+
+    @property
     def summary_field_list(self) -> tuple[str, ...]:
         return tuple(s.strip() for s in self.summary_fields.split(",") if s.strip())
 
@@ -156,6 +170,16 @@ class RunConfig:
         against the current directory here, and always printed.
         """
         return Path(self.results_dir).expanduser().resolve()
+
+    @property
+    def has_global_model(self) -> bool:
+        """Whether the federation has a complete global model that anyone could use.
+
+        Under ``local-head`` the LM head and the last decoder blocks exist only on the
+        users' devices: the server holds a body without a trained head, which is neither
+        published nor evaluated as if it were a model.
+        """
+        return self.personalization != "local-head"
 
     def phase(self, server_round: int) -> str:
         """``sft`` for the first ``sft-rounds`` rounds (and always with the sft algorithm), else ``feedback``."""
@@ -188,6 +212,18 @@ class RunConfig:
             raise ConfigError("samples-per-prompt: dpo pairs samples, so it must be even.")
         if self.heldout_fraction + self.val_fraction >= 1.0:
             raise ConfigError("heldout-fraction + val-fraction must stay below 1.")
+        if self.reward_fraction + self.val_fraction >= 1.0:
+            raise ConfigError(
+                "reward-fraction + val-fraction must stay below 1: users need documents to train on."
+            )
+        if self.feedback_algorithm != "sft" and self.sft_rounds >= self.num_server_rounds:
+            raise ConfigError(
+                f"feedback-algorithm: {self.feedback_algorithm!r} would never run: sft-rounds "
+                f"({self.sft_rounds}) >= num-server-rounds ({self.num_server_rounds}), so every round is "
+                f"supervised. Set sft-rounds below num-server-rounds (e.g. sft-rounds="
+                f"{max(self.num_server_rounds - 3, 0)}) to get feedback rounds, or feedback-algorithm='sft'."
+            )
+        self._check_user_profiles()
         if any(c in self.run_name for c in "/\\") or self.run_name in (".", ".."):
             raise ConfigError(f"run-name: {self.run_name!r} must be a plain folder name.")
 
@@ -204,6 +240,8 @@ def _coerce(key: str, value: Any, kind: type, rules: Mapping[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}.")
         value = float(value)
+        if not math.isfinite(value):  # NaN passes every range check: comparisons with it are false
+            raise ConfigError(f"{key}: {value!r} is not a finite number.")
     elif kind is str and not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}.")
     choices = rules.get("choices")

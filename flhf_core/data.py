@@ -12,7 +12,8 @@ derived from it deterministically by ``seed``:
   users' shares follow Dir(alpha), so users see skewed aspect mixes) or
   ``preference`` (documents are dealt out and each user keeps the summaries
   of its preferred aspect, ``aspects[user % len(aspects)]``);
-* that user's train / validation split.
+* each document's role: held out by the server, a reward document (judged, never
+  trained on), a validation document, or a training document (:func:`document_role`).
 
 A user's partition is computed from hashes of (seed, document, aspect) alone,
 never by materializing everyone's, so 1000 users cost what 2 do.
@@ -171,8 +172,32 @@ def unit_hash(*parts: object) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
+# Every document has exactly one role, decided by hashes of (seed, document id) alone, so
+# that the four kinds of documents can never mix, whatever the partitioning:
+HELDOUT, REWARD, VALIDATION, TRAIN = "heldout", "reward", "validation", "train"
+
+
 def is_heldout(doc_id: str, seed: int, heldout_fraction: float) -> bool:
     return unit_hash(seed, "heldout", doc_id) < heldout_fraction
+
+
+def document_role(doc_id: str, config: RunConfig) -> str:
+    """Which kind of document ``doc_id`` is.
+
+    * ``heldout``: the server's, for reporting only (``heldout-fraction`` of all documents);
+    * ``reward``: fresh documents users judge the model on, to steer aggregation; nobody
+      trains or gives feedback on them (``reward-fraction`` of the rest);
+    * ``validation``: users' validation documents, nobody trains on them (``val-fraction``
+      of the rest), so a user's validation and training documents never share a document;
+    * ``train``: dealt to users by the partitioning; users train and give feedback on them.
+    """
+    if is_heldout(doc_id, config.seed, config.heldout_fraction):
+        return HELDOUT
+    if unit_hash(config.seed, "reward", doc_id) < config.reward_fraction:
+        return REWARD
+    if unit_hash(config.seed, "val", doc_id) < config.val_fraction:
+        return VALIDATION
+    return TRAIN
 
 
 def preferred_aspect(user: int, aspects: Sequence[str]) -> str:
@@ -204,25 +229,61 @@ def owner(doc_id: str, aspect: str, num_users: int, config: RunConfig, aspects: 
 @dataclass(frozen=True)
 class UserData:
     user: int
-    train: tuple[Example, ...]
-    validation: tuple[Example, ...]
+    train: tuple[Example, ...]  # (document, aspect) examples the user trains on
+    validation: tuple[Example, ...]  # the user's examples on validation documents
+    reward_doc_ids: tuple[str, ...]  # fresh documents the user judges the model on
+
+    @property
+    def feedback_doc_ids(self) -> tuple[str, ...]:
+        """The documents the user gives feedback on: its training documents."""
+        return tuple(dict.fromkeys(e.doc_id for e in self.train))
 
 
 def user_partition(corpus: Corpus, user: int, num_users: int, config: RunConfig) -> UserData:
-    """User ``user``'s train and validation examples (never any held-out document)."""
+    """User ``user``'s train and validation examples and reward documents (never held-out ones)."""
     if not 0 <= user < num_users:
         raise ConfigError(f"partition-id {user} is outside [0, num-partitions={num_users}).")
     train, validation = [], []
     for doc in corpus.documents:
-        if is_heldout(doc.doc_id, config.seed, config.heldout_fraction):
+        role = document_role(doc.doc_id, config)
+        if role not in (TRAIN, VALIDATION):
             continue
         for aspect, summary in doc.summaries:
             if not summary or owner(doc.doc_id, aspect, num_users, config, corpus.aspects) != user:
                 continue
             example = Example(doc.doc_id, aspect, doc.text, summary, instruction_for(config))
-            in_val = unit_hash(config.seed, "val", doc.doc_id, aspect) < config.val_fraction
-            (validation if in_val else train).append(example)
-    return UserData(user, tuple(train), tuple(validation))
+            (validation if role == VALIDATION else train).append(example)
+    return UserData(user, tuple(train), tuple(validation), reward_doc_ids(corpus, user, config))
+
+
+def reward_doc_ids(corpus: Corpus, user: int, config: RunConfig) -> tuple[str, ...]:
+    """``reward-documents`` of the reward documents, drawn for this user (seeded, in corpus order).
+
+    Each user draws its own; two users may draw the same document, as two people may read
+    the same paper. No user ever trains or gives feedback on any of them.
+    """
+    pool = [d.doc_id for d in corpus.documents if document_role(d.doc_id, config) == REWARD]
+    drawn = sorted(pool, key=lambda doc_id: unit_hash(config.seed, "reward-draw", user, doc_id))
+    chosen = set(drawn[: config.reward_documents])
+    return tuple(doc_id for doc_id in pool if doc_id in chosen)
+
+
+def splits(corpus: Corpus, config: RunConfig, num_users: int) -> dict:
+    """Which documents serve what, for ``splits.json``: anyone can check they never mix."""
+
+    def ids(examples: Sequence[Example]) -> list[str]:
+        return list(dict.fromkeys(e.doc_id for e in examples))
+
+    users = {}
+    for user in range(num_users):
+        part = user_partition(corpus, user, num_users, config)
+        users[str(user)] = {
+            "train": ids(part.train),
+            "validation": ids(part.validation),
+            "feedback": list(part.feedback_doc_ids),
+            "reward": list(part.reward_doc_ids),
+        }
+    return {"heldout": heldout_doc_ids(corpus, config), "users": users}
 
 
 def heldout_doc_ids(corpus: Corpus, config: RunConfig) -> list[str]:

@@ -67,6 +67,89 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
     process.wait()
 
 
+def write_connection(flwr_home: Path, port: int, security: str = "insecure = true") -> None:
+    """A private ``FLWR_HOME`` whose default ``flwr`` connection is the SuperLink on ``port``."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\n{security}\n'
+    )
+
+
+def spawn_logged(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start ``command`` in its own session, logging to ``log_path`` (its command line first)."""
+    log = log_path.open("ab")
+    log.write(f"$ {shlex.join(command)}\n".encode())
+    log.flush()
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def wait_for_port(
+    process: subprocess.Popen, port: int, name: str, log_dir: Path, timeout: float = 60.0
+) -> None:
+    """Wait until ``process`` listens on 127.0.0.1:``port``; raise if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}; see {log_dir}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
+
+
+@dataclass
+class LocalSimulation:
+    """A simulation SuperLink owned by one ``flhf run``: its own free port and private ``FLWR_HOME``.
+
+    ``flwr run`` would otherwise share one local SuperLink (a fixed port, ``~/.flwr``)
+    between all runs on the machine, and the first launcher to stop it would kill the
+    others' runs. Each launcher starts its own, stops exactly it, and can tell whether it
+    is still alive.
+    """
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.workdir / "flwr-home"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "superlink.log"
+
+    def env(self) -> dict[str, str]:
+        return flower_env(FLWR_HOME=str(self.flwr_home))
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def __enter__(self) -> LocalSimulation:
+        write_connection(self.flwr_home, self.port)
+        command = [flower_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
+        command += [
+            "--disable-runtime-dependency-installation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        self.process = spawn_logged(command, self.log_path, self.env())
+        try:
+            wait_for_port(self.process, self.port, "flower-superlink", self.workdir, timeout=30.0)
+        except BaseException:
+            stop_process_group(self.process)
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is not None:
+            stop_process_group(self.process)
+
+
 def training_marker(workdir: Path, user: int) -> Path:
     """The file user ``user``'s ClientApp writes (the round number) when local training starts."""
     return workdir / f"training-{user}.marker"
@@ -100,29 +183,18 @@ class Loopback:
 
     def spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         """Start ``command`` in its own session, logging to ``workdir/<name>.log`` (command first)."""
-        log = (self.workdir / f"{name}.log").open("ab")
-        log.write(f"$ {shlex.join(command)}\n".encode())
-        log.flush()
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env()
-        )
-        self.processes[name] = process
-        return process
+        self.processes[name] = spawn_logged(command, self.workdir / f"{name}.log", self.env())
+        return self.processes[name]
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
         if self.secure:
             self.credentials = credentials.generate(self.workdir / "credentials", self.users)
             security = f'root-certificates = "{self.credentials.ca_cert}"'
         else:
             security = "insecure = true"
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\n{security}\n'
-        )
-        self.spawn("superlink", self.superlink_command())
-        self._wait_for_port(self.port, "superlink")
+        write_connection(self.flwr_home, self.port, security)
+        wait_for_port(self.spawn("superlink", self.superlink_command()), self.port, "superlink", self.workdir)
         for user in range(self.users):
             if self.credentials is not None:
                 self.register(self.credentials.public_key(user))
@@ -176,18 +248,9 @@ class Loopback:
     def start_supernode(self, user: int) -> subprocess.Popen:
         return self.spawn(f"supernode-{user}", self.supernode_command(user))
 
-    def _wait_for_port(self, port: int, name: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.processes[name].poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited with {self.processes[name].returncode}; see {self.workdir}"
-                )
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.2)
-        raise TimeoutError(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
+    def alive(self) -> bool:
+        """Whether the SuperLink is still running."""
+        return "superlink" in self.processes and self.processes["superlink"].poll() is None
 
     def stop(self) -> None:
         """Stop SuperNodes first, then the SuperLink; every process group entirely."""

@@ -27,99 +27,16 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ConfigError
 from .metrics import rouge_pair
+from .profiles import UserProfile, build_profile
 
-PROFILE_PRESETS = ("aspects", "uniform")
+__all__ = ["Judgement", "UserProfile", "build_profile", "judge", "preference_probability", "score"]
+
 _WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
-
-
-@dataclass(frozen=True)
-class UserProfile:
-    user_id: int
-    aspect: str  # whose reference summary the user compares against
-    length_words: int = 25  # preferred summary length
-    length_tolerance: float = 10.0  # words; the width of the length preference
-    include_keywords: tuple[str, ...] = ()  # words the user wants to see
-    avoid_keywords: tuple[str, ...] = ()  # words the user dislikes
-    rating_noise: float = 0.02  # std of the score noise (utilities are mostly below 0.4)
-    rating_rate: float = 1.0  # share of summaries the user rates
-    preference_temperature: float = 0.02  # Bradley-Terry scale; smaller = more decisive
-
-    def __post_init__(self) -> None:
-        checks = {
-            "length_words": self.length_words > 0,
-            "length_tolerance": self.length_tolerance > 0,
-            "rating_noise": self.rating_noise >= 0,
-            "rating_rate": 0 < self.rating_rate <= 1,
-            "preference_temperature": self.preference_temperature > 0,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"user profile {self.user_id}: invalid {', '.join(bad)} in {self}")
-
-
-# --------------------------------------------------------------------------
-# Profiles
-# --------------------------------------------------------------------------
-def build_profile(user_id: int, preset: str, aspects: Sequence[str], seed: int) -> UserProfile:
-    """User ``user_id``'s profile from a preset name or a TOML file path.
-
-    ``aspects``: users differ by aspect (``user % #aspects``), preferred length (15, 25
-    or 35 words, by ``user // #aspects``), rating noise and rating rate (seeded).
-    ``uniform``: everyone prefers the first aspect at 25 words, rates everything.
-    A TOML file has ``[[user]]`` tables with UserProfile fields; user k gets table
-    ``k % len(tables)``.
-    """
-    if preset == "uniform":
-        return UserProfile(user_id, aspects[0])
-    if preset == "aspects":
-        rng = np.random.default_rng([seed, user_id, 7])
-        return UserProfile(
-            user_id,
-            aspect=aspects[user_id % len(aspects)],
-            length_words=(15, 25, 35)[(user_id // len(aspects)) % 3],
-            rating_noise=float(rng.uniform(0.01, 0.04)),
-            rating_rate=float(rng.uniform(0.6, 1.0)),
-        )
-    return _profile_from_file(user_id, Path(preset), aspects)
-
-
-def _profile_from_file(user_id: int, path: Path, aspects: Sequence[str]) -> UserProfile:
-    try:
-        tables = tomllib.loads(path.read_text()).get("user", [])
-    except FileNotFoundError:
-        raise ConfigError(
-            f"user-profiles: {str(path)!r} is neither a preset ({', '.join(PROFILE_PRESETS)}) nor a file."
-        ) from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"user-profiles: {path} is not valid TOML: {error}") from None
-    if not tables:
-        raise ConfigError(f"user-profiles: {path} has no [[user]] tables.")
-    table = dict(tables[user_id % len(tables)])
-    allowed = {f.name for f in fields(UserProfile)} - {"user_id"}
-    unknown = set(table) - allowed
-    if unknown:
-        raise ConfigError(
-            f"user-profiles: {path}: unknown fields {sorted(unknown)}; allowed: {sorted(allowed)}."
-        )
-    if table.get("aspect") not in aspects:
-        raise ConfigError(
-            f"user-profiles: {path}: aspect {table.get('aspect')!r} is not one of {list(aspects)}."
-        )
-    for key in ("include_keywords", "avoid_keywords"):
-        table[key] = tuple(str(w).lower() for w in table.get(key, ()))
-    try:
-        return UserProfile(user_id, **table)
-    except TypeError as error:
-        raise ConfigError(f"user-profiles: {path}: {error}") from None
 
 
 # --------------------------------------------------------------------------

@@ -1,12 +1,21 @@
-"""Batched decoding with the model's KV cache (``model.generate``)."""
+"""Batched decoding with the model's KV cache (``model.generate``), defined by the run alone.
+
+``model.generate`` fills every setting the caller leaves unset from the checkpoint's own
+``generation_config`` (a hub summarizer may bring ``min_length``, ``no_repeat_ngram_size``,
+``length_penalty`` or forced tokens). Decoding here must mean the same for every model, and
+sampling for the feedback algorithms must draw from exactly the distribution whose
+log-probabilities they differentiate; so within :func:`run_defaults_only` the checkpoint
+contributes nothing but its special token ids.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import RunConfig
 
@@ -31,6 +40,21 @@ class DecodingConfig:
         return cls(config.max_new_tokens, config.num_beams, config.no_repeat_ngram_size)
 
 
+SPECIAL_TOKEN_SETTINGS = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@contextmanager
+def run_defaults_only(model: PreTrainedModel) -> Iterator[None]:
+    """Within the block, the checkpoint's generation defaults are only its special token ids."""
+    saved = model.generation_config
+    tokens = {key: getattr(saved, key, None) for key in SPECIAL_TOKEN_SETTINGS}
+    model.generation_config = GenerationConfig(**{k: v for k, v in tokens.items() if v is not None})
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 @torch.no_grad()
 def generate_summaries(
     model: PreTrainedModel,
@@ -53,15 +77,17 @@ def generate_summaries(
             padding=True,
             return_tensors="pt",
         ).to(device)
-        generated = model.generate(
-            **batch,
-            max_new_tokens=decoding.max_new_tokens,
-            num_beams=decoding.num_beams,
-            no_repeat_ngram_size=decoding.no_repeat_ngram_size or None,
-            do_sample=decoding.do_sample,
-            temperature=decoding.temperature if decoding.do_sample else None,
-            top_p=decoding.top_p if decoding.do_sample else None,
-        )
+        with run_defaults_only(model):
+            generated = model.generate(
+                **batch,
+                max_new_tokens=decoding.max_new_tokens,
+                num_beams=decoding.num_beams,
+                no_repeat_ngram_size=decoding.no_repeat_ngram_size,
+                do_sample=decoding.do_sample,
+                temperature=decoding.temperature if decoding.do_sample else None,
+                top_p=decoding.top_p if decoding.do_sample else None,
+                top_k=0 if decoding.do_sample else None,
+            )
         outputs.extend(tokenizer.batch_decode(generated, skip_special_tokens=True))
     model.train(was_training)
     return [o.strip() for o in outputs]

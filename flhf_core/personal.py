@@ -3,8 +3,8 @@
 ``Context.state`` survives rounds but lives in the SuperNode's memory only; so the client
 also writes its personal parameters to its own state directory (safetensors, atomically),
 from which a restarted SuperNode, or ``flhf summarize --user``, picks them up. A file that
-cannot be read is reported and kept (copied to ``*.corrupt`` before it is replaced); the
-user then starts fresh.
+cannot be used (unreadable, or not fitting this run's model, or non-finite) is reported and
+kept (copied to ``*.corrupt`` before it is replaced); the user then starts fresh.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,10 +52,21 @@ class Restored:
     problem: str = ""  # why a file could not be used
 
 
-def restore(context: Context, folder: Path, mode: str, names: frozenset[str]) -> Restored:
-    """The user's personal parameters: from Context.state, else its state file, else none."""
+def restore(context: Context, folder: Path, mode: str, shapes: Mapping[str, tuple[int, ...]]) -> Restored:
+    """The user's personal parameters: from Context.state, else its state file, else none.
+
+    ``shapes`` are the personal parameters this run's model has. A state that does not fit
+    them (other names, other shapes such as another ``lora-rank``, another mode) or holds
+    non-finite values is reported, a file is kept as ``*.corrupt``, and the user starts fresh.
+    """
     if STATE_RECORD in context.state.array_records:
-        return Restored(context.state.array_records[STATE_RECORD], "context")
+        record = context.state.array_records[STATE_RECORD]
+        problem = _misfit({k: v.numpy() for k, v in record.items()}, shapes)
+        if not problem:
+            return Restored(record, "context")
+        problem = f"personal state in the node's memory {problem}; the user starts fresh"
+        log.error(problem)
+        return Restored(None, "fresh", problem)
     path = folder / STATE_FILE
     if not path.exists():
         return Restored(None, "fresh")
@@ -62,17 +74,38 @@ def restore(context: Context, folder: Path, mode: str, names: frozenset[str]) ->
         arrays = load_file(str(path))
         metadata = _metadata(path)
     except (SafetensorError, OSError, ValueError) as error:
-        problem = f"personal state {path} is unreadable ({error}); it is kept, and the user starts fresh"
-        log.error(problem)
-        return Restored(None, "fresh", problem)
-    if metadata.get("personalization") != mode or set(arrays) != set(names):
-        problem = (
-            f"personal state {path} holds {metadata.get('personalization')!r} parameters that do not fit this "
-            f"run ({mode!r}); it is kept, and the user starts fresh"
-        )
-        log.error(problem)
-        return Restored(None, "fresh", problem)
+        return _reject_file(path, f"is unreadable ({error})")
+    if metadata.get("personalization") != mode:
+        return _reject_file(path, f"holds {metadata.get('personalization')!r} parameters, not {mode!r} ones")
+    problem = _misfit(arrays, shapes)
+    if problem:
+        return _reject_file(path, problem)
     return Restored(ArrayRecord({k: Array(v) for k, v in sorted(arrays.items())}), "file")
+
+
+def _misfit(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """Why ``arrays`` cannot be this run's personal parameters ("" if they can)."""
+    if set(arrays) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(arrays))[:3], sorted(set(arrays) - set(shapes))[:3]
+        return f"does not fit this run's personal parameters (missing {missing}, extra {extra})"
+    for name, array in sorted(arrays.items()):
+        if tuple(array.shape) != tuple(shapes[name]):
+            return (
+                f"does not fit: {name} has shape {tuple(array.shape)}, this run's model {tuple(shapes[name])}"
+            )
+        if not np.isfinite(array).all():
+            return f"holds non-finite values in {name}"
+    return ""
+
+
+def _reject_file(path: Path, problem: str) -> Restored:
+    """Report a state file that cannot be used, keep a copy of it, and start fresh."""
+    evidence = path.with_name(path.name + ".corrupt")
+    if not evidence.exists():
+        shutil.copyfile(path, evidence)
+    message = f"personal state {path} {problem}; it is kept as {evidence.name}, and the user starts fresh"
+    log.error(message)
+    return Restored(None, "fresh", message)
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -88,8 +121,6 @@ def persist(context: Context, folder: Path, record: ArrayRecord, mode: str, serv
     context.state[STATE_INFO] = ConfigRecord({"personalization": mode, "round": server_round})
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / STATE_FILE
-    if path.exists() and not _readable(path):
-        shutil.copyfile(path, path.with_name(path.name + ".corrupt"))  # keep the evidence
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".personal.", suffix=".tmp")
     os.close(fd)
     try:
@@ -100,14 +131,6 @@ def persist(context: Context, folder: Path, record: ArrayRecord, mode: str, serv
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def _readable(path: Path) -> bool:
-    try:
-        load_file(str(path))
-        return True
-    except (SafetensorError, OSError, ValueError):
-        return False
 
 
 def load_into(model: torch.nn.Module, path: Path) -> str:

@@ -12,15 +12,15 @@ before the run directory is created, so a bad run leaves nothing behind.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from logging import INFO, WARNING
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
-import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -40,8 +40,27 @@ from .model import (
     select_device,
     server_tokenizer,
 )
+from .profiles import build_profile
+from .protocol import (
+    LEARNING_RATE,
+    NUM_USERS,
+    PHASE,
+    RUN_NAME,
+    TOKENIZER_JSON,
+    TOKENIZER_SHA256,
+    USER_ID,
+    USER_RECORD,
+)
+from .reporting import eval_columns, record_users, run_summary, train_columns, user_spread
 from .strategy import FeedbackFedAvg, RoundReport
-from .tracking import Tracker, new_run_dir, plot_metrics, read_metrics, save_folder_atomically
+from .tracking import (
+    Tracker,
+    atomic_write_json,
+    new_run_dir,
+    plot_metrics,
+    read_metrics,
+    save_folder_atomically,
+)
 
 PLOTTED = ("rougeL", "rouge1", "loss", "perplexity", "train-loss", "seconds")
 
@@ -49,6 +68,7 @@ PLOTTED = ("rougeL", "rouge1", "loss", "perplexity", "train-loss", "seconds")
 @dataclass
 class ServerState:
     config: RunConfig
+    corpus: data.Corpus
     tokenizer: PreTrainedTokenizerBase
     tokenizer_spec: TokenizerSpec
     model: PreTrainedModel  # holds the global parameters between rounds
@@ -76,9 +96,14 @@ def prepare(config: RunConfig) -> ServerState:
     heldout = data.heldout_examples(corpus, config)
     if not heldout:
         raise ValueError("the held-out set is empty: raise heldout-fraction")
+    if not any(data.document_role(d.doc_id, config) == data.REWARD for d in corpus.documents):
+        raise ConfigError(
+            f"reward-fraction: {config.reward_fraction} leaves no reward documents in {len(corpus.documents)} "
+            "documents; raise it (users judge the model on these to steer aggregation)."
+        )
     baselines = baseline_scores(heldout, data.abstracts(corpus), config.lead_words)
     return ServerState(
-        config, tokenizer, spec, model, heldout, baselines, shared_parameter_names(model, config)
+        config, corpus, tokenizer, spec, model, heldout, baselines, shared_parameter_names(model, config)
     )
 
 
@@ -128,30 +153,45 @@ def round_config(state: ServerState, phase: str, server_round: int, run_name: st
     """What every message of a round tells the clients besides the parameters."""
     record = ConfigRecord(
         {
-            "phase": phase,
-            "run-name": run_name,  # the run folder's name (a timestamp when run-name is empty)
-            "tokenizer-sha256": state.tokenizer_spec.sha256,
-            "learning-rate": round_learning_rate(state.config, server_round),
+            PHASE: phase,
+            RUN_NAME: run_name,  # the run folder's name (a timestamp when run-name is empty)
+            TOKENIZER_SHA256: state.tokenizer_spec.sha256,
+            LEARNING_RATE: round_learning_rate(state.config, server_round),
         }
     )
     if state.tokenizer_spec.payload:
-        record["tokenizer-json"] = state.tokenizer_spec.payload
+        record[TOKENIZER_JSON] = state.tokenizer_spec.payload
     return record
 
 
 def run_federation(grid: Grid, context: Context) -> Path:
-    """Run ``num-server-rounds`` rounds and write the results directory; return it."""
+    """Run ``num-server-rounds`` rounds and write the results directory; return it.
+
+    If a round fails (no valid training reply, or any exception), the rounds before it
+    stay in metrics.jsonl, summary.json is written with ``status: failed`` and the
+    reason, the last good global model is saved, and the error is raised again so that
+    Flower marks the run failed.
+    """
     config = RunConfig.from_mapping(context.run_config)
     state = prepare(config)  # every bad input fails here, before anything is written
     run_dir = new_run_dir(config.results_path, config.run_name)
     log(INFO, "FLHF results directory: %s", run_dir)
     tracker = Tracker(run_dir, config.to_mapping())
+    federation = Federation(grid, state, tracker, build_strategy(config))
     try:
-        Federation(grid, state, tracker, build_strategy(config)).run()
+        federation.run()
+    except BaseException as error:
+        log(ERROR, "FLHF run failed: %s: %s", type(error).__name__, error)
+        federation.finish(error)
+        raise
     finally:
         tracker.close()
     log(INFO, "FLHF run finished: %s", run_dir)
     return run_dir
+
+
+class RoundFailed(RuntimeError):
+    """No training reply of a round was valid: the federation cannot go on."""
 
 
 @dataclass
@@ -162,45 +202,118 @@ class Federation:
     state: ServerState
     tracker: Tracker
     strategy: FeedbackFedAvg
+    initial: dict[str, float] = field(default_factory=dict)
+    num_users: int = 0  # learned from the nodes (their num-partitions)
+    rounds_done: int = 0
 
     def run(self) -> None:
         config = self.state.config
-        initial = server_evaluate(self.state)
-        self.tracker.log(0, "init", "server", None, {**initial, **self.state.baselines})
+        self.initial = server_evaluate(self.state)
+        self.tracker.log(0, "init", "server", None, {**self.initial, **self.state.baselines})
         lead = self.state.baselines[f"baseline-lead{config.lead_words}-rougeL"]
-        log(
-            INFO,
-            "round 0: held-out rougeL %.2f (lead-%d baseline %.2f)",
-            initial["rougeL"],
-            config.lead_words,
-            lead,
+        if self.initial:
+            log(
+                INFO,
+                "round 0: held-out rougeL %.2f (lead-%d baseline %.2f)",
+                self.initial["rougeL"],
+                config.lead_words,
+                lead,
+            )
+        else:
+            log(INFO, "round 0: %s", NO_GLOBAL_MODEL)
+        self.identify_users()
+        atomic_write_json(
+            self.tracker.run_dir / "splits.json", data.splits(self.state.corpus, config, self.num_users)
         )
         arrays = parameters_to_record(self.state.model, self.state.shared_names)
+        started = time.perf_counter()
         for server_round in range(1, config.num_server_rounds + 1):
             arrays = self.run_round(server_round, arrays)
-        finish(self.tracker.run_dir, self.tracker, self.state, initial)
+            self.rounds_done = server_round
+            elapsed = time.perf_counter() - started
+            eta = elapsed / server_round * (config.num_server_rounds - server_round)
+            log(INFO, "round %d/%d done; ETA %.0fs", server_round, config.num_server_rounds, eta)
+        self.finish()
 
     def exchange(self, messages: list[Message]) -> list[Message]:
         return list(self.grid.send_and_receive(messages, timeout=self.state.config.round_timeout or None))
 
+    def identify_users(self) -> None:
+        """Ask every connected node not yet known which user it serves (a QUERY message).
+
+        The strategy then samples users instead of node ids, and the server counts each
+        user's examples itself. A node that does not answer stays unknown (and unsampled
+        while others are known); all nodes must agree on the number of users.
+        """
+        self.strategy.wait_for_nodes(self.grid)
+        unknown = sorted(set(self.grid.get_node_ids()) - set(self.strategy.node_users))
+        if not unknown:
+            return
+        messages = [
+            Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in unknown
+        ]
+        for reply in self.exchange(messages):
+            user = None if reply.has_error() else reply.content.config_records.get(USER_RECORD)
+            if (
+                user is None
+                or not isinstance(user.get(USER_ID), int)
+                or not isinstance(user.get(NUM_USERS), int)
+            ):
+                log(WARNING, "node %d did not say which user it serves", reply.metadata.src_node_id)
+                continue
+            if self.num_users and int(user[NUM_USERS]) != self.num_users:
+                raise RoundFailed(
+                    f"node {reply.metadata.src_node_id} says there are {user[NUM_USERS]} users, others "
+                    f"{self.num_users}: every SuperNode's num-partitions must be the same"
+                )
+            self.num_users = int(user[NUM_USERS])
+            self.strategy.node_users[reply.metadata.src_node_id] = int(user[USER_ID])
+        if not self.num_users:
+            raise RoundFailed("no node said which user it serves (partition-id, num-partitions)")
+
+    def example_counts(self, phase: str) -> Callable[[int], float | None]:
+        """The server's own count of a user's examples in ``phase`` (what weights it)."""
+        state = self.state
+
+        def count(user: int) -> float | None:
+            if not 0 <= user < self.num_users:
+                return None
+            part = data.user_partition(state.corpus, user, self.num_users, state.config)
+            if phase == "sft":
+                return float(len(part.train))
+            profile = build_profile(user, state.config.user_profiles, state.corpus.aspects, state.config.seed)
+            return float(len(data.aspect_examples(state.corpus, part.feedback_doc_ids, profile.aspect)))
+
+        return functools.lru_cache(maxsize=None)(count)
+
     def run_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        """One round; returns the new global parameters (unchanged if no reply was valid)."""
+        """One round; returns the new global parameters. Raises RoundFailed if no reply was valid."""
         started = time.perf_counter()
         phase = self.state.config.phase(server_round)
         config_record = round_config(self.state, phase, server_round, self.tracker.run_dir.name)
+        self.identify_users()  # nodes that joined since
+        self.strategy.example_counts = self.example_counts(phase)
 
         sent = list(self.strategy.configure_train(server_round, arrays, config_record, self.grid))
         replies = self.exchange(sent)
         new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
-        traffic = {"bytes-down": record_nbytes(arrays) * len(sent), "bytes-up": uploaded_bytes(replies)}
-        drift: dict[str, float] = {}
+        train_report = self.strategy.reports[(server_round, MessageType.TRAIN)]
         if new_arrays is None:
-            log(WARNING, "round %d: no valid training reply; the global model is unchanged", server_round)
-        else:
-            previous = copy.deepcopy(self.state.model)
-            arrays = new_arrays
-            record_to_parameters(self.state.model, arrays, names=self.state.shared_names)
-            drift = {"kl-to-previous": self.state.kl_to(previous)}
+            reasons = "; ".join(
+                f"user {r.user_id if r.user_id is not None else '?'} (node {r.node_id}): {r.reason}"
+                for r in train_report.rejected
+            )
+            record_users(
+                self.tracker, server_round, phase, train_report, RoundReport(server_round, "evaluate")
+            )
+            raise RoundFailed(
+                f"round {server_round}: no valid training reply ({reasons or 'no reply at all'})"
+            )
+        traffic = {"bytes-down": record_nbytes(arrays) * len(sent), "bytes-up": uploaded_bytes(replies)}
+        previous = copy.deepcopy(self.state.model) if self.state.config.has_global_model else None
+        arrays = new_arrays
+        record_to_parameters(self.state.model, arrays, names=self.state.shared_names)
+        drift = {"kl-to-previous": self.state.kl_to(previous)} if previous is not None else {}
 
         sent = list(self.strategy.configure_evaluate(server_round, arrays, config_record, self.grid))
         traffic["bytes-down"] += record_nbytes(arrays) * len(sent)  # evaluation messages carry the model too
@@ -208,8 +321,9 @@ class Federation:
         heldout = server_evaluate(self.state)
         seconds = time.perf_counter() - started
 
-        train_report = self.strategy.reports[(server_round, MessageType.TRAIN)]
-        eval_report = self.strategy.reports[(server_round, MessageType.EVALUATE)]
+        eval_report = self.strategy.reports.get(
+            (server_round, MessageType.EVALUATE), RoundReport(server_round, MessageType.EVALUATE)
+        )
         record_users(self.tracker, server_round, phase, train_report, eval_report)
         server_row = {
             **heldout,
@@ -224,61 +338,51 @@ class Federation:
         }
         self.tracker.log(server_round, phase, "server", None, server_row)
         save_checkpoint(self.tracker.run_dir, self.state, server_round)
-        reward = (
-            f" | reward {server_row['reward']:.3f} (worst {server_row['reward-worst']:.3f})"
-            if "reward" in server_row
-            else ""
-        )
-        log(
-            INFO,
-            "round %d/%d [%s] held-out rougeL %.2f loss %.3f%s | clients %d, failures %d | %.1fs",
-            server_round,
-            self.state.config.num_server_rounds,
-            phase,
-            heldout["rougeL"],
-            heldout["loss"],
-            reward,
-            len(train_report.user_metrics),
-            train_report.failures,
-            seconds,
-        )
+        log(INFO, round_line(server_round, self.state.config.num_server_rounds, phase, server_row))
         return arrays
 
+    def finish(self, error: BaseException | None = None) -> None:
+        """summary.json, the final model (where there is one) and plots; on failure, marked failed."""
+        run_dir, state = self.tracker.run_dir, self.state
 
-def user_spread(user_metrics: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
-    """Fairness across users: mean (and factors), worst, best and spread of the global model's reward."""
-    rewards = [m["reward"] for m in user_metrics.values() if "reward" in m]
-    if not rewards:
-        return {}
-    win_rates = [m["win-rate"] for m in user_metrics.values() if "win-rate" in m]
-    components = {
-        key: float(np.mean([m[key] for m in user_metrics.values() if key in m]))
-        for key in ("reward-content", "reward-length", "reward-keywords")
-        if any(key in m for m in user_metrics.values())
-    }
-    return {
-        "reward": float(np.mean(rewards)),
-        **components,
-        "reward-worst": float(np.min(rewards)),
-        "reward-best": float(np.max(rewards)),
-        "reward-std": float(np.std(rewards)),
-        **({"win-rate": float(np.mean(win_rates))} if win_rates else {}),
-        **personal_spread(user_metrics),
-    }
+        def save(folder: Path) -> None:
+            state.model.save_pretrained(folder)
+            state.tokenizer.save_pretrained(folder)
+
+        if state.config.has_global_model:
+            save_folder_atomically(run_dir / "model", save)  # on failure: the last good global model
+        rows = read_metrics(self.tracker.metrics_path)
+        summary = run_summary(rows, state.config.to_mapping(), state.baselines, self.initial)
+        summary["status"] = "completed" if error is None else "failed"
+        if error is not None:
+            summary["error"] = f"{type(error).__name__}: {error}"
+            summary["failed-in-round"] = self.rounds_done + 1
+        if state.config.has_global_model:
+            summary["model-dir"] = str(run_dir / "model")
+        else:
+            summary["global-model"] = NO_GLOBAL_MODEL
+        self.tracker.write_summary(summary)
+        plot_metrics(rows, run_dir / "plots", PLOTTED)
 
 
-def personal_spread(user_metrics: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
-    """Personalized models: mean and worst-user reward, and the gain over the global model."""
-    personal = [m for m in user_metrics.values() if "reward-personal" in m]
-    if not personal:
-        return {}
-    return {
-        "reward-personal": float(np.mean([m["reward-personal"] for m in personal])),
-        "reward-personal-worst": float(np.min([m["reward-personal"] for m in personal])),
-        "personalization-gain": float(np.mean([m["personalization-gain"] for m in personal])),
-        "personalization-gain-worst": float(np.min([m["personalization-gain"] for m in personal])),
-        "users-helped": float(np.mean([m["personalization-gain"] > 0 for m in personal])),
-    }
+NO_GLOBAL_MODEL = (
+    "none: under personalization=local-head each user keeps its own LM head and last decoder "
+    "block(s), so no complete global model exists; see reward-personal and rougeL-personal"
+)
+
+
+def round_line(server_round: int, rounds: int, phase: str, row: Mapping[str, float]) -> str:
+    """The per-round log line: held-out figures (where there is a global model), users, time."""
+    parts = [f"round {server_round}/{rounds} [{phase}]"]
+    if "rougeL" in row:
+        parts.append(f"held-out rougeL {row['rougeL']:.2f} loss {row['loss']:.3f}")
+    if "reward" in row:
+        parts.append(f"reward {row['reward']:.3f} (worst {row['reward-worst']:.3f})")
+    if "reward-personal" in row:
+        parts.append(f"personal reward {row['reward-personal']:.3f}")
+    parts.append(f"clients {row['clients']}, failures {row['failures']}")
+    parts.append(f"{row['seconds']:.1f}s")
+    return " | ".join(parts)
 
 
 def uploaded_bytes(replies: list[Message]) -> int:
@@ -289,41 +393,10 @@ def uploaded_bytes(replies: list[Message]) -> int:
 
 
 def server_evaluate(state: ServerState) -> dict[str, float]:
-    """The global model on the server's held-out examples."""
+    """The global model on the server's held-out examples (none without a global model)."""
+    if not state.config.has_global_model:
+        return {}
     return evaluate_model(state.model, state.tokenizer, state.heldout, state.config)
-
-
-def train_columns(metrics: Mapping[str, float]) -> dict[str, float]:
-    """A training reply's metrics as metrics.jsonl columns (all prefixed ``train-``)."""
-    return {
-        "train-examples" if k == "num-examples" else k if k.startswith("train-") else f"train-{k}": v
-        for k, v in metrics.items()
-    }
-
-
-def eval_columns(metrics: Mapping[str, float]) -> dict[str, float]:
-    """An evaluation reply's metrics as columns (``num-examples`` becomes ``eval-examples``)."""
-    return {"eval-examples" if k == "num-examples" else k: v for k, v in metrics.items()}
-
-
-def record_users(
-    tracker: Tracker, server_round: int, phase: str, train: RoundReport, evaluation: RoundReport
-) -> None:
-    """One row per user: its training figures and its validation figures."""
-    for user in sorted(train.user_metrics.keys() | evaluation.user_metrics.keys()):
-        row = train_columns(train.user_metrics.get(user, {}))
-        row.update(eval_columns(evaluation.user_metrics.get(user, {})))
-        if user in train.weights:
-            row["aggregation-weight"] = train.weights[user]
-        tracker.log(server_round, phase, "client", user, row)
-    for rejection in train.rejected + evaluation.rejected:
-        tracker.log(
-            server_round,
-            phase,
-            "client",
-            rejection.user_id,
-            {"failed": 1, "node-id": rejection.node_id, "reason": rejection.reason},
-        )
 
 
 def save_checkpoint(run_dir: Path, state: ServerState, server_round: int) -> None:
@@ -335,63 +408,3 @@ def save_checkpoint(run_dir: Path, state: ServerState, server_round: int) -> Non
         (folder / "round.txt").write_text(f"{server_round}\n")
 
     save_folder_atomically(run_dir / "checkpoints" / "latest", save)
-
-
-def reward_summary(server_rows: list[dict], sft_rounds: int) -> dict[str, float]:
-    """The global model's reward at the end, and when the supervised rounds ended."""
-    if not server_rows or "reward" not in server_rows[-1]:
-        return {}
-    final = server_rows[-1]
-    keys = (
-        "reward",
-        "reward-worst",
-        "reward-std",
-        "win-rate",
-        "reward-personal",
-        "reward-personal-worst",
-        "personalization-gain",
-        "personalization-gain-worst",
-        "users-helped",
-    )
-    summary = {key: final[key] for key in keys if key in final}
-    supervised = [r for r in server_rows if r["phase"] == "sft" and r["round"] <= sft_rounds]
-    if supervised and len(supervised) < len(server_rows):
-        summary["reward-after-sft"] = supervised[-1]["reward"]
-        summary["reward-worst-after-sft"] = supervised[-1]["reward-worst"]
-        summary["reward-gain-from-feedback"] = final["reward"] - supervised[-1]["reward"]
-    return summary
-
-
-def finish(run_dir: Path, tracker: Tracker, state: ServerState, initial: dict[str, float]) -> None:
-    """Final model, summary.json and plots."""
-
-    def save(folder: Path) -> None:
-        state.model.save_pretrained(folder)
-        state.tokenizer.save_pretrained(folder)
-
-    save_folder_atomically(run_dir / "model", save)
-    rows = read_metrics(tracker.metrics_path)
-    server_rows = [r for r in rows if r["scope"] == "server" and r["round"] > 0]
-    final = server_rows[-1] if server_rows else {}
-    lead_key = f"baseline-lead{state.config.lead_words}-rougeL"
-    summary = {
-        "rounds": len(server_rows),
-        "rougeL": final.get("rougeL"),
-        "rouge1": final.get("rouge1"),
-        "rouge2": final.get("rouge2"),
-        "loss": final.get("loss"),
-        "perplexity": final.get("perplexity"),
-        "rougeL-round0": initial["rougeL"],
-        "rougeL-vs-round0": (final.get("rougeL") or 0.0) / max(initial["rougeL"], 1e-9),
-        "rougeL-minus-lead-baseline": (final.get("rougeL") or 0.0) - state.baselines[lead_key],
-        **state.baselines,
-        "failures": sum(r.get("failures", 0) for r in server_rows),
-        "bytes-up": sum(r.get("bytes-up", 0) for r in server_rows),
-        "bytes-down": sum(r.get("bytes-down", 0) for r in server_rows),
-        "seconds": sum(r.get("seconds", 0.0) for r in server_rows),
-        "train-tokens-per-second": final.get("train-tokens-per-second"),
-        **reward_summary(server_rows, state.config.sft_rounds),
-        "model-dir": str(run_dir / "model"),
-    }
-    tracker.write_summary(summary)
-    plot_metrics(rows, run_dir / "plots", PLOTTED)

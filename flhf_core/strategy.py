@@ -2,16 +2,23 @@
 
 Differences from :class:`flwr.serverapp.strategy.FedAvg`, each for a reason:
 
-* Node sampling is seeded (FedAvg uses Python's global ``random``) and waits
-  for nodes at most ``node_wait_timeout`` seconds (FedAvg waits forever).
+* Sampling is seeded (FedAvg uses Python's global ``random``) and waits for
+  nodes at most ``node_wait_timeout`` seconds (FedAvg waits forever). Once the
+  owner has told it which user each node serves (:attr:`node_users`), it samples
+  users, not Flower's random node ids: the same seed picks the same users in
+  every run, in simulation and deployment alike.
 * Replies are screened before aggregation instead of raising
   ``InconsistentMessageReplies`` (which ends the run): error replies, missing
-  records or keys, and non-finite values are rejected, logged, and counted.
-* Valid replies are sorted by user id before averaging, so float sums do not
+  records or keys, arrays whose names, shapes or dtypes differ from the global
+  model's, and non-finite values are rejected, logged, and counted.
+* Valid replies are sorted by user before averaging, so float sums do not
   depend on arrival order; each reply's metrics are kept per user (an
-  aggregated MetricRecord would average the user id too).
+  aggregated MetricRecord would average the user id too). A reply that names
+  no user (any Flower ClientApp) is known by its node id.
 * Client weights come from :func:`flhf_core.aggregation.client_weights`;
   with ``reward_weighting="none"`` the result equals FedAvg's bit for bit.
+  Where the owner knows how many examples each user holds
+  (:attr:`example_counts`), that count replaces the one a reply claims.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -30,9 +38,28 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from .aggregation import client_weights, weighted_average
+from .protocol import SERVER_ROUND, USER_ID, USER_RECORD
 
-USER_RECORD = "user"  # ConfigRecord in every reply, naming the user who sent it
-USER_ID = "user-id"
+# What identifies a set of parameters: each array's name, shape and dtype.
+Signature = dict[str, tuple[tuple[int, ...], str]]
+
+
+def signature(arrays: ArrayRecord) -> Signature:
+    return {name: (tuple(array.shape), str(array.dtype)) for name, array in arrays.items()}
+
+
+def signature_problem(arrays: ArrayRecord, expected: Signature) -> str | None:
+    """Why ``arrays`` cannot be averaged with parameters of signature ``expected``."""
+    if set(arrays.keys()) != set(expected):
+        missing = sorted(set(expected) - set(arrays.keys()))[:3]
+        extra = sorted(set(arrays.keys()) - set(expected))[:3]
+        return f"parameter names differ from the global model (missing {missing}, extra {extra})"
+    for name, array in arrays.items():
+        shape, dtype = tuple(array.shape), str(array.dtype)
+        if (shape, dtype) != expected[name]:
+            want_shape, want_dtype = expected[name]
+            return f"parameter '{name}' is {dtype}{list(shape)}, the global model's {want_dtype}{list(want_shape)}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -75,9 +102,19 @@ class FeedbackFedAvg(FedAvg):
     max_client_weight : float
         Cap on any client's share of the average.
     sampling_seed : int
-        Seeds node sampling (per round and phase).
+        Seeds sampling (per round and phase).
     node_wait_timeout : float
         Seconds to wait for ``min_available_nodes`` before giving up.
+
+    Attributes the owner may set
+    ----------------------------
+    node_users : dict[int, int]
+        Node id -> user id. Learned from valid replies; an owner that asks every node
+        first (as FLHF's ServerApp does) makes sampling choose among users.
+    example_counts : Callable[[int], float | None] | None
+        The owner's own count of a user's examples this round. When it returns a number,
+        that number weights the user, whatever the reply claims: a client cannot take the
+        average by claiming a billion examples.
     """
 
     def __init__(
@@ -107,14 +144,17 @@ class FeedbackFedAvg(FedAvg):
             else ()
         )
         self.reports: dict[tuple[int, str], RoundReport] = {}
-        self.node_users: dict[int, int] = {}  # learned from valid replies, to name the user of a failed node
+        self.node_users: dict[int, int] = {}  # node id -> user id (to sample users and name failed nodes)
+        self.example_counts: Callable[[int], float | None] | None = None
         self._sent: dict[tuple[int, str], list[Message]] = {}
+        self._global_signature: Signature | None = None  # of the last arrays sent or aggregated
 
     # ------------------------------------------------------------------
     # Sampling
     # ------------------------------------------------------------------
-    def sample(self, grid: Grid, server_round: int, phase: str, fraction: float, minimum: int) -> list[int]:
-        """Seeded sample of connected nodes; waits at most ``node_wait_timeout``."""
+    def wait_for_nodes(self, grid: Grid, minimum: int = 0) -> list[int]:
+        """Connected node ids (sorted) once at least ``min_available_nodes`` (and ``minimum``)
+        are connected; raises TimeoutError after ``node_wait_timeout`` seconds."""
         deadline = time.monotonic() + self.node_wait_timeout
         needed = max(self.min_available_nodes, minimum)
         while len(nodes := sorted(grid.get_node_ids())) < needed:
@@ -125,8 +165,20 @@ class FeedbackFedAvg(FedAvg):
                 )
             log(INFO, "Waiting for nodes: %d connected, %d required", len(nodes), needed)
             time.sleep(1.0)
+        return nodes
+
+    def sample(self, grid: Grid, server_round: int, phase: str, fraction: float, minimum: int) -> list[int]:
+        """Seeded sample of connected nodes; waits at most ``node_wait_timeout``.
+
+        When every connected node's user is known, the sample is drawn over user ids, so
+        it does not depend on the node ids Flower drew for this run.
+        """
+        nodes = self.wait_for_nodes(grid, minimum)
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
         rng = random.Random(f"{self.sampling_seed}/{phase}/{server_round}")
+        if all(node in self.node_users for node in nodes):
+            node_of = {self.node_users[node]: node for node in nodes}
+            return sorted(node_of[user] for user in rng.sample(sorted(node_of), size))
         return sorted(rng.sample(nodes, size))
 
     def _configure(
@@ -139,7 +191,9 @@ class FeedbackFedAvg(FedAvg):
         minimum = self.min_train_nodes if is_train else self.min_evaluate_nodes
         node_ids = self.sample(grid, server_round, phase, fraction, minimum)
         log(INFO, "configure_%s: sampled %d nodes", phase, len(node_ids))
-        config["server-round"] = server_round
+        config[SERVER_ROUND] = server_round
+        if is_train:
+            self._global_signature = signature(arrays)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         messages = list(self._construct_messages(record, node_ids, phase))
         self._sent[(server_round, phase)] = messages
@@ -169,9 +223,13 @@ class FeedbackFedAvg(FedAvg):
         return reply.metadata.src_node_id
 
     def screen(
-        self, server_round: int, replies: Iterable[Message], phase: str, expected_keys: set[str] | None
+        self, server_round: int, replies: Iterable[Message], phase: str, expected: Signature | None
     ) -> list[tuple[int, RecordDict]]:
-        """Valid ``(user_id, content)`` pairs sorted by user id; rejections go to the report."""
+        """Valid ``(user_id, content)`` pairs sorted by user id; rejections go to the report.
+
+        ``expected`` is the signature the parameters must have (None: no parameters are
+        expected, as in evaluation replies).
+        """
         report = self.reports.setdefault((server_round, phase), RoundReport(server_round, phase))
         valid: dict[int, RecordDict] = {}
         answered: set[int] = set()
@@ -182,7 +240,7 @@ class FeedbackFedAvg(FedAvg):
             if reply.has_error():
                 reason = f"error reply: {reply.error.reason}"
             else:
-                user_id, reason = self._check_content(reply.content, expected_keys)
+                user_id, reason = self._check_content(reply.content, expected, node_id)
                 if reason is None and user_id in valid:
                     reason = f"duplicate reply for user {user_id}"
             if reason is None:
@@ -209,12 +267,17 @@ class FeedbackFedAvg(FedAvg):
         )
 
     def _check_content(
-        self, content: RecordDict, expected_keys: set[str] | None
-    ) -> tuple[int | None, str | None]:
+        self, content: RecordDict, expected: Signature | None, node_id: int
+    ) -> tuple[int, str | None]:
+        """The reply's user (its user record, else the node's known user, else the node id) and
+        why the reply is unusable (None if it is usable)."""
         user = content.config_records.get(USER_RECORD)
-        if user is None or not isinstance(user.get(USER_ID), int):
-            return None, f"no '{USER_RECORD}.{USER_ID}' in the reply"
-        user_id = int(user[USER_ID])
+        if user is None:
+            user_id = self.node_users.get(node_id, node_id)
+        elif isinstance(user.get(USER_ID), int) and not isinstance(user.get(USER_ID), bool):
+            user_id = int(user[USER_ID])
+        else:
+            return self.node_users.get(node_id, node_id), f"'{USER_RECORD}.{USER_ID}' is not an integer"
         if len(content.metric_records) != 1:
             return user_id, f"expected one MetricRecord, got {len(content.metric_records)}"
         metrics = next(iter(content.metric_records.values()))
@@ -231,19 +294,39 @@ class FeedbackFedAvg(FedAvg):
         for key in (self.reward_key, f"{self.reward_key}-before"):
             if key in metrics and not 0.0 <= float(metrics[key]) <= 1.0:
                 return user_id, f"metric '{key}' = {metrics[key]} is outside [0, 1]"
-        if expected_keys is None:
+        if expected is None:
             return user_id, None
         if len(content.array_records) != 1:
             return user_id, f"expected one ArrayRecord, got {len(content.array_records)}"
         arrays = next(iter(content.array_records.values()))
-        if set(arrays.keys()) != expected_keys:
-            missing = sorted(expected_keys - set(arrays.keys()))[:3]
-            extra = sorted(set(arrays.keys()) - expected_keys)[:3]
-            return user_id, f"parameter names differ from the global model (missing {missing}, extra {extra})"
+        problem = signature_problem(arrays, expected)
+        if problem:
+            return user_id, problem
         for key, array in arrays.items():
             if not np.isfinite(array.numpy()).all():
                 return user_id, f"parameter '{key}' has non-finite values"
         return user_id, None
+
+    def _expected_signature(self, server_round: int, replies: list[Message]) -> Signature | None:
+        """What a training reply's parameters must look like.
+
+        The arrays this strategy sent this round, else the last global arrays it saw; when
+        it has seen none (its owner sent the messages), the signature most replies share.
+        """
+        sent = self._sent.get((server_round, MessageType.TRAIN))
+        if sent:
+            return signature(sent[0].content[self.arrayrecord_key])
+        if self._global_signature is not None:
+            return self._global_signature
+        candidates = [
+            r.content[self.arrayrecord_key]
+            for r in replies
+            if not r.has_error() and self.arrayrecord_key in r.content.array_records
+        ]
+        if not candidates:
+            return None
+        votes = Counter(tuple(sorted(signature(a).items())) for a in candidates)
+        return dict(votes.most_common(1)[0][0])
 
     # ------------------------------------------------------------------
     # Aggregation
@@ -252,14 +335,15 @@ class FeedbackFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Weighted average of the valid replies' parameters and metrics."""
-        sent = self._sent.get((server_round, MessageType.TRAIN), [])
-        expected = set(sent[0].content[self.arrayrecord_key].keys()) if sent else None
-        valid = self.screen(server_round, replies, MessageType.TRAIN, expected)
+        replies = list(replies)
+        expected = self._expected_signature(server_round, replies)
+        valid = self.screen(server_round, replies, MessageType.TRAIN, expected or {})
         if not valid:
             return None, None
         contents = [content for _, content in valid]
+        counts = [self._trusted_examples(user_id, c) for user_id, c in valid]
         weights = client_weights(
-            [self._num_examples(c) for c in contents],
+            counts,
             self.reward_weighting,
             rewards=[self._metric(c, self.reward_key) for c in contents],
             rewards_before=[self._metric(c, f"{self.reward_key}-before") for c in contents],
@@ -273,24 +357,30 @@ class FeedbackFedAvg(FedAvg):
             [{k: a.numpy() for k, a in next(iter(c.array_records.values())).items()} for c in contents],
             weights,
         )
-        return ArrayRecord({k: Array(v) for k, v in arrays.items()}), self._average_metrics(contents)
+        aggregated = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        self._global_signature = signature(aggregated)
+        return aggregated, self._average_metrics(contents, counts)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid = self.screen(server_round, replies, MessageType.EVALUATE, None)
         return self._average_metrics([content for _, content in valid]) if valid else None
 
-    def _num_examples(self, content: RecordDict) -> float:
+    def _trusted_examples(self, user_id: int, content: RecordDict) -> float:
+        """The owner's count of the user's examples if it has one, else the reply's claim."""
+        counted = self.example_counts(user_id) if self.example_counts is not None else None
+        if counted is not None and counted > 0:
+            return float(counted)
         return float(next(iter(content.metric_records.values()))[self.weighted_by_key])
 
     @staticmethod
     def _metric(content: RecordDict, key: str) -> float:
         return float(next(iter(content.metric_records.values())).get(key, 0.0))
 
-    def _average_metrics(self, contents: list[RecordDict]) -> MetricRecord:
+    def _average_metrics(self, contents: list[RecordDict], counts: list[float] | None = None) -> MetricRecord:
         """Example-weighted mean of every scalar metric that all replies carry."""
         records = [next(iter(c.metric_records.values())) for c in contents]
         common = set.intersection(*(set(r.keys()) for r in records)) - {self.weighted_by_key}
-        counts = [float(r[self.weighted_by_key]) for r in records]
+        counts = counts or [float(r[self.weighted_by_key]) for r in records]
         total = sum(counts)
         averaged = MetricRecord()
         for key in sorted(common):

@@ -49,7 +49,7 @@ def train_best_of_n(
         # best rated sample per prompt; unrated samples rank below every rated one
         ranked = (feedback.scores + 2.0 * feedback.rated).view(-1, n)
         has_rating = feedback.rated.view(-1, n).sum(dim=1) > 0
-        best = (ranked.argmax(dim=1) + torch.arange(ranked.shape[0]) * n)[has_rating]
+        best = (ranked.argmax(dim=1) + torch.arange(ranked.shape[0], device=ranked.device) * n)[has_rating]
         meter.add(**feedback.summary())
         if best.numel() == 0:
             continue

@@ -68,8 +68,9 @@ def train_dpo(
         meter.add(pairs=float(len(pairs)))
         if not pairs:
             continue
-        winners = torch.tensor([w for w, _ in pairs])
-        losers = torch.tensor([lo for _, lo in pairs])
+        device = rollout.response_ids.device
+        winners = torch.tensor([w for w, _ in pairs], device=device)
+        losers = torch.tensor([lo for _, lo in pairs], device=device)
         logp = token_logprobs(policy, rollout, config.bf16).sum(dim=1)
         with torch.no_grad():
             ref_logp = token_logprobs(reference, rollout, config.bf16).sum(dim=1)

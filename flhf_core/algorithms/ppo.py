@@ -2,16 +2,19 @@
 
 Proximal Policy Optimization (Schulman et al., 2017, https://arxiv.org/abs/1707.06347)
 reuses each rollout for several epochs while keeping the policy close to the one that
-sampled it. Advantages are group-relative as in GRPO (Shao et al., 2024,
-https://arxiv.org/abs/2402.03300): a sample's rating minus the mean rating of its
-document's samples, so no value network is needed. Per token t of sample i:
+sampled it. Advantages are relative to the document's other samples, as in GRPO (Shao et
+al., 2024, https://arxiv.org/abs/2402.03300), with the leave-one-out baseline of
+reinforce.py (:func:`~flhf_core.algorithms.rollout.rloo_advantages`), so no value network
+is needed. Per token t of sample i, averaged over the N tokens of the batch:
 
     ρ_t   = π_θ(y_t | ...) / π_old(y_t | ...)
-    L(θ)  = - mean_t min(ρ_t A_i, clip(ρ_t, 1-ε, 1+ε) A_i)  +  β * KL(π_θ || π_ref)
+    L(θ)  = - 1/N sum_{i,t} min(ρ_t A_i, clip(ρ_t, 1-ε, 1+ε) A_i)  +  β * 1/N sum_{i,t} k3_i,t
 
-π_old is the policy at sampling time, π_ref the model received this round (KL
-estimated with k3, as in reinforce.py). Logged: the fraction of tokens whose ratio was
-clipped and the approximate KL(π_old || π_θ) (k3 again), the usual PPO health checks.
+π_old is the policy at sampling time, π_ref the model received this round (k3 as in
+reinforce.py: the same per-token scale, so ``kl-coef`` means the same in both; its
+gradient is that of KL(π_ref || π_θ)). All log-probabilities are of logits / T, the
+sampling distribution. Logged: the fraction of tokens whose ratio was clipped and the
+approximate KL(π_old || π_θ) (k3 again), the usual PPO health checks.
 """
 
 from __future__ import annotations
@@ -26,15 +29,25 @@ from .rollout import (
     FeedbackConfig,
     StatsMeter,
     frozen_copy,
-    group_advantages,
     kl_k3,
     make_optimizer,
     optimizer_step,
     pick_prompts,
     rate,
+    rloo_advantages,
     sample,
     token_logprobs,
 )
+
+
+def ppo_clip_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped surrogate, per token, and the ratio ρ = π_θ / π_old."""
+    ratio = ((logp - old_logp) * mask).exp()
+    unclipped = ratio * advantages[:, None]
+    clipped = ratio.clamp(1 - clip, 1 + clip) * advantages[:, None]
+    return -(torch.min(unclipped, clipped) * mask).sum() / mask.sum().clamp(min=1), ratio
 
 
 def train_ppo(
@@ -51,19 +64,16 @@ def train_ppo(
     for _ in range(config.steps):
         rollout = sample(policy, tokenizer, pick_prompts(examples, config.prompts_per_step, rng), config)
         feedback = rate(rollout, profile, rng)
-        advantages = group_advantages(feedback.scores, feedback.rated, config.samples_per_prompt)
+        advantages = rloo_advantages(feedback.scores, feedback.rated, config.samples_per_prompt)
         mask = rollout.response_mask
         with torch.no_grad():
-            old_logp = token_logprobs(policy, rollout, config.bf16)
-            ref_logp = token_logprobs(reference, rollout, config.bf16)
+            old_logp = token_logprobs(policy, rollout, config.bf16, config.temperature)
+            ref_logp = token_logprobs(reference, rollout, config.bf16, config.temperature)
         meter.add(**feedback.summary())
         for _ in range(config.ppo_epochs):
-            logp = token_logprobs(policy, rollout, config.bf16)
+            logp = token_logprobs(policy, rollout, config.bf16, config.temperature)
+            policy_loss, ratio = ppo_clip_loss(logp, old_logp, advantages, mask, config.ppo_clip)
             log_ratio = (logp - old_logp) * mask
-            ratio = log_ratio.exp()
-            unclipped = ratio * advantages[:, None]
-            clipped = ratio.clamp(1 - config.ppo_clip, 1 + config.ppo_clip) * advantages[:, None]
-            policy_loss = -(torch.min(unclipped, clipped) * mask).sum() / mask.sum()
             kl = kl_k3(logp, ref_logp, mask)
             loss = policy_loss + config.kl_coef * kl
             optimizer_step(policy, optimizer, loss, config.max_grad_norm)
@@ -71,6 +81,10 @@ def train_ppo(
                 clip_fraction = (((ratio - 1).abs() > config.ppo_clip).float() * mask).sum() / mask.sum()
                 approx_kl = (((ratio - 1) - log_ratio) * mask).sum() / mask.sum()
             meter.add(
-                loss=loss.item(), kl=kl.item(), clip_fraction=clip_fraction.item(), approx_kl=approx_kl.item()
+                loss=loss.item(),
+                policy_loss=policy_loss.item(),
+                kl=kl.item(),
+                clip_fraction=clip_fraction.item(),
+                approx_kl=approx_kl.item(),
             )
     return meter.means()

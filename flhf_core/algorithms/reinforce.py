@@ -1,17 +1,22 @@
-"""REINFORCE with a per-prompt baseline and a KL penalty to the received model.
+"""REINFORCE with a leave-one-out baseline (RLOO) and a KL penalty to the received model.
 
 Policy gradient (Williams, 1992) on the user's ratings. For a document x the policy
-samples n summaries y_1..y_n and the user rates them r_i. The advantage of a sample is
-its rating minus the mean rating of the other samples of the same document
-(a group baseline, as in RLOO: Ahmadian et al., 2024, https://arxiv.org/abs/2402.14740):
+samples k summaries y_1..y_k at temperature T and the user rates them r_i. A sample's
+advantage is its rating minus the mean rating of the *other* samples of the same document
+(RLOO: Kool et al., 2019; Ahmadian et al., 2024, https://arxiv.org/abs/2402.14740),
+scaled to unit spread over the batch (:func:`~flhf_core.algorithms.rollout.rloo_advantages`).
+The loss is averaged per token, as PPO's is, so that ``kl-coef`` means the same in both:
 
-    A_i  = r_i - mean_j r_j
-    L(θ) = - mean_i  A_i * sum_t log π_θ(y_i,t | y_i,<t, x)   +   β * KL(π_θ || π_ref)
+    A_i  = r_i - 1/(k-1) sum_{j != i} r_j
+    L(θ) = - 1/N sum_{i,t} A_i log π_θ(y_i,t | y_i,<t, x)   +   β * 1/N sum_{i,t} k3_i,t
 
-π_ref is the model received from the server this round, so local updates stay near the
-federation's model. The KL is estimated per sampled token with the non-negative
-estimator k3 = exp(q) - q - 1, q = log π_ref - log π_θ (Schulman, 2020; as in GRPO).
-Unrated samples get no advantage; dropout is off while sampling and updating.
+N is the number of response tokens in the batch; π_θ's log-probabilities are of logits / T,
+the distribution the tokens were drawn from. π_ref is the model received from the server
+this round, so local updates stay near the federation's model; k3 = exp(q) - q - 1,
+q = log π_ref - log π_θ (Schulman, 2020), whose gradient is that of KL(π_ref || π_θ)
+(see :func:`~flhf_core.algorithms.rollout.kl_k3`). At the first step REINFORCE's loss and
+gradient equal PPO's (ratio 1, nothing clipped). Unrated samples get no advantage; dropout
+is off while sampling and updating.
 """
 
 from __future__ import annotations
@@ -26,15 +31,20 @@ from .rollout import (
     FeedbackConfig,
     StatsMeter,
     frozen_copy,
-    group_advantages,
     kl_k3,
     make_optimizer,
     optimizer_step,
     pick_prompts,
     rate,
+    rloo_advantages,
     sample,
     token_logprobs,
 )
+
+
+def reinforce_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """- 1/N sum_{i,t} A_i log π(y_i,t): the policy-gradient surrogate, per token."""
+    return -(advantages[:, None] * logp * mask).sum() / mask.sum().clamp(min=1)
 
 
 def train_reinforce(
@@ -51,15 +61,15 @@ def train_reinforce(
     for _ in range(config.steps):
         rollout = sample(policy, tokenizer, pick_prompts(examples, config.prompts_per_step, rng), config)
         feedback = rate(rollout, profile, rng)
-        advantages = group_advantages(feedback.scores, feedback.rated, config.samples_per_prompt)
+        advantages = rloo_advantages(feedback.scores, feedback.rated, config.samples_per_prompt)
 
-        logp = token_logprobs(policy, rollout, config.bf16)
+        logp = token_logprobs(policy, rollout, config.bf16, config.temperature)
         with torch.no_grad():
-            ref_logp = token_logprobs(reference, rollout, config.bf16)
-        policy_loss = -(advantages * logp.sum(dim=1)).mean()
+            ref_logp = token_logprobs(reference, rollout, config.bf16, config.temperature)
+        policy_loss = reinforce_loss(logp, advantages, rollout.response_mask)
         kl = kl_k3(logp, ref_logp, rollout.response_mask)
         loss = policy_loss + config.kl_coef * kl
         optimizer_step(policy, optimizer, loss, config.max_grad_norm)
 
-        meter.add(loss=loss.item(), kl=kl.item(), **feedback.summary())
+        meter.add(loss=loss.item(), policy_loss=policy_loss.item(), kl=kl.item(), **feedback.summary())
     return meter.means()

@@ -5,6 +5,13 @@ A *rollout* is ``samples_per_prompt`` summaries sampled for each of a few docume
 with the token ids the policy produced. Log-probabilities are recomputed by teacher
 forcing those ids, so the same code serves the policy (with gradients) and the frozen
 reference model (the model received this round).
+
+On-policy means the sampler and the log-probabilities describe one distribution. The
+sampler is plain ancestral sampling at ``temperature`` (no top-k/top-p, no beams, no
+repetition or length constraints, none of a checkpoint's own generation defaults:
+:func:`~flhf_core.generate.run_defaults_only`), so it draws from softmax(logits / T), and
+:func:`token_logprobs` takes log-softmax of logits / T. The rollout keeps the sampler's own
+log-probabilities (``sampler_logprobs``) so that this can be checked.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..config import RunConfig
 from ..data import Example
 from ..feedback import UserProfile, judge, score
+from ..generate import run_defaults_only
 from .sft import autocast
 
 
@@ -68,6 +76,9 @@ class Rollout:
     response_ids: torch.Tensor  # [B, T] sampled tokens, padded after </s>
     response_mask: torch.Tensor  # [B, T] 1.0 up to and including </s>
     texts: list[str]
+    sampler_logprobs: (
+        torch.Tensor
+    )  # [B, T] log-probability of each token as the sampler drew it (0 where masked)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -92,19 +103,26 @@ def sample(
         padding=True,
         return_tensors="pt",
     ).to(device)
-    generated = model.generate(
-        **encoded,
-        do_sample=True,
-        top_k=0,
-        temperature=config.temperature,
-        num_return_sequences=n,
-        max_new_tokens=config.max_new_tokens,
-    )
-    response = generated[:, 1:]  # drop the decoder start token
+    with run_defaults_only(model):
+        generated = model.generate(
+            **encoded,
+            do_sample=True,
+            temperature=config.temperature,
+            top_k=0,
+            top_p=1.0,
+            num_beams=1,
+            num_return_sequences=n,
+            max_new_tokens=config.max_new_tokens,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    response = generated.sequences[:, 1:]  # drop the decoder start token
     is_eos = response == tokenizer.eos_token_id
     # keep tokens up to and including the first </s> (all of them if none was produced)
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
     mask = (~after_eos).float()
+    scores = torch.stack(generated.scores, dim=1).float()  # [B, T, V]: what the sampler drew from
+    sampler_logprobs = torch.log_softmax(scores, dim=-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
     return Rollout(
         examples=[e for e in examples for _ in range(n)],
         input_ids=encoded["input_ids"].repeat_interleave(n, dim=0),
@@ -112,17 +130,24 @@ def sample(
         response_ids=response,
         response_mask=mask,
         texts=[t.strip() for t in tokenizer.batch_decode(response, skip_special_tokens=True)],
+        sampler_logprobs=sampler_logprobs.masked_fill(mask == 0, 0.0),
     )
 
 
-def token_logprobs(model: PreTrainedModel, rollout: Rollout, bf16: bool = False) -> torch.Tensor:
-    """log pi(y_t | y_<t, x) for each response token, zero where masked; shape [B, T]."""
+def token_logprobs(
+    model: PreTrainedModel, rollout: Rollout, bf16: bool = False, temperature: float = 1.0
+) -> torch.Tensor:
+    """log pi_T(y_t | y_<t, x) = log_softmax(logits / T) for each response token, zero where masked.
+
+    With the sampling temperature T these are the log-probabilities of the distribution
+    the tokens were drawn from (on-policy); T = 1 gives the model's own. Shape [B, T].
+    """
     device = next(model.parameters()).device
     with autocast(device, bf16):
         logits = model(
             input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, labels=rollout.labels
         ).logits
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     picked = logp.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
     return picked * rollout.response_mask
 
@@ -151,7 +176,7 @@ class RolloutFeedback:
 
 
 def rate(rollout: Rollout, profile: UserProfile, rng: np.random.Generator) -> RolloutFeedback:
-    """Ask the simulated user to rate every sampled summary."""
+    """Ask the simulated user to rate every sampled summary (tensors on the rollout's device)."""
     utilities, scores, rated = [], [], []
     for example, text in zip(rollout.examples, rollout.texts, strict=True):
         utility = judge(profile, text, example.summary).utility
@@ -159,34 +184,54 @@ def rate(rollout: Rollout, profile: UserProfile, rng: np.random.Generator) -> Ro
         utilities.append(utility)
         scores.append(0.0 if rating is None else rating)
         rated.append(0.0 if rating is None else 1.0)
-    return RolloutFeedback(torch.tensor(scores), torch.tensor(rated), torch.tensor(utilities))
+    device = rollout.response_ids.device
+    return RolloutFeedback(
+        torch.tensor(scores, device=device),
+        torch.tensor(rated, device=device),
+        torch.tensor(utilities, device=device),
+    )
 
 
-def group_advantages(rewards: torch.Tensor, rated: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Whitened reward minus the mean of the rated samples of the same prompt (0 where unrated).
+def rloo_advantages(rewards: torch.Tensor, rated: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages, scaled to unit spread (0 where no signal).
 
-    A per-prompt baseline removes how easy the document is from the signal (as in
-    RLOO/GRPO). Ratings differ by a few hundredths between samples, so the centred rewards
-    are divided by their standard deviation over the batch: the step size then means the
-    same whatever the reward scale. Unrated samples and prompts with one rating carry no
-    signal.
+    RLOO (Kool et al., 2019; Ahmadian et al., 2024, https://arxiv.org/abs/2402.14740): a
+    sample's baseline is the mean rating of the *other* rated samples of the same document,
+
+        A_i = r_i - 1/(k-1) * sum_{j != i} r_j      (k rated samples of the document)
+
+    which does not depend on r_i, so the policy gradient stays unbiased (a group mean that
+    includes r_i would not be a valid baseline). Unrated samples, and documents with fewer
+    than two ratings, carry no signal. Ratings differ by a few hundredths between samples,
+    so the advantages are then divided by their standard deviation over the batch: the
+    step size then means the same whatever the reward scale (signs and ratios within the
+    batch are kept).
     """
     r = rewards.view(-1, group_size)
     m = rated.view(-1, group_size)
     count = m.sum(dim=1, keepdim=True)
-    baseline = (r * m).sum(dim=1, keepdim=True) / count.clamp(min=1)
-    centred = ((r - baseline) * m * (count > 1)).view(-1)
-    informative = centred[(m * (count > 1)).view(-1) > 0]
-    if informative.numel() < 2:
-        return centred
-    return centred / (informative.std() + 1e-6)
+    others = (count - m).clamp(min=1)  # rated samples besides this one
+    baseline = ((r * m).sum(dim=1, keepdim=True) - r * m) / others
+    informative = m * (count > 1)
+    advantages = ((r - baseline) * informative).view(-1)
+    signal = advantages[informative.view(-1) > 0]
+    if signal.numel() < 2:
+        return advantages
+    return advantages / (signal.std() + 1e-6)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token estimate of KL(π_θ || π_ref) on tokens sampled from π_θ, averaged.
+    """Per-token k3 estimate of KL(π_θ || π_ref) on tokens sampled from π_θ, averaged over tokens.
 
-    k3 = exp(q) - q - 1 with q = log π_ref - log π_θ: unbiased and never negative
-    (Schulman, 2020, http://joschu.net/blog/kl-approx.html).
+    k3 = exp(q) - q - 1 with q = log π_ref - log π_θ: an unbiased, never negative estimate
+    of the *value* KL(π_θ || π_ref) (Schulman, 2020, http://joschu.net/blog/kl-approx.html),
+    which is what we log as ``kl``.
+
+    Its *gradient* as a loss (tokens fixed, not differentiated through the sampler) is
+    another direction: E_{y~π_θ}[∇k3] = E_{y~π_θ}[(1 - π_ref/π_θ) ∇log π_θ]
+    = -E_{y~π_ref}[∇log π_θ] = ∇ KL(π_ref || π_θ), per token given the sampled prefix. So
+    the penalty pulls the policy toward covering what the reference model would say
+    (mass-covering), as in GRPO; tests/test_algorithms.py checks this on a categorical.
     """
     q = (ref_logp - logp) * mask
     return ((q.exp() - q - 1) * mask).sum() / mask.sum().clamp(min=1)
@@ -202,6 +247,7 @@ def subset(rollout: Rollout, index: torch.Tensor) -> Rollout:
         response_ids=rollout.response_ids[index],
         response_mask=rollout.response_mask[index],
         texts=[rollout.texts[i] for i in keep],
+        sampler_logprobs=rollout.sampler_logprobs[index],
     )
 
 

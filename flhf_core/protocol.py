@@ -1,0 +1,25 @@
+"""The message keys the ClientApp and the ServerApp both use, in one place.
+
+Both sides import this module; neither imports the other's code. A reply carries the
+user's parameters (``arrays``, train only), its figures (``metrics``) and a ConfigRecord
+naming the user (``user``), so that the server can attribute replies to users rather
+than to Flower's random node ids.
+"""
+
+from __future__ import annotations
+
+ARRAYS = "arrays"  # ArrayRecord: parameters (shared ones only)
+CONFIG = "config"  # ConfigRecord: the round's instructions from the server
+METRICS = "metrics"  # MetricRecord: a reply's figures
+
+USER_RECORD = "user"  # ConfigRecord in every reply, naming the user who sent it
+USER_ID = "user-id"  # its partition id
+NUM_USERS = "num-users"  # the node's num-partitions (in identification replies)
+
+# ConfigRecord keys the server sets in every train and evaluate message
+SERVER_ROUND = "server-round"
+PHASE = "phase"
+RUN_NAME = "run-name"
+TOKENIZER_SHA256 = "tokenizer-sha256"
+TOKENIZER_JSON = "tokenizer-json"
+LEARNING_RATE = "learning-rate"
