@@ -228,11 +228,10 @@ class Federation:
         arrays = parameters_to_record(self.state.model, self.state.shared_names)
         started = time.perf_counter()
         for server_round in range(1, config.num_server_rounds + 1):
-            arrays = self.run_round(server_round, arrays)
+            arrays, row = self.run_round(server_round, arrays)
             self.rounds_done = server_round
-            elapsed = time.perf_counter() - started
-            eta = elapsed / server_round * (config.num_server_rounds - server_round)
-            log(INFO, "round %d/%d done; ETA %.0fs", server_round, config.num_server_rounds, eta)
+            eta = (time.perf_counter() - started) / server_round * (config.num_server_rounds - server_round)
+            log(INFO, round_line(server_round, config.num_server_rounds, config.phase(server_round), row, eta))
         self.finish()
 
     def exchange(self, messages: list[Message]) -> list[Message]:
@@ -286,8 +285,10 @@ class Federation:
 
         return functools.lru_cache(maxsize=None)(count)
 
-    def run_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        """One round; returns the new global parameters. Raises RoundFailed if no reply was valid."""
+    def run_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
+        """One round; returns the new global parameters and the server's row of metrics.
+
+        Raises RoundFailed if no training reply was valid."""
         started = time.perf_counter()
         phase = self.state.config.phase(server_round)
         config_record = round_config(self.state, phase, server_round, self.tracker.run_dir.name)
@@ -338,8 +339,7 @@ class Federation:
         }
         self.tracker.log(server_round, phase, "server", None, server_row)
         save_checkpoint(self.tracker.run_dir, self.state, server_round)
-        log(INFO, round_line(server_round, self.state.config.num_server_rounds, phase, server_row))
-        return arrays
+        return arrays, server_row
 
     def finish(self, error: BaseException | None = None) -> None:
         """summary.json, the final model (where there is one) and plots; on failure, marked failed."""
@@ -371,8 +371,8 @@ NO_GLOBAL_MODEL = (
 )
 
 
-def round_line(server_round: int, rounds: int, phase: str, row: Mapping[str, float]) -> str:
-    """The per-round log line: held-out figures (where there is a global model), users, time."""
+def round_line(server_round: int, rounds: int, phase: str, row: Mapping[str, float], eta: float) -> str:
+    """The per-round log line: held-out figures (where there is a global model), users, time, ETA."""
     parts = [f"round {server_round}/{rounds} [{phase}]"]
     if "rougeL" in row:
         parts.append(f"held-out rougeL {row['rougeL']:.2f} loss {row['loss']:.3f}")
@@ -381,7 +381,7 @@ def round_line(server_round: int, rounds: int, phase: str, row: Mapping[str, flo
     if "reward-personal" in row:
         parts.append(f"personal reward {row['reward-personal']:.3f}")
     parts.append(f"clients {row['clients']}, failures {row['failures']}")
-    parts.append(f"{row['seconds']:.1f}s")
+    parts.append(f"{row['seconds']:.1f}s, ETA {eta:.0f}s")
     return " | ".join(parts)
 
 

@@ -15,7 +15,17 @@ import torch
 
 from flhf_core import data
 from flhf_core.algorithms import FEEDBACK_ALGORITHMS
-from flhf_core.algorithms.rollout import FeedbackConfig, group_advantages
+from flhf_core.algorithms.ppo import ppo_clip_loss
+from flhf_core.algorithms.reinforce import reinforce_loss
+from flhf_core.algorithms.rollout import (
+    FeedbackConfig,
+    Rollout,
+    kl_k3,
+    rate,
+    rloo_advantages,
+    sample,
+    token_logprobs,
+)
 from flhf_core.algorithms.sft import SFTConfig, train_sft
 from flhf_core.config import RunConfig
 from flhf_core.feedback import UserProfile, judge
@@ -72,14 +82,86 @@ def test_feedback_raises_reward_on_heldout_documents(setting, tokenizer, algorit
     assert after["content"] > before["content"] - 0.02  # content (ROUGE-L vs the preferred aspect) holds
 
 
-def test_group_advantages_centre_each_prompt_and_ignore_unrated():
-    rewards = torch.tensor([0.1, 0.3, 0.2, 0.2, 0.5, 0.0])
-    rated = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
-    advantages = group_advantages(rewards, rated, group_size=2)
-    assert advantages[0] < 0 < advantages[1]
-    assert advantages[2] == advantages[3] == 0  # equal ratings: no signal
-    assert advantages[4] == advantages[5] == 0  # one rating in the group: no signal
-    assert advantages[:2].sum().abs() < 1e-6
+def test_rloo_baseline_leaves_the_sample_out_and_ignores_unrated():
+    rewards = torch.tensor([0.1, 0.3, 0.2, 0.1, 0.3, 0.9, 0.5, 0.0, 0.0])
+    rated = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    advantages = rloo_advantages(rewards, rated, group_size=3)
+    # doc 1, all rated: r_i - mean of the other two = -0.15, 0.15, 0; doc 2, two rated: -0.2, 0.2
+    raw = torch.tensor([-0.15, 0.15, 0.0, -0.2, 0.2, 0.0, 0.0, 0.0, 0.0])
+    scale = raw[[0, 1, 2, 3, 4]].std()
+    torch.testing.assert_close(advantages, raw / (scale + 1e-6))
+    # a group mean that included the sample would give both documents the same spread
+    assert advantages[4] / advantages[1] == pytest.approx(4 / 3)
+    assert advantages[5] == 0 and (advantages[6:] == 0).all()  # unrated, or alone in its group
+
+
+def test_reinforce_and_ppo_put_the_kl_on_the_same_per_token_scale():
+    """At the first PPO step (ratio 1, nothing clipped) the two surrogates have the same
+    gradient: both are per-token averages, as the k3 term is, so kl-coef means the same in
+    both (REINFORCE summed over a sequence's tokens was ~20 times stronger than its KL)."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, requires_grad=True)
+    mask = torch.tensor([[1.0] * 6, [1.0] * 3 + [0.0] * 3, [1.0] * 5 + [0.0], [1.0] * 2 + [0.0] * 4])
+    advantages = torch.tensor([1.0, -0.5, 0.3, -0.8])
+    logp = torch.nn.functional.logsigmoid(logits) * mask
+    pg = reinforce_loss(logp, advantages, mask)
+    (pg_grad,) = torch.autograd.grad(pg, logits, retain_graph=True)
+    clipped, _ = ppo_clip_loss(logp, logp.detach(), advantages, mask, clip=0.2)
+    (ppo_grad,) = torch.autograd.grad(clipped, logits)
+    torch.testing.assert_close(pg_grad, ppo_grad)
+
+
+def test_k3_penalty_gradient_is_that_of_kl_from_the_reference():
+    """On a categorical policy, the expected gradient of the k3 loss (tokens drawn from the
+    policy, not differentiated through) equals the gradient of KL(pi_ref || pi_theta), as
+    kl_k3's docstring says, and not that of KL(pi_theta || pi_ref)."""
+    torch.manual_seed(0)
+    theta = torch.randn(7, requires_grad=True)
+    ref_logp = torch.log_softmax(torch.randn(7), dim=0)
+    logp = torch.log_softmax(theta, dim=0)
+    probs = logp.exp().detach()
+    # every outcome y as a one-token sample, weighted by its probability under the policy
+    expected = sum(probs[y] * kl_k3(logp[y : y + 1], ref_logp[y : y + 1], torch.ones(1)) for y in range(7))
+    (k3_grad,) = torch.autograd.grad(expected, theta)
+    forward = (ref_logp.exp() * (ref_logp - torch.log_softmax(theta, dim=0))).sum()
+    (forward_grad,) = torch.autograd.grad(forward, theta)
+    torch.testing.assert_close(k3_grad, forward_grad)
+    reverse = (torch.softmax(theta, 0) * (torch.log_softmax(theta, 0) - ref_logp)).sum()
+    (reverse_grad,) = torch.autograd.grad(reverse, theta)
+    assert not torch.allclose(k3_grad, reverse_grad, atol=1e-3)
+
+
+def test_ratings_live_on_the_rollouts_device():
+    """Advantages must be where the log-probabilities are (CUDA crashed with them on the CPU);
+    the meta device stands in for an accelerator here."""
+    examples = [data.Example("d", "outcome", "a document", "a summary")] * 2
+    rollout = Rollout(
+        examples=examples,
+        input_ids=torch.zeros(2, 3, dtype=torch.long, device="meta"),
+        attention_mask=torch.ones(2, 3, device="meta"),
+        response_ids=torch.zeros(2, 4, dtype=torch.long, device="meta"),
+        response_mask=torch.ones(2, 4, device="meta"),
+        texts=["a summary", "another summary"],
+        sampler_logprobs=torch.zeros(2, 4, device="meta"),
+    )
+    feedback = rate(rollout, UserProfile(0, "outcome"), np.random.default_rng(0))
+    assert {t.device.type for t in (feedback.scores, feedback.rated, feedback.utility)} == {"meta"}
+    assert rloo_advantages(feedback.scores, feedback.rated, 2).device.type == "meta"
+
+
+def test_sampling_is_on_policy_whatever_the_checkpoint_asks_for(tokenizer, tiny_model):
+    """A checkpoint's generation_config (repetition constraints, min_length, penalties) must not
+    bend the sampler away from the distribution whose log-probabilities the update uses."""
+    hostile = dict(no_repeat_ngram_size=1, repetition_penalty=3.0, min_length=12, top_k=5, num_beams=3)
+    for key, value in hostile.items():
+        setattr(tiny_model.generation_config, key, value)
+    torch.manual_seed(0)
+    examples = [data.Example("d", "outcome", "we propose a parser for long sentences", "a parser")] * 2
+    config = FeedbackConfig(samples_per_prompt=3, max_new_tokens=16, temperature=0.7, bf16=False)
+    rollout = sample(tiny_model, tokenizer, examples, config)
+    teacher_forced = token_logprobs(tiny_model, rollout, bf16=False, temperature=0.7)
+    torch.testing.assert_close(rollout.sampler_logprobs, teacher_forced, atol=1e-4, rtol=1e-4)
+    assert tiny_model.generation_config.repetition_penalty == 3.0  # the checkpoint's own config is restored
 
 
 @pytest.mark.slow

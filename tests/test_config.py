@@ -93,3 +93,56 @@ def test_readme_documents_every_key_and_ci_runs_its_test_command():
     assert not undocumented
     test_command = readme.split("Run the tests:")[1].split("```bash\n")[1].split("\n")[0]
     assert test_command in (PYPROJECT.parent / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize(
+    "key", ["learning-rate", "kl-coef", "reward-temperature", "round-timeout", "dpo-beta"]
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_floats_are_refused_with_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"{key}: .* is not a finite number"):
+        RunConfig.from_mapping({key: value})
+
+
+@pytest.mark.parametrize(
+    ("tables", "message"),
+    [
+        (
+            'aspect = "outcome"\n\n[[user]]\naspect = "outcome"\nlength_words = "long"\n',
+            "length_words must be an integer",
+        ),
+        (
+            'aspect = "outcome"\n\n[[user]]\naspect = "outcome"\nrating_noise = nan\n',
+            "rating_noise must be a finite",
+        ),
+        ('aspect = "outcome"\n\n[[user]]\naspect = "method"\n', "aspect 'method' is not one of"),
+        ('aspect = "outcome"\ninclude_keywords = "bleu"\n', "include_keywords must be a list of words"),
+    ],
+)
+def test_a_bad_user_profile_file_is_refused_before_the_run(tmp_path, tables, message):
+    """Every table is checked up front, also those only a later user would read."""
+    path = tmp_path / "users.toml"
+    path.write_text("[[user]]\n" + tables)
+    with pytest.raises(ConfigError, match=f"user-profiles: .*{message}"):
+        RunConfig.from_mapping({"user-profiles": str(path)})
+    with pytest.raises(ConfigError, match="neither a preset"):
+        RunConfig.from_mapping({"user-profiles": str(tmp_path / "absent.toml")})
+
+
+def test_feedback_algorithm_without_feedback_rounds_is_refused_with_the_way_out():
+    # the pyproject defaults: 8 rounds, all of them supervised
+    with pytest.raises(
+        ConfigError, match=r"'reinforce' would never run.*Set sft-rounds below num-server-rounds"
+    ):
+        RunConfig.from_mapping({**pyproject_defaults(), "feedback-algorithm": "reinforce"})
+    config = RunConfig.from_mapping(
+        {**pyproject_defaults(), "feedback-algorithm": "reinforce", "sft-rounds": 5}
+    )
+    assert config.phase(6) == "feedback"
+
+
+def test_launcher_resolves_a_relative_profile_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "users.toml").write_text('[[user]]\naspect = "outcome"\n')
+    config = merged_config("smoke", ["user-profiles=users.toml", f"results-dir={tmp_path}"])
+    assert config["user-profiles"] == str(tmp_path / "users.toml")  # the apps run elsewhere

@@ -49,9 +49,42 @@ def test_partitions_are_disjoint_deterministic_and_avoid_heldout(corpus, partiti
         assert not keys(user.train) & keys(user.validation)
         assert not {doc for doc, _ in held} & heldout
         seen |= held
-    if partitioning != "preference":  # every non-held-out example belongs to someone
-        total = sum(1 for d in corpus.documents if d.doc_id not in heldout for _ in d.summaries)
+    if partitioning != "preference":  # every example of a train or validation document belongs to someone
+        held_by_users = (data.TRAIN, data.VALIDATION)
+        total = sum(
+            len(d.summaries)
+            for d in corpus.documents
+            if data.document_role(d.doc_id, config) in held_by_users
+        )
         assert len(seen) == total
+
+
+@pytest.mark.parametrize("partitioning", ["iid", "dirichlet", "preference"])
+def test_splits_keep_the_four_kinds_of_documents_apart(corpus, partitioning):
+    """splits.json's promises, for 6 users: held-out documents are nobody's; a user's train and
+    validation documents never meet; reward documents are in nobody's train or feedback lists."""
+    config = RunConfig(partitioning=partitioning)
+    splits = json.loads(json.dumps(data.splits(corpus, config, 6)))  # as written to splits.json
+    assert set(splits["users"]) == {str(u) for u in range(6)}
+    heldout = set(splits["heldout"])
+    assert heldout and all(isinstance(d, str) for d in heldout)
+    users = splits["users"].values()
+    trained = {d for u in users for key in ("train", "feedback") for d in u[key]}
+    for user in users:
+        assert not heldout & {d for key in ("train", "validation", "feedback", "reward") for d in user[key]}
+        assert not set(user["train"]) & set(user["validation"])
+        assert set(user["feedback"]) <= set(user["train"])
+        assert len(user["reward"]) == config.reward_documents
+    assert not trained & {d for u in users for d in u["reward"]}
+
+
+def test_validation_is_split_by_document_not_by_example(corpus):
+    """Under iid a document's aspects go to different users; none of a user's validation
+    documents may be one it trains on (about 30% were, when the split was by example)."""
+    config = RunConfig()
+    for user in examples_of(corpus, 6, config):
+        assert not {e.doc_id for e in user.train} & {e.doc_id for e in user.validation}
+        assert user.validation
 
 
 def test_seed_changes_the_partition(corpus):

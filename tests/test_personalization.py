@@ -19,7 +19,8 @@ from flhf_core.model import (
     record_to_parameters,
     tokenizer_fingerprint,
 )
-from flhf_core.server import personal_spread, shared_parameter_names
+from flhf_core.reporting import personal_spread
+from flhf_core.server import shared_parameter_names
 
 
 def run_config(smoke_config, mode, tmp_path):
@@ -89,15 +90,11 @@ def test_a_corrupt_state_file_is_reported_kept_and_the_user_starts_fresh(
     reply = client_app.train(server_message(config, tokenizer)[0], context)
     assert reply.content["metrics"]["state-unreadable"] == 1.0
     assert state_file.with_name(state_file.name + ".corrupt").read_bytes() == b"not a safetensors file"
-    assert (
-        personal.restore(
-            new_context(config, tmp_path / "state"),
-            state_file.parent,
-            "local-head",
-            frozenset(context.state.array_records["personal"].keys()),
-        ).source
-        == "file"
+    shapes = {k: tuple(v.shape) for k, v in context.state.array_records["personal"].items()}
+    restored = personal.restore(
+        new_context(config, tmp_path / "state"), state_file.parent, "local-head", shapes
     )
+    assert restored.source == "file"
 
 
 def test_evaluation_compares_global_and_personalized(flower_identity, smoke_config, tokenizer, tmp_path):
@@ -185,3 +182,40 @@ def test_personalization_gain_figures():
     assert spread["personalization-gain"] == pytest.approx(0.25 / 3)
     assert spread["personalization-gain-worst"] == -0.05 and spread["reward-personal-worst"] == 0.2
     assert spread["users-helped"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("problem", ["other-rank", "wrong-shape", "non-finite"])
+def test_a_state_file_that_does_not_fit_is_reported_kept_and_the_user_starts_fresh(
+    flower_identity, smoke_config, tokenizer, tmp_path, problem
+):
+    """Right names, wrong content: another lora-rank, a wrong shape, NaN. The user trains
+    every round from a fresh adapter instead of failing every round."""
+    config = run_config(smoke_config, "lora", tmp_path)
+    model = add_lora(build_model(config, tokenizer), rank=4 if problem == "other-rank" else 8, seed=1)
+    arrays = {
+        k: v.numpy().copy()
+        for k, v in parameters_to_record(model, personal_parameter_names(model, "lora")).items()
+    }
+    name = sorted(arrays)[0]
+    if problem == "wrong-shape":
+        arrays[name] = arrays[name][:-1]
+    elif problem == "non-finite":
+        arrays[name][0] = np.nan
+    context = new_context(config, tmp_path / "state")
+    folder = personal.state_dir(context, config, "run", 0)
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    state_file = personal.persist(
+        Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}),
+        folder,
+        record,
+        "lora",
+        1,
+    )
+    original = state_file.read_bytes()
+    reply = client_app.train(server_message(config, tokenizer)[0], context)
+    metrics = reply.content["metrics"]
+    assert metrics["state-unreadable"] == 1.0 and metrics["state-from-file"] == 0.0
+    assert np.isfinite(metrics["train-loss"])
+    assert state_file.with_name(state_file.name + ".corrupt").read_bytes() == original  # the evidence is kept
+    again = client_app.train(server_message(config, tokenizer, server_round=2)[0], context)
+    assert again.content["metrics"]["state-from-context"] == 1.0  # the fresh adapter lives on

@@ -9,7 +9,8 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
 from flhf_core.aggregation import client_weights, weighted_average
-from flhf_core.strategy import USER_ID, USER_RECORD, FeedbackFedAvg
+from flhf_core.protocol import USER_ID, USER_RECORD
+from flhf_core.strategy import FeedbackFedAvg
 
 SHAPES = {"a": (3, 4), "b": (5,)}
 
@@ -86,7 +87,9 @@ def test_bad_replies_are_rejected_and_the_round_goes_on(round_one):
     replies = [
         reply_to(sent[0], user_id=0, num_examples=10, seed=0),
         reply_to(sent[1], user_id=1, num_examples=10, seed=1, arrays=nan),
-        reply_to(sent[2], user_id=2, num_examples=10, seed=2, **{USER_RECORD: None}),
+        reply_to(
+            sent[2], user_id=2, num_examples=10, seed=2, **{USER_RECORD: ConfigRecord({USER_ID: "two"})}
+        ),
         Message(Error(code=0, reason="client crashed"), reply_to=sent[3]),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -94,7 +97,7 @@ def test_bad_replies_are_rejected_and_the_round_goes_on(round_one):
     assert list(report.user_metrics) == [0]
     assert report.failures == 3
     reasons = " | ".join(r.reason for r in report.rejected)
-    assert "non-finite" in reasons and "user-id" in reasons and "client crashed" in reasons
+    assert "non-finite" in reasons and "user-id' is not an integer" in reasons and "client crashed" in reasons
     # the one valid reply is the new model; the crashed reply is attributed to the node it was sent to
     np.testing.assert_array_equal(arrays["a"].numpy(), replies[0].content["arrays"]["a"].numpy())
     assert sent[3].metadata.dst_node_id in {r.node_id for r in report.rejected}
@@ -162,3 +165,84 @@ def test_a_silent_node_is_a_failure_named_by_its_user(round_one):
         and "no reply" in silent.reason
         and silent.node_id == later[2].metadata.dst_node_id
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "array"),
+    [
+        ("a", np.zeros((4, 3), dtype=np.float32)),  # transposed: would raise when averaged
+        ("b", np.zeros((1,), dtype=np.float32)),  # broadcasts: would be silently averaged in
+        ("b", np.zeros((5,), dtype=np.float64)),  # another dtype
+    ],
+)
+def test_a_reply_with_the_wrong_shape_or_dtype_is_rejected(round_one, name, array):
+    strategy, sent = round_one
+    bad = reply_to(sent[1], user_id=1, num_examples=10, seed=1)
+    bad.content["arrays"][name] = Array(array)
+    good = reply_to(sent[0], user_id=0, num_examples=10, seed=0)
+    arrays, _ = strategy.aggregate_train(1, [good, bad])
+    report = strategy.reports[(1, MessageType.TRAIN)]
+    assert list(report.user_metrics) == [0] and f"parameter '{name}' is" in report.rejected[0].reason
+    np.testing.assert_array_equal(arrays["b"].numpy(), good.content["arrays"]["b"].numpy())
+
+
+def test_replies_are_checked_even_when_the_strategy_did_not_send_the_round(flower_identity):
+    """Another loop may send the messages; shapes and finiteness are still checked (against
+    the signature most replies share)."""
+    strategy = FeedbackFedAvg(min_available_nodes=1)
+    sent = [
+        Message(RecordDict({"arrays": global_arrays()}), dst_node_id=n, message_type=MessageType.TRAIN)
+        for n in (5, 6, 7)
+    ]
+    for message in sent:
+        message.metadata.__dict__["_message_id"] = message.object_id
+    nan = ArrayRecord({k: Array(np.full(s, np.nan, dtype=np.float32)) for k, s in SHAPES.items()})
+    wrong = ArrayRecord({"a": Array(np.zeros((1, 4), dtype=np.float32)), "b": Array(np.zeros(5, np.float32))})
+    replies = [
+        reply_to(sent[0], user_id=0, num_examples=3, seed=0),
+        reply_to(sent[1], user_id=1, num_examples=3, seed=1, arrays=nan),
+        reply_to(sent[2], user_id=2, num_examples=3, seed=2, arrays=wrong),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and list(strategy.reports[(1, MessageType.TRAIN)].user_metrics) == [0]
+
+
+def test_drop_in_for_fedavg_with_replies_that_name_no_user(round_one):
+    """Any Flower ClientApp's replies: known by node id, averaged exactly as FedAvg does."""
+    strategy, sent = round_one
+    replies = [
+        reply_to(m, user_id=0, num_examples=n, seed=i, **{USER_RECORD: None})
+        for i, (m, n) in enumerate(zip(sent, [10, 250, 37, 3], strict=True))
+    ]
+    ours, _ = strategy.aggregate_train(1, replies)
+    theirs, _ = FedAvg().aggregate_train(1, replies)
+    for key in SHAPES:
+        np.testing.assert_array_equal(ours[key].numpy(), theirs[key].numpy())
+    report = strategy.reports[(1, MessageType.TRAIN)]
+    assert (
+        sorted(report.user_metrics) == sorted(m.metadata.dst_node_id for m in sent) and report.failures == 0
+    )
+
+
+def test_a_claimed_billion_examples_buys_nothing_when_the_server_counts(round_one):
+    strategy, sent = round_one
+    strategy.example_counts = {0: 100.0, 1: 100.0, 2: 100.0, 3: 100.0}.get
+    claims = [1e9, 100, 100, 100]
+    replies = [
+        reply_to(m, user_id=i, num_examples=n, seed=i)
+        for i, (m, n) in enumerate(zip(sent, claims, strict=True))
+    ]
+    strategy.aggregate_train(1, replies)
+    assert strategy.reports[(1, MessageType.TRAIN)].weights == pytest.approx({i: 0.25 for i in range(4)})
+
+
+def test_sampling_picks_the_same_users_whatever_their_node_ids(flower_identity):
+    """Flower draws node ids at random per run; with the users known, the seed decides alone."""
+    chosen = []
+    for first_node in (100, 90_000):
+        nodes = [first_node + 13 * user for user in range(20)]
+        strategy = FeedbackFedAvg(fraction_train=0.25, min_available_nodes=1, sampling_seed=1)
+        strategy.node_users = {node: user for user, node in enumerate(nodes)}
+        sent = strategy.configure_train(3, global_arrays(), ConfigRecord(), FakeGrid(nodes[::-1]))
+        chosen.append(sorted(strategy.node_users[m.metadata.dst_node_id] for m in sent))
+    assert len(chosen[0]) == 5 and chosen[0] == chosen[1]

@@ -212,12 +212,14 @@ def rloo_advantages(rewards: torch.Tensor, rated: torch.Tensor, group_size: int)
     count = m.sum(dim=1, keepdim=True)
     others = (count - m).clamp(min=1)  # rated samples besides this one
     baseline = ((r * m).sum(dim=1, keepdim=True) - r * m) / others
-    informative = m * (count > 1)
-    advantages = ((r - baseline) * informative).view(-1)
-    signal = advantages[informative.view(-1) > 0]
-    if signal.numel() < 2:
-        return advantages
-    return advantages / (signal.std() + 1e-6)
+    informative = (m * (count > 1)).view(-1)
+    advantages = (r - baseline).view(-1) * informative
+    # the spread of the informative advantages, without data-dependent branching (no device sync)
+    n = informative.sum()
+    mean = advantages.sum() / n.clamp(min=1)
+    variance = ((advantages - mean) ** 2 * informative).sum() / (n - 1).clamp(min=1)
+    spread = torch.where(n >= 2, variance.sqrt() + 1e-6, torch.ones_like(variance))
+    return advantages / spread
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
