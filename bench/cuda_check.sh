@@ -5,6 +5,8 @@
 # Writes at most 8 flat files to $OUT:
 #   cuda_check.log       everything printed here
 #   versions.txt         versions, where each module comes from, requirement problems, pip check
+#   feedback.json        every feedback algorithm's feedback round on CUDA: feedback-smoke run in-process
+#                        (flhf_core.inprocess: the real ServerApp loop and ClientApp handlers), one per algorithm
 #   smoke-summary.json   smoke-metrics.jsonl   flhf loopback smoke device=cuda --users 2
 #   lora-summary.json    lora-metrics.jsonl    ... --secure personalization=lora (TLS + SuperNode auth)
 #   logs.tar.gz          both runs' flower.log, flower-run.json, config.json and SuperLink/SuperNode logs
@@ -13,7 +15,7 @@ set -euo pipefail
 
 OUT=${OUT:-/tmp/flhf-out}
 mkdir -p "$OUT"
-BUDGET_S=${BUDGET_S:-420}
+BUDGET_S=${BUDGET_S:-480}
 SITE=/tmp/site
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 RESULTS=/tmp/flhf-results
@@ -182,6 +184,36 @@ EOF
     eval "dt_$name=$(( $(date +%s) - t ))"
     return "$rc"
   }
+  stamp "every feedback algorithm on CUDA: feedback-smoke in-process (1 SFT round, 1 feedback round)"
+  local rc_feedback=0 algo
+  for algo in best-of-n reinforce ppo dpo; do
+    timeout -k 10 "$(cap 60)" python3 -m flhf_core.inprocess feedback-smoke device=cuda feedback-algorithm="$algo" \
+      results-dir="$RESULTS" run-name="feedback-$algo" --users 2 || { echo "$algo: exit $?"; rc_feedback=1; }
+  done
+  python3 - "$RESULTS" "$OUT/feedback.json" <<'EOF' || rc_feedback=1
+import json, sys
+from pathlib import Path
+results, figures = Path(sys.argv[1]), {}
+for algo in ("best-of-n", "reinforce", "ppo", "dpo"):
+    run = results / f"feedback-{algo}"
+    if not (run / "summary.json").is_file():
+        figures[algo] = "no summary"
+        continue
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    users = [r for r in rows if r["scope"] == "client" and r["round"] == 2 and "train-seconds" in r]
+    figures[algo] = {
+        "status": json.loads((run / "summary.json").read_text()).get("status"),
+        "feedback-round-seconds": [r["seconds"] for r in rows if r["scope"] == "server" and r["round"] == 2],
+        "train-seconds": [u["train-seconds"] for u in users],
+        "train-kl": [u.get("train-kl") for u in users],
+        "train-reward-gain": [u.get("train-reward-gain") for u in users],
+    }
+    print(algo, figures[algo])
+json.dump(figures, open(sys.argv[2], "w"), indent=2)
+sys.exit(0 if all(isinstance(f, dict) and f["status"] == "completed" for f in figures.values()) else 1)
+EOF
+  echo "feedback algorithms on CUDA: exit $rc_feedback"
+
   s=0; run_loopback smoke smoke || s=$?; rc_smoke=$s
   s=0; run_loopback lora smoke-lora --secure personalization=lora || s=$?; rc_lora=$s
 
@@ -205,8 +237,8 @@ print(sys.argv[1].rsplit("/", 1)[1], {k: s[k] for k in list(s)[:12]})
 EOF
   done
   ls -la "$OUT"
-  stamp "done: sanity exit $rc_sanity; smoke exit $rc_smoke (${dt_smoke}s); lora exit $rc_lora (${dt_lora}s)"
-  [ "$rc_sanity" = 0 ] && [ "$rc_smoke" = 0 ] && [ "$rc_lora" = 0 ]
+  stamp "done: sanity exit $rc_sanity; feedback exit $rc_feedback; smoke exit $rc_smoke (${dt_smoke}s); lora exit $rc_lora (${dt_lora}s)"
+  [ "$rc_sanity" = 0 ] && [ "$rc_feedback" = 0 ] && [ "$rc_smoke" = 0 ] && [ "$rc_lora" = 0 ]
 }
 
 set -o pipefail

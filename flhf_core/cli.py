@@ -177,6 +177,10 @@ def command_run(args: argparse.Namespace) -> int:
     print(f"flhf: results will be written to {run_dir}", flush=True)
     with tempfile.TemporaryDirectory(prefix="flhf-superlink-") as workdir:
         with LocalSimulation(Path(workdir)) as superlink:
+            print(
+                f"flhf: SuperLink of this run on 127.0.0.1:{superlink.port} (pid {superlink.process.pid})",
+                flush=True,
+            )
             federation = [CONNECTION, "--federation-config", f"num-supernodes={users}"]
             code = submit_and_follow(config, federation, not args.quiet, superlink.env(), superlink.alive)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -259,16 +263,23 @@ def command_summarize(args: argparse.Namespace) -> int:
     from .tracking import read_json
 
     run_dir = Path(args.run_dir).resolve()
-    if not (run_dir / "model" / "config.json").is_file():
-        raise ConfigError(f"{run_dir} is not a finished FLHF run (no model/ folder).")
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"{run_dir} is not an FLHF run (no config.json).")
+    config = RunConfig.from_mapping(read_json(run_dir / "config.json"))
+    model_dir = run_dir / "model"
+    if not config.has_global_model:  # local-head: the shared body, completed by a user's own head
+        if args.user is None:
+            raise ConfigError(f"{run_dir} has no global model (personalization=local-head); use --user K.")
+        model_dir = run_dir / "checkpoints" / "latest"
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"{run_dir} is not a finished FLHF run (no {model_dir.name}/ folder).")
     text_path = Path(args.text)
     if not text_path.is_file():
         raise ConfigError(f"text file {text_path} does not exist.")
-    config = RunConfig.from_mapping(read_json(run_dir / "config.json"))
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
-    model = load_pretrained(run_dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_pretrained(model_dir)
     if args.user is not None:
         state = (
             Path(args.state) if args.state else run_dir / "users" / f"user-{args.user}" / personal.STATE_FILE

@@ -148,6 +148,32 @@ class LocalSimulation:
     def __exit__(self, *exc_info: object) -> None:
         if self.process is not None:
             stop_process_group(self.process)
+        stop_leftovers(self.port)
+
+
+def stop_leftovers(port: int) -> list[int]:
+    """Stop the process groups of Flower processes still talking to the SuperLink on ``port``.
+
+    The SuperLink starts ``flower-superexec`` in a session of its own, which starts
+    ``flwr-simulation`` (and Ray) or the apps in turn: if the SuperLink was killed rather
+    than stopped, they run on as orphans, busy with a run nobody will collect. They are
+    found by the SuperLink address on their command line (Linux ``/proc``). Returns their pids.
+    """
+    address = f"127.0.0.1:{port}"
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(address.encode() in arg for arg in argv) and any(
+            b"flwr" in arg or b"flower" in arg for arg in argv[:2]
+        ):
+            found.append(int(proc.name))
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+    return found
 
 
 def training_marker(workdir: Path, user: int) -> Path:
@@ -256,6 +282,7 @@ class Loopback:
         """Stop SuperNodes first, then the SuperLink; every process group entirely."""
         for name in sorted(self.processes, key=lambda n: n == "superlink"):
             stop_process_group(self.processes[name])
+        stop_leftovers(self.port)
 
     def __enter__(self) -> Loopback:
         try:

@@ -231,7 +231,9 @@ class Federation:
             arrays, row = self.run_round(server_round, arrays)
             self.rounds_done = server_round
             eta = (time.perf_counter() - started) / server_round * (config.num_server_rounds - server_round)
-            log(INFO, round_line(server_round, config.num_server_rounds, config.phase(server_round), row, eta))
+            log(
+                INFO, round_line(server_round, config.num_server_rounds, config.phase(server_round), row, eta)
+            )
         self.finish()
 
     def exchange(self, messages: list[Message]) -> list[Message]:

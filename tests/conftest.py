@@ -70,58 +70,8 @@ def logits_of(tokenizer):
     return logits
 
 
-class InProcessGrid:
-    """Flower's Grid, minus the network: messages go to the real ClientApp handlers in this
-    process, each node with its own Context (partition-id, num-partitions, state).
-
-    ``tamper(sent, reply)`` may replace a reply (a misbehaving client); a handler that raises
-    answers with an error reply, as Flower's ClientApp runtime does.
-    """
-
-    def __init__(self, run_config: dict, users: int, tamper=None, first_node_id: int = 1000):
-        from flwr.app import Context, RecordDict
-
-        self.tamper = tamper
-        self.contexts = {
-            first_node_id + 7 * user: Context(
-                run_id=1,
-                node_id=first_node_id + 7 * user,
-                node_config={"partition-id": user, "num-partitions": users},
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for user in range(users)
-        }
-        self.delivered: list = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        from flwr.app import Error, Message, MessageType
-
-        import client_app
-
-        handlers = {
-            MessageType.TRAIN: client_app.train,
-            MessageType.EVALUATE: client_app.evaluate,
-            MessageType.QUERY: client_app.query,
-        }
-        replies = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id  # what the SuperLink does
-            self.delivered.append(message)
-            handler = handlers[message.metadata.message_type]
-            try:
-                reply = handler(message, self.contexts[message.metadata.dst_node_id])
-            except Exception as error:
-                reply = Message(Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message)
-            if self.tamper is not None:
-                reply = self.tamper(message, reply)
-            replies.append(reply)
-        return replies
-
-
 @pytest.fixture
 def in_process_grid():
+    from flhf_core.inprocess import InProcessGrid
+
     return InProcessGrid

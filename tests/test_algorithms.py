@@ -64,22 +64,34 @@ def user_view(model, tokenizer, corpus, doc_ids, profile):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", sorted(FEEDBACK_ALGORITHMS))
-def test_feedback_raises_reward_on_heldout_documents(setting, tokenizer, algorithm):
+def test_feedback_raises_reward_on_heldout_documents_without_hacking_it(setting, tokenizer, algorithm):
+    """Against the no-update control (the model before feedback), on held-out documents and
+    averaged over two seeds: the user's utility rises by a clear margin, and the summaries'
+    content (ROUGE-L against the user's aspect) does not collapse. A user who wants half the
+    length can be pleased by shorter summaries alone; an update that buys utility by losing a
+    third of the content is reward hacking, and fails here.
+
+    Seeded float trajectories differ between CPUs, so one seed on one machine proves little:
+    the assertion is on the mean of two seeds (FLHF_TEST_SEED shifts them), with margin.
+    """
     base, corpus, train_ids, heldout_ids = setting
-    before = user_view(base, tokenizer, corpus, heldout_ids, UserProfile(0, "outcome", 25))
-    # a user who wants summaries about half as long as the model writes
-    profile = UserProfile(0, "outcome", length_words=max(4, round(before["words"] / 2)), length_tolerance=3)
-    before = user_view(base, tokenizer, corpus, heldout_ids, profile)
-    model = copy.deepcopy(base)
-    torch.manual_seed(SEED)  # sampling draws from torch's generator
+    written = user_view(base, tokenizer, corpus, heldout_ids, UserProfile(0, "outcome", 25))
+    profile = UserProfile(0, "outcome", length_words=max(4, round(written["words"] / 2)), length_tolerance=3)
+    control = user_view(base, tokenizer, corpus, heldout_ids, profile)
     examples = list(data.aspect_examples(corpus, train_ids, profile.aspect))
     config = FeedbackConfig(steps=12, max_source_tokens=128, **ALGORITHM_SETTINGS[algorithm])
-    stats = FEEDBACK_ALGORITHMS[algorithm](
-        model, tokenizer, examples, profile, config, np.random.default_rng(0)
-    )
-    after = user_view(model, tokenizer, corpus, heldout_ids, profile)
-    assert after["utility"] > 1.2 * before["utility"], (before, after, stats)
-    assert after["content"] > before["content"] - 0.02  # content (ROUGE-L vs the preferred aspect) holds
+    runs = []
+    for seed in (SEED, SEED + 1):
+        model = copy.deepcopy(base)
+        torch.manual_seed(seed)  # sampling draws from torch's generator
+        FEEDBACK_ALGORITHMS[algorithm](
+            model, tokenizer, examples, profile, config, np.random.default_rng(seed)
+        )
+        runs.append(user_view(model, tokenizer, corpus, heldout_ids, profile))
+    utility = float(np.mean([r["utility"] for r in runs]))
+    content = float(np.mean([r["content"] for r in runs]))
+    assert utility > 1.3 * control["utility"], (control, runs)
+    assert content > 0.75 * control["content"], (control, runs)
 
 
 def test_rloo_baseline_leaves_the_sample_out_and_ignores_unrated():

@@ -67,3 +67,33 @@ def test_handler_needs_its_partition_in_the_node_config(flower_identity, smoke_c
     bad.node_config = {}
     with pytest.raises(ValueError, match="partition-id"):
         client_app.train(message(tiny_model, tokenizer, MessageType.TRAIN), bad)
+
+
+def test_training_judges_only_the_users_fresh_documents_never_the_servers_heldout(
+    flower_identity, smoke_config, tokenizer, tiny_model, monkeypatch
+):
+    """The reward that steers aggregation comes from the user's reward documents; the server's
+    held-out documents are for reporting only (evaluate replies)."""
+    from flhf_core import client, data
+
+    judged: list[str] = []
+    real = client.generate_summaries
+
+    def spy(model, tokenizer, sources, *args, **kwargs):
+        judged.extend(sources)
+        return real(model, tokenizer, sources, *args, **kwargs)
+
+    monkeypatch.setattr(client, "generate_summaries", spy)
+    config = smoke_config
+    corpus = data.load_corpus(config)
+    texts = {d.doc_id: d.text for d in corpus.documents}
+    heldout = {texts[d] for d in data.heldout_doc_ids(corpus, config)}
+    reward = {texts[d] for d in data.user_partition(corpus, 1, 3, config).reward_doc_ids}
+
+    client_app.train(message(tiny_model, tokenizer, MessageType.TRAIN), context(config))
+    documents = {source.split(": ", 1)[1] for source in judged}
+    assert documents and documents <= reward and not documents & heldout
+
+    judged.clear()
+    client_app.evaluate(message(tiny_model, tokenizer, MessageType.EVALUATE), context(config))
+    assert {source.split(": ", 1)[1] for source in judged} & heldout  # reported on the held-out ones

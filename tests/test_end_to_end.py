@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +37,16 @@ def isolated_flower(tmp_path):
     return env, port
 
 
+def flhf_background(*args: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flhf_core.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def flhf(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flhf_core.cli", *args],
@@ -60,18 +71,71 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_smoke_run_writes_results_and_learns(tmp_path, isolated_flower):
-    env, port = isolated_flower
-    result = flhf("run", "smoke", "--quiet", f"results-dir={tmp_path / 'results'}", env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "finished:completed" in result.stdout
-    run_dir = tmp_path / "results" / "smoke"
-    assert str(run_dir) in result.stdout  # the run prints where it writes
+def test_two_runs_at_once_each_complete_with_their_own_superlink(tmp_path):
+    """A researcher runs two experiments side by side: the smoke preset and the feedback
+    smoke preset. Each launcher owns its SuperLink; neither stops the other's run."""
+    env = {**os.environ, "HOME": str(tmp_path / "home")}  # nothing shared through ~/.flwr either
+    runs = {
+        "smoke": flhf_background("run", "smoke", "--quiet", f"results-dir={tmp_path / 'results'}", env=env),
+        "feedback-smoke": flhf_background(
+            "run",
+            "feedback-smoke",
+            "--quiet",
+            f"results-dir={tmp_path}",
+            "reward-weighting=softmax",
+            "max-client-weight=0.6",
+            "personalization=lora",
+            "lora-rank=4",
+            env=env,
+        ),
+    }
+    outputs = {name: process.communicate(timeout=600) for name, process in runs.items()}
+    for name, process in runs.items():
+        assert process.returncode == 0, outputs[name]
+        assert "finished:completed" in outputs[name][0]
+    check_smoke_run(tmp_path / "results" / "smoke", outputs["smoke"][0], tmp_path, env)
+    check_feedback_run(tmp_path / "feedback-smoke", tmp_path, env)
+    ports = [
+        line.split("127.0.0.1:")[1].split()[0]
+        for out, _ in outputs.values()
+        for line in out.splitlines()
+        if "SuperLink of this run" in line
+    ]
+    assert len(set(ports)) == 2
+    time.sleep(1)
+    assert not [p for port in ports for p in processes_mentioning(f"--port {port}")], (
+        "a SuperLink was left running"
+    )
+
+
+@pytest.mark.slow
+def test_a_run_whose_superlink_vanished_says_so(tmp_path):
+    process = flhf_background(
+        "run", "smoke", f"results-dir={tmp_path}", "num-server-rounds=20", env=dict(os.environ)
+    )
+    pid = None
+    for line in process.stdout:
+        if "SuperLink of this run" in line:
+            pid = int(line.split("(pid ")[1].rstrip(")\n"))
+        if "round 1/20" in line:
+            break
+    assert pid is not None
+    os.killpg(pid, signal.SIGKILL)  # the SuperLink dies (another launcher stopped it, OOM, ...)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "superlink-vanished" in out and "stopped before the run finished" in out
+    record = json.loads((tmp_path / "smoke" / "flower-run.json").read_text())
+    assert record["status"] == "superlink-vanished"  # the run's folder says why
+
+
+def check_smoke_run(run_dir: Path, stdout: str, tmp_path: Path, env: dict) -> None:
+    assert str(run_dir) in stdout  # the run prints where it writes
 
     for name in (
         "config.json",
         "metrics.jsonl",
         "summary.json",
+        "splits.json",
         "model/model.safetensors",
         "model/config.json",
         "checkpoints/latest/model.safetensors",
@@ -95,9 +159,6 @@ def test_smoke_run_writes_results_and_learns(tmp_path, isolated_flower):
     assert (
         summary["bytes-up"] > 0 and summary["bytes-down"] == 2 * summary["bytes-up"]
     )  # train + evaluate down
-
-    time.sleep(1)
-    assert not processes_mentioning(f"--port {port}"), "the SuperLink was left running"
 
     text = tmp_path / "paper.txt"
     text.write_text(
@@ -129,22 +190,8 @@ def test_serverapp_with_bad_data_writes_nothing(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-@pytest.mark.slow
-def test_feedback_smoke_run_records_rewards_per_user(tmp_path, isolated_flower):
-    env, _ = isolated_flower
-    result = flhf(
-        "run",
-        "feedback-smoke",
-        "--quiet",
-        f"results-dir={tmp_path}",
-        "reward-weighting=softmax",
-        "max-client-weight=0.6",
-        "personalization=lora",
-        "lora-rank=4",
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = read_metrics(tmp_path / "feedback-smoke" / "metrics.jsonl")
+def check_feedback_run(run_dir: Path, tmp_path: Path, env: dict) -> None:
+    rows = read_metrics(run_dir / "metrics.jsonl")
     server = {r["round"]: r for r in rows if r["scope"] == "server"}
     assert [server[k]["phase"] for k in (0, 1, 2)] == ["init", "sft", "feedback"]
     for key in ("reward", "reward-worst", "reward-std", "win-rate", "kl-to-previous", "client-repetition"):
@@ -165,7 +212,7 @@ def test_feedback_smoke_run_records_rewards_per_user(tmp_path, isolated_flower):
             "win-rate",
         ):
             assert key in row, key
-    summary = json.loads((tmp_path / "feedback-smoke" / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert "reward-after-sft" in summary and "reward-gain-from-feedback" in summary
     assert "personalization-gain" in summary and "reward-personal-worst" in summary
 
@@ -175,5 +222,5 @@ def test_feedback_smoke_run_records_rewards_per_user(tmp_path, isolated_flower):
         "We propose a parser for long sentences. It improves accuracy by 2 points on two treebanks."
     )
     for user in ("0", "1"):
-        summarized = flhf("summarize", str(tmp_path / "feedback-smoke"), str(text), "--user", user, env=env)
+        summarized = flhf("summarize", str(run_dir), str(text), "--user", user, env=env)
         assert summarized.returncode == 0 and summarized.stdout.strip(), summarized.stderr

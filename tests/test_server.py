@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import Error, Message, MessageType
 
-from flhf_core import data
+from flhf_core import cli, data
 from flhf_core.config import RunConfig
 from flhf_core.model import load_pretrained
 from flhf_core.reporting import reward_summary, user_spread
@@ -155,4 +155,8 @@ def test_local_head_publishes_and_reports_no_global_model(
     assert not (run_dir / "model").exists()
     server = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["scope"] == "server"]
     assert all("rougeL" not in r and "reward" not in r for r in server)
-    assert "rougeL-personal" not in server[-1] and server[-1]["reward-personal"] > 0
+    assert server[-1]["client-rougeL-personal"] > 0 and server[-1]["reward-personal"] > 0
+    text = tmp_path / "paper.txt"
+    text.write_text("We propose a parser for long sentences. It improves accuracy by 2 points.")
+    assert cli.main(["summarize", str(run_dir), str(text)]) == 2  # no global model to summarize with
+    assert cli.main(["summarize", str(run_dir), str(text), "--user", "1"]) == 0  # body + user 1's head
