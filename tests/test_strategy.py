@@ -239,8 +239,8 @@ def test_a_claimed_billion_examples_buys_nothing_when_the_server_counts(round_on
 def test_sampling_picks_the_same_users_whatever_their_node_ids(flower_identity):
     """Flower draws node ids at random per run; with the users known, the seed decides alone."""
     chosen = []
-    for first_node in (100, 90_000):
-        nodes = [first_node + 13 * user for user in range(20)]
+    for step in (13, -7):  # node ids in another order than the users, as Flower draws them
+        nodes = [50_000 + step * ((7 * user) % 20 if step < 0 else user) for user in range(20)]
         strategy = FeedbackFedAvg(fraction_train=0.25, min_available_nodes=1, sampling_seed=1)
         strategy.node_users = {node: user for user, node in enumerate(nodes)}
         sent = strategy.configure_train(3, global_arrays(), ConfigRecord(), FakeGrid(nodes[::-1]))
