@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from flhf_core import cli
 from flhf_core.config import RunConfig
 from flhf_core.server import run_federation
 from flhf_core.tracking import read_metrics
@@ -45,6 +48,14 @@ def flhf_background(*args: str, env: dict) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def summarize(*args: str) -> tuple[int, str, str]:
+    """``flhf summarize ...`` in this process (its imports are already paid for here)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["summarize", *args])
+    return code, out.getvalue(), err.getvalue()
 
 
 def flhf(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -93,8 +104,8 @@ def test_two_runs_at_once_each_complete_with_their_own_superlink(tmp_path):
     for name, process in runs.items():
         assert process.returncode == 0, outputs[name]
         assert "finished:completed" in outputs[name][0]
-    check_smoke_run(tmp_path / "results" / "smoke", outputs["smoke"][0], tmp_path, env)
-    check_feedback_run(tmp_path / "feedback-smoke", tmp_path, env)
+    check_smoke_run(tmp_path / "results" / "smoke", outputs["smoke"][0], tmp_path)
+    check_feedback_run(tmp_path / "feedback-smoke", tmp_path)
     ports = [
         line.split("127.0.0.1:")[1].split()[0]
         for out, _ in outputs.values()
@@ -117,7 +128,7 @@ def test_a_run_whose_superlink_vanished_says_so(tmp_path):
     for line in process.stdout:
         if "SuperLink of this run" in line:
             pid = int(line.split("(pid ")[1].rstrip(")\n"))
-        if "round 1/20" in line:
+        if "FLHF results directory" in line:  # the ServerApp is running
             break
     assert pid is not None
     os.killpg(pid, signal.SIGKILL)  # the SuperLink dies (another launcher stopped it, OOM, ...)
@@ -128,7 +139,7 @@ def test_a_run_whose_superlink_vanished_says_so(tmp_path):
     assert record["status"] == "superlink-vanished"  # the run's folder says why
 
 
-def check_smoke_run(run_dir: Path, stdout: str, tmp_path: Path, env: dict) -> None:
+def check_smoke_run(run_dir: Path, stdout: str, tmp_path: Path) -> None:
     assert str(run_dir) in stdout  # the run prints where it writes
 
     for name in (
@@ -164,11 +175,10 @@ def check_smoke_run(run_dir: Path, stdout: str, tmp_path: Path, env: dict) -> No
     text.write_text(
         "We propose a parser for long sentences. It improves accuracy by 2 points on two treebanks."
     )
-    summarized = flhf("summarize", str(run_dir), str(text), "--aspect", "outcome", env=env)
-    assert summarized.returncode == 0, summarized.stderr
-    assert summarized.stdout.strip()  # the global model wrote a summary
-    missing = flhf("summarize", str(run_dir), str(text), "--user", "0", env=env)
-    assert missing.returncode == 2 and "no personal state" in missing.stderr
+    code, out, err = summarize(str(run_dir), str(text), "--aspect", "outcome")
+    assert code == 0 and out.strip(), err  # the global model wrote a summary
+    code, _, err = summarize(str(run_dir), str(text), "--user", "0")
+    assert code == 2 and "no personal state" in err
 
 
 @pytest.mark.slow
@@ -190,7 +200,7 @@ def test_serverapp_with_bad_data_writes_nothing(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def check_feedback_run(run_dir: Path, tmp_path: Path, env: dict) -> None:
+def check_feedback_run(run_dir: Path, tmp_path: Path) -> None:
     rows = read_metrics(run_dir / "metrics.jsonl")
     server = {r["round"]: r for r in rows if r["scope"] == "server"}
     assert [server[k]["phase"] for k in (0, 1, 2)] == ["init", "sft", "feedback"]
@@ -222,5 +232,5 @@ def check_feedback_run(run_dir: Path, tmp_path: Path, env: dict) -> None:
         "We propose a parser for long sentences. It improves accuracy by 2 points on two treebanks."
     )
     for user in ("0", "1"):
-        summarized = flhf("summarize", str(run_dir), str(text), "--user", user, env=env)
-        assert summarized.returncode == 0 and summarized.stdout.strip(), summarized.stderr
+        code, out, err = summarize(str(run_dir), str(text), "--user", user)
+        assert code == 0 and out.strip(), err
