@@ -104,7 +104,7 @@ def personalization_table(results_dir: Path, summaries: dict[str, dict]) -> tupl
         ("`lora` personalized", "lora", "reward-personal"),
         ("`local-head` personalized", "local-head", "reward-personal"),
     ]
-    header = "| user | " + " | ".join(c[0] for c in columns) + " |\n|---" * (len(columns) + 1) + "|\n"
+    header = "| user | " + " | ".join(c[0] for c in columns) + " |\n" + "|---" * (len(columns) + 1) + "|\n"
     lines, figures = [], {}
     for user in sorted(users["none"]):
         cells = [f"{users[run][user].get(key, float('nan')):.3f}" for _, run, key in columns]
@@ -115,8 +115,10 @@ def personalization_table(results_dir: Path, summaries: dict[str, dict]) -> tupl
         means.append(f"**{sum(values) / len(values):.3f} ({min(values):.3f})**")
         figures[label] = {"mean": sum(values) / len(values), "worst": min(values), "users": values}
     lines.append("| mean (worst) | " + " | ".join(means) + " |")
-    helped = summaries["lora"].get("users-helped")
-    figures["lora-users-helped"] = helped
+    figures["lora-users-helped"] = summaries["lora"].get("users-helped")
+    figures["bytes-per-round"] = {
+        name: (s["bytes-up"] + s["bytes-down"]) / max(s["rounds"], 1) for name, s in summaries.items()
+    }
     return header + "\n".join(lines), figures
 
 
