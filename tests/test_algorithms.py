@@ -51,7 +51,13 @@ def setting(tokenizer):
     torch.manual_seed(0)
     model = build_model(config, tokenizer)
     train_sft(model, tokenizer, blend, SFTConfig(epochs=2, learning_rate=3e-3, max_source_tokens=128))
-    return model, corpus, train_ids, heldout_ids[:24]
+    heldout_ids = heldout_ids[:24]
+    # a user who wants summaries about half as long as the model writes, and how the
+    # model before any feedback (the no-update control) serves that user
+    written = user_view(model, tokenizer, corpus, heldout_ids, UserProfile(0, "outcome", 25))
+    terse = UserProfile(0, "outcome", length_words=max(4, round(written["words"] / 2)), length_tolerance=3)
+    control = user_view(model, tokenizer, corpus, heldout_ids, terse)
+    return model, corpus, train_ids, heldout_ids, terse, control
 
 
 def user_view(model, tokenizer, corpus, doc_ids, profile):
@@ -74,10 +80,7 @@ def test_feedback_raises_reward_on_heldout_documents_without_hacking_it(setting,
     Seeded float trajectories differ between CPUs, so one seed on one machine proves little:
     the assertion is on the mean of two seeds (FLHF_TEST_SEED shifts them), with margin.
     """
-    base, corpus, train_ids, heldout_ids = setting
-    written = user_view(base, tokenizer, corpus, heldout_ids, UserProfile(0, "outcome", 25))
-    profile = UserProfile(0, "outcome", length_words=max(4, round(written["words"] / 2)), length_tolerance=3)
-    control = user_view(base, tokenizer, corpus, heldout_ids, profile)
+    base, corpus, train_ids, heldout_ids, profile, control = setting
     examples = list(data.aspect_examples(corpus, train_ids, profile.aspect))
     config = FeedbackConfig(steps=12, max_source_tokens=128, **ALGORITHM_SETTINGS[algorithm])
     runs = []
@@ -179,7 +182,7 @@ def test_sampling_is_on_policy_whatever_the_checkpoint_asks_for(tokenizer, tiny_
 @pytest.mark.slow
 def test_two_users_each_move_toward_their_own_aspect(setting, tokenizer):
     """From the same model, an approach-user's and an outcome-user's feedback pull apart."""
-    base, corpus, train_ids, heldout_ids = setting
+    base, corpus, train_ids, heldout_ids, _, _ = setting
     profiles = [
         UserProfile(0, "approach", length_tolerance=100),
         UserProfile(1, "outcome", length_tolerance=100),
@@ -189,8 +192,10 @@ def test_two_users_each_move_toward_their_own_aspect(setting, tokenizer):
         model = copy.deepcopy(base)
         torch.manual_seed(SEED)  # sampling draws from torch's generator
         examples = list(data.aspect_examples(corpus, train_ids, profile.aspect))
-        config = FeedbackConfig(steps=10, max_source_tokens=128, **ALGORITHM_SETTINGS["ppo"])
-        FEEDBACK_ALGORITHMS["ppo"](model, tokenizer, examples, profile, config, np.random.default_rng(SEED))
+        config = FeedbackConfig(steps=10, max_source_tokens=128, **ALGORITHM_SETTINGS["reinforce"])
+        FEEDBACK_ALGORITHMS["reinforce"](
+            model, tokenizer, examples, profile, config, np.random.default_rng(SEED)
+        )
         models.append(model)
     for profile in profiles:
         own, other = (

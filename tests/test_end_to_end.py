@@ -128,7 +128,7 @@ def test_a_run_whose_superlink_vanished_says_so(tmp_path):
     for line in process.stdout:
         if "SuperLink of this run" in line:
             pid = int(line.split("(pid ")[1].rstrip(")\n"))
-        if "FLHF results directory" in line:  # the ServerApp is running
+        if "submitted" in line:  # the run is live on that SuperLink
             break
     assert pid is not None
     os.killpg(pid, signal.SIGKILL)  # the SuperLink dies (another launcher stopped it, OOM, ...)
