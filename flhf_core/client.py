@@ -1,163 +1,66 @@
 """What a user's device does with a message: the logic behind the ClientApp.
 
-Each handler reads the run config, the user's partition (from the node
-config's ``partition-id`` / ``num-partitions``), checks the tokenizer against
-the server's hash, loads the received parameters, does its work and replies
-with parameters and/or a MetricRecord, plus a ConfigRecord naming the user.
-Module-level caches hold only immutable things (the corpus, via ``data``).
+One message per user per round. A train message carries the previous round's global model;
+the user, in this order:
+
+1. evaluates it, when the server asks (``evaluate-received``), exactly as an evaluate message
+   would, into the reply's ``evaluation`` MetricRecord (so no separate evaluate round is needed);
+2. judges it on its fresh reward documents (``reward-before``);
+3. updates it on its own data or feedback (the local update);
+4. judges the updated model on the same documents (``reward``, which may steer aggregation).
+
+An evaluate message (the final model, or every evaluated round under
+``separate-evaluation``) does step 1 alone. Every reply says where its time went:
+``setup-seconds`` (building the session; cheap after a process's first message, see
+:mod:`flhf_core.session`), ``train-seconds`` (the local update) and ``eval-seconds``
+(everything generated, judged or evaluated).
 """
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from transformers import PreTrainedModel
 
 from . import data, personal
 from .algorithms import FEEDBACK_ALGORITHMS
 from .algorithms.rollout import FeedbackConfig
 from .algorithms.sft import SFTConfig, train_sft
-from .config import ConfigError, RunConfig
-from .feedback import Judgement, UserProfile, build_profile, judge, preference_probability
+from .feedback import Judgement, judge, preference_probability
 from .generate import DecodingConfig, generate_summaries
 from .metrics import evaluate_model
-from .model import (
-    TokenizerSpec,
-    add_lora,
-    build_model,
-    canonical_parameters,
-    client_tokenizer,
-    parameters_to_record,
-    personal_parameter_names,
-    record_to_parameters,
-    select_device,
-)
+from .model import canonical_parameters, parameters_to_record
 from .protocol import (
     ARRAYS,
-    CONFIG,
+    EVALUATE_RECEIVED,
+    EVALUATION,
     LEARNING_RATE,
     METRICS,
     NUM_USERS,
-    PHASE,
-    RUN_NAME,
-    SERVER_ROUND,
-    TOKENIZER_JSON,
-    TOKENIZER_SHA256,
+    OWN_DATA,
     USER_ID,
     USER_RECORD,
 )
+from .session import UserSession, initial_model, open_session, own_data_file, user_identity
 
 
-@dataclass
-class UserSession:
-    """Everything one handler call needs, built from the message and context."""
-
-    config: RunConfig
-    user: int
-    server_round: int
-    phase: str
-    server_config: ConfigRecord
-    tokenizer: PreTrainedTokenizerBase
-    model: PreTrainedModel
-    data: data.UserData
-    profile: UserProfile
-    feedback_docs: tuple[data.Example, ...]  # the user's training documents, neutrally prompted
-    reward_docs: tuple[data.Example, ...]  # the user's fresh documents: the reward that steers aggregation
-    report_docs: tuple[data.Example, ...]  # the server's held-out documents: for reporting only
-    context: Context
-    shared_names: frozenset[str]  # parameters that travel
-    personal_names: frozenset[str]  # parameters that never leave this client
-    fresh_personal: ArrayRecord  # personal parameters as a new user starts (the "global" view)
-    restored: personal.Restored
-    state_folder: Path
-
-    def global_view(self) -> PreTrainedModel:
-        """The received global model alone: personal parameters reset to a new user's."""
-        if not self.personal_names:
-            return self.model
-        model = copy.deepcopy(self.model)
-        record_to_parameters(model, self.fresh_personal, names=self.personal_names)
-        return model
-
-
-def user_identity(context: Context) -> tuple[int, int]:
-    """``(partition-id, num-partitions)`` from the node config, checked."""
-    try:
-        user = int(context.node_config["partition-id"])
-        num_users = int(context.node_config["num-partitions"])
-    except (KeyError, TypeError, ValueError):
-        raise ConfigError(
-            "node config must set integer 'partition-id' and 'num-partitions' "
-            f"(got {dict(context.node_config)})"
-        ) from None
-    return user, num_users
-
-
-def open_session(message: Message, context: Context) -> UserSession:
-    config = RunConfig.from_mapping(context.run_config)
-    user, num_users = user_identity(context)
-    server_config = message.content[CONFIG]
-    spec = TokenizerSpec(
-        sha256=str(server_config[TOKENIZER_SHA256]),
-        payload=bytes(server_config.get(TOKENIZER_JSON, b"")),
-    )
-    tokenizer = client_tokenizer(config, spec)
-    model = build_model(config, tokenizer)
-    if config.personalization == "lora":
-        model = add_lora(model, config.lora_rank, seed=config.seed * 7_919 + user)
-    personal_names = personal_parameter_names(model, config.personalization, config.personal_layers)
-    shared_names = frozenset(canonical_parameters(model)) - personal_names
-    record_to_parameters(model, message.content[ARRAYS], names=shared_names)
-    fresh_personal = parameters_to_record(model, personal_names)
-    run_name = str(server_config.get(RUN_NAME, config.run_name or "run"))
-    folder = personal.state_dir(context, config, run_name, user)
-    restored = personal.restore(
-        context, folder, config.personalization, parameter_shapes(model, personal_names)
-    )
-    if restored.record is not None:
-        record_to_parameters(model, restored.record, names=personal_names)
-    model.to(select_device(config.device))
-    corpus = data.load_corpus(config)
-    partition = data.user_partition(corpus, user, num_users, config)
-    profile = build_profile(user, config.user_profiles, corpus.aspects, config.seed)
-    report_docs = data.aspect_examples(corpus, data.heldout_doc_ids(corpus, config), profile.aspect)
-    return UserSession(
-        config=config,
-        user=user,
-        server_round=int(server_config.get(SERVER_ROUND, 0)),
-        phase=str(server_config.get(PHASE, "sft")),
-        server_config=server_config,
-        tokenizer=tokenizer,
-        model=model,
-        data=partition,
-        profile=profile,
-        feedback_docs=data.aspect_examples(corpus, partition.feedback_doc_ids, profile.aspect),
-        reward_docs=data.aspect_examples(corpus, partition.reward_doc_ids, profile.aspect),
-        report_docs=report_docs[: config.eval_max_examples or None],
-        context=context,
-        shared_names=shared_names,
-        personal_names=personal_names,
-        fresh_personal=fresh_personal,
-        restored=restored,
-        state_folder=folder,
-    )
-
-
-def parameter_shapes(model: PreTrainedModel, names: frozenset[str]) -> dict[str, tuple[int, ...]]:
-    params = canonical_parameters(model)
-    return {name: tuple(params[name].shape) for name in names}
-
-
-def reply(message: Message, session: UserSession, metrics: dict[str, float], with_arrays: bool) -> Message:
+def reply(
+    message: Message,
+    session: UserSession,
+    metrics: dict[str, float],
+    with_arrays: bool,
+    evaluation: dict[str, float] | None = None,
+) -> Message:
     content = RecordDict({METRICS: MetricRecord(metrics), USER_RECORD: ConfigRecord({USER_ID: session.user})})
+    if evaluation is not None:
+        content[EVALUATION] = MetricRecord(evaluation)
     if with_arrays:  # only the shared parameters ever leave
         content[ARRAYS] = parameters_to_record(session.model, session.shared_names)
     return Message(content=content, reply_to=message)
@@ -174,23 +77,42 @@ def state_metrics(session: UserSession) -> dict[str, float]:
     }
 
 
-def user_judgements(
-    session: UserSession, model: PreTrainedModel, documents: tuple[data.Example, ...]
-) -> list[Judgement]:
-    """The user's true judgement of ``model``'s greedy summaries of ``documents``.
-
-    Two sets are ever judged, and never mixed: the user's fresh reward documents, whose
-    reward steers aggregation (train replies), and the server's held-out documents, whose
-    reward is only reported (evaluate replies).
-    """
-    summaries = generate_summaries(
+def summaries(
+    session: UserSession, model: PreTrainedModel, *example_sets: Sequence[data.Example]
+) -> list[list[str]]:
+    """``model``'s greedy summaries of several sets of examples, decoded in one pass."""
+    sources = [e.source for examples in example_sets for e in examples]
+    decoded = generate_summaries(
         model,
         session.tokenizer,
-        [e.source for e in documents],
+        sources,
         DecodingConfig.from_run_config(session.config),
         session.config.max_source_tokens,
     )
-    return [judge(session.profile, s, e.summary) for s, e in zip(summaries, documents, strict=True)]
+    out, start = [], 0
+    for examples in example_sets:
+        out.append(decoded[start : start + len(examples)])
+        start += len(examples)
+    return out
+
+
+def judgements_of(
+    session: UserSession, texts: list[str], documents: Sequence[data.Example]
+) -> list[Judgement]:
+    """The user's true judgement of summaries of ``documents``.
+
+    Two sets are ever judged, and never mixed: the user's fresh reward documents, whose
+    reward steers aggregation (train replies), and the held-out documents, whose reward is
+    only reported (evaluations).
+    """
+    return [judge(session.profile, t, e.summary) for t, e in zip(texts, documents, strict=True)]
+
+
+def user_judgements(
+    session: UserSession, model: PreTrainedModel, documents: Sequence[data.Example]
+) -> list[Judgement]:
+    (texts,) = summaries(session, model, documents)
+    return judgements_of(session, texts, documents)
 
 
 def reward_metrics(judgements: list[Judgement], prefix: str = "reward") -> dict[str, float]:
@@ -223,17 +145,25 @@ def train(message: Message, context: Context) -> Message:
     """One local round: supervised fine-tuning, or learning from the user's feedback.
 
     The reply's ``reward`` is the user's mean true utility of the updated model's summaries
-    of the user's own fresh documents (nobody trains on them; the server's held-out
-    documents are never used here), ``reward-before`` that of the received model.
+    of the user's own fresh documents (nobody trains on them; held-out documents are never
+    used to steer), ``reward-before`` that of the received model. With ``evaluate-received``
+    it also carries the received model's evaluation (see :func:`evaluation_metrics`).
     """
     session = open_session(message, context)
     config = session.config
     signal_training(context, session.server_round)
-    before = reward_metrics(user_judgements(session, session.model, session.reward_docs), "reward-before")
+    started = time.perf_counter()
+    evaluation, before = None, None
+    if bool(session.server_config.get(EVALUATE_RECEIVED, False)):
+        evaluation, before = evaluation_metrics(session, also_judge=session.data.reward)
+    if before is None:
+        before = user_judgements(session, session.model, session.data.reward)
+    judged_before = time.perf_counter()
     torch.manual_seed(round_seed(session, 0))  # dropout masks
     metrics = local_sft(session) if session.phase == "sft" else local_feedback(session)
-    after = user_judgements(session, session.model, session.reward_docs)
-    metrics.update(before)
+    updated = time.perf_counter()
+    after = user_judgements(session, session.model, session.data.reward)
+    metrics.update(reward_metrics(before, "reward-before"))
     metrics.update(reward_metrics(after))
     metrics["reward-gain"] = metrics["reward"] - metrics["reward-before"]
     metrics.update(text_metrics(after))
@@ -244,7 +174,11 @@ def train(message: Message, context: Context) -> Message:
         personal.persist(
             context, session.state_folder, personal_record, config.personalization, session.server_round
         )
-    return reply(message, session, metrics, with_arrays=True)
+    metrics["train-seconds"] = updated - judged_before  # the whole local update (personal part included)
+    metrics["eval-seconds"] = (judged_before - started) + (time.perf_counter() - updated)
+    metrics["setup-seconds"] = session.setup_seconds
+    metrics["torch-threads"] = torch.get_num_threads()
+    return reply(message, session, metrics, with_arrays=True, evaluation=evaluation)
 
 
 def signal_training(context: Context, server_round: int) -> None:
@@ -282,6 +216,7 @@ def local_sft(session: UserSession) -> dict[str, float]:
                 session.tokenizer,
                 session.data.train,
                 replace(sft, epochs=config.personal_epochs),
+                encoded=session.encoded_train,
             )
         personal_metrics = {
             "personal-loss-first": personal.first_loss,
@@ -289,7 +224,9 @@ def local_sft(session: UserSession) -> dict[str, float]:
             "personal-seconds": personal.seconds,
         }
     with only_trainable(session.model, session.shared_names) if alternate else nullcontext():
-        stats = train_sft(session.model, session.tokenizer, session.data.train, sft)
+        stats = train_sft(
+            session.model, session.tokenizer, session.data.train, sft, encoded=session.encoded_train
+        )
     return {
         **personal_metrics,
         "num-examples": len(session.data.train),
@@ -297,7 +234,7 @@ def local_sft(session: UserSession) -> dict[str, float]:
         "train-loss-first": stats.first_loss,
         "train-loss-last": stats.last_loss,
         "train-steps": stats.steps,
-        "train-seconds": stats.seconds,  # the shared update; the personal one is personal-seconds
+        "shared-seconds": stats.seconds,  # the shared update; the personal one is personal-seconds
         "tokens-per-second": stats.tokens_per_second,
     }
 
@@ -319,19 +256,14 @@ def only_trainable(model: PreTrainedModel, names: frozenset[str]) -> Iterator[No
 def local_feedback(session: UserSession) -> dict[str, float]:
     config = session.config
     feedback = FeedbackConfig.from_run_config(config)
-    if not session.feedback_docs:
+    if not session.data.feedback:
         raise ValueError(f"user {session.user} holds no documents to give feedback on")
     update = FEEDBACK_ALGORITHMS[config.feedback_algorithm]
     rng = np.random.default_rng(round_seed(session, 2))
-    started = time.perf_counter()
     stats = update(
-        session.model, session.tokenizer, list(session.feedback_docs), session.profile, feedback, rng
+        session.model, session.tokenizer, list(session.data.feedback), session.profile, feedback, rng
     )
-    return {
-        "num-examples": len(session.feedback_docs),
-        "train-seconds": time.perf_counter() - started,
-        **{f"train-{k}": v for k, v in stats.items()},
-    }
+    return {"num-examples": len(session.data.feedback), **{f"train-{k}": v for k, v in stats.items()}}
 
 
 ROUND0_RECORD = "round0-utilities"
@@ -343,64 +275,86 @@ def round0_utilities(session: UserSession) -> list[float]:
     The round-0 model is rebuilt from the seed (or the pretrained checkpoint), so its
     summaries never change: they are judged once and kept in Context.state.
     """
-    doc_ids = [e.doc_id for e in session.report_docs]
+    doc_ids = [e.doc_id for e in session.data.report]
     cached = session.context.state.config_records.get(ROUND0_RECORD)
     if cached is not None and list(cached["doc-ids"]) == doc_ids:
         return list(cached["utilities"])
-    initial = build_model(session.config, session.tokenizer).to(next(session.model.parameters()).device)
-    utilities = [j.utility for j in user_judgements(session, initial, session.report_docs)]
+    initial = initial_model(session.context, session.config, session.tokenizer)
+    initial.to(next(session.model.parameters()).device)
+    utilities = [j.utility for j in user_judgements(session, initial, session.data.report)]
     session.context.state[ROUND0_RECORD] = ConfigRecord({"doc-ids": doc_ids, "utilities": utilities})
     return utilities
 
 
-def evaluate(message: Message, context: Context) -> Message:
-    """The received global model on the user's validation data, as the user sees it.
+def evaluation_metrics(
+    session: UserSession, also_judge: Sequence[data.Example] = ()
+) -> tuple[dict[str, float], list[Judgement] | None]:
+    """The received global model on the user's data, as the user sees it.
 
     Loss, perplexity and ROUGE on the validation examples; the user's reward on the
-    server's held-out documents (reported, never used for training or weighting); and the
-    win rate against the round-0 model: the Bradley-Terry probability, under the user's
-    true utility, that the user prefers the global model's summary of a document to the
-    round-0 model's, averaged over documents. With personal parameters, the same figures
-    for the user's personalized model (``-personal``). Under ``local-head`` there is no
-    global model to evaluate (the head exists only on the clients): personal figures only.
+    held-out documents (reported, never used for training or weighting); and the win rate
+    against the round-0 model: the Bradley-Terry probability, under the user's true
+    utility, that the user prefers the global model's summary of a document to the round-0
+    model's, averaged over documents. With personal parameters, the same figures for the
+    user's personalized model (``-personal``). Under ``local-head`` there is no global
+    model to evaluate (the head exists only on the clients): personal figures only.
+
+    ``also_judge``: documents on which the user's own model (the received one, with its
+    personal parameters) is judged in the same generation pass; their judgements are
+    returned beside the metrics (the train handler's ``reward-before``).
     """
-    session = open_session(message, context)
     config = session.config
     examples = session.data.validation[: config.eval_max_examples or None]
+    report = session.data.report
     if not examples:
         raise ValueError(f"user {session.user} has no validation examples (val-fraction too small)")
     metrics: dict[str, float] = {"num-examples": len(examples), **state_metrics(session)}
+    also: list[str] = []  # the user's own model's summaries of also_judge
     if config.has_global_model:
         global_model = session.global_view()
-        judgements = user_judgements(session, global_model, session.report_docs)
-        baseline = round0_utilities(session)
+        if global_model is session.model:  # no personal parameters: one pass for everything
+            val_texts, report_texts, also = summaries(session, global_model, examples, report, also_judge)
+        else:
+            val_texts, report_texts = summaries(session, global_model, examples, report)
+        judgements = judgements_of(session, report_texts, report)
         win_rate = np.mean(
             [
                 preference_probability(session.profile, new.utility, old)
-                for new, old in zip(judgements, baseline, strict=True)
+                for new, old in zip(judgements, round0_utilities(session), strict=True)
             ]
         )
-        metrics.update(evaluate_model(global_model, session.tokenizer, examples, config))
+        metrics.update(evaluate_model(global_model, session.tokenizer, examples, config, val_texts))
         metrics.update(reward_metrics(judgements))
         metrics.update(text_metrics(judgements))
         metrics["win-rate"] = float(win_rate)
     if session.personal_names:  # the user's personalized model, on the same data
-        personalized = evaluate_model(session.model, session.tokenizer, examples, config)
+        val_texts, report_texts, also = summaries(session, session.model, examples, report, also_judge)
+        personalized = evaluate_model(session.model, session.tokenizer, examples, config, val_texts)
         metrics.update({f"{k}-personal": v for k, v in personalized.items()})
-        metrics.update(
-            reward_metrics(user_judgements(session, session.model, session.report_docs), "reward-personal")
-        )
+        metrics.update(reward_metrics(judgements_of(session, report_texts, report), "reward-personal"))
         if "reward" in metrics:
             metrics["personalization-gain"] = metrics["reward-personal"] - metrics["reward"]
+    return metrics, (judgements_of(session, also, also_judge) if also_judge else None)
+
+
+def evaluate(message: Message, context: Context) -> Message:
+    """The received global model's evaluation alone (see :func:`evaluation_metrics`)."""
+    session = open_session(message, context)
+    started = time.perf_counter()
+    metrics, _ = evaluation_metrics(session)
+    metrics["eval-seconds"] = time.perf_counter() - started
+    metrics["setup-seconds"] = session.setup_seconds
     return reply(message, session, metrics, with_arrays=False)
 
 
 def identify(message: Message, context: Context) -> Message:
-    """Which user this node serves: its ``partition-id`` and ``num-partitions``.
+    """Which user this node serves: its ``partition-id`` and ``num-partitions``, and whether it
+    holds its own data file (then the server cannot count its examples).
 
     The server asks once per node and run, so that it samples users (the same ones in
     every run with the same seed) instead of Flower's random node ids.
     """
     user, num_users = user_identity(context)
-    content = RecordDict({USER_RECORD: ConfigRecord({USER_ID: user, NUM_USERS: num_users})})
+    identity = {USER_ID: user, NUM_USERS: num_users, OWN_DATA: own_data_file(context) is not None}
+    content = RecordDict({USER_RECORD: ConfigRecord(identity)})
     return Message(content=content, reply_to=message)

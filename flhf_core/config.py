@@ -109,6 +109,8 @@ class RunConfig:
     max_new_tokens: int = field(default=48, metadata=_range(1))
     eval_max_examples: int = field(default=64, metadata=_range(0))
     heldout_max_examples: int = field(default=150, metadata=_range(0))
+    evaluate_every: int = field(default=1, metadata=_range(1))
+    separate_evaluation: bool = False
     lead_words: int = field(default=25, metadata=_range(1))
     # --- results --------------------------------------------------------------
     results_dir: str = "results"
@@ -180,6 +182,10 @@ class RunConfig:
         published nor evaluated as if it were a model.
         """
         return self.personalization != "local-head"
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the model of ``server_round`` is evaluated (round 0, every ``evaluate-every``, the last)."""
+        return server_round % self.evaluate_every == 0 or server_round == self.num_server_rounds
 
     def phase(self, server_round: int) -> str:
         """``sft`` for the first ``sft-rounds`` rounds (and always with the sft algorithm), else ``feedback``."""

@@ -24,12 +24,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .config import ConfigError, RunConfig
 
@@ -97,7 +96,7 @@ def _load_corpus_cached(dataset: str, document_field: str, summary_fields: str, 
     if dataset == "aclsum":
         return _load_aclsum(tuple(s.strip() for s in sections.split(",")))
     fields = tuple(s.strip() for s in summary_fields.split(",") if s.strip())
-    return _load_table(dataset, document_field, fields)
+    return load_table(dataset, document_field, fields)
 
 
 def _load_aclsum(sections: tuple[str, ...]) -> Corpus:
@@ -125,7 +124,7 @@ def _load_aclsum(sections: tuple[str, ...]) -> Corpus:
     return Corpus("aclsum", tuple(documents), ("challenge", "approach", "outcome"))
 
 
-def _load_table(dataset: str, document_field: str, summary_fields: tuple[str, ...]) -> Corpus:
+def load_table(dataset: str, document_field: str, summary_fields: tuple[str, ...]) -> Corpus:
     """A local JSONL/JSON/CSV file, or ``hf:<name>`` through ``datasets.load_dataset``."""
     import datasets
 
@@ -268,14 +267,21 @@ def reward_doc_ids(corpus: Corpus, user: int, config: RunConfig) -> tuple[str, .
     return tuple(doc_id for doc_id in pool if doc_id in chosen)
 
 
-def splits(corpus: Corpus, config: RunConfig, num_users: int) -> dict:
-    """Which documents serve what, for ``splits.json``: anyone can check they never mix."""
+def splits(corpus: Corpus, config: RunConfig, num_users: int, exclude: Collection[int] = ()) -> dict:
+    """Which documents serve what, for ``splits.json``: anyone can check they never mix.
+
+    Users in ``exclude`` hold their own data file, which the server never sees: they are
+    listed as ``{"own-data": true}``.
+    """
 
     def ids(examples: Sequence[Example]) -> list[str]:
         return list(dict.fromkeys(e.doc_id for e in examples))
 
-    users = {}
+    users: dict[str, dict] = {}
     for user in range(num_users):
+        if user in exclude:
+            users[str(user)] = {"own-data": True}
+            continue
         part = user_partition(corpus, user, num_users, config)
         users[str(user)] = {
             "train": ids(part.train),
@@ -329,50 +335,3 @@ def aspect_examples(
 
 def abstracts(corpus: Corpus) -> dict[str, str]:
     return {doc.doc_id: doc.abstract for doc in corpus.documents}
-
-
-# --------------------------------------------------------------------------
-# Tokenization
-# --------------------------------------------------------------------------
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor  # target ids with padding set to -100 (ignored by the loss)
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
-
-
-def make_batches(
-    tokenizer,
-    examples: Sequence[Example],
-    batch_size: int,
-    max_source_tokens: int,
-    max_target_tokens: int,
-    generator: torch.Generator | None = None,
-) -> list[Batch]:
-    """Tokenize and pad examples into batches; shuffled when a generator is given."""
-    order = list(range(len(examples)))
-    if generator is not None:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-    batches = []
-    for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start : start + batch_size]]
-        source = tokenizer(
-            [e.source for e in chunk],
-            max_length=max_source_tokens,
-            truncation=True,
-            padding=True,
-            return_tensors="pt",
-        )
-        target = tokenizer(
-            text_target=[e.summary for e in chunk],
-            max_length=max_target_tokens,
-            truncation=True,
-            padding=True,
-            return_tensors="pt",
-        )
-        labels = target["input_ids"].masked_fill(target["attention_mask"] == 0, -100)
-        batches.append(Batch(source["input_ids"], source["attention_mask"], labels))
-    return batches

@@ -15,8 +15,9 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .batches import Batch, make_batches
 from .config import RunConfig
-from .data import Batch, Example, make_batches
+from .data import Example
 from .generate import DecodingConfig, generate_summaries
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -96,17 +97,23 @@ def evaluate_model(
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     config: RunConfig,
+    predictions: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """Loss, perplexity, ROUGE and mean output length of ``model`` on ``examples``."""
+    """Loss, perplexity, ROUGE and mean output length of ``model`` on ``examples``.
+
+    ``predictions``: the model's greedy summaries of ``examples`` if the caller decoded them
+    already (in one pass with other documents); else they are decoded here.
+    """
     batches = make_batches(tokenizer, examples, 32, config.max_source_tokens, config.max_target_tokens)
     loss, perplexity = token_loss(model, batches)
-    predictions = generate_summaries(
-        model,
-        tokenizer,
-        [e.source for e in examples],
-        DecodingConfig.from_run_config(config),
-        config.max_source_tokens,
-    )
+    if predictions is None:
+        predictions = generate_summaries(
+            model,
+            tokenizer,
+            [e.source for e in examples],
+            DecodingConfig.from_run_config(config),
+            config.max_source_tokens,
+        )
     scores = rouge(predictions, [e.summary for e in examples])
     words = sum(len(p.split()) for p in predictions) / max(len(predictions), 1)
     return {"loss": loss, "perplexity": perplexity, **scores, "output-words": words}

@@ -11,6 +11,9 @@ from __future__ import annotations
 ARRAYS = "arrays"  # ArrayRecord: parameters (shared ones only)
 CONFIG = "config"  # ConfigRecord: the round's instructions from the server
 METRICS = "metrics"  # MetricRecord: a reply's figures
+# MetricRecord in a train reply: the evaluation of the model the user received (the previous
+# round's global model), so that a round needs one message per user, not two
+EVALUATION = "evaluation"
 
 USER_RECORD = "user"  # ConfigRecord in every reply, naming the user who sent it
 USER_ID = "user-id"  # its partition id
@@ -23,3 +26,5 @@ RUN_NAME = "run-name"
 TOKENIZER_SHA256 = "tokenizer-sha256"
 TOKENIZER_JSON = "tokenizer-json"
 LEARNING_RATE = "learning-rate"
+EVALUATE_RECEIVED = "evaluate-received"  # train messages: also evaluate the received model
+OWN_DATA = "own-data"  # identification replies: the user holds its own data file

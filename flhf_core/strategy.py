@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from .aggregation import client_weights, weighted_average
-from .protocol import SERVER_ROUND, USER_ID, USER_RECORD
+from .protocol import EVALUATION, METRICS, SERVER_ROUND, USER_ID, USER_RECORD
 
 # What identifies a set of parameters: each array's name, shape and dtype.
 Signature = dict[str, tuple[tuple[int, ...], str]]
@@ -60,6 +60,19 @@ def signature_problem(arrays: ArrayRecord, expected: Signature) -> str | None:
             want_shape, want_dtype = expected[name]
             return f"parameter '{name}' is {dtype}{list(shape)}, the global model's {want_dtype}{list(want_shape)}"
     return None
+
+
+def own_metrics(content: RecordDict) -> MetricRecord | None:
+    """A reply's own figures: its ``metrics`` record, else its only MetricRecord besides the
+    evaluation of the received model (any Flower ClientApp's single record); None if ambiguous."""
+    records = {name: r for name, r in content.metric_records.items() if name != EVALUATION}
+    if METRICS in records:
+        return records[METRICS]
+    return next(iter(records.values())) if len(records) == 1 else None
+
+
+def scalars(metrics: MetricRecord) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
 
 
 @dataclass(frozen=True)
@@ -144,6 +157,9 @@ class FeedbackFedAvg(FedAvg):
             else ()
         )
         self.reports: dict[tuple[int, str], RoundReport] = {}
+        self.received: dict[
+            int, RoundReport
+        ] = {}  # evaluations carried by training replies, by round evaluated
         self.node_users: dict[int, int] = {}  # node id -> user id (to sample users and name failed nodes)
         self.example_counts: Callable[[int], float | None] | None = None
         self._sent: dict[tuple[int, str], list[Message]] = {}
@@ -252,10 +268,7 @@ class FeedbackFedAvg(FedAvg):
             self._reject(report, node_id, self.node_users.get(node_id), "no reply within the round timeout")
         ordered = sorted(valid.items())
         for user_id, content in ordered:
-            metrics = next(iter(content.metric_records.values()))
-            report.user_metrics[user_id] = {
-                k: float(v) for k, v in metrics.items() if not isinstance(v, list)
-            }
+            report.user_metrics[user_id] = scalars(own_metrics(content))
         return ordered
 
     @staticmethod
@@ -278,22 +291,13 @@ class FeedbackFedAvg(FedAvg):
             user_id = int(user[USER_ID])
         else:
             return self.node_users.get(node_id, node_id), f"'{USER_RECORD}.{USER_ID}' is not an integer"
-        if len(content.metric_records) != 1:
-            return user_id, f"expected one MetricRecord, got {len(content.metric_records)}"
-        metrics = next(iter(content.metric_records.values()))
-        weight = metrics.get(self.weighted_by_key)
-        if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
-            return user_id, f"'{self.weighted_by_key}' missing or not a positive number: {weight!r}"
-        for key, value in metrics.items():
-            values = value if isinstance(value, list) else [value]
-            if not all(math.isfinite(v) for v in values):
-                return user_id, f"metric '{key}' is not finite"
-        for key in self.required_metrics:
-            if key not in metrics:
-                return user_id, f"metric '{key}' is missing"
-        for key in (self.reward_key, f"{self.reward_key}-before"):
-            if key in metrics and not 0.0 <= float(metrics[key]) <= 1.0:
-                return user_id, f"metric '{key}' = {metrics[key]} is outside [0, 1]"
+        metrics = own_metrics(content)
+        if metrics is None:
+            others = [k for k in content.metric_records if k != EVALUATION]
+            return user_id, f"expected one MetricRecord (besides '{EVALUATION}'), got {len(others)}"
+        problem = self._metrics_problem(metrics, self.required_metrics)
+        if problem:
+            return user_id, problem
         if expected is None:
             return user_id, None
         if len(content.array_records) != 1:
@@ -306,6 +310,24 @@ class FeedbackFedAvg(FedAvg):
             if not np.isfinite(array.numpy()).all():
                 return user_id, f"parameter '{key}' has non-finite values"
         return user_id, None
+
+    def _metrics_problem(self, metrics: MetricRecord, required: Iterable[str] = ()) -> str | None:
+        """Why a MetricRecord is unusable: no positive example count, a non-finite value, a
+        missing required key, a reward outside [0, 1]."""
+        weight = metrics.get(self.weighted_by_key)
+        if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
+            return f"'{self.weighted_by_key}' missing or not a positive number: {weight!r}"
+        for key, value in metrics.items():
+            values = value if isinstance(value, list) else [value]
+            if not all(math.isfinite(v) for v in values):
+                return f"metric '{key}' is not finite"
+        for key in required:
+            if key not in metrics:
+                return f"metric '{key}' is missing"
+        for key in (self.reward_key, f"{self.reward_key}-before"):
+            if key in metrics and not 0.0 <= float(metrics[key]) <= 1.0:
+                return f"metric '{key}' = {metrics[key]} is outside [0, 1]"
+        return None
 
     def _expected_signature(self, server_round: int, replies: list[Message]) -> Signature | None:
         """What a training reply's parameters must look like.
@@ -341,7 +363,7 @@ class FeedbackFedAvg(FedAvg):
         if not valid:
             return None, None
         contents = [content for _, content in valid]
-        counts = [self._trusted_examples(user_id, c) for user_id, c in valid]
+        counts = self._trusted_counts(valid)
         weights = client_weights(
             counts,
             self.reward_weighting,
@@ -350,35 +372,75 @@ class FeedbackFedAvg(FedAvg):
             temperature=self.reward_temperature,
             max_weight=self.max_client_weight,
         )
-        self.reports[(server_round, MessageType.TRAIN)].weights = {
-            user_id: w for (user_id, _), w in zip(valid, weights, strict=True)
-        }
+        report = self.reports[(server_round, MessageType.TRAIN)]
+        report.weights = {user_id: w for (user_id, _), w in zip(valid, weights, strict=True)}
+        self._collect_received_evaluations(report, valid)
         arrays = weighted_average(
             [{k: a.numpy() for k, a in next(iter(c.array_records.values())).items()} for c in contents],
             weights,
         )
         aggregated = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         self._global_signature = signature(aggregated)
-        return aggregated, self._average_metrics(contents, counts)
+        return aggregated, self._average_metrics([own_metrics(c) for c in contents], counts)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid = self.screen(server_round, replies, MessageType.EVALUATE, None)
-        return self._average_metrics([content for _, content in valid]) if valid else None
+        return self._average_metrics([own_metrics(content) for _, content in valid]) if valid else None
 
-    def _trusted_examples(self, user_id: int, content: RecordDict) -> float:
-        """The owner's count of the user's examples if it has one, else the reply's claim."""
-        counted = self.example_counts(user_id) if self.example_counts is not None else None
-        if counted is not None and counted > 0:
-            return float(counted)
-        return float(next(iter(content.metric_records.values()))[self.weighted_by_key])
+    def _collect_received_evaluations(self, train: RoundReport, valid: list[tuple[int, RecordDict]]) -> None:
+        """The evaluations of the previous round's model that valid training replies carry.
+
+        They form the evaluation report of round ``server_round - 1`` (sampled: the users
+        sampled for training), read with :meth:`received_evaluation`. A reply without one
+        counts as a failure of that evaluation.
+        """
+        records = [(u, c.metric_records[EVALUATION]) for u, c in valid if EVALUATION in c.metric_records]
+        if not records:
+            return
+        report = RoundReport(train.server_round - 1, MessageType.EVALUATE, list(train.sampled_nodes))
+        node_of = {user: node for node, user in self.node_users.items()}
+        for user_id, metrics in records:
+            problem = self._metrics_problem(metrics)
+            if problem:
+                self._reject(report, node_of.get(user_id, -1), user_id, f"evaluation: {problem}")
+            else:
+                report.user_metrics[user_id] = scalars(metrics)
+        self.received[train.server_round - 1] = report
+
+    def received_evaluation(self, evaluated_round: int) -> tuple[RoundReport, MetricRecord | None] | None:
+        """Round ``evaluated_round``'s model as the next round's training replies evaluated it:
+        the report (per-user figures) and the example-weighted averages; None if none came."""
+        report = self.received.pop(evaluated_round, None)
+        if report is None:
+            return None
+        metrics = [MetricRecord(m) for m in report.user_metrics.values()]
+        return report, (self._average_metrics(metrics) if metrics else None)
+
+    def _trusted_counts(self, valid: list[tuple[int, RecordDict]]) -> list[float]:
+        """The example count that weights each valid reply.
+
+        The owner's count where it has one (:attr:`example_counts`); else the reply's claim,
+        capped at the largest count the owner made for a user in the same average (a user
+        whose data the server cannot see, such as one with its own data file, weighs no
+        more than the largest user it can); with no count at all, the claims (FedAvg).
+        """
+        claims = [float(own_metrics(c)[self.weighted_by_key]) for _, c in valid]
+        counted = [self.example_counts(u) if self.example_counts is not None else None for u, _ in valid]
+        known = [float(c) for c in counted if c is not None and c > 0]
+        cap = max(known) if known else math.inf
+        return [
+            float(c) if c is not None and c > 0 else min(claim, cap)
+            for c, claim in zip(counted, claims, strict=True)
+        ]
 
     @staticmethod
     def _metric(content: RecordDict, key: str) -> float:
-        return float(next(iter(content.metric_records.values())).get(key, 0.0))
+        return float(own_metrics(content).get(key, 0.0))
 
-    def _average_metrics(self, contents: list[RecordDict], counts: list[float] | None = None) -> MetricRecord:
-        """Example-weighted mean of every scalar metric that all replies carry."""
-        records = [next(iter(c.metric_records.values())) for c in contents]
+    def _average_metrics(
+        self, records: list[MetricRecord], counts: list[float] | None = None
+    ) -> MetricRecord:
+        """Example-weighted mean of every scalar metric that all records carry."""
         common = set.intersection(*(set(r.keys()) for r in records)) - {self.weighted_by_key}
         counts = counts or [float(r[self.weighted_by_key]) for r in records]
         total = sum(counts)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from flhf_core import data
+from flhf_core.batches import encode, make_batches
 from flhf_core.config import ConfigError, RunConfig
 
 
@@ -132,10 +133,30 @@ def test_heldout_is_capped_and_stable(corpus):
 
 def test_batches_mask_target_padding(tokenizer, corpus):
     examples = data.user_partition(corpus, 0, 2, RunConfig()).train[:5]
-    (batch,) = data.make_batches(tokenizer, examples, 8, 64, 16)
+    (batch,) = make_batches(tokenizer, examples, 8, 64, 16)
     assert batch.input_ids.shape[0] == 5 and batch.input_ids.shape[1] <= 64
     assert (batch.labels == -100).any() or batch.labels.shape[1] == 16
     assert (batch.labels[batch.labels != -100] != tokenizer.pad_token_id).all()
+
+
+def test_batches_from_cached_token_ids_equal_the_tokenizers_own_padding(tokenizer, corpus):
+    """Examples are tokenized once and padded per batch: the tensors must be exactly what
+    ``tokenizer(..., padding=True)`` gives for the same examples."""
+    examples = data.user_partition(corpus, 0, 2, RunConfig()).train[:7]
+    (batch,) = make_batches(tokenizer, examples, 8, 64, 16)
+    source = tokenizer(
+        [e.source for e in examples], max_length=64, truncation=True, padding=True, return_tensors="pt"
+    )
+    target = tokenizer(
+        text_target=[e.summary for e in examples],
+        max_length=16,
+        truncation=True,
+        padding=True,
+        return_tensors="pt",
+    )
+    assert batch.input_ids.equal(source["input_ids"]) and batch.attention_mask.equal(source["attention_mask"])
+    assert batch.labels.equal(target["input_ids"].masked_fill(target["attention_mask"] == 0, -100))
+    assert encode(tokenizer, examples, 64, 16).target_tokens() == int(target["attention_mask"].sum())
 
 
 # --------------------------------------------------------------------------

@@ -22,8 +22,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..batches import Encoded, batches_of, encode
 from ..config import RunConfig
-from ..data import Example, make_batches
+from ..data import Example
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,12 @@ def train_sft(
     examples: Sequence[Example],
     config: SFTConfig,
     progress: bool = False,
+    encoded: Encoded | None = None,
 ) -> SFTStats:
-    """Fine-tune ``model`` in place on ``examples``; return what happened."""
+    """Fine-tune ``model`` in place on ``examples``; return what happened.
+
+    ``encoded``: the examples' token ids, if the caller has them cached (else tokenized here).
+    """
     if not examples:
         raise ValueError("no training examples: this user holds no data for its partition")
     device = next(model.parameters()).device
@@ -91,6 +96,8 @@ def train_sft(
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
     )
+    if encoded is None:
+        encoded = encode(tokenizer, examples, config.max_source_tokens, config.max_target_tokens)
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     losses: list[float] = []
@@ -101,14 +108,7 @@ def train_sft(
     bar = tqdm(total=config.epochs * steps_per_epoch, desc="sft", leave=False, disable=not progress)
     for _ in range(config.epochs):
         epoch_losses = []
-        batches = make_batches(
-            tokenizer,
-            examples,
-            config.batch_size,
-            config.max_source_tokens,
-            config.max_target_tokens,
-            generator,
-        )
+        batches = batches_of(encoded, config.batch_size, generator)
         for batch in batches:
             batch = batch.to(device)
             with autocast(device, config.bf16):

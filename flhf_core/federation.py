@@ -1,0 +1,405 @@
+"""The ServerApp's round loop, over the FeedbackFedAvg strategy.
+
+``Strategy.start`` always begins at round 1 and offers only ``evaluate_fn``;
+owning the loop (configure -> send and receive through the Grid -> aggregate
+-> evaluate -> record) gives per-round checkpoints, per-user rows, traffic,
+time and failure counts, one message per user per round, and later resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from . import data
+from .model import (
+    parameters_to_record,
+    record_nbytes,
+    record_to_parameters,
+)
+from .profiles import build_profile
+from .protocol import (
+    EVALUATE_RECEIVED,
+    NUM_USERS,
+    OWN_DATA,
+    USER_ID,
+    USER_RECORD,
+)
+from .reporting import eval_columns, record_users, run_summary, train_columns, user_spread
+from .server_state import (
+    NO_GLOBAL_MODEL,
+    PLOTTED,
+    ServerState,
+    round_config,
+    save_checkpoint,
+    server_evaluate,
+)
+from .strategy import FeedbackFedAvg, RoundReport
+from .tracking import (
+    Tracker,
+    atomic_write_json,
+    plot_metrics,
+    read_metrics,
+    save_folder_atomically,
+)
+
+
+class RoundFailed(RuntimeError):
+    """No training reply of a round was valid: the federation cannot go on."""
+
+
+PULL_INTERVAL = 0.2  # seconds between polls for replies (Flower's deployment grid sleeps 3 s)
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
+    """Send ``messages`` and collect their replies until all came or ``timeout`` passed.
+
+    Flower's own ``send_and_receive`` polls the SuperLink every 3 s in deployment, up to 3 s
+    lost per phase; this polls every :data:`PULL_INTERVAL`. Grids that are not Flower's (the
+    in-process one) answer directly.
+    """
+    if not isinstance(grid, Grid):
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    waiting = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting and (deadline is None or time.monotonic() < deadline):
+        pulled = list(grid.pull_messages(waiting))
+        replies.extend(pulled)
+        waiting -= {m.metadata.reply_to_message_id for m in pulled}
+        if waiting:
+            time.sleep(PULL_INTERVAL)
+    return replies
+
+
+@dataclass
+class PendingRound:
+    """A round whose rows wait for its model's evaluation (the next round's training replies,
+    or the final evaluate messages carry it)."""
+
+    server_round: int
+    phase: str
+    row: dict[str, float]  # the server row so far
+    train: RoundReport
+
+
+@dataclass
+class Federation:
+    """The round loop: configure -> send and receive -> aggregate -> evaluate -> record.
+
+    One message per user per round: round r's training messages bring round r-1's global
+    model, and the users evaluate it before training (``evaluate-received``); so round r-1's
+    rows are written once round r's replies are in, and the last round's model gets one
+    round of evaluate messages at the end. With ``separate-evaluation`` every evaluated
+    round sends evaluate messages instead (two messages per user per round).
+    """
+
+    grid: Grid
+    state: ServerState
+    tracker: Tracker
+    strategy: FeedbackFedAvg
+    initial: dict[str, float] = field(default_factory=dict)
+    num_users: int = 0  # learned from the nodes (their num-partitions)
+    own_data_users: set[int] = field(default_factory=set)  # users with their own data file
+    rounds_done: int = 0
+    pending: PendingRound | None = None
+
+    def run(self) -> None:
+        config = self.state.config
+        started = time.perf_counter()
+        self.initial, server_seconds = timed(server_evaluate, self.state)
+        row = {**self.initial, **self.state.baselines, "server-eval-seconds": server_seconds}
+        self.pending = PendingRound(0, "init", row, RoundReport(0, MessageType.TRAIN))
+        lead = self.state.baselines[f"baseline-lead{config.lead_words}-rougeL"]
+        if self.initial:
+            log(
+                INFO,
+                "round 0: held-out rougeL %.2f (lead-%d baseline %.2f)",
+                self.initial["rougeL"],
+                config.lead_words,
+                lead,
+            )
+        else:
+            log(INFO, "round 0: %s", NO_GLOBAL_MODEL)
+        self.identify_users()
+        atomic_write_json(
+            self.tracker.run_dir / "splits.json",
+            data.splits(self.state.corpus, config, self.num_users, exclude=self.own_data_users),
+        )
+        if config.separate_evaluation:
+            self.complete(self.pending, None)  # round 0: server figures only
+        arrays = parameters_to_record(self.state.model, self.state.shared_names)
+        for server_round in range(1, config.num_server_rounds + 1):
+            arrays, row = self.run_round(server_round, arrays)
+            self.rounds_done = server_round
+            eta = (time.perf_counter() - started) / server_round * (config.num_server_rounds - server_round)
+            log(
+                INFO, round_line(server_round, config.num_server_rounds, config.phase(server_round), row, eta)
+            )
+        if self.pending is not None:  # the final model: one round of evaluate messages
+            self.evaluate_final(arrays)
+        self.finish()
+
+    def exchange(self, messages: list[Message]) -> list[Message]:
+        return exchange(self.grid, messages, self.state.config.round_timeout or None)
+
+    def identify_users(self) -> None:
+        """Ask every connected node not yet known which user it serves (a QUERY message).
+
+        The strategy then samples users instead of node ids, and the server counts each
+        user's examples itself (except for users holding their own data file). A node that
+        does not answer stays unknown (and unsampled while others are known); all nodes
+        must agree on the number of users.
+        """
+        self.strategy.wait_for_nodes(self.grid)
+        unknown = sorted(set(self.grid.get_node_ids()) - set(self.strategy.node_users))
+        if not unknown:
+            return
+        messages = [
+            Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in unknown
+        ]
+        for reply in self.exchange(messages):
+            user = None if reply.has_error() else reply.content.config_records.get(USER_RECORD)
+            if (
+                user is None
+                or not isinstance(user.get(USER_ID), int)
+                or not isinstance(user.get(NUM_USERS), int)
+            ):
+                log(WARNING, "node %d did not say which user it serves", reply.metadata.src_node_id)
+                continue
+            if self.num_users and int(user[NUM_USERS]) != self.num_users:
+                raise RoundFailed(
+                    f"node {reply.metadata.src_node_id} says there are {user[NUM_USERS]} users, others "
+                    f"{self.num_users}: every SuperNode's num-partitions must be the same"
+                )
+            self.num_users = int(user[NUM_USERS])
+            self.strategy.node_users[reply.metadata.src_node_id] = int(user[USER_ID])
+            if user.get(OWN_DATA):
+                self.own_data_users.add(int(user[USER_ID]))
+        if not self.num_users:
+            raise RoundFailed("no node said which user it serves (partition-id, num-partitions)")
+
+    def example_counts(self, phase: str) -> Callable[[int], float | None]:
+        """The server's own count of a user's examples in ``phase`` (what weights it); None for
+        users it cannot count (those with their own data file)."""
+        state = self.state
+
+        def count(user: int) -> float | None:
+            if not 0 <= user < self.num_users or user in self.own_data_users:
+                return None
+            part = data.user_partition(state.corpus, user, self.num_users, state.config)
+            if phase == "sft":
+                return float(len(part.train))
+            profile = build_profile(user, state.config.user_profiles, state.corpus.aspects, state.config.seed)
+            return float(len(data.aspect_examples(state.corpus, part.feedback_doc_ids, profile.aspect)))
+
+        return functools.lru_cache(maxsize=None)(count)
+
+    def run_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
+        """One round; returns the new global parameters and the server's row of metrics.
+
+        Raises RoundFailed if no training reply was valid."""
+        started = time.perf_counter()
+        config = self.state.config
+        phase = config.phase(server_round)
+        config_record = round_config(self.state, phase, server_round, self.tracker.run_dir.name)
+        config_record[EVALUATE_RECEIVED] = self.pending is not None
+        self.identify_users()  # nodes that joined since
+        self.strategy.example_counts = self.example_counts(phase)
+
+        sent = list(self.strategy.configure_train(server_round, arrays, config_record, self.grid))
+        replies = self.exchange(sent)
+        new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
+        train_report = self.strategy.reports[(server_round, MessageType.TRAIN)]
+        if self.pending is not None:  # the previous round's model, as these users evaluated it
+            self.complete(self.pending, self.strategy.received_evaluation(server_round - 1))
+        if new_arrays is None:
+            reasons = "; ".join(
+                f"user {r.user_id if r.user_id is not None else '?'} (node {r.node_id}): {r.reason}"
+                for r in train_report.rejected
+            )
+            record_users(self.tracker, server_round, phase, train_report, RoundReport(server_round, "evaluate"))
+            raise RoundFailed(
+                f"round {server_round}: no valid training reply ({reasons or 'no reply at all'})"
+            )
+        traffic = {"bytes-down": record_nbytes(arrays) * len(sent), "bytes-up": uploaded_bytes(replies)}
+        previous = (
+            copy.deepcopy(self.state.model)
+            if config.has_global_model and config.evaluates(server_round)
+            else None
+        )
+        arrays = new_arrays
+        record_to_parameters(self.state.model, arrays, names=self.state.shared_names)
+        row = {
+            **train_columns(train_metrics or {}),
+            "clients": len(train_report.user_metrics),
+            "failures": train_report.failures,
+            **traffic,
+        }
+        if config.evaluates(server_round):
+            evaluated_at = time.perf_counter()
+            row.update(server_evaluate(self.state))
+            if previous is not None:
+                row["kl-to-previous"] = self.state.kl_to(previous)
+            row["server-eval-seconds"] = time.perf_counter() - evaluated_at
+        row.update(client_seconds(train_report))
+        pending = PendingRound(server_round, phase, row, train_report)
+        if (
+            config.separate_evaluation
+            and config.evaluates(server_round)
+            and server_round < config.num_server_rounds
+        ):
+            evaluation = self.send_evaluate(server_round, arrays, config_record)
+            add_seconds(row, client_seconds(evaluation[0]))
+            row["bytes-down"] += evaluation[2]
+            row["seconds"] = time.perf_counter() - started
+            self.complete(pending, evaluation[:2])
+        else:
+            row["seconds"] = time.perf_counter() - started
+            self.pending = pending
+            if not config.evaluates(server_round):
+                self.complete(pending, None)
+        save_checkpoint(self.tracker.run_dir, self.state, server_round)
+        return arrays, row
+
+    def send_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config_record: ConfigRecord
+    ) -> tuple[RoundReport, dict | None, int]:
+        """Evaluate messages for round ``server_round``'s model: report, averages, bytes sent."""
+        sent = list(self.strategy.configure_evaluate(server_round, arrays, config_record, self.grid))
+        averaged = self.strategy.aggregate_evaluate(server_round, self.exchange(sent))
+        report = self.strategy.reports.get(
+            (server_round, MessageType.EVALUATE), RoundReport(server_round, MessageType.EVALUATE)
+        )
+        return report, averaged, record_nbytes(arrays) * len(sent)
+
+    def evaluate_final(self, arrays: ArrayRecord) -> None:
+        """The last round's model, evaluated by evaluate messages; its time counts in its row."""
+        pending, started = self.pending, time.perf_counter()
+        config_record = round_config(
+            self.state, pending.phase, pending.server_round, self.tracker.run_dir.name
+        )
+        report, averaged, sent_bytes = self.send_evaluate(pending.server_round, arrays, config_record)
+        add_seconds(pending.row, client_seconds(report))
+        pending.row["bytes-down"] = pending.row.get("bytes-down", 0) + sent_bytes
+        pending.row["seconds"] = pending.row.get("seconds", 0.0) + time.perf_counter() - started
+        self.complete(pending, (report, averaged))
+
+    def complete(self, pending: PendingRound, evaluation: tuple[RoundReport, dict | None] | None) -> None:
+        """Write a round's rows: its server row and one row per user, with its model's evaluation."""
+        report, averaged = (
+            evaluation
+            if evaluation is not None
+            else (RoundReport(pending.server_round, MessageType.EVALUATE), None)
+        )
+        record_users(self.tracker, pending.server_round, pending.phase, pending.train, report)
+        row = dict(pending.row)
+        if evaluation is not None:
+            row.update({f"client-{k}": v for k, v in eval_columns(averaged or {}).items()})
+            row.update(user_spread(report.user_metrics))
+            row["eval-failures"] = report.failures
+        self.tracker.log(pending.server_round, pending.phase, "server", None, row)
+        if self.pending is pending:
+            self.pending = None
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """summary.json, the final model (where there is one) and plots; on failure, marked failed.
+
+        A round still waiting for its evaluation is written without it: no round is lost.
+        """
+        run_dir, state = self.tracker.run_dir, self.state
+        if self.pending is not None:
+            self.complete(self.pending, None)
+
+        def save(folder: Path) -> None:
+            state.model.save_pretrained(folder)
+            state.tokenizer.save_pretrained(folder)
+
+        if state.config.has_global_model:
+            save_folder_atomically(run_dir / "model", save)  # on failure: the last good global model
+        rows = read_metrics(self.tracker.metrics_path)
+        summary = run_summary(rows, state.config.to_mapping(), state.baselines, self.initial)
+        summary["status"] = "completed" if error is None else "failed"
+        if error is not None:
+            summary["error"] = f"{type(error).__name__}: {error}"
+            summary["failed-in-round"] = self.rounds_done + 1
+        if state.config.has_global_model:
+            summary["model-dir"] = str(run_dir / "model")
+        else:
+            summary["global-model"] = NO_GLOBAL_MODEL
+        self.tracker.write_summary(summary)
+        plot_metrics(rows, run_dir / "plots", PLOTTED)
+
+
+def timed(function: Callable, *args: object) -> tuple:
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
+
+
+def client_seconds(report: RoundReport) -> dict[str, float]:
+    """Where the users' time went in a phase, summed over its replies.
+
+    ``client-train-seconds``: the local updates; ``client-eval-seconds``: everything the
+    users generated, judged or evaluated; ``setup-seconds``: building tokenizer, model and
+    data before the work (cheap once a worker process or node has its caches).
+    """
+    users = report.user_metrics.values()
+    return {
+        "client-train-seconds": sum(m.get("train-seconds", 0.0) for m in users),
+        "client-eval-seconds": sum(m.get("eval-seconds", 0.0) for m in users),
+        "setup-seconds": sum(m.get("setup-seconds", 0.0) for m in users),
+    }
+
+
+def add_seconds(row: dict[str, float], extra: Mapping[str, float]) -> None:
+    for key, value in extra.items():
+        row[key] = row.get(key, 0.0) + value
+
+
+def update_share(row: Mapping[str, float]) -> float | None:
+    """The share of the users' summed time that went to the local update."""
+    total = (
+        row.get("client-train-seconds", 0.0)
+        + row.get("client-eval-seconds", 0.0)
+        + row.get("setup-seconds", 0.0)
+    )
+    return row["client-train-seconds"] / total if total > 0 else None
+
+
+def round_line(server_round: int, rounds: int, phase: str, row: Mapping[str, float], eta: float) -> str:
+    """The per-round log line: held-out figures (where evaluated), users, time, update share, ETA.
+
+    The users' reward of a round's model arrives with the next round's replies: it is in the
+    round's rows of metrics.jsonl, and printed as the run ends.
+    """
+    parts = [f"round {server_round}/{rounds} [{phase}]"]
+    if "rougeL" in row:
+        parts.append(f"held-out rougeL {row['rougeL']:.2f} loss {row['loss']:.3f}")
+    if "reward" in row:
+        parts.append(f"reward {row['reward']:.3f} (worst {row['reward-worst']:.3f})")
+    if "reward-personal" in row:
+        parts.append(f"personal reward {row['reward-personal']:.3f}")
+    parts.append(f"clients {row['clients']}, failures {row['failures']}")
+    share = update_share(row)
+    timing = f"{row['seconds']:.1f}s" + (
+        f" ({share:.0%} of client time in local updates)" if share is not None else ""
+    )
+    parts.append(f"{timing}, ETA {eta:.0f}s")
+    return " | ".join(parts)
+
+
+def uploaded_bytes(replies: list[Message]) -> int:
+    """Parameter bytes the clients sent back."""
+    return sum(
+        record_nbytes(r.content["arrays"]) for r in replies if not r.has_error() and "arrays" in r.content
+    )

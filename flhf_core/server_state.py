@@ -1,0 +1,165 @@
+"""The server's side of a run: its data, tokenizer and global model, and their evaluation.
+
+Everything that can fail on bad input (config, data, model, tokenizer) is done in
+:func:`prepare`, before the run directory is created, so a bad run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ConfigRecord
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from . import data
+from .batches import Batch, make_batches
+from .config import ConfigError, RunConfig
+from .metrics import baseline_scores, evaluate_model, mean_token_kl
+from .model import (
+    TokenizerSpec,
+    add_lora,
+    build_model,
+    canonical_parameters,
+    personal_parameter_names,
+    select_device,
+    server_tokenizer,
+)
+from .protocol import (
+    LEARNING_RATE,
+    PHASE,
+    RUN_NAME,
+    TOKENIZER_JSON,
+    TOKENIZER_SHA256,
+)
+from .strategy import FeedbackFedAvg
+from .tracking import (
+    save_folder_atomically,
+)
+
+PLOTTED = ("rougeL", "rouge1", "loss", "perplexity", "train-loss", "seconds")
+
+
+@dataclass
+class ServerState:
+    config: RunConfig
+    corpus: data.Corpus
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_spec: TokenizerSpec
+    model: PreTrainedModel  # holds the global parameters between rounds
+    heldout: tuple[data.Example, ...]
+    baselines: dict[str, float]
+    shared_names: frozenset[str]  # what travels: everything but the clients' personal parameters
+
+    def kl_to(self, previous: PreTrainedModel) -> float:
+        """Mean per-token KL(new global || previous global) on the held-out references."""
+        return mean_token_kl(self.model, previous, self.heldout_batches)
+
+    @property
+    def heldout_batches(self) -> list[Batch]:
+        config = self.config
+        return make_batches(
+            self.tokenizer, self.heldout, 32, config.max_source_tokens, config.max_target_tokens
+        )
+
+
+def prepare(config: RunConfig) -> ServerState:
+    """Load data, tokenizer and the initial model; raises on any bad input."""
+    corpus = data.load_corpus(config)
+    tokenizer, spec = server_tokenizer(config, corpus)
+    model = build_model(config, tokenizer).to(select_device(config.device))
+    heldout = data.heldout_examples(corpus, config)
+    if not heldout:
+        raise ValueError("the held-out set is empty: raise heldout-fraction")
+    if not any(data.document_role(d.doc_id, config) == data.REWARD for d in corpus.documents):
+        raise ConfigError(
+            f"reward-fraction: {config.reward_fraction} leaves no reward documents in {len(corpus.documents)} "
+            "documents; raise it (users judge the model on these to steer aggregation)."
+        )
+    baselines = baseline_scores(heldout, data.abstracts(corpus), config.lead_words)
+    return ServerState(
+        config, corpus, tokenizer, spec, model, heldout, baselines, shared_parameter_names(model, config)
+    )
+
+
+def shared_parameter_names(model: PreTrainedModel, config: RunConfig) -> frozenset[str]:
+    """The parameters the server sends and averages; checks the personalization fits the model.
+
+    Under ``local-head`` the server keeps its round-0 copy of the personal layers (they are
+    never sent). A LoRA adapter exists only on the clients: the server's model has none.
+    """
+    if config.personalization == "lora":
+        try:
+            add_lora(copy.deepcopy(model), config.lora_rank, seed=0)
+        except ValueError as error:
+            raise ConfigError(f"personalization: 'lora' does not fit {config.model!r}: {error}") from None
+        return frozenset(canonical_parameters(model))
+    personal = personal_parameter_names(model, config.personalization, config.personal_layers)
+    return frozenset(canonical_parameters(model)) - personal
+
+
+def build_strategy(config: RunConfig) -> FeedbackFedAvg:
+    return FeedbackFedAvg(
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=config.min_available_nodes,
+        reward_weighting=config.reward_weighting,
+        reward_temperature=config.reward_temperature,
+        max_client_weight=config.max_client_weight,
+        sampling_seed=config.seed,
+    )
+
+
+def round_learning_rate(config: RunConfig, server_round: int) -> float:
+    """The clients' learning rate in ``server_round`` (1-based).
+
+    ``cosine`` decays from ``learning-rate`` to a tenth of it at the last round: late rounds
+    then average small, consistent client updates instead of noisy ones.
+    """
+    if config.lr_schedule == "constant" or config.num_server_rounds == 1:
+        return config.learning_rate
+    progress = (server_round - 1) / (config.num_server_rounds - 1)
+    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def round_config(state: ServerState, phase: str, server_round: int, run_name: str) -> ConfigRecord:
+    """What every message of a round tells the clients besides the parameters."""
+    record = ConfigRecord(
+        {
+            PHASE: phase,
+            RUN_NAME: run_name,  # the run folder's name (a timestamp when run-name is empty)
+            TOKENIZER_SHA256: state.tokenizer_spec.sha256,
+            LEARNING_RATE: round_learning_rate(state.config, server_round),
+        }
+    )
+    if state.tokenizer_spec.payload:
+        record[TOKENIZER_JSON] = state.tokenizer_spec.payload
+    return record
+
+
+NO_GLOBAL_MODEL = (
+    "none: under personalization=local-head each user keeps its own LM head and last decoder "
+    "block(s), so no complete global model exists; see reward-personal and rougeL-personal"
+)
+
+
+def server_evaluate(state: ServerState) -> dict[str, float]:
+    """The global model on the server's held-out examples (none without a global model)."""
+    if not state.config.has_global_model:
+        return {}
+    return evaluate_model(state.model, state.tokenizer, state.heldout, state.config)
+
+
+def save_checkpoint(run_dir: Path, state: ServerState, server_round: int) -> None:
+    """The global model after ``server_round`` (``save_pretrained``, safetensors)."""
+
+    def save(folder: Path) -> None:
+        state.model.save_pretrained(folder)
+        state.tokenizer.save_pretrained(folder)
+        (folder / "round.txt").write_text(f"{server_round}\n")
+
+    save_folder_atomically(run_dir / "checkpoints" / "latest", save)
