@@ -91,12 +91,34 @@ def collate(encoded: Encoded, indices: Sequence[int]) -> Batch:
     return Batch(input_ids, attention_mask, labels.masked_fill(label_mask == 0, -100))
 
 
-def batches_of(encoded: Encoded, batch_size: int, generator: torch.Generator | None = None) -> list[Batch]:
-    """All examples in batches of ``batch_size``; shuffled when a generator is given."""
+def batches_of(
+    encoded: Encoded, batch_size: int, generator: torch.Generator | None = None, group_by_length: bool = False
+) -> list[Batch]:
+    """All examples in batches of ``batch_size``; shuffled when a generator is given.
+
+    ``group_by_length``: examples of similar source length share a batch, so less compute
+    goes to padding (documents run from a few dozen tokens to the truncation length). As
+    Hugging Face's length-grouped sampler does: shuffle, sort each run of
+    :data:`LENGTH_GROUP` batches by length, then shuffle the order of the batches, so
+    batches stay random in content and order.
+    """
     order = list(range(len(encoded)))
     if generator is not None:
         order = torch.randperm(len(encoded), generator=generator).tolist()
-    return [collate(encoded, order[s : s + batch_size]) for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        group = LENGTH_GROUP * batch_size
+        order = [
+            i
+            for start in range(0, len(order), group)
+            for i in sorted(order[start : start + group], key=lambda i: -len(encoded.sources[i]))
+        ]
+    chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length and generator is not None:
+        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
+    return [collate(encoded, chunk) for chunk in chunks]
+
+
+LENGTH_GROUP = 8  # batches whose examples are sorted by length together
 
 
 def make_batches(

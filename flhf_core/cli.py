@@ -169,6 +169,15 @@ def follow_logs(run_id: str, echo: bool, env: dict[str, str] | None = None) -> l
     return lines
 
 
+def cpus_per_user(users: int, cores: int | None = None) -> int:
+    """CPUs (and so torch threads) per simulated user: the cores shared by the users that can
+    train at once. Flower's default, 2 per user, runs one user at a time on 2 cores, each
+    using both; several 1-thread users at once get more done per second (small matrices
+    parallelize poorly), and never oversubscribe the cores."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // max(1, min(users, cores)))
+
+
 def command_run(args: argparse.Namespace) -> int:
     preset, overrides = split_items(args.items)
     config = merged_config(preset, overrides)
@@ -181,7 +190,13 @@ def command_run(args: argparse.Namespace) -> int:
                 f"flhf: SuperLink of this run on 127.0.0.1:{superlink.port} (pid {superlink.process.pid})",
                 flush=True,
             )
-            federation = [CONNECTION, "--federation-config", f"num-supernodes={users}"]
+            cpus = args.cpus_per_user or cpus_per_user(users)
+            print(f"flhf: {users} users, {cpus} CPU(s) and torch thread(s) each", flush=True)
+            federation = [
+                CONNECTION,
+                "--federation-config",
+                f"num-supernodes={users} client-resources-num-cpus={cpus}",
+            ]
             code = submit_and_follow(config, federation, not args.quiet, superlink.env(), superlink.alive)
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(superlink.log_path, run_dir / "superlink.log")
@@ -226,12 +241,39 @@ def command_loopback(args: argparse.Namespace) -> int:
     run_dir = Path(config["results-dir"]) / config["run-name"]
     workdir = Path(config["results-dir"]) / f"{config['run-name']}.deployment"
     print(f"flhf: results will be written to {run_dir}; process logs to {workdir}", flush=True)
-    with Loopback(workdir, users, state_dir=workdir / "user-state", secure=args.secure) as federation:
+    data_files = parse_data_files(args.data_file, users)
+    with Loopback(
+        workdir, users, state_dir=workdir / "user-state", secure=args.secure, data_files=data_files
+    ) as federation:
         how = "TLS, authenticated SuperNodes" if args.secure else "insecure"
         print(f"flhf: SuperLink and {users} SuperNodes up (127.0.0.1:{federation.port}, {how})", flush=True)
         code = submit_and_follow(config, [CONNECTION], not args.quiet, federation.env(), federation.alive)
     report(code, config)
     return code
+
+
+def parse_data_files(items: list[str], users: int) -> dict[int, Path]:
+    """``USER=FILE`` options: which users' SuperNodes hold their own data file."""
+    files = {}
+    for item in items:
+        user, _, path = item.partition("=")
+        if not user.strip().isdigit() or not 0 <= int(user) < users or not path:
+            raise ConfigError(f"--data-file {item!r}: expected USER=FILE with USER in [0, {users}).")
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"--data-file {item!r}: {path} does not exist.")
+        files[int(user)] = Path(path).expanduser().resolve()
+    return files
+
+
+def command_export_data(args: argparse.Namespace) -> int:
+    from . import data
+
+    preset, overrides = split_items(args.items)
+    config = RunConfig.from_mapping(merged_config(preset, overrides))
+    corpus = data.load_corpus(config)
+    count = data.export_user_documents(corpus, args.user, args.users, config, Path(args.out))
+    print(f"flhf: wrote user {args.user}'s {count} documents (of {args.users} users) to {args.out}")
+    return 0
 
 
 def split_items(items: list[str]) -> tuple[str | None, list[str]]:
@@ -313,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--users", type=int, help="simulated users (default: the preset's min-available-nodes)")
     run.add_argument("--quiet", action="store_true", help="do not stream the run's logs")
+    run.add_argument(
+        "--cpus-per-user",
+        type=int,
+        help="CPUs and torch threads per simulated user (default: the cores shared by the users that run at once)",
+    )
     run.set_defaults(handler=command_run)
     loopback = commands.add_parser(
         "loopback", help="run in Flower's deployment engine: a SuperLink and N SuperNodes on 127.0.0.1"
@@ -325,7 +372,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="TLS with a generated CA, and SuperNode authentication (keys registered before the nodes start)",
     )
+    loopback.add_argument(
+        "--data-file",
+        action="append",
+        default=[],
+        metavar="USER=FILE",
+        help="user USER's SuperNode serves it from its own data file (see `flhf export-data`); repeatable",
+    )
     loopback.set_defaults(handler=command_loopback)
+    export = commands.add_parser(
+        "export-data",
+        help="write one user's documents as a data file of its own (for a SuperNode's data-file)",
+    )
+    export.add_argument("items", nargs="*", metavar="[PRESET] [key=value ...]", help="as for run")
+    export.add_argument("--user", type=int, required=True, help="the user (partition id)")
+    export.add_argument("--users", type=int, required=True, help="the number of users (num-partitions)")
+    export.add_argument("--out", required=True, help="the JSONL file to write")
+    export.set_defaults(handler=command_export_data)
     summarize = commands.add_parser("summarize", help="summarize a text file with a finished run's model")
     summarize.add_argument("run_dir", help="a run's results folder, <results-dir>/<run-name>")
     summarize.add_argument("text", help="a plain-text file to summarize")

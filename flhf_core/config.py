@@ -91,6 +91,7 @@ class RunConfig:
     lr_schedule: str = field(default="constant", metadata=_choice(*LR_SCHEDULES))
     weight_decay: float = field(default=0.01, metadata=_range(0.0))
     max_grad_norm: float = field(default=1.0, metadata=_range(0.0))
+    group_by_length: bool = True
     # --- feedback ------------------------------------------------------------
     feedback_algorithm: str = field(default="sft", metadata=_choice(*FEEDBACK_ALGORITHMS))
     user_profiles: str = "aspects"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -335,3 +336,28 @@ def aspect_examples(
 
 def abstracts(corpus: Corpus) -> dict[str, str]:
     return {doc.doc_id: doc.abstract for doc in corpus.documents}
+
+
+def export_user_documents(corpus: Corpus, user: int, num_users: int, config: RunConfig, path: Path) -> int:
+    """Write user ``user``'s partition as a data file of its own (JSONL: ``id``, ``document``,
+    one column per aspect, empty where the user holds no summary of that aspect).
+
+    What a user's device would hold; a SuperNode given it as ``data-file`` serves that user
+    from it, and the server never reads it. Returns the number of documents written.
+    """
+    part = user_partition(corpus, user, num_users, config)
+    held = {(e.doc_id, e.aspect) for e in part.train + part.validation}
+    rows = [
+        {
+            "id": doc.doc_id,
+            config.document_field: doc.text,
+            **{
+                aspect: (summary if (doc.doc_id, aspect) in held else "") for aspect, summary in doc.summaries
+            },
+        }
+        for doc in corpus.documents
+        if any((doc.doc_id, aspect) in held for aspect in corpus.aspects)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return len(rows)

@@ -42,6 +42,9 @@ def flower_env(**extra: str) -> dict[str, str]:
         **os.environ,
         # Flower would otherwise build a fresh environment per run (and fetch CUDA torch).
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        # How often a SuperExec asks for a task to launch (a ClientApp per message in
+        # deployment): Flower's default, 1 s, adds up to a second to every message.
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
         # The SuperLink and SuperNodes spawn flower-superexec and flwr-* by name.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         **extra,
@@ -56,11 +59,12 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
+        process.poll()  # reap the leader: a zombie still counts as a member of its group
         try:
             os.killpg(process.pid, 0)  # anyone left in the group?
         except ProcessLookupError:
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     else:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
@@ -195,6 +199,7 @@ class Loopback:
     users: int
     state_dir: Path
     secure: bool = False
+    data_files: dict[int, Path] = field(default_factory=dict)  # users holding their own data file
     # Flower 1.42 serves the Fleet, Control and Runtime APIs on one port
     port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -266,6 +271,8 @@ class Loopback:
         """SuperNode ``user``'s command; ``security`` replaces its TLS/auth flags (tests of refusal)."""
         node_config = f'partition-id={user} num-partitions={self.users} state-dir="{self.state_dir}"'
         node_config += f' training-marker="{training_marker(self.workdir, user)}"'
+        if user in self.data_files:
+            node_config += f' data-file="{self.data_files[user].resolve()}"'
         command = [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}"]
         command += self.node_security(user) if security is None else security
         command += ["--node-config", node_config, "--isolation", "subprocess"]

@@ -118,7 +118,7 @@ class Federation:
         started = time.perf_counter()
         self.initial, server_seconds = timed(server_evaluate, self.state)
         row = {**self.initial, **self.state.baselines, "server-eval-seconds": server_seconds}
-        self.pending = PendingRound(0, "init", row, RoundReport(0, MessageType.TRAIN))
+        self.tracker.log(0, "init", "server", None, row)  # the users evaluate models from round 1 on
         lead = self.state.baselines[f"baseline-lead{config.lead_words}-rougeL"]
         if self.initial:
             log(
@@ -135,8 +135,6 @@ class Federation:
             self.tracker.run_dir / "splits.json",
             data.splits(self.state.corpus, config, self.num_users, exclude=self.own_data_users),
         )
-        if config.separate_evaluation:
-            self.complete(self.pending, None)  # round 0: server figures only
         arrays = parameters_to_record(self.state.model, self.state.shared_names)
         for server_round in range(1, config.num_server_rounds + 1):
             arrays, row = self.run_round(server_round, arrays)
@@ -227,7 +225,9 @@ class Federation:
                 f"user {r.user_id if r.user_id is not None else '?'} (node {r.node_id}): {r.reason}"
                 for r in train_report.rejected
             )
-            record_users(self.tracker, server_round, phase, train_report, RoundReport(server_round, "evaluate"))
+            record_users(
+                self.tracker, server_round, phase, train_report, RoundReport(server_round, "evaluate")
+            )
             raise RoundFailed(
                 f"round {server_round}: no valid training reply ({reasons or 'no reply at all'})"
             )
@@ -247,9 +247,7 @@ class Federation:
         }
         if config.evaluates(server_round):
             evaluated_at = time.perf_counter()
-            row.update(server_evaluate(self.state))
-            if previous is not None:
-                row["kl-to-previous"] = self.state.kl_to(previous)
+            row.update(server_evaluate(self.state, previous))
             row["server-eval-seconds"] = time.perf_counter() - evaluated_at
         row.update(client_seconds(train_report))
         pending = PendingRound(server_round, phase, row, train_report)

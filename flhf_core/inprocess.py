@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from flwr.app import Context, Error, Message, MessageType, RecordDict
@@ -37,19 +37,26 @@ class InProcessGrid:
     """Flower's Grid, minus the network: messages go to the real ClientApp handlers in this
     process, each node with its own Context (partition-id, num-partitions, state).
 
-    ``tamper(sent, reply)`` may replace a reply (a misbehaving client, in tests); a handler
+    ``node_configs[user]`` adds node-config keys (a ``data-file``, a ``state-dir``) to that
+    user's node. ``tamper(sent, reply)`` may replace a reply (a misbehaving client, in tests); a handler
     that raises answers with an error reply, as Flower's ClientApp runtime does.
     """
 
     def __init__(
-        self, run_config: dict, users: int, tamper: Tamper | None = None, first_node_id: int = 1000
+        self,
+        run_config: dict,
+        users: int,
+        tamper: Tamper | None = None,
+        first_node_id: int = 1000,
+        node_configs: Mapping[int, Mapping] | None = None,
     ) -> None:
         self.tamper = tamper
+        node_configs = node_configs or {}
         self.contexts = {
             first_node_id + 7 * user: Context(
                 run_id=1,
                 node_id=first_node_id + 7 * user,
-                node_config={"partition-id": user, "num-partitions": users},
+                node_config={"partition-id": user, "num-partitions": users, **node_configs.get(user, {})},
                 state=RecordDict(),
                 run_config=run_config,
             )

@@ -52,44 +52,35 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
 
 
 @torch.no_grad()
-def token_loss(model: PreTrainedModel, batches: Sequence[Batch]) -> tuple[float, float]:
-    """Mean cross-entropy per target token, and its perplexity exp(loss)."""
+def token_loss(
+    model: PreTrainedModel, batches: Sequence[Batch], reference: PreTrainedModel | None = None
+) -> tuple[float, float, float | None]:
+    """Mean cross-entropy per target token, its perplexity exp(loss), and with a ``reference``
+    model the mean per-token KL(model || reference), from the same forward pass of ``model``."""
     was_training = model.training
     model.eval()
+    if reference is not None:
+        reference.eval()
     device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    for batch in batches:
-        batch = batch.to(device)
-        logits = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
-        ).logits
-        nll = torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum"
-        )
-        total_nll += nll.item()
-        total_tokens += int((batch.labels != -100).sum())
-    model.train(was_training)
-    loss = total_nll / max(total_tokens, 1)
-    return loss, math.exp(min(loss, 50.0))
-
-
-@torch.no_grad()
-def mean_token_kl(model: PreTrainedModel, reference: PreTrainedModel, batches: Sequence[Batch]) -> float:
-    """Mean over target tokens of KL(model || reference), teacher-forced on the references."""
-    model.eval()
-    reference.eval()
-    device = next(model.parameters()).device
-    total, tokens = 0.0, 0
+    total_nll, total_kl, total_tokens = 0.0, 0.0, 0
     for batch in batches:
         batch = batch.to(device)
         inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
-        logp = torch.log_softmax(model(**inputs).logits.float(), dim=-1)
-        logq = torch.log_softmax(reference(**inputs).logits.float(), dim=-1)
-        kl = (logp.exp() * (logp - logq)).sum(dim=-1)
+        logits = model(**inputs).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum"
+        )
+        total_nll += nll.item()
         mask = batch.labels != -100
-        total += kl[mask].sum().item()
-        tokens += int(mask.sum())
-    return total / max(tokens, 1)
+        total_tokens += int(mask.sum())
+        if reference is not None:
+            logp = torch.log_softmax(logits[mask], dim=-1)
+            logq = torch.log_softmax(reference(**inputs).logits.float()[mask], dim=-1)
+            total_kl += (logp.exp() * (logp - logq)).sum().item()
+    model.train(was_training)
+    loss = total_nll / max(total_tokens, 1)
+    kl = total_kl / max(total_tokens, 1) if reference is not None else None
+    return loss, math.exp(min(loss, 50.0)), kl
 
 
 def evaluate_model(
@@ -98,14 +89,19 @@ def evaluate_model(
     examples: Sequence[Example],
     config: RunConfig,
     predictions: Sequence[str] | None = None,
+    reference: PreTrainedModel | None = None,
+    batches: Sequence[Batch] | None = None,
 ) -> dict[str, float]:
     """Loss, perplexity, ROUGE and mean output length of ``model`` on ``examples``.
 
     ``predictions``: the model's greedy summaries of ``examples`` if the caller decoded them
-    already (in one pass with other documents); else they are decoded here.
+    already (in one pass with other documents); else they are decoded here. ``reference``:
+    also ``kl-to-reference``, the mean per-token KL(model || reference) on the references.
+    ``batches``: the examples' batches, if the caller keeps them.
     """
-    batches = make_batches(tokenizer, examples, 32, config.max_source_tokens, config.max_target_tokens)
-    loss, perplexity = token_loss(model, batches)
+    if batches is None:
+        batches = make_batches(tokenizer, examples, 32, config.max_source_tokens, config.max_target_tokens)
+    loss, perplexity, kl = token_loss(model, batches, reference)
     if predictions is None:
         predictions = generate_summaries(
             model,
@@ -116,7 +112,10 @@ def evaluate_model(
         )
     scores = rouge(predictions, [e.summary for e in examples])
     words = sum(len(p.split()) for p in predictions) / max(len(predictions), 1)
-    return {"loss": loss, "perplexity": perplexity, **scores, "output-words": words}
+    metrics = {"loss": loss, "perplexity": perplexity, **scores, "output-words": words}
+    if kl is not None:
+        metrics["kl-to-reference"] = kl
+    return metrics
 
 
 # --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Everything that can fail on bad input (config, data, model, tokenizer) is done i
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import data
 from .batches import Batch, make_batches
 from .config import ConfigError, RunConfig
-from .metrics import baseline_scores, evaluate_model, mean_token_kl
+from .metrics import baseline_scores, evaluate_model
 from .model import (
     TokenizerSpec,
     add_lora,
@@ -53,11 +54,7 @@ class ServerState:
     baselines: dict[str, float]
     shared_names: frozenset[str]  # what travels: everything but the clients' personal parameters
 
-    def kl_to(self, previous: PreTrainedModel) -> float:
-        """Mean per-token KL(new global || previous global) on the held-out references."""
-        return mean_token_kl(self.model, previous, self.heldout_batches)
-
-    @property
+    @functools.cached_property
     def heldout_batches(self) -> list[Batch]:
         config = self.config
         return make_batches(
@@ -147,11 +144,22 @@ NO_GLOBAL_MODEL = (
 )
 
 
-def server_evaluate(state: ServerState) -> dict[str, float]:
-    """The global model on the server's held-out examples (none without a global model)."""
+def server_evaluate(state: ServerState, previous: PreTrainedModel | None = None) -> dict[str, float]:
+    """The global model on the server's held-out examples (none without a global model); with
+    the ``previous`` global model, also ``kl-to-previous`` (mean per-token KL(new || previous))."""
     if not state.config.has_global_model:
         return {}
-    return evaluate_model(state.model, state.tokenizer, state.heldout, state.config)
+    metrics = evaluate_model(
+        state.model,
+        state.tokenizer,
+        state.heldout,
+        state.config,
+        reference=previous,
+        batches=state.heldout_batches,
+    )
+    if "kl-to-reference" in metrics:
+        metrics["kl-to-previous"] = metrics.pop("kl-to-reference")
+    return metrics
 
 
 def save_checkpoint(run_dir: Path, state: ServerState, server_round: int) -> None:

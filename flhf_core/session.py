@@ -156,6 +156,19 @@ def corpus_documents(config: RunConfig, user: int, num_users: int) -> UserDocume
     )
 
 
+def own_document_role(doc_id: str, config: RunConfig) -> str:
+    """A document's role in a user's own file: the file is split on its own, with the run's
+    fractions (its held-out share is the user's reporting set, standing in for the server's)."""
+    share = {
+        kind: data.unit_hash(config.seed, "own-data", kind, doc_id) for kind in ("heldout", "reward", "val")
+    }
+    if share["heldout"] < config.heldout_fraction:
+        return data.HELDOUT
+    if share["reward"] < config.reward_fraction:
+        return data.REWARD
+    return data.VALIDATION if share["val"] < config.val_fraction else data.TRAIN
+
+
 def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
     """User ``user``'s documents from its own file, split by document as the corpus is.
 
@@ -166,7 +179,7 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
     profile = build_profile(user, config.user_profiles, config.aspects, config.seed)
     roles: dict[str, list[data.Document]] = {}
     for doc in own.documents:
-        roles.setdefault(data.document_role(doc.doc_id, config), []).append(doc)
+        roles.setdefault(own_document_role(doc.doc_id, config), []).append(doc)
     aspects = (profile.aspect,) if config.partitioning == "preference" else config.aspects
 
     def examples(role: str) -> tuple[data.Example, ...]:

@@ -16,7 +16,14 @@ from safetensors.numpy import load_file
 from test_end_to_end import processes_mentioning
 
 from flhf_core import credentials
-from flhf_core.deploy import CONNECTION, Loopback, flower_bin, training_marker
+from flhf_core.deploy import (
+    CONNECTION,
+    Loopback,
+    flower_bin,
+    spawn_logged,
+    stop_process_group,
+    training_marker,
+)
 from flhf_core.tracking import read_metrics
 
 
@@ -39,6 +46,17 @@ def supernode_pid(deployment, user: int) -> int:
         if "flower-supernode" in text and f"partition-id={user} " in text and str(deployment) in text:
             return int(proc.name)
     raise LookupError(f"no SuperNode for user {user} under {deployment}")
+
+
+def test_stopping_a_server_returns_as_soon_as_its_process_group_is_gone(tmp_path):
+    """A leader that exits on SIGTERM stays a zombie until reaped, and a zombie still counts as
+    a member of its group: the stop waited the whole grace period for every server."""
+    server = spawn_logged(
+        [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "log", dict(os.environ)
+    )
+    started = time.monotonic()
+    stop_process_group(server, grace=8.0)
+    assert time.monotonic() - started < 4.0 and server.returncode is not None
 
 
 @pytest.mark.slow

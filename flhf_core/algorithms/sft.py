@@ -35,6 +35,7 @@ class SFTConfig:
     weight_decay: float = 0.01  # decoupled L2 (AdamW) on all weights
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables clipping
     bf16: bool = True  # bfloat16 autocast: 10-25% faster on CPU, same loss curve here
+    group_by_length: bool = True  # batch documents of similar length: less padding, ~15% faster here
     max_source_tokens: int = 192
     max_target_tokens: int = 64
     seed: int = 0  # shuffling order
@@ -49,6 +50,7 @@ class SFTConfig:
             weight_decay=config.weight_decay,
             max_grad_norm=config.max_grad_norm,
             bf16=config.bf16,
+            group_by_length=config.group_by_length,
             max_source_tokens=config.max_source_tokens,
             max_target_tokens=config.max_target_tokens,
             seed=seed,
@@ -108,7 +110,7 @@ def train_sft(
     bar = tqdm(total=config.epochs * steps_per_epoch, desc="sft", leave=False, disable=not progress)
     for _ in range(config.epochs):
         epoch_losses = []
-        batches = batches_of(encoded, config.batch_size, generator)
+        batches = batches_of(encoded, config.batch_size, generator, config.group_by_length)
         for batch in batches:
             batch = batch.to(device)
             with autocast(device, config.bf16):
