@@ -54,6 +54,28 @@ def test_supernode_and_executor_commands_parse(services):
     assert server.runtime_api_address == f"superlink:{port}"
 
 
+def test_one_user_holds_its_own_data_file_only_its_client_container_sees(services):
+    node = supernode_parser().parse_args(services["supernode-2"]["command"])
+    assert 'data-file="/data/user-2.jsonl"' in node.node_config
+    mounts = {v["target"]: v for v in services["clientapp-2"]["volumes"]}
+    assert Path(mounts["/data/user-2.jsonl"]["source"]) == ROOT / "deploy" / "user-2.jsonl"
+    assert (ROOT / "deploy" / "user-2.jsonl").is_file()
+    for name in ("serverapp", "clientapp-0", "clientapp-1"):  # nobody else mounts it
+        assert all(v.get("target") != "/data/user-2.jsonl" for v in services[name].get("volumes", []))
+    assert services["clientapp-2"]["environment"]["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.1"
+
+
+def test_the_app_bundle_every_party_receives_holds_no_users_data():
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist()
+    assert "server_app.py" in names and "flhf_core/assets/aclsum-tokenizer.json" in names
+    assert not [n for n in names if n.startswith("deploy/") or n.endswith((".jsonl", ".csv"))]
+
+
 def test_image_builds_from_the_pinned_superexec():
     dockerfile = (ROOT / "Dockerfile").read_text()
     import flwr
