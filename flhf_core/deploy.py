@@ -270,6 +270,8 @@ class Loopback:
     def supernode_command(self, user: int, security: list[str] | None = None) -> list[str]:
         """SuperNode ``user``'s command; ``security`` replaces its TLS/auth flags (tests of refusal)."""
         node_config = f'partition-id={user} num-partitions={self.users} state-dir="{self.state_dir}"'
+        # the users share this machine's cores: each oversubscribed thread spins and slows all
+        node_config += f" torch-threads={max(1, (os.cpu_count() or 1) // self.users)}"
         node_config += f' training-marker="{training_marker(self.workdir, user)}"'
         if user in self.data_files:
             node_config += f' data-file="{self.data_files[user].resolve()}"'
