@@ -63,6 +63,8 @@ class Encoded:
 
 def encode(tokenizer, examples: Sequence[Example], max_source_tokens: int, max_target_tokens: int) -> Encoded:
     """Tokenize every example once (truncated, not padded)."""
+    if not examples:
+        return Encoded((), (), int(tokenizer.pad_token_id))
     sources = tokenizer([e.source for e in examples], max_length=max_source_tokens, truncation=True)
     targets = tokenizer(
         text_target=[e.summary for e in examples], max_length=max_target_tokens, truncation=True

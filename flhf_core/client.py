@@ -269,19 +269,39 @@ def local_feedback(session: UserSession) -> dict[str, float]:
 ROUND0_RECORD = "round0-utilities"
 
 
+# The round-0 model's greedy summaries, by source text: the same for every user this process
+# serves (held-out documents are prompted neutrally), so each is decoded once per process.
+_round0_summaries: dict[tuple, str] = {}
+
+
 def round0_utilities(session: UserSession) -> list[float]:
     """The user's utilities of the round-0 model's summaries (the win-rate baseline).
 
     The round-0 model is rebuilt from the seed (or the pretrained checkpoint), so its
-    summaries never change: they are judged once and kept in Context.state.
+    summaries never change: they are decoded once per process, judged once per user and
+    kept in Context.state.
     """
-    doc_ids = [e.doc_id for e in session.data.report]
+    report = session.data.report
+    doc_ids = [e.doc_id for e in report]
     cached = session.context.state.config_records.get(ROUND0_RECORD)
     if cached is not None and list(cached["doc-ids"]) == doc_ids:
         return list(cached["utilities"])
-    initial = initial_model(session.context, session.config, session.tokenizer)
-    initial.to(next(session.model.parameters()).device)
-    utilities = [j.utility for j in user_judgements(session, initial, session.data.report)]
+    config = session.config
+    model_key = (
+        config.model,
+        config.tiny_t5_size,
+        config.seed,
+        len(session.tokenizer),
+        config.max_new_tokens,
+    )
+    missing = [e for e in report if (*model_key, e.source) not in _round0_summaries]
+    if missing:
+        initial = initial_model(session.context, config, session.tokenizer)
+        initial.to(next(session.model.parameters()).device)
+        (texts,) = summaries(session, initial, missing)
+        _round0_summaries.update({(*model_key, e.source): t for e, t in zip(missing, texts, strict=True)})
+    texts = [_round0_summaries[(*model_key, e.source)] for e in report]
+    utilities = [j.utility for j in judgements_of(session, texts, report)]
     session.context.state[ROUND0_RECORD] = ConfigRecord({"doc-ids": doc_ids, "utilities": utilities})
     return utilities
 
@@ -291,7 +311,7 @@ def evaluation_metrics(
 ) -> tuple[dict[str, float], list[Judgement] | None]:
     """The received global model on the user's data, as the user sees it.
 
-    Loss, perplexity and ROUGE on the validation examples; the user's reward on the
+    Loss, perplexity and ROUGE on the validation examples (if the user has any); the user's reward on the
     held-out documents (reported, never used for training or weighting); and the win rate
     against the round-0 model: the Bradley-Terry probability, under the user's true
     utility, that the user prefers the global model's summary of a document to the round-0
@@ -306,9 +326,10 @@ def evaluation_metrics(
     config = session.config
     examples = session.data.validation[: config.eval_max_examples or None]
     report = session.data.report
-    if not examples:
-        raise ValueError(f"user {session.user} has no validation examples (val-fraction too small)")
-    metrics: dict[str, float] = {"num-examples": len(examples), **state_metrics(session)}
+    if not report:
+        raise ValueError(f"user {session.user} has no held-out documents to be evaluated on")
+    # A user without validation examples (many users, few documents) still reports its reward
+    metrics: dict[str, float] = {"num-examples": len(examples) or len(report), **state_metrics(session)}
     also: list[str] = []  # the user's own model's summaries of also_judge
     if config.has_global_model:
         global_model = session.global_view()
@@ -323,14 +344,16 @@ def evaluation_metrics(
                 for new, old in zip(judgements, round0_utilities(session), strict=True)
             ]
         )
-        metrics.update(evaluate_model(global_model, session.tokenizer, examples, config, val_texts))
+        if examples:
+            metrics.update(evaluate_model(global_model, session.tokenizer, examples, config, val_texts))
         metrics.update(reward_metrics(judgements))
         metrics.update(text_metrics(judgements))
         metrics["win-rate"] = float(win_rate)
     if session.personal_names:  # the user's personalized model, on the same data
         val_texts, report_texts, also = summaries(session, session.model, examples, report, also_judge)
-        personalized = evaluate_model(session.model, session.tokenizer, examples, config, val_texts)
-        metrics.update({f"{k}-personal": v for k, v in personalized.items()})
+        if examples:
+            personalized = evaluate_model(session.model, session.tokenizer, examples, config, val_texts)
+            metrics.update({f"{k}-personal": v for k, v in personalized.items()})
         metrics.update(reward_metrics(judgements_of(session, report_texts, report), "reward-personal"))
         if "reward" in metrics:
             metrics["personalization-gain"] = metrics["reward-personal"] - metrics["reward"]

@@ -15,8 +15,10 @@ derived from it deterministically by ``seed``:
 * each document's role: held out by the server, a reward document (judged, never
   trained on), a validation document, or a training document (:func:`document_role`).
 
-A user's partition is computed from hashes of (seed, document, aspect) alone,
-never by materializing everyone's, so 1000 users cost what 2 do.
+Who holds what follows from hashes of (seed, document, aspect) alone, the same in every
+process. One pass over the corpus assigns every example (:func:`assignment`, cached per
+process), after which any user's partition is a lookup: a worker serving many of 1000 users
+scans the corpus once, not once per user.
 """
 
 from __future__ import annotations
@@ -62,11 +64,15 @@ class Example:
         return f"{self.instruction or self.aspect}: {self.document}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: loaded once per process
 class Corpus:
     name: str
     documents: tuple[Document, ...]
     aspects: tuple[str, ...]
+
+    @functools.cached_property
+    def by_id(self) -> dict[str, Document]:
+        return {doc.doc_id: doc for doc in self.documents}
 
 
 # --------------------------------------------------------------------------
@@ -239,30 +245,87 @@ class UserData:
         return tuple(dict.fromkeys(e.doc_id for e in self.train))
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """Every example's holder, from one pass over the corpus (indices into ``corpus.documents``)."""
+
+    train: dict[int, list[tuple[int, str]]]  # user -> (document index, aspect) it trains on
+    validation: dict[int, list[tuple[int, str]]]  # user -> its validation examples
+    reward_pool: tuple[str, ...]  # the reward documents, in corpus order
+
+
+_assignments: dict[tuple, tuple[Corpus, Assignment]] = {}
+
+
+def assignment(corpus: Corpus, num_users: int, config: RunConfig) -> Assignment:
+    """Who holds which example among ``num_users`` users (cached per process and corpus)."""
+    key = (
+        id(corpus),
+        num_users,
+        config.seed,
+        config.partitioning,
+        config.dirichlet_alpha,
+        config.heldout_fraction,
+        config.reward_fraction,
+        config.val_fraction,
+    )
+    cached = _assignments.get(key)
+    if cached is not None and cached[0] is corpus:
+        return cached[1]
+    train: dict[int, list[tuple[int, str]]] = {}
+    validation: dict[int, list[tuple[int, str]]] = {}
+    pool = []
+    for index, doc in enumerate(corpus.documents):
+        role = document_role(doc.doc_id, config)
+        if role == REWARD:
+            pool.append(doc.doc_id)
+        if role not in (TRAIN, VALIDATION):
+            continue
+        holders = validation if role == VALIDATION else train
+        for aspect, summary in doc.summaries:
+            user = owner(doc.doc_id, aspect, num_users, config, corpus.aspects) if summary else None
+            if user is not None:
+                holders.setdefault(user, []).append((index, aspect))
+    if len(_assignments) >= 8:
+        _assignments.clear()
+    result = Assignment(train, validation, tuple(pool))
+    _assignments[key] = (corpus, result)
+    return result
+
+
 def user_partition(corpus: Corpus, user: int, num_users: int, config: RunConfig) -> UserData:
     """User ``user``'s train and validation examples and reward documents (never held-out ones)."""
     if not 0 <= user < num_users:
         raise ConfigError(f"partition-id {user} is outside [0, num-partitions={num_users}).")
-    train, validation = [], []
-    for doc in corpus.documents:
-        role = document_role(doc.doc_id, config)
-        if role not in (TRAIN, VALIDATION):
-            continue
-        for aspect, summary in doc.summaries:
-            if not summary or owner(doc.doc_id, aspect, num_users, config, corpus.aspects) != user:
-                continue
-            example = Example(doc.doc_id, aspect, doc.text, summary, instruction_for(config))
-            (validation if role == VALIDATION else train).append(example)
-    return UserData(user, tuple(train), tuple(validation), reward_doc_ids(corpus, user, config))
+    held = assignment(corpus, num_users, config)
+    instruction = instruction_for(config)
+
+    def examples(pairs: list[tuple[int, str]]) -> tuple[Example, ...]:
+        docs = corpus.documents
+        return tuple(
+            Example(docs[i].doc_id, aspect, docs[i].text, docs[i].summary(aspect), instruction)
+            for i, aspect in pairs
+        )
+
+    return UserData(
+        user,
+        examples(held.train.get(user, [])),
+        examples(held.validation.get(user, [])),
+        reward_doc_ids(corpus, user, config, held.reward_pool),
+    )
 
 
-def reward_doc_ids(corpus: Corpus, user: int, config: RunConfig) -> tuple[str, ...]:
+def reward_doc_ids(
+    corpus: Corpus, user: int, config: RunConfig, pool: Sequence[str] | None = None
+) -> tuple[str, ...]:
     """``reward-documents`` of the reward documents, drawn for this user (seeded, in corpus order).
 
     Each user draws its own; two users may draw the same document, as two people may read
-    the same paper. No user ever trains or gives feedback on any of them.
+    the same paper. No user ever trains or gives feedback on any of them. ``pool``: the
+    reward documents, if the caller has them.
     """
-    pool = [d.doc_id for d in corpus.documents if document_role(d.doc_id, config) == REWARD]
+    if pool is None:
+        pool = [d.doc_id for d in corpus.documents if document_role(d.doc_id, config) == REWARD]
     drawn = sorted(pool, key=lambda doc_id: unit_hash(config.seed, "reward-draw", user, doc_id))
     chosen = set(drawn[: config.reward_documents])
     return tuple(doc_id for doc_id in pool if doc_id in chosen)
@@ -295,7 +358,12 @@ def splits(corpus: Corpus, config: RunConfig, num_users: int, exclude: Collectio
 
 def heldout_doc_ids(corpus: Corpus, config: RunConfig) -> list[str]:
     """The documents no user trains on, in corpus order."""
-    return [d.doc_id for d in corpus.documents if is_heldout(d.doc_id, config.seed, config.heldout_fraction)]
+    return list(_heldout_ids(corpus, config.seed, config.heldout_fraction))
+
+
+@functools.lru_cache(maxsize=8)
+def _heldout_ids(corpus: Corpus, seed: int, fraction: float) -> tuple[str, ...]:
+    return tuple(d.doc_id for d in corpus.documents if is_heldout(d.doc_id, seed, fraction))
 
 
 def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
@@ -325,7 +393,7 @@ def aspect_examples(
 
     What a user asks for feedback on: "summarize this", judged against its own aspect.
     """
-    by_id = {doc.doc_id: doc for doc in corpus.documents}
+    by_id = corpus.by_id
     examples = []
     for doc_id in dict.fromkeys(doc_ids):  # unique, in order
         doc = by_id[doc_id]
