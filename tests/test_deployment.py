@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 from test_end_to_end import processes_mentioning
 
-from flhf_core import credentials
+from flhf_core import cli, credentials
 from flhf_core.deploy import (
     CONNECTION,
     Loopback,
@@ -70,6 +70,8 @@ def test_secure_loopback_federation_survives_a_supernode_killed_during_training(
     """
     results = tmp_path / "results"
     run_dir, deployment = results / "smoke", results / "smoke.deployment"
+    own_data = tmp_path / "user-1.jsonl"  # user 1 serves itself from its own data file
+    assert cli.main(["export-data", "smoke", "--user", "1", "--users", "3", "--out", str(own_data)]) == 0
     command = [
         sys.executable,
         "-m",
@@ -80,6 +82,8 @@ def test_secure_loopback_federation_survives_a_supernode_killed_during_training(
         "--users",
         "3",
         "--quiet",
+        "--data-file",
+        f"1={own_data}",
     ]
     command += [f"results-dir={results}", "num-server-rounds=2", "min-available-nodes=2", "round-timeout=150"]
     command += ["personalization=lora", "lora-rank=4"]
@@ -106,6 +110,11 @@ def test_secure_loopback_federation_survives_a_supernode_killed_during_training(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["failures"] == 1
     assert (run_dir / "model" / "model.safetensors").is_file()
+    # user 1 trained on its own file, which the server never saw
+    assert json.loads((run_dir / "splits.json").read_text())["users"]["1"] == {"own-data": True}
+    assert f'data-file="{own_data}"' in (deployment / "supernode-1.log").read_text().splitlines()[0]
+    trained = {r["round"] for r in rows if r["scope"] == "client" and r["client"] == 1 and "train-loss" in r}
+    assert trained == {1, 2}
 
     # TLS and SuperNode authentication were on, and every SuperNode connected through them
     assert "SuperNode authentication is disabled" not in (deployment / "superlink.log").read_text()
