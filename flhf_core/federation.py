@@ -112,6 +112,7 @@ class Federation:
     own_data_users: set[int] = field(default_factory=set)  # users with their own data file
     rounds_done: int = 0
     pending: PendingRound | None = None
+    evaluated: tuple[int, dict[str, float]] | None = None  # the latest round the users evaluated, its row
 
     def run(self) -> None:
         config = self.state.config
@@ -141,10 +142,27 @@ class Federation:
             self.rounds_done = server_round
             eta = (time.perf_counter() - started) / server_round * (config.num_server_rounds - server_round)
             log(
-                INFO, round_line(server_round, config.num_server_rounds, config.phase(server_round), row, eta)
+                INFO,
+                round_line(
+                    server_round,
+                    config.num_server_rounds,
+                    config.phase(server_round),
+                    row,
+                    eta,
+                    self.evaluated,
+                ),
             )
         if self.pending is not None:  # the final model: one round of evaluate messages
             self.evaluate_final(arrays)
+            if self.evaluated is not None and "reward" in self.evaluated[1]:
+                of, figures = self.evaluated
+                log(
+                    INFO,
+                    "round %d's model: users' reward %.3f (worst %.3f)",
+                    of,
+                    figures["reward"],
+                    figures["reward-worst"],
+                )
         self.finish()
 
     def exchange(self, messages: list[Message]) -> list[Message]:
@@ -306,6 +324,8 @@ class Federation:
             row.update(user_spread(report.user_metrics))
             row["eval-failures"] = report.failures
         self.tracker.log(pending.server_round, pending.phase, "server", None, row)
+        if evaluation is not None:
+            self.evaluated = (pending.server_round, row)
         if self.pending is pending:
             self.pending = None
 
@@ -374,19 +394,28 @@ def update_share(row: Mapping[str, float]) -> float | None:
     return row["client-train-seconds"] / total if total > 0 else None
 
 
-def round_line(server_round: int, rounds: int, phase: str, row: Mapping[str, float], eta: float) -> str:
+def round_line(
+    server_round: int,
+    rounds: int,
+    phase: str,
+    row: Mapping[str, float],
+    eta: float,
+    evaluated: tuple[int, Mapping[str, float]] | None = None,
+) -> str:
     """The per-round log line: held-out figures (where evaluated), users, time, update share, ETA.
 
-    The users' reward of a round's model arrives with the next round's replies: it is in the
-    round's rows of metrics.jsonl, and printed as the run ends.
+    The users' reward of a round's model arrives with the next round's replies: ``evaluated``
+    is the latest round whose users' figures came in, and those figures.
     """
     parts = [f"round {server_round}/{rounds} [{phase}]"]
     if "rougeL" in row:
         parts.append(f"held-out rougeL {row['rougeL']:.2f} loss {row['loss']:.3f}")
-    if "reward" in row:
-        parts.append(f"reward {row['reward']:.3f} (worst {row['reward-worst']:.3f})")
-    if "reward-personal" in row:
-        parts.append(f"personal reward {row['reward-personal']:.3f}")
+    if evaluated is not None and "reward" in evaluated[1]:
+        of, figures = evaluated
+        model = "" if of == server_round else f" of round {of}'s model"
+        parts.append(f"users' reward{model} {figures['reward']:.3f} (worst {figures['reward-worst']:.3f})")
+        if "reward-personal" in figures:
+            parts.append(f"personal reward {figures['reward-personal']:.3f}")
     parts.append(f"clients {row['clients']}, failures {row['failures']}")
     share = update_share(row)
     timing = f"{row['seconds']:.1f}s" + (
