@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -97,13 +98,13 @@ def thread_budget(context: Context) -> int:
     Clients that train at once must share the cores; each using all of them slows every
     one down (oversubscription).
     """
-    for value in (context.node_config.get(THREADS), os.environ.get("OMP_NUM_THREADS")):
-        try:
-            if value is not None and int(value) > 0:
-                return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{THREADS}: expected a positive integer, got {value!r}") from None
-    return os.cpu_count() or 1
+    value = context.node_config.get(THREADS)
+    if value is not None:
+        if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
+            raise ConfigError(f"node config {THREADS}: expected a positive integer, got {value!r}")
+        return int(value)
+    engine = os.environ.get("OMP_NUM_THREADS", "")
+    return int(engine) if engine.isdigit() and int(engine) > 0 else os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------
@@ -127,7 +128,7 @@ class UserDocuments:
         return {
             "user": self.user,
             "own-data": self.own_data,
-            **{kind: [list(e.__dict__.values()) for e in getattr(self, kind)] for kind in kinds},
+            **{kind: [list(dataclasses.astuple(e)) for e in getattr(self, kind)] for kind in kinds},
         }
 
     @classmethod

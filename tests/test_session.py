@@ -117,3 +117,5 @@ def test_thread_budget_comes_from_the_node_then_the_engine(monkeypatch, smoke_co
     assert session.thread_budget(context(smoke_config, **{"torch-threads": 1})) == 1
     with pytest.raises(ConfigError, match="torch-threads"):
         session.thread_budget(context(smoke_config, **{"torch-threads": "many"}))
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # OpenMP's nested form: not ours to refuse
+    assert session.thread_budget(context(smoke_config)) >= 1
