@@ -355,7 +355,15 @@ class Federation:
         else:
             summary["global-model"] = NO_GLOBAL_MODEL
         self.tracker.write_summary(summary)
-        plot_metrics(rows, run_dir / "plots", PLOTTED)
+        lead = f"baseline-lead{state.config.lead_words}"
+        baselines = {
+            metric: {
+                f"first {state.config.lead_words} words": state.baselines[f"{lead}-{metric}"],
+                "last sentence of the abstract": state.baselines[f"baseline-last-sentence-{metric}"],
+            }
+            for metric in ("rougeL", "rouge1")
+        }
+        plot_metrics(rows, run_dir / "plots", PLOTTED, baselines)
 
 
 def timed(function: Callable, *args: object) -> tuple:

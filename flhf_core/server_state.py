@@ -40,7 +40,23 @@ from .tracking import (
     save_folder_atomically,
 )
 
-PLOTTED = ("rougeL", "rouge1", "loss", "perplexity", "train-loss", "seconds")
+# What every run plots (plots/<key>.png): quality, the users' reward and its factors, time
+PLOTTED = (
+    "rougeL",
+    "rouge1",
+    "loss",
+    "perplexity",
+    "train-loss",
+    "reward",
+    "reward-worst",
+    "win-rate",
+    "reward-content",
+    "reward-length",
+    "reward-keywords",
+    "personalization-gain",
+    "reward-personal",
+    "seconds",
+)
 
 
 @dataclass

@@ -109,8 +109,8 @@ class Tracker:
         self._metrics_file.write(json.dumps(_jsonable(row)) + "\n")
         self._metrics_file.flush()
         os.fsync(self._metrics_file.fileno())
-        if self._writer is not None:
-            tag = scope if client is None else f"client-{client}"
+        if self._writer is not None:  # one TensorBoard: the federation's curves and each user's
+            tag = scope if client is None else f"user-{client}"
             for key, value in metrics.items():
                 if isinstance(value, int | float) and math.isfinite(value):
                     self._writer.add_scalar(f"{tag}/{key}", value, round_)
@@ -136,12 +136,23 @@ def read_metrics(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(rows: Iterable[Mapping[str, Any]], out_dir: Path, keys: Iterable[str]) -> list[Path]:
-    """One PNG per metric: the server's figure per round, and each client's."""
+def plot_metrics(
+    rows: Iterable[Mapping[str, Any]],
+    out_dir: Path,
+    keys: Iterable[str],
+    references: Mapping[str, Mapping[str, float]] | None = None,
+) -> list[Path]:
+    """One PNG per metric: the server's figure per round, and each user's.
+
+    ``references[key]``: named constants drawn as horizontal lines on ``key``'s plot (the
+    extractive baselines on ROUGE: does the model beat copying the first words?).
+    """
+    references = references or {}
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = list(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +171,9 @@ def plot_metrics(rows: Iterable[Mapping[str, Any]], out_dir: Path, keys: Iterabl
             xs, ys = zip(*sorted(points), strict=True)
             style = dict(linewidth=2.5, color="black") if label == "federation" else dict(alpha=0.6)
             ax.plot(xs, ys, marker="o", label=label, **style)
+        for (name, value), style in zip(references.get(key, {}).items(), ("--", ":", "-."), strict=False):
+            ax.axhline(value, linestyle=style, color="gray", label=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

@@ -43,7 +43,8 @@ def test_train_replies_carry_the_evaluation_a_separate_round_would_give(
     fused = in_process_grid(fused_config.to_mapping(), users=2)
     separate_config = smoke(smoke_config, tmp_path, "separate", **{"separate-evaluation": True})
     separate = in_process_grid(separate_config.to_mapping(), users=2)
-    fused_rows = read_metrics(run(fused, fused_config) / "metrics.jsonl")
+    fused_dir = run(fused, fused_config)
+    fused_rows = read_metrics(fused_dir / "metrics.jsonl")
     separate_rows = read_metrics(run(separate, separate_config) / "metrics.jsonl")
 
     # 2 rounds, 2 users: a train message per user and round, and one evaluation of the final model
@@ -67,6 +68,25 @@ def test_train_replies_carry_the_evaluation_a_separate_round_would_give(
         users = [r for r in fused_rows if r["scope"] == "client" and r["round"] == row["round"]]
         assert row["client-train-seconds"] == pytest.approx(sum(u["train-seconds"] for u in users))
         assert row["seconds"] >= row["server-eval-seconds"]
+
+    # TensorBoard holds the federation's curves (mean and worst user) and each user's, per round
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(fused_dir / "tensorboard"))
+    events.Reload()
+    for tag in (
+        "server/reward",
+        "server/reward-worst",
+        "user-0/reward",
+        "user-1/reward",
+        "user-1/train-loss",
+    ):
+        assert [e.step for e in events.Scalars(tag)] == [1, 2], tag
+    user_rows = {r["round"]: r["reward"] for r in fused_rows if r["client"] == 1 and "reward" in r}
+    assert [e.value for e in events.Scalars("user-1/reward")] == pytest.approx([user_rows[1], user_rows[2]])
+    # and the plots a reader looks at first
+    for key in ("reward", "reward-worst", "win-rate", "reward-length", "rougeL"):
+        assert (fused_dir / "plots" / f"{key}.png").is_file(), key
 
 
 def test_a_user_with_its_own_data_file_trains_on_it_and_weighs_no_more_than_a_counted_user(
