@@ -296,6 +296,17 @@ def command_build_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_compare(args: argparse.Namespace) -> int:
+    """Runs side by side: a Markdown table and a plot of their reward curves."""
+    from .compare import compare
+
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]).resolve().parent
+    table, plot = compare([Path(d) for d in args.run_dirs], out)
+    print(table.read_text(), end="")
+    print(f"flhf: wrote {table} and {plot}")
+    return 0
+
+
 def command_summarize(args: argparse.Namespace) -> int:
     """Summarize a text file with a finished run's global model, or one user's personalized model."""
     from . import personal
@@ -389,6 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--users", type=int, required=True, help="the number of users (num-partitions)")
     export.add_argument("--out", required=True, help="the JSONL file to write")
     export.set_defaults(handler=command_export_data)
+    compare = commands.add_parser(
+        "compare", help="runs side by side: a Markdown table and their reward curves"
+    )
+    compare.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, <results-dir>/<run-name>"
+    )
+    compare.add_argument(
+        "--out", help="where comparison.md and comparison.png go (default: the first run's parent)"
+    )
+    compare.set_defaults(handler=command_compare)
     summarize = commands.add_parser("summarize", help="summarize a text file with a finished run's model")
     summarize.add_argument("run_dir", help="a run's results folder, <results-dir>/<run-name>")
     summarize.add_argument("text", help="a plain-text file to summarize")
