@@ -18,6 +18,7 @@ An evaluate message (the final model, or every evaluated round under
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -193,6 +194,12 @@ def signal_training(context: Context, server_round: int) -> None:
         path.write_text(f"{server_round}\n")
 
 
+def interactive() -> bool:
+    """Whether a person watches this process's output: a progress bar for the local update
+    then (an in-process run in a terminal); none in logs (Flower's workers, CI)."""
+    return sys.stderr.isatty()
+
+
 def local_sft(session: UserSession) -> dict[str, float]:
     """The SFT update; with personal parameters, FedRep's alternating order.
 
@@ -216,6 +223,7 @@ def local_sft(session: UserSession) -> dict[str, float]:
                 session.tokenizer,
                 session.data.train,
                 replace(sft, epochs=config.personal_epochs),
+                progress=interactive(),
                 encoded=session.encoded_train,
             )
         personal_metrics = {
@@ -225,7 +233,12 @@ def local_sft(session: UserSession) -> dict[str, float]:
         }
     with only_trainable(session.model, session.shared_names) if alternate else nullcontext():
         stats = train_sft(
-            session.model, session.tokenizer, session.data.train, sft, encoded=session.encoded_train
+            session.model,
+            session.tokenizer,
+            session.data.train,
+            sft,
+            progress=interactive(),
+            encoded=session.encoded_train,
         )
     return {
         **personal_metrics,
