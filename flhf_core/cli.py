@@ -178,9 +178,41 @@ def cpus_per_user(users: int, cores: int | None = None) -> int:
     return max(1, cores // max(1, min(users, cores)))
 
 
-def command_run(args: argparse.Namespace) -> int:
+def resumed_config(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """The config that continues ``run_dir`` from its last checkpoint: the checkpoint's own, with
+    ``overrides`` of the keys a resume may change; an error names anything else that differs."""
+    from .checkpoint import CheckpointError, check_resumable, load_checkpoint
+
+    run_dir = run_dir.expanduser().resolve()
+    checkpoint = load_checkpoint(run_dir)
+    values = {**checkpoint.config, **dict(parse_override(item) for item in overrides)}
+    values.update({"results-dir": str(run_dir.parent), "run-name": run_dir.name, "resume": True})
+    check_resumable(checkpoint.config, values)
+    config = RunConfig.from_mapping(values)
+    if config.num_server_rounds < checkpoint.server_round:
+        raise CheckpointError(
+            f"num-server-rounds: {config.num_server_rounds} is below the checkpoint's round "
+            f"({checkpoint.server_round}); a resume can only go on from there."
+        )
+    print(
+        f"flhf: resuming {run_dir} after round {checkpoint.server_round} of {config.num_server_rounds}",
+        flush=True,
+    )
+    return config.to_mapping()
+
+
+def run_config_of(args: argparse.Namespace) -> dict[str, Any]:
+    """``flhf run/loopback``'s config: a new run's, or with ``--resume`` the resumed run's."""
+    if args.resume:
+        if args.items and "=" not in args.items[0]:
+            raise ConfigError(f"--resume continues a run with its own config: no preset ({args.items[0]!r}).")
+        return resumed_config(Path(args.resume), args.items)
     preset, overrides = split_items(args.items)
-    config = merged_config(preset, overrides)
+    return merged_config(preset, overrides)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    config = run_config_of(args)
     users = args.users or max(int(config["min-available-nodes"]), 2)
     run_dir = Path(config["results-dir"]) / config["run-name"]
     print(f"flhf: results will be written to {run_dir}", flush=True)
@@ -235,8 +267,7 @@ def report(code: int, config: dict[str, Any]) -> None:
 
 def command_loopback(args: argparse.Namespace) -> int:
     """The same run in Flower's deployment engine: a SuperLink and N SuperNodes on 127.0.0.1."""
-    preset, overrides = split_items(args.items)
-    config = merged_config(preset, overrides)
+    config = run_config_of(args)
     users = args.users or max(int(config["min-available-nodes"]), 2)
     run_dir = Path(config["results-dir"]) / config["run-name"]
     workdir = Path(config["results-dir"]) / f"{config['run-name']}.deployment"
@@ -371,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="CPUs and torch threads per simulated user (default: the cores shared by the users that run at once)",
     )
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a killed or finished run from its last checkpoint, in its folder "
+        "(key=value may change only num-server-rounds, round-timeout, tracking, ...: see README)",
+    )
     run.set_defaults(handler=command_run)
     loopback = commands.add_parser(
         "loopback", help="run in Flower's deployment engine: a SuperLink and N SuperNodes on 127.0.0.1"
@@ -389,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="USER=FILE",
         help="user USER's SuperNode serves it from its own data file (see `flhf export-data`); repeatable",
+    )
+    loopback.add_argument(
+        "--resume", metavar="RUN_DIR", help="as for run (the users' state folders are kept)"
     )
     loopback.set_defaults(handler=command_loopback)
     export = commands.add_parser(

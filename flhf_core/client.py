@@ -173,7 +173,12 @@ def train(message: Message, context: Context) -> Message:
     if session.personal_names:
         personal_record = parameters_to_record(session.model, session.personal_names)
         personal.persist(
-            context, session.state_folder, personal_record, config.personalization, session.server_round
+            context,
+            session.state_folder,
+            personal_record,
+            config.personalization,
+            session.server_round,
+            window=config.checkpoint_every,
         )
     metrics["train-seconds"] = updated - judged_before  # the whole local update (personal part included)
     metrics["eval-seconds"] = (judged_before - started) + (time.perf_counter() - updated)

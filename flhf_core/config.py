@@ -29,6 +29,27 @@ DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
 PERSONALIZATIONS = ("none", "local-head", "lora")
 ACLSUM_SECTIONS = ("abstract", "introduction", "conclusion")
+TRACKERS = ("tensorboard", "mlflow")
+
+# Keys a resumed run may change (``flhf run --resume RUN_DIR key=value``); every other key
+# defines the experiment and must equal the checkpoint's. ``num-server-rounds`` extends (or
+# shortens, down to the checkpoint's round) a run; with ``lr-schedule=cosine`` the remaining
+# rounds then follow the new length's schedule. ``device`` moves a run between CPU and GPU:
+# it goes on, but float results are no longer bit-equal to an uninterrupted run.
+RESUMABLE_KEYS = frozenset(
+    {
+        "num-server-rounds",
+        "round-timeout",
+        "min-available-nodes",
+        "checkpoint-every",
+        "tracking",
+        "mlflow-tracking-uri",
+        "device",
+        "resume",
+        "results-dir",
+        "run-name",
+    }
+)
 
 
 class ConfigError(ValueError):
@@ -116,6 +137,10 @@ class RunConfig:
     # --- results --------------------------------------------------------------
     results_dir: str = "results"
     run_name: str = ""
+    checkpoint_every: int = field(default=1, metadata=_range(1))
+    tracking: str = "tensorboard"
+    mlflow_tracking_uri: str = ""
+    resume: bool = False
 
     # ------------------------------------------------------------------------
     @classmethod
@@ -175,6 +200,17 @@ class RunConfig:
         return Path(self.results_dir).expanduser().resolve()
 
     @property
+    def trackers(self) -> tuple[str, ...]:
+        """The tracking backends besides the files (``tracking``, comma separated; "none" = files only)."""
+        names = tuple(t.strip() for t in self.tracking.split(",") if t.strip())
+        return () if names == ("none",) else names
+
+    @property
+    def run_path(self) -> Path:
+        """``<results-dir>/<run-name>``."""
+        return self.results_path / self.run_name
+
+    @property
     def has_global_model(self) -> bool:
         """Whether the federation has a complete global model that anyone could use.
 
@@ -231,6 +267,14 @@ class RunConfig:
                 f"{max(self.num_server_rounds - 3, 0)}) to get feedback rounds, or feedback-algorithm='sft'."
             )
         self._check_user_profiles()
+        unknown = [t for t in self.trackers if t not in TRACKERS]
+        if unknown or not self.tracking.strip():
+            raise ConfigError(
+                f"tracking: {self.tracking!r} is not allowed; use 'none' or a comma-separated subset of "
+                f"{', '.join(TRACKERS)} (the files — metrics.jsonl, summary.json, plots — are always written)."
+            )
+        if self.resume and not self.run_name:
+            raise ConfigError("resume: true needs the run-name of the run to continue.")
         if any(c in self.run_name for c in "/\\") or self.run_name in (".", ".."):
             raise ConfigError(f"run-name: {self.run_name!r} must be a plain folder name.")
 

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from . import data
+from .checkpoint import Checkpoint, PendingRound, save_checkpoint, set_rng_state
 from .model import (
     parameters_to_record,
     record_nbytes,
@@ -40,7 +41,7 @@ from .server_state import (
     PLOTTED,
     ServerState,
     round_config,
-    save_checkpoint,
+    round_learning_rate,
     server_evaluate,
 )
 from .strategy import FeedbackFedAvg, RoundReport
@@ -82,17 +83,6 @@ def exchange(grid: Grid, messages: list[Message], timeout: float | None) -> list
 
 
 @dataclass
-class PendingRound:
-    """A round whose rows wait for its model's evaluation (the next round's training replies,
-    or the final evaluate messages carry it)."""
-
-    server_round: int
-    phase: str
-    row: dict[str, float]  # the server row so far
-    train: RoundReport
-
-
-@dataclass
 class Federation:
     """The round loop: configure -> send and receive -> aggregate -> evaluate -> record.
 
@@ -113,34 +103,37 @@ class Federation:
     rounds_done: int = 0
     pending: PendingRound | None = None
     evaluated: tuple[int, dict[str, float]] | None = None  # the latest round the users evaluated, its row
+    failures: int = 0  # failed replies so far, training and evaluation
 
-    def run(self) -> None:
+    def run(self, resume: Checkpoint | None = None) -> None:
+        """All rounds; with ``resume``, the rounds after the checkpoint's (its model is already
+        the server's: see :func:`flhf_core.server.run_federation`)."""
         config = self.state.config
         started = time.perf_counter()
-        self.initial, server_seconds = timed(server_evaluate, self.state)
-        row = {**self.initial, **self.state.baselines, "server-eval-seconds": server_seconds}
-        self.tracker.log(0, "init", "server", None, row)  # the users evaluate models from round 1 on
-        lead = self.state.baselines[f"baseline-lead{config.lead_words}-rougeL"]
-        if self.initial:
-            log(
-                INFO,
-                "round 0: held-out rougeL %.2f (lead-%d baseline %.2f)",
-                self.initial["rougeL"],
-                config.lead_words,
-                lead,
-            )
+        if resume is None:
+            self.evaluate_initial()
         else:
-            log(INFO, "round 0: %s", NO_GLOBAL_MODEL)
+            self.initial, self.pending, self.evaluated = resume.initial, resume.pending, resume.evaluated
+            self.rounds_done = resume.server_round
+            self.failures = resume.failures
+            set_rng_state(resume.rng)
+            log(INFO, "resuming after round %d of %d", resume.server_round, config.num_server_rounds)
         self.identify_users()
-        atomic_write_json(
-            self.tracker.run_dir / "splits.json",
-            data.splits(self.state.corpus, config, self.num_users, exclude=self.own_data_users),
-        )
+        if resume is None:
+            atomic_write_json(
+                self.tracker.run_dir / "splits.json",
+                data.splits(self.state.corpus, config, self.num_users, exclude=self.own_data_users),
+            )
         arrays = parameters_to_record(self.state.model, self.state.shared_names)
-        for server_round in range(1, config.num_server_rounds + 1):
+        first = self.rounds_done + 1
+        for server_round in range(first, config.num_server_rounds + 1):
             arrays, row = self.run_round(server_round, arrays)
             self.rounds_done = server_round
-            eta = (time.perf_counter() - started) / server_round * (config.num_server_rounds - server_round)
+            self.failures += int(row["failures"])
+            if server_round % config.checkpoint_every == 0 or server_round == config.num_server_rounds:
+                self.checkpoint(server_round)
+            done = server_round - first + 1
+            eta = (time.perf_counter() - started) / done * (config.num_server_rounds - server_round)
             log(
                 INFO,
                 round_line(
@@ -164,6 +157,40 @@ class Federation:
                     figures["reward-worst"],
                 )
         self.finish()
+
+    def evaluate_initial(self) -> None:
+        """Round 0: the initial model on the held-out set, and the extractive baselines."""
+        config = self.state.config
+        self.initial, server_seconds = timed(server_evaluate, self.state)
+        row = {**self.initial, **self.state.baselines, "server-eval-seconds": server_seconds}
+        self.tracker.log(0, "init", "server", None, row)  # the users evaluate models from round 1 on
+        lead = self.state.baselines[f"baseline-lead{config.lead_words}-rougeL"]
+        if self.initial:
+            log(
+                INFO,
+                "round 0: held-out rougeL %.2f (lead-%d baseline %.2f)",
+                self.initial["rougeL"],
+                config.lead_words,
+                lead,
+            )
+        else:
+            log(INFO, "round 0: %s", NO_GLOBAL_MODEL)
+
+    def checkpoint(self, server_round: int) -> None:
+        """``checkpoints/latest``: everything a resume after ``server_round`` needs."""
+        config = self.state.config
+        save_checkpoint(
+            self.tracker.run_dir,
+            self.state.model,
+            self.state.tokenizer,
+            server_round=server_round,
+            config=config.to_mapping(),
+            pending=self.pending,
+            evaluated=self.evaluated,
+            initial=self.initial,
+            next_learning_rate=round_learning_rate(config, min(server_round + 1, config.num_server_rounds)),
+            failures=self.failures,
+        )
 
     def exchange(self, messages: list[Message]) -> list[Message]:
         return exchange(self.grid, messages, self.state.config.round_timeout or None)
@@ -284,7 +311,6 @@ class Federation:
             self.pending = pending
             if not config.evaluates(server_round):
                 self.complete(pending, None)
-        save_checkpoint(self.tracker.run_dir, self.state, server_round)
         return arrays, row
 
     def send_evaluate(
@@ -364,6 +390,7 @@ class Federation:
             for metric in ("rougeL", "rouge1")
         }
         plot_metrics(rows, run_dir / "plots", PLOTTED, baselines)
+        self.tracker.finish(summary["status"])
 
 
 def timed(function: Callable, *args: object) -> tuple:

@@ -5,6 +5,13 @@ also writes its personal parameters to its own state directory (safetensors, ato
 from which a restarted SuperNode, or ``flhf summarize --user``, picks them up. A file that
 cannot be used (unreadable, or not fitting this run's model, or non-finite) is reported and
 kept (copied to ``*.corrupt`` before it is replaced); the user then starts fresh.
+
+Resume: the server may replay rounds after its last checkpoint (a killed run resumed with
+``flhf run --resume``), so a user keeps, beside the latest state, the older versions such a
+replay may need (``personal.round-<r>.safetensors``, see :func:`versions_to_keep`) and a
+message of round r reads the newest version from before round r (a train message: the state
+its previous training left; an evaluate message of round r's model: the state of round r).
+A version from a round being replayed is dropped when the replay trains again.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +35,7 @@ from .config import RunConfig
 STATE_RECORD = "personal"  # ArrayRecord in Context.state
 STATE_INFO = "personal-info"  # ConfigRecord in Context.state
 STATE_FILE = "personal.safetensors"
+VERSION_FILE = "personal.round-{round}.safetensors"
 
 log = logging.getLogger("flwr")
 
@@ -52,14 +60,23 @@ class Restored:
     problem: str = ""  # why a file could not be used
 
 
-def restore(context: Context, folder: Path, mode: str, shapes: Mapping[str, tuple[int, ...]]) -> Restored:
-    """The user's personal parameters: from Context.state, else its state file, else none.
+def restore(
+    context: Context,
+    folder: Path,
+    mode: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    before_round: int | None = None,
+) -> Restored:
+    """The user's personal parameters: from Context.state, else its state files, else none.
+
+    ``before_round``: only a state written by an earlier round counts (a replayed round must
+    not see the state its first, killed attempt left); None takes the latest.
 
     ``shapes`` are the personal parameters this run's model has. A state that does not fit
     them (other names, other shapes such as another ``lora-rank``, another mode) or holds
     non-finite values is reported, a file is kept as ``*.corrupt``, and the user starts fresh.
     """
-    if STATE_RECORD in context.state.array_records:
+    if STATE_RECORD in context.state.array_records and _earlier(_memory_round(context), before_round):
         record = context.state.array_records[STATE_RECORD]
         problem = _misfit({k: v.numpy() for k, v in record.items()}, shapes)
         if not problem:
@@ -67,8 +84,14 @@ def restore(context: Context, folder: Path, mode: str, shapes: Mapping[str, tupl
         problem = f"personal state in the node's memory {problem}; the user starts fresh"
         log.error(problem)
         return Restored(None, "fresh", problem)
-    path = folder / STATE_FILE
-    if not path.exists():
+    saved = versions(folder)
+    unreadable = [p for r, p in saved.items() if r is None]
+    usable = [(r, p) for r, p in saved.items() if r is not None and _earlier(r, before_round)]
+    if unreadable:  # reported, never silently passed over for an older version
+        path = unreadable[0]
+    elif usable:
+        path = max(usable)[1]
+    else:
         return Restored(None, "fresh")
     try:
         arrays = load_file(str(path))
@@ -81,6 +104,41 @@ def restore(context: Context, folder: Path, mode: str, shapes: Mapping[str, tupl
     if problem:
         return _reject_file(path, problem)
     return Restored(ArrayRecord({k: Array(v) for k, v in sorted(arrays.items())}), "file")
+
+
+def _earlier(state_round: int | None, before_round: int | None) -> bool:
+    return before_round is None or state_round is None or state_round < before_round
+
+
+def _memory_round(context: Context) -> int | None:
+    info = context.state.config_records.get(STATE_INFO)
+    return None if info is None else int(info.get("round", 0))
+
+
+def versions(folder: Path) -> dict[int | None, Path]:
+    """The user's saved personal states by the round that wrote them (the latest file and the
+    older versions kept for a resume); an unreadable file is listed under None."""
+    found: dict[int | None, Path] = {}
+    for path in sorted(folder.glob("personal*.safetensors")):
+        try:
+            found[int(_metadata(path).get("round", "0"))] = path
+        except (SafetensorError, OSError, ValueError):
+            found[None] = path
+    return found
+
+
+def versions_to_keep(rounds: Iterable[int], current: int, window: int) -> set[int]:
+    """Which saved rounds a user keeps after writing round ``current``'s state.
+
+    The server's latest checkpoint is at most ``window`` (``checkpoint-every``) rounds behind,
+    at any round c in [current - window, current]; a resume from c needs the newest version
+    from round c or before. So: every version from round ``current - window`` on, and the
+    newest one before it.
+    """
+    rounds = sorted(set(rounds))
+    recent = {r for r in rounds if r >= current - window}
+    older = [r for r in rounds if r < current - window]
+    return recent | set(older[-1:])
 
 
 def _misfit(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> str:
@@ -115,12 +173,24 @@ def _metadata(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def persist(context: Context, folder: Path, record: ArrayRecord, mode: str, server_round: int) -> Path:
-    """Keep ``record`` in Context.state and write it to ``folder`` atomically."""
+def persist(
+    context: Context, folder: Path, record: ArrayRecord, mode: str, server_round: int, window: int = 1
+) -> Path:
+    """Keep ``record`` in Context.state and write it to ``folder`` atomically, as the latest
+    state; keep the older versions a resume may need (``window``: the checkpoint interval)."""
     context.state[STATE_RECORD] = record
     context.state[STATE_INFO] = ConfigRecord({"personalization": mode, "round": server_round})
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / STATE_FILE
+    saved = {r: p for r, p in versions(folder).items() if r is not None}  # restore reported the rest
+    for old_round, old_path in saved.items():  # the latest becomes a version; a replayed round's goes
+        if old_round >= server_round:
+            old_path.unlink()
+        elif old_path.name == STATE_FILE:
+            old_path.rename(folder / VERSION_FILE.format(round=old_round))
+    saved = {r: folder / (VERSION_FILE.format(round=r)) for r in saved if r < server_round}
+    for old_round in set(saved) - versions_to_keep(saved, server_round, window):
+        saved[old_round].unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".personal.", suffix=".tmp")
     os.close(fd)
     try:

@@ -10,7 +10,6 @@ import copy
 import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from flwr.app import ConfigRecord
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -36,9 +35,6 @@ from .protocol import (
     TOKENIZER_SHA256,
 )
 from .strategy import FeedbackFedAvg
-from .tracking import (
-    save_folder_atomically,
-)
 
 # What every run plots (plots/<key>.png): quality, the users' reward and its factors, time
 PLOTTED = (
@@ -80,6 +76,10 @@ class ServerState:
 
 def prepare(config: RunConfig) -> ServerState:
     """Load data, tokenizer and the initial model; raises on any bad input."""
+    if "mlflow" in config.trackers:
+        from .mlflow_sink import require_mlflow
+
+        require_mlflow()
     corpus = data.load_corpus(config)
     tokenizer, spec = server_tokenizer(config, corpus)
     model = build_model(config, tokenizer).to(select_device(config.device))
@@ -176,14 +176,3 @@ def server_evaluate(state: ServerState, previous: PreTrainedModel | None = None)
     if "kl-to-reference" in metrics:
         metrics["kl-to-previous"] = metrics.pop("kl-to-reference")
     return metrics
-
-
-def save_checkpoint(run_dir: Path, state: ServerState, server_round: int) -> None:
-    """The global model after ``server_round`` (``save_pretrained``, safetensors)."""
-
-    def save(folder: Path) -> None:
-        state.model.save_pretrained(folder)
-        state.tokenizer.save_pretrained(folder)
-        (folder / "round.txt").write_text(f"{server_round}\n")
-
-    save_folder_atomically(run_dir / "checkpoints" / "latest", save)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import data, personal
@@ -384,14 +384,20 @@ def open_session(message: Message, context: Context) -> UserSession:
     folder = personal.state_dir(context, config, run_name, user)
     params = canonical_parameters(model)
     shapes = {name: tuple(params[name].shape) for name in personal_names}
-    restored = personal.restore(context, folder, config.personalization, shapes)
+    server_round = int(server_config.get(SERVER_ROUND, 0))
+    # a train message of round r builds on the state of an earlier round; an evaluate message
+    # of round r's model uses round r's (see personal's docstring: resumed runs replay rounds)
+    is_train = message.metadata.message_type == MessageType.TRAIN
+    restored = personal.restore(
+        context, folder, config.personalization, shapes, server_round + (0 if is_train else 1)
+    )
     if restored.record is not None:
         record_to_parameters(model, restored.record, names=personal_names)
     model.to(select_device(config.device))
     return UserSession(
         config=config,
         user=user,
-        server_round=int(server_config.get(SERVER_ROUND, 0)),
+        server_round=server_round,
         phase=str(server_config.get(PHASE, "sft")),
         server_config=server_config,
         tokenizer=tokenizer,

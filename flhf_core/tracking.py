@@ -10,14 +10,15 @@ renamed, so a crash leaves the previous version, never a torn one.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 METRIC_COLUMNS = ("round", "phase", "scope", "client")
 
@@ -85,21 +86,65 @@ def new_run_dir(results_dir: Path, run_name: str) -> Path:
             candidate = results_dir / f"{name}-{suffix}"
 
 
-class Tracker:
-    """Appends metric rows to ``metrics.jsonl`` and TensorBoard, writes the rest."""
+class Sink(Protocol):
+    """A tracking backend beside the files (MLflow): what :class:`Tracker` forwards to it."""
 
-    def __init__(self, run_dir: Path, config: Mapping[str, Any]) -> None:
+    def log_row(self, row: Mapping[str, Any]) -> None: ...
+
+    def finish(self, run_dir: Path, status: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Tracker:
+    """Appends metric rows to ``metrics.jsonl``, TensorBoard and the other sinks; writes the rest.
+
+    ``first_round``: the round of the first row this tracker will write (0 for a new run; the
+    round after the checkpoint's last row for a resumed one). TensorBoard then drops its events
+    from that round on, which the killed run may have written after its checkpoint.
+
+    A sink that fails is reported once and dropped: the files are the record, and a run is
+    never lost to its tracking backend.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: Mapping[str, Any],
+        trackers: Iterable[str] = ("tensorboard",),
+        first_round: int = 0,
+    ) -> None:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
+        trackers = tuple(trackers)
         atomic_write_json(run_dir / "config.json", dict(config))
         self._metrics_file = self.metrics_path.open("a")
         self._writer = None
-        try:
+        if "tensorboard" in trackers:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        except ImportError:  # tensorboard is a dependency; tolerate its absence anyway
-            pass
+            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=first_round or None)
+        self.sinks: dict[str, Sink] = {}
+        if "mlflow" in trackers:
+            self._guarded("mlflow", lambda: self._add_mlflow(config, first_round))
+
+    def _add_mlflow(self, config: Mapping[str, Any], first_round: int) -> None:
+        from .mlflow_sink import MlflowSink
+
+        self.sinks["mlflow"] = MlflowSink(self.run_dir, config, resumed=first_round > 0)
+
+    def _guarded(self, name: str, call: Callable[[], object]) -> None:
+        """Run a sink's call; on failure report it once and stop using that sink."""
+        try:
+            call()
+        except Exception as error:
+            self.sinks.pop(name, None)
+            logging.getLogger("flwr").warning(
+                "tracking: %s failed (%s: %s); it is switched off for this run, the files go on",
+                name,
+                type(error).__name__,
+                error,
+            )
 
     def log(
         self, round_: int, phase: str, scope: str, client: int | None, metrics: Mapping[str, float]
@@ -114,15 +159,24 @@ class Tracker:
             for key, value in metrics.items():
                 if isinstance(value, int | float) and math.isfinite(value):
                     self._writer.add_scalar(f"{tag}/{key}", value, round_)
+        for name, sink in list(self.sinks.items()):
+            self._guarded(name, lambda sink=sink: sink.log_row(row))
         return row
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_json(self.run_dir / "summary.json", dict(summary))
 
+    def finish(self, status: str) -> None:
+        """The run's end (summary, plots and model are written): the sinks take their artifacts."""
+        for name, sink in list(self.sinks.items()):
+            self._guarded(name, lambda sink=sink: sink.finish(self.run_dir, status))
+
     def close(self) -> None:
         self._metrics_file.close()
         if self._writer is not None:
             self._writer.close()
+        for name, sink in list(self.sinks.items()):
+            self._guarded(name, sink.close)
 
 
 def read_json(path: Path) -> Any:

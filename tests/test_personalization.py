@@ -209,7 +209,7 @@ def test_a_state_file_that_does_not_fit_is_reported_kept_and_the_user_starts_fre
         folder,
         record,
         "lora",
-        1,
+        0,  # written before round 1
     )
     original = state_file.read_bytes()
     reply = client_app.train(server_message(config, tokenizer)[0], context)

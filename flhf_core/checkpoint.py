@@ -1,0 +1,261 @@
+"""Checkpoints and exact resume: ``<run>/checkpoints/latest/``.
+
+Every ``checkpoint-every`` rounds (and after the last) the server writes, in one atomic
+folder swap:
+
+* ``model.safetensors`` + ``config.json`` + the tokenizer: the global model after the round
+  (``save_pretrained``);
+* ``metrics.jsonl``: the run's rows so far (rows of the checkpoint's round itself are not
+  among them yet: they wait for the next round's replies, which carry the users' evaluation);
+* ``state.json``: the round, the round still waiting for its evaluation (its server row and
+  the users' training figures), the latest evaluated round, the round-0 figures, the learning
+  rate the next round uses, the failures so far, the server's RNG states (Python, NumPy,
+  torch), the run config, and the sha256 of the two files above (a corrupt checkpoint is
+  refused, never half-used).
+
+What makes a resumed run equal an uninterrupted one: everything random is keyed by the seed
+and the round (users' sampling, their shuffling, dropout and sampled summaries), the global
+model is saved bit for bit, and the server's RNGs are restored. What resume means for
+personal states: they live on the users' devices (:mod:`flhf_core.personal`), which keep the
+versions a resume may need and read the newest one older than the round being replayed.
+
+:func:`check_resumable` decides which config changes a resume accepts
+(:data:`flhf_core.config.RESUMABLE_KEYS`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import RESUMABLE_KEYS, ConfigError, RunConfig
+from .strategy import Rejection, RoundReport
+from .tracking import atomic_write_text, read_metrics, save_folder_atomically
+
+LATEST = Path("checkpoints") / "latest"
+STATE_FILE = "state.json"
+FORMAT = 1
+
+
+class CheckpointError(ConfigError):
+    """A run cannot be resumed: no checkpoint, a corrupt one, or a config that changes the experiment."""
+
+
+@dataclass
+class PendingRound:
+    """A round whose rows wait for its model's evaluation (the next round's training replies,
+    or the final evaluate messages carry it)."""
+
+    server_round: int
+    phase: str
+    row: dict[str, float]  # the server row so far
+    train: RoundReport
+
+
+@dataclass
+class Checkpoint:
+    """What a resumed federation needs, read back and checked."""
+
+    folder: Path
+    server_round: int  # the last round whose global model is saved
+    config: dict[str, Any]
+    pending: PendingRound | None
+    evaluated: tuple[int, dict[str, float]] | None
+    initial: dict[str, float]
+    failures: int
+    rng: dict[str, Any]
+    rows: list[dict]
+
+
+# --------------------------------------------------------------------------
+# RNG states as JSON
+# --------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """The server process's Python, NumPy and torch RNG states."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    raw = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
+    torch.set_rng_state(torch.from_numpy(raw))
+
+
+# --------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------
+def _report_to_json(report: RoundReport) -> dict[str, Any]:
+    return asdict(report)
+
+
+def _report_from_json(data: Mapping[str, Any]) -> RoundReport:
+    return RoundReport(
+        server_round=int(data["server_round"]),
+        phase=str(data["phase"]),
+        sampled_nodes=[int(n) for n in data["sampled_nodes"]],
+        user_metrics={int(u): dict(m) for u, m in data["user_metrics"].items()},
+        weights={int(u): float(w) for u, w in data["weights"].items()},
+        rejected=[Rejection(**r) for r in data["rejected"]],
+    )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    run_dir: Path,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    server_round: int,
+    config: Mapping[str, Any],
+    pending: PendingRound | None,
+    evaluated: tuple[int, Mapping[str, float]] | None,
+    initial: Mapping[str, float],
+    next_learning_rate: float,
+    failures: int,
+) -> Path:
+    """Write ``checkpoints/latest`` for the state after ``server_round`` (atomically)."""
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        shutil.copyfile(run_dir / "metrics.jsonl", folder / "metrics.jsonl")
+        state = {
+            "format": FORMAT,
+            "round": server_round,
+            "next-learning-rate": next_learning_rate,  # the schedule's position
+            "failures": failures,
+            "pending": None
+            if pending is None
+            else {
+                "server_round": pending.server_round,
+                "phase": pending.phase,
+                "row": pending.row,
+                "train": _report_to_json(pending.train),
+            },
+            "evaluated": None if evaluated is None else [evaluated[0], dict(evaluated[1])],
+            "initial": dict(initial),
+            "rng": rng_state(),
+            "config": dict(config),
+            "sha256": {
+                "model.safetensors": sha256_file(folder / "model.safetensors"),
+                "metrics.jsonl": sha256_file(folder / "metrics.jsonl"),
+            },
+        }
+        # json, not atomic_write_json: NaN must survive (a row may hold one) and the folder swap is atomic
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        (folder / "round.txt").write_text(f"{server_round}\n")
+
+    folder = run_dir / LATEST
+    save_folder_atomically(folder, save)
+    return folder
+
+
+# --------------------------------------------------------------------------
+# Reading back
+# --------------------------------------------------------------------------
+def check_resumable(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:
+    """Raise naming every key whose value differs and that defines the experiment."""
+    saved_config = RunConfig.from_mapping(saved).to_mapping()
+    differ = sorted(
+        key
+        for key, value in RunConfig.from_mapping(wanted).to_mapping().items()
+        if key not in RESUMABLE_KEYS and saved_config.get(key) != value
+    )
+    if differ:
+        changes = "; ".join(
+            f"{k}: {saved_config.get(k)!r} in the checkpoint, {wanted.get(k)!r} now" for k in differ
+        )
+        raise CheckpointError(
+            f"cannot resume: {changes}. These keys define the experiment; a resume may change only "
+            f"{', '.join(sorted(RESUMABLE_KEYS - {'resume'}))}. Start a new run instead."
+        )
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint:
+    """Read and verify ``run_dir``'s latest checkpoint; raise :class:`CheckpointError` if unusable."""
+    folder = run_dir / LATEST
+    if not (run_dir / "config.json").is_file():
+        raise CheckpointError(f"{run_dir} is not an FLHF run folder (no config.json).")
+    if not (folder / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"{run_dir} has no checkpoint to resume from ({LATEST / STATE_FILE} is missing)."
+        )
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+        if state.get("format") != FORMAT:
+            raise ValueError(f"format {state.get('format')!r}, this FLHF reads {FORMAT}")
+        for name, digest in state["sha256"].items():
+            if sha256_file(folder / name) != digest:
+                raise ValueError(f"{name} does not match its sha256 (changed or truncated)")
+        pending = state["pending"]
+        checkpoint = Checkpoint(
+            folder=folder,
+            server_round=int(state["round"]),
+            config=dict(state["config"]),
+            pending=None
+            if pending is None
+            else PendingRound(
+                int(pending["server_round"]),
+                str(pending["phase"]),
+                dict(pending["row"]),
+                _report_from_json(pending["train"]),
+            ),
+            evaluated=None
+            if state["evaluated"] is None
+            else (int(state["evaluated"][0]), state["evaluated"][1]),
+            initial=dict(state["initial"]),
+            failures=int(state["failures"]),
+            rng=state["rng"],
+            rows=read_metrics(folder / "metrics.jsonl"),
+        )
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        raise CheckpointError(
+            f"the checkpoint {folder} is corrupt: {type(error).__name__}: {error}"
+        ) from None
+    return checkpoint
+
+
+def restore_metrics(run_dir: Path, checkpoint: Checkpoint) -> int:
+    """Rewrite ``metrics.jsonl`` as it was at the checkpoint (rows the killed run wrote after it
+    will be written again); return the round of the first row still to come."""
+    text = (checkpoint.folder / "metrics.jsonl").read_text()
+    atomic_write_text(run_dir / "metrics.jsonl", text)
+    last = max((row["round"] for row in checkpoint.rows), default=-1)
+    return last + 1
+
+
+def load_model_into(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
+    """The checkpoint's global model into ``model`` (same architecture, every tensor)."""
+    from .model import load_pretrained
+
+    try:
+        saved = load_pretrained(checkpoint.folder)
+        model.load_state_dict(saved.state_dict(), strict=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"the checkpoint {checkpoint.folder} has an unusable model: {error}") from None
