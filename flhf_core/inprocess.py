@@ -81,8 +81,10 @@ class InProcessGrid:
         return replies
 
 
-def run_in_process(config: RunConfig, users: int) -> Path:
-    """Run the federation ``config`` describes with ``users`` in-process users; its run folder."""
+def run_in_process(config: RunConfig, users: int, node_configs: Mapping[int, Mapping] | None = None) -> Path:
+    """Run the federation ``config`` describes with ``users`` in-process users; its run folder.
+
+    ``node_configs[user]``: extra node-config keys of that user's node (``torch-threads``...)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     from .server import run_federation
@@ -91,7 +93,7 @@ def run_in_process(config: RunConfig, users: int) -> Path:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     mapping = config.to_mapping()
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=mapping)
-    return run_federation(InProcessGrid(mapping, users), context)
+    return run_federation(InProcessGrid(mapping, users, node_configs=node_configs), context)
 
 
 def main(argv: list[str] | None = None) -> int:

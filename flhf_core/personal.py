@@ -132,12 +132,12 @@ def versions_to_keep(rounds: Iterable[int], current: int, window: int) -> set[in
 
     The server's latest checkpoint is at most ``window`` (``checkpoint-every``) rounds behind,
     at any round c in [current - window, current]; a resume from c needs the newest version
-    from round c or before. So: every version from round ``current - window`` on, and the
-    newest one before it.
+    from round c or before. So: every version after round ``current - window``, and the
+    newest one from that round or before.
     """
     rounds = sorted(set(rounds))
-    recent = {r for r in rounds if r >= current - window}
-    older = [r for r in rounds if r < current - window]
+    recent = {r for r in rounds if r > current - window}
+    older = [r for r in rounds if r <= current - window]
     return recent | set(older[-1:])
 
 

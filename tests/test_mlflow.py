@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -84,7 +85,7 @@ def test_a_federation_reads_back_from_mlflow(tmp_path):
     assert "plots/rougeL.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "model/config.json" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     copy = client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))
-    assert json.loads(open(copy).read()) == json.loads((run_dir / "summary.json").read_text())
+    assert json.loads(Path(copy).read_text()) == json.loads((run_dir / "summary.json").read_text())
 
 
 def test_a_failing_store_is_reported_once_and_the_run_completes(tmp_path, caplog):
@@ -92,7 +93,10 @@ def test_a_failing_store_is_reported_once_and_the_run_completes(tmp_path, caplog
     blocker.write_text("")
     caplog.set_level(logging.WARNING, logger="flwr")
     run_dir = federation(
-        tmp_path, "tracking=mlflow", f"mlflow-tracking-uri=sqlite:///{blocker}/mlflow.db", "num-server-rounds=1"
+        tmp_path,
+        "tracking=mlflow",
+        f"mlflow-tracking-uri=sqlite:///{blocker}/mlflow.db",
+        "num-server-rounds=1",
     )
 
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
@@ -122,8 +126,13 @@ def test_a_resumed_run_goes_on_in_the_same_mlflow_run(tmp_path):
     run = client.get_run(first.run_id)
     assert run.info.status == "FAILED" and run.data.tags["status"] == "failed"
     # params cannot change in MLflow: the resumed value is a tag
-    assert run.data.params["num-server-rounds"] == "2" and run.data.tags["resumed-with/num-server-rounds"] == "3"
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "rougeL")] == [(1, 1.0), (2, 2.0)]
+    assert (
+        run.data.params["num-server-rounds"] == "2" and run.data.tags["resumed-with/num-server-rounds"] == "3"
+    )
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "rougeL")] == [
+        (1, 1.0),
+        (2, 2.0),
+    ]
 
     (run_dir / "mlflow.json").unlink()  # nothing to go on from: a new MLflow run
     fresh = MlflowSink(run_dir, config, resumed=True)

@@ -1,0 +1,219 @@
+"""Checkpoints and resume: a run killed with SIGKILL goes on from its last checkpoint and ends
+exactly where an uninterrupted run ends; a resume that would change the experiment, or that
+starts from a corrupt checkpoint, is refused and leaves the folder as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Context, RecordDict
+from safetensors.numpy import load_file
+
+from flhf_core import cli, personal
+from flhf_core.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
+from flhf_core.config import RunConfig
+from flhf_core.inprocess import run_in_process
+from flhf_core.tracking import read_metrics
+
+# The killed run and its uninterrupted twin: 4 rounds, a personal LoRA adapter per user (so
+# the users' own state must be replayed correctly too), 1 torch thread per user in both.
+RUN = ["num-server-rounds=4", "personalization=lora", "lora-rank=4"]
+ONE_THREAD = {0: {"torch-threads": 1}, 1: {"torch-threads": 1}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    results = tmp_path_factory.mktemp("uninterrupted")
+    config = RunConfig.from_mapping(cli.merged_config("smoke", [*RUN, f"results-dir={results}"]))
+    return run_in_process(config, 2, node_configs=ONE_THREAD)
+
+
+def comparable(row: dict) -> dict:
+    """A row without what legitimately differs between two runs: time, and where a user's
+    personal state was read from (memory in one process, its file after a restart)."""
+    return {
+        k: v
+        for k, v in row.items()
+        if "seconds" not in k and "per-second" not in k and "state-from" not in k and k != "torch-threads"
+    }
+
+
+def assert_same_rows(got: list[dict], want: list[dict]) -> None:
+    assert [(r["round"], r["scope"], r["client"]) for r in got] == [
+        (r["round"], r["scope"], r["client"]) for r in want
+    ]
+    for g, w in zip(got, want, strict=True):
+        g, w = comparable(g), comparable(w)
+        assert g.keys() == w.keys(), (g["round"], g["scope"], g.keys() ^ w.keys())
+        for key, value in w.items():
+            if isinstance(value, float) and math.isfinite(value):
+                assert g[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (w["round"], w["client"], key)
+            else:
+                assert g[key] == value, (w["round"], w["client"], key)
+
+
+def descendants(pid: int) -> list[int]:
+    children = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(proc.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_round_2_of_4_resumes_to_the_uninterrupted_metrics_and_model(
+    tmp_path, uninterrupted
+):
+    command = [sys.executable, "-m", "flhf_core.cli", "run", "smoke", *RUN, "--cpus-per-user", "1"]
+    launcher = subprocess.Popen(
+        [*command, f"results-dir={tmp_path}", "run-name=killed"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    run_dir, marker = tmp_path / "killed", tmp_path / "killed" / "checkpoints" / "latest" / "round.txt"
+    deadline = time.monotonic() + 300
+    while not (marker.is_file() and marker.read_text().strip() == "2"):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read()
+        time.sleep(0.05)
+    # the federation dies mid-round 3: the SuperLink, the ServerApp and the simulated users
+    superlink = [
+        p for p in descendants(launcher.pid) if b"superlink" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
+    victims = [pid for s in superlink for pid in [s, *descendants(s)]]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    out, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1 and "superlink-vanished" in out, out  # the launcher says so
+    rounds_before = {r["round"] for r in read_metrics(run_dir / "metrics.jsonl")}
+    assert max(rounds_before) < 4 and (run_dir / "checkpoints" / "latest" / "model.safetensors").is_file()
+
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flhf_core.cli",
+            "run",
+            "--resume",
+            str(run_dir),
+            "--quiet",
+            "--cpus-per-user",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming" in resumed.stdout and "after round 2 of 4" in resumed.stdout
+    assert_same_rows(read_metrics(run_dir / "metrics.jsonl"), read_metrics(uninterrupted / "metrics.jsonl"))
+    for name in ("model/model.safetensors", "checkpoints/latest/model.safetensors"):
+        assert (run_dir / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+    for user in (0, 1):  # each user's adapter ends where the uninterrupted run's does
+        state = f"users/user-{user}/{personal.STATE_FILE}"
+        got, want = load_file(run_dir / state), load_file(uninterrupted / state)
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli_error(*args: str) -> str:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(list(args)) == 2
+    return err.getvalue()
+
+
+def test_a_resume_that_changes_the_experiment_is_refused_and_names_what_differs(tmp_path, uninterrupted):
+    run_dir = shutil.copytree(uninterrupted, tmp_path / "run")
+    before = snapshot(run_dir)
+    error = cli_error("run", "--resume", str(run_dir), "seed=7", "lora-rank=8", "num-server-rounds=6")
+    assert "seed: 42 in the checkpoint, 7 now" in error and "lora-rank: 4 in the checkpoint, 8 now" in error
+    assert "num-server-rounds" not in error.split("may change only")[0]  # extending a run is allowed
+    assert "below the checkpoint's round" in cli_error("run", "--resume", str(run_dir), "num-server-rounds=3")
+    assert "no preset" in cli_error("run", "--resume", str(run_dir), "smoke")
+    config = cli.resumed_config(run_dir, ["num-server-rounds=6", "round-timeout=30"])  # allowed changes
+    assert config["num-server-rounds"] == 6 and config["resume"] and config["run-name"] == "run"
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("damage", ["model", "state", "missing"])
+def test_a_corrupt_checkpoint_is_refused_and_the_folder_stays_as_it_was(tmp_path, uninterrupted, damage):
+    run_dir = shutil.copytree(uninterrupted, tmp_path / "run")
+    latest = run_dir / "checkpoints" / "latest"
+    if damage == "model":  # one flipped byte in the weights
+        data = bytearray((latest / "model.safetensors").read_bytes())
+        data[-5] ^= 0xFF
+        (latest / "model.safetensors").write_bytes(bytes(data))
+    elif damage == "state":  # a torn state file
+        (latest / "state.json").write_text((latest / "state.json").read_text()[:100])
+    else:
+        shutil.rmtree(latest)
+    before = snapshot(run_dir)
+    error = cli_error("run", "--resume", str(run_dir))
+    expected = {"model": "does not match its sha256", "state": "is corrupt", "missing": "no checkpoint"}
+    assert expected[damage] in error
+    with pytest.raises(CheckpointError):
+        load_checkpoint(run_dir)
+    assert snapshot(run_dir) == before
+
+
+def test_a_checkpoint_holds_the_pending_round_and_restores_the_rng_states(uninterrupted):
+    checkpoint = load_checkpoint(uninterrupted)
+    assert checkpoint.server_round == 4 and checkpoint.config["num-server-rounds"] == 4
+    assert checkpoint.pending is not None and checkpoint.pending.server_round == 4  # rows not yet written
+    assert sorted(checkpoint.pending.train.user_metrics) == [0, 1]
+    assert max(r["round"] for r in checkpoint.rows) == 3
+    saved = rng_state()
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(saved)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+
+
+def test_versions_to_keep_covers_every_round_a_resume_can_go_back_to():
+    # checkpoint every 2 rounds, writing round 7: a resume may restart after round 5, 6 or 7
+    assert personal.versions_to_keep([1, 2, 3, 4, 6], current=7, window=2) == {4, 6}
+    assert personal.versions_to_keep([1, 3], current=7, window=2) == {3}  # the newest older one stays
+    assert personal.versions_to_keep([6], current=7, window=1) == {6}
+
+
+def test_a_replayed_round_reads_the_state_from_before_it_and_replaces_its_own(tmp_path):
+    def context() -> Context:  # a restarted node: nothing in memory
+        return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def record(value: float) -> ArrayRecord:
+        return ArrayRecord({"w": Array(np.full(3, value, dtype=np.float32))})
+
+    shapes = {"w": (3,)}
+    for server_round in (1, 2, 3):  # round 3 trained, then the server was killed before its checkpoint
+        personal.persist(context(), tmp_path, record(server_round), "lora", server_round, window=1)
+    replay = personal.restore(context(), tmp_path, "lora", shapes, before_round=3)
+    assert replay.record["w"].numpy()[0] == 2.0  # round 2's state, not the killed round 3's
+    personal.persist(context(), tmp_path, record(30.0), "lora", 3, window=1)
+    assert sorted(personal.versions(tmp_path)) == [2, 3]  # round 1 pruned; round 3 replaced
+    assert personal.restore(context(), tmp_path, "lora", shapes).record["w"].numpy()[0] == 30.0
