@@ -211,9 +211,13 @@ def run_config_of(args: argparse.Namespace) -> dict[str, Any]:
     return merged_config(preset, overrides)
 
 
-def command_run(args: argparse.Namespace) -> int:
-    config = run_config_of(args)
-    users = args.users or max(int(config["min-available-nodes"]), 2)
+def launch_simulation(
+    config: dict[str, Any], users: int | None = None, cpus: int | None = None, stream: bool = True
+) -> int:
+    """Run ``config`` (a validated run-config mapping) in Flower's simulation engine, on a
+    SuperLink of its own; return 0 only if the run completed. What ``flhf run`` does, and
+    :func:`flhf_core.api.run_flhf_simulation` too."""
+    users = users or max(int(config["min-available-nodes"]), 2)
     run_dir = Path(config["results-dir"]) / config["run-name"]
     print(f"flhf: results will be written to {run_dir}", flush=True)
     with tempfile.TemporaryDirectory(prefix="flhf-superlink-") as workdir:
@@ -222,18 +226,22 @@ def command_run(args: argparse.Namespace) -> int:
                 f"flhf: SuperLink of this run on 127.0.0.1:{superlink.port} (pid {superlink.process.pid})",
                 flush=True,
             )
-            cpus = args.cpus_per_user or cpus_per_user(users)
+            cpus = cpus or cpus_per_user(users)
             print(f"flhf: {users} users, {cpus} CPU(s) and torch thread(s) each", flush=True)
             federation = [
                 CONNECTION,
                 "--federation-config",
                 f"num-supernodes={users} client-resources-num-cpus={cpus}",
             ]
-            code = submit_and_follow(config, federation, not args.quiet, superlink.env(), superlink.alive)
+            code = submit_and_follow(config, federation, stream, superlink.env(), superlink.alive)
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(superlink.log_path, run_dir / "superlink.log")
     report(code, config)
     return code
+
+
+def command_run(args: argparse.Namespace) -> int:
+    return launch_simulation(run_config_of(args), args.users, args.cpus_per_user, not args.quiet)
 
 
 def report(code: int, config: dict[str, Any]) -> None:

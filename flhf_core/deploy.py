@@ -37,9 +37,15 @@ def flower_bin(name: str) -> str:
 
 
 def flower_env(**extra: str) -> dict[str, str]:
-    """The environment for Flower processes: no per-run dependency installation, our PATH."""
+    """The environment for Flower processes: no per-run dependency installation, our PATH,
+    no colours (a Jupyter kernel sets FORCE_COLOR, which makes ``flwr run --format json``
+    print ANSI codes inside its JSON), and a matplotlib backend that needs no notebook."""
+    inherited = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "CLICOLOR_FORCE")}
+    if inherited.get("MPLBACKEND", "").startswith("module://"):  # e.g. matplotlib_inline's
+        inherited["MPLBACKEND"] = "Agg"
     return {
-        **os.environ,
+        **inherited,
+        "NO_COLOR": "1",
         # Flower would otherwise build a fresh environment per run (and fetch CUDA torch).
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         # How often a SuperExec asks for a task to launch (a ClientApp per message in

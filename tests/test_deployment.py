@@ -20,6 +20,7 @@ from flhf_core.deploy import (
     CONNECTION,
     Loopback,
     flower_bin,
+    flower_env,
     spawn_logged,
     stop_process_group,
     training_marker,
@@ -46,6 +47,17 @@ def supernode_pid(deployment, user: int) -> int:
         if "flower-supernode" in text and f"partition-id={user} " in text and str(deployment) in text:
             return int(proc.name)
     raise LookupError(f"no SuperNode for user {user} under {deployment}")
+
+
+def test_flwr_json_stays_json_when_the_caller_forces_colours(monkeypatch):
+    """A Jupyter kernel sets FORCE_COLOR: ``flwr ... --format json`` then wrapped its JSON in
+    ANSI colour codes and the launcher could not read the run id (the notebook's runs failed)."""
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("CLICOLOR_FORCE", "1")
+    result = subprocess.run(
+        [flower_bin("flwr"), "ls", "--format", "json"], capture_output=True, text=True, env=flower_env()
+    )
+    assert "\x1b[" not in result.stdout and json.loads(result.stdout)  # plain JSON (an error record here)
 
 
 def test_stopping_a_server_returns_as_soon_as_its_process_group_is_gone(tmp_path):
