@@ -95,6 +95,31 @@ def run_info(run_id: str, env: dict[str, str] | None = None) -> dict[str, Any]:
         return {}
 
 
+def stage_app(folder: Path) -> Path:
+    """A copy of the app's candidate files (git's tracked and untracked-not-ignored ones) in
+    ``folder``, for ``flwr run`` to bundle; the project itself where git cannot list them.
+
+    ``flwr run PROJECT`` walks every file under the project, ``.venv`` included, before it
+    applies ``.gitignore`` and ``fab-include``: 5 of the 6 seconds a submission took here.
+    Flower still filters the copy by the same rules, so the bundle is the same.
+    """
+    listed = subprocess.run(
+        ["git", "-C", str(PROJECT_DIR), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=False,
+    )
+    names = [n for n in listed.stdout.decode().split("\0") if n] if listed.returncode == 0 else []
+    if "pyproject.toml" not in names:  # not a git checkout (an unpacked archive): Flower walks it
+        return PROJECT_DIR
+    folder = folder / "flhf"  # Flower accepts only letters, digits and hyphens in the app's folder name
+    for name in names:
+        source = PROJECT_DIR / name
+        if source.is_file() and not source.is_symlink():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, folder / name)
+    return folder
+
+
 def submit_and_follow(
     config: dict[str, Any],
     flwr_args: list[str],
@@ -112,8 +137,10 @@ def submit_and_follow(
         f.write("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()).encode())
         config_file = f.name
     try:
-        command = ["run", str(PROJECT_DIR), *flwr_args, "--run-config", config_file, "--format", "json"]
-        result = _flwr(*command, env=env)
+        with tempfile.TemporaryDirectory(prefix="flhf-app-") as staging:
+            app = stage_app(Path(staging))
+            command = ["run", str(app), *flwr_args, "--run-config", config_file, "--format", "json"]
+            result = _flwr(*command, env=env)
     finally:
         os.unlink(config_file)
     try:

@@ -13,6 +13,18 @@ SMOKE = PYPROJECT.parent / "configs" / "smoke.toml"
 torch.set_num_threads(2)
 
 
+# Overrides that keep an end-to-end run through Flower short (short texts, few evaluated
+# examples) where a test checks what a run does, not how well the model learns.
+SHORT_TEXTS = [
+    "max-source-tokens=48",
+    "max-target-tokens=16",
+    "max-new-tokens=12",
+    "eval-max-examples=4",
+    "heldout-max-examples=8",
+    "reward-documents=4",
+]
+
+
 @pytest.fixture(scope="session")
 def smoke_config() -> RunConfig:
     return RunConfig.from_mapping(load_preset(SMOKE))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SHORT_TEXTS
 from safetensors.numpy import load_file
 from test_end_to_end import processes_mentioning
 
@@ -98,7 +99,7 @@ def test_secure_loopback_federation_survives_a_supernode_killed_during_training(
         f"1={own_data}",
     ]
     command += [f"results-dir={results}", "num-server-rounds=2", "min-available-nodes=2", "round-timeout=150"]
-    command += ["personalization=lora", "lora-rank=4"]
+    command += ["personalization=lora", "lora-rank=4", *SHORT_TEXTS]
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         marker = training_marker(deployment, 2)

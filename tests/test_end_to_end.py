@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -80,45 +79,8 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-@pytest.mark.slow
-def test_two_runs_at_once_each_complete_with_their_own_superlink(tmp_path):
-    """A researcher runs two experiments side by side: the smoke preset and the feedback
-    smoke preset. Each launcher owns its SuperLink; neither stops the other's run."""
-    env = {**os.environ, "HOME": str(tmp_path / "home")}  # nothing shared through ~/.flwr either
-    runs = {
-        "smoke": flhf_background("run", "smoke", "--quiet", f"results-dir={tmp_path / 'results'}", env=env),
-        "feedback-smoke": flhf_background(
-            "run",
-            "feedback-smoke",
-            "--quiet",
-            f"results-dir={tmp_path}",
-            "reward-weighting=softmax",
-            "max-client-weight=0.6",
-            "personalization=lora",
-            "lora-rank=4",
-            env=env,
-        ),
-    }
-    outputs = {name: process.communicate(timeout=600) for name, process in runs.items()}
-    for name, process in runs.items():
-        assert process.returncode == 0, outputs[name]
-        assert "finished:completed" in outputs[name][0]
-    check_smoke_run(tmp_path / "results" / "smoke", outputs["smoke"][0], tmp_path)
-    check_feedback_run(tmp_path / "feedback-smoke", tmp_path)
-    ports = [
-        line.split("127.0.0.1:")[1].split()[0]
-        for out, _ in outputs.values()
-        for line in out.splitlines()
-        if "SuperLink of this run" in line
-    ]
-    assert len(set(ports)) == 2
-    time.sleep(1)
-    assert not [p for port in ports for p in processes_mentioning(f"--port {port}")], (
-        "a SuperLink was left running"
-    )
-
-
 def check_smoke_run(run_dir: Path, stdout: str, tmp_path: Path) -> None:
+    """What a finished run of the smoke preset holds (its results-dir is ``run_dir``'s parent)."""
     assert str(run_dir) in stdout  # the run prints where it writes
 
     for name in (
@@ -133,7 +95,7 @@ def check_smoke_run(run_dir: Path, stdout: str, tmp_path: Path) -> None:
     ):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert json.loads((run_dir / "config.json").read_text())["results-dir"] == str(tmp_path / "results")
+    assert json.loads((run_dir / "config.json").read_text())["results-dir"] == str(run_dir.parent)
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     server = [r for r in rows if r["scope"] == "server"]

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHORT_TEXTS
 from flwr.app import Array, ArrayRecord, Context, RecordDict
 from safetensors.numpy import load_file
 
@@ -30,9 +31,7 @@ from flhf_core.tracking import read_metrics
 
 # The killed run and its uninterrupted twin: 4 rounds, a personal LoRA adapter per user (so
 # the users' own state must be replayed correctly too), 1 torch thread per user in both.
-RUN = ["num-server-rounds=4", "personalization=lora", "lora-rank=4"]
-RUN += ["max-source-tokens=48", "max-target-tokens=16", "max-new-tokens=12"]  # short texts: a fast test
-RUN += ["eval-max-examples=4", "heldout-max-examples=8", "reward-documents=4"]
+RUN = ["num-server-rounds=4", "personalization=lora", "lora-rank=4", *SHORT_TEXTS]
 ONE_THREAD = {0: {"torch-threads": 1}, 1: {"torch-threads": 1}}
 
 
