@@ -73,6 +73,7 @@ class Checkpoint:
     evaluated: tuple[int, dict[str, float]] | None
     initial: dict[str, float]
     failures: int
+    resumed_after: list[int]  # the rounds earlier resumes of this run went on from
     rng: dict[str, Any]
     rows: list[dict]
 
@@ -138,6 +139,7 @@ def save_checkpoint(
     initial: Mapping[str, float],
     next_learning_rate: float,
     failures: int,
+    resumed_after: list[int],
 ) -> Path:
     """Write ``checkpoints/latest`` for the state after ``server_round`` (atomically)."""
 
@@ -150,6 +152,7 @@ def save_checkpoint(
             "round": server_round,
             "next-learning-rate": next_learning_rate,  # the schedule's position
             "failures": failures,
+            "resumed-after": list(resumed_after),
             "pending": None
             if pending is None
             else {
@@ -231,6 +234,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             else (int(state["evaluated"][0]), state["evaluated"][1]),
             initial=dict(state["initial"]),
             failures=int(state["failures"]),
+            resumed_after=[int(r) for r in state["resumed-after"]],
             rng=state["rng"],
             rows=read_metrics(folder / "metrics.jsonl"),
         )

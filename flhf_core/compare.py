@@ -28,7 +28,18 @@ FIGURES = (
     ("bytes", "bytes", "{:.3g}"),
     ("seconds", "seconds", "{:.0f}"),
 )
-NOT_THE_EXPERIMENT = ("seed", "run-name", "results-dir")  # keys that may differ between seeds
+# keys that may differ between seeds of one configuration: where a run is, how it was tracked
+# and checkpointed, whether it was resumed
+NOT_THE_EXPERIMENT = (
+    "seed",
+    "run-name",
+    "results-dir",
+    "resume",
+    "checkpoint-every",
+    "tracking",
+    "mlflow-tracking-uri",
+    "round-timeout",
+)
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,8 @@ class Federation:
     rounds_done: int = 0
     pending: PendingRound | None = None
     evaluated: tuple[int, dict[str, float]] | None = None  # the latest round the users evaluated, its row
-    failures: int = 0  # failed replies so far, training and evaluation
+    failures: int = 0  # failed training replies so far
+    resumed_after: list[int] = field(default_factory=list)  # rounds this run was resumed after
 
     def run(self, resume: Checkpoint | None = None) -> None:
         """All rounds; with ``resume``, the rounds after the checkpoint's (its model is already
@@ -116,6 +117,7 @@ class Federation:
             self.initial, self.pending, self.evaluated = resume.initial, resume.pending, resume.evaluated
             self.rounds_done = resume.server_round
             self.failures = resume.failures
+            self.resumed_after = [*resume.resumed_after, resume.server_round]
             set_rng_state(resume.rng)
             log(INFO, "resuming after round %d of %d", resume.server_round, config.num_server_rounds)
         self.identify_users()
@@ -190,6 +192,7 @@ class Federation:
             initial=self.initial,
             next_learning_rate=round_learning_rate(config, min(server_round + 1, config.num_server_rounds)),
             failures=self.failures,
+            resumed_after=self.resumed_after,
         )
 
     def exchange(self, messages: list[Message]) -> list[Message]:
@@ -373,6 +376,8 @@ class Federation:
         rows = read_metrics(self.tracker.metrics_path)
         summary = run_summary(rows, state.config.to_mapping(), state.baselines, self.initial)
         summary["status"] = "completed" if error is None else "failed"
+        if self.resumed_after:
+            summary["resumed-after-rounds"] = self.resumed_after
         if error is not None:
             summary["error"] = f"{type(error).__name__}: {error}"
             summary["failed-in-round"] = self.rounds_done + 1

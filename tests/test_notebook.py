@@ -1,18 +1,15 @@
-"""The notebook runs from top to bottom, as a reader would run it (nbclient, a real kernel),
-while another run goes on in a terminal: each launcher owns its SuperLink."""
+"""The notebook runs from top to bottom, as a reader would run it (nbclient, a real kernel)."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import SHORT_TEXTS
 from nbclient import NotebookClient
-from test_end_to_end import check_feedback_run, check_smoke_run, flhf_background, processes_mentioning
+from test_end_to_end import check_smoke_run, processes_mentioning
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "poc_flhf_summarization.ipynb"
@@ -33,37 +30,15 @@ def superlink_ports(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_notebook_and_a_terminal_run_at_once_each_complete_with_their_own_superlink(
-    tmp_path, monkeypatch
-):
-    """A researcher works through the notebook (a supervised and a feedback federation of the
-    smoke preset, their users' summaries, reward curves and comparison) while a feedback run
-    with LoRA adapters and softmax weighting goes on in a terminal. Neither stops the other."""
-    home = tmp_path / "home"  # nothing shared through ~/.flwr either
-    home.mkdir()
-    terminal = flhf_background(
-        "run",
-        "feedback-smoke",
-        "--quiet",
-        f"results-dir={tmp_path / 'terminal'}",
-        "reward-weighting=softmax",
-        "max-client-weight=0.6",
-        "personalization=lora",
-        "lora-rank=4",
-        *SHORT_TEXTS,
-        env={**os.environ, "HOME": str(home)},
-    )
-    monkeypatch.setenv("HOME", str(home))
+def test_the_notebook_runs_two_federations_shows_their_users_and_compares_them(tmp_path, monkeypatch):
+    """A reader runs the notebook: a supervised and a feedback federation of the smoke preset,
+    their users' summaries, the reward curves and the comparison."""
     monkeypatch.setenv("FLHF_NOTEBOOK_RESULTS", str(tmp_path / "notebook"))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
         notebook, timeout=170, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
     )
-    try:
-        client.execute()  # raises CellExecutionError, with the cell and its traceback, if a cell fails
-    finally:
-        terminal_out, terminal_err = terminal.communicate(timeout=300)
-    assert terminal.returncode == 0 and "finished:completed" in terminal_out, terminal_out + terminal_err
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, if a cell fails
 
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     printed = "".join(o.get("text", "") for o in outputs)
@@ -76,9 +51,11 @@ def test_the_notebook_and_a_terminal_run_at_once_each_complete_with_their_own_su
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 2  # reward curves, comparison
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert "utility" in html and "reference" in html  # each user's summaries, judged
-    check_feedback_run(tmp_path / "terminal" / "feedback-smoke", tmp_path)
-
-    ports = superlink_ports(printed) + superlink_ports(terminal_out)
-    assert len(ports) == 3 and len(set(ports)) == 3  # two notebook runs and the terminal's, each its own
+    ports = [
+        line.split("127.0.0.1:")[1].split()[0]
+        for line in printed.splitlines()
+        if "SuperLink of this run" in line
+    ]
+    assert len(ports) == 2
     time.sleep(1)
     assert not [p for port in ports for p in processes_mentioning(f"--port {port}")], "a SuperLink was left"

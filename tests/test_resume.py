@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from conftest import SHORT_TEXTS
 from flwr.app import Array, ArrayRecord, Context, RecordDict
 from safetensors.numpy import load_file
+from test_end_to_end import check_feedback_run, flhf_background, processes_mentioning
 
 from flhf_core import cli, personal
 from flhf_core.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
@@ -29,17 +29,19 @@ from flhf_core.config import RunConfig
 from flhf_core.inprocess import run_in_process
 from flhf_core.tracking import read_metrics
 
-# The killed run and its uninterrupted twin: 4 rounds, a personal LoRA adapter per user (so
-# the users' own state must be replayed correctly too), 1 torch thread per user in both.
-RUN = ["num-server-rounds=4", "personalization=lora", "lora-rank=4", *SHORT_TEXTS]
-ONE_THREAD = {0: {"torch-threads": 1}, 1: {"torch-threads": 1}}
+# The killed run and its uninterrupted twin: 4 rounds (1 supervised, 3 of REINFORCE on the
+# users' feedback), softmax reward weighting and a personal LoRA adapter per user (so the
+# users' own state must be replayed correctly too), 1 torch thread per user in both.
+RUN = ["feedback-smoke", "num-server-rounds=4", "reward-weighting=softmax", "max-client-weight=0.6"]
+RUN += ["personalization=lora", "lora-rank=4", *SHORT_TEXTS, "--cpus-per-user", "1", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    results = tmp_path_factory.mktemp("uninterrupted")
-    config = RunConfig.from_mapping(cli.merged_config("smoke", [*RUN, f"results-dir={results}"]))
-    return run_in_process(config, 2, node_configs=ONE_THREAD)
+def checkpointed(tmp_path_factory) -> Path:
+    """A finished run (in-process, 2 rounds) to resume from in the bad-input tests."""
+    results = tmp_path_factory.mktemp("checkpointed")
+    items = ["personalization=lora", "lora-rank=4", *SHORT_TEXTS, f"results-dir={results}"]
+    return run_in_process(RunConfig.from_mapping(cli.merged_config("smoke", items)), 2)
 
 
 def comparable(row: dict) -> dict:
@@ -82,61 +84,55 @@ def descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_run_killed_after_round_2_of_4_resumes_to_the_uninterrupted_metrics_and_model(
-    tmp_path, uninterrupted
-):
-    command = [sys.executable, "-m", "flhf_core.cli", "run", "smoke", *RUN, "--cpus-per-user", "1"]
-    launcher = subprocess.Popen(
-        [*command, f"results-dir={tmp_path}", "run-name=killed"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+def test_a_run_killed_after_round_2_of_4_resumes_to_the_uninterrupted_metrics_and_model(tmp_path):
+    """Two runs of one experiment at once, each launcher with its SuperLink: one is killed with
+    SIGKILL (SuperLink, ServerApp, simulated users) after round 2 and resumed; the other runs
+    undisturbed. Both end with the same rows, model and users' adapters."""
+    env = {**os.environ, "HOME": str(tmp_path / "home")}  # nothing shared through ~/.flwr either
+    uninterrupted = flhf_background("run", *RUN, f"results-dir={tmp_path}", "run-name=uninterrupted", env=env)
+    killed = flhf_background("run", *RUN, f"results-dir={tmp_path}", "run-name=killed", env=env)
     run_dir, marker = tmp_path / "killed", tmp_path / "killed" / "checkpoints" / "latest" / "round.txt"
     deadline = time.monotonic() + 300
     while not (marker.is_file() and marker.read_text().strip() == "2"):
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read()
+        assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()
         time.sleep(0.05)
-    # the federation dies mid-round 3: the SuperLink, the ServerApp and the simulated users
     superlink = [
-        p for p in descendants(launcher.pid) if b"superlink" in Path(f"/proc/{p}/cmdline").read_bytes()
+        p for p in descendants(killed.pid) if b"superlink" in Path(f"/proc/{p}/cmdline").read_bytes()
     ]
-    victims = [pid for s in superlink for pid in [s, *descendants(s)]]
-    for pid in victims:
+    for pid in [pid for s in superlink for pid in [s, *descendants(s)]]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    out, _ = launcher.communicate(timeout=120)
-    assert launcher.returncode == 1 and "superlink-vanished" in out, out  # the launcher says so
-    rounds_before = {r["round"] for r in read_metrics(run_dir / "metrics.jsonl")}
-    assert max(rounds_before) < 4 and (run_dir / "checkpoints" / "latest" / "model.safetensors").is_file()
+    killed_out, _ = killed.communicate(timeout=120)
+    assert killed.returncode == 1 and "superlink-vanished" in killed_out, killed_out  # the launcher says so
+    assert max(r["round"] for r in read_metrics(run_dir / "metrics.jsonl")) < 4
+    assert json.loads((run_dir / "flower-run.json").read_text())["status"] == "superlink-vanished"
+    reference_out, reference_err = uninterrupted.communicate(timeout=400)
+    assert uninterrupted.returncode == 0, reference_out + reference_err  # the other run never noticed
+    reference = tmp_path / "uninterrupted"
 
-    resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flhf_core.cli",
-            "run",
-            "--resume",
-            str(run_dir),
-            "--quiet",
-            "--cpus-per-user",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
-    )
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming" in resumed.stdout and "after round 2 of 4" in resumed.stdout
-    assert_same_rows(read_metrics(run_dir / "metrics.jsonl"), read_metrics(uninterrupted / "metrics.jsonl"))
+    resumed = flhf_background("run", "--resume", str(run_dir), "--quiet", "--cpus-per-user", "1", env=env)
+    resumed_out, resumed_err = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, resumed_out + resumed_err
+    assert "resuming" in resumed_out and "after round 2 of 4" in resumed_out
+    assert json.loads((run_dir / "summary.json").read_text())["resumed-after-rounds"] == [2]
+    assert_same_rows(read_metrics(run_dir / "metrics.jsonl"), read_metrics(reference / "metrics.jsonl"))
     for name in ("model/model.safetensors", "checkpoints/latest/model.safetensors"):
-        assert (run_dir / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+        assert (run_dir / name).read_bytes() == (reference / name).read_bytes(), name
     for user in (0, 1):  # each user's adapter ends where the uninterrupted run's does
         state = f"users/user-{user}/{personal.STATE_FILE}"
-        got, want = load_file(run_dir / state), load_file(uninterrupted / state)
+        got, want = load_file(run_dir / state), load_file(reference / state)
         assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+    check_feedback_run(reference, tmp_path)  # what a feedback run with adapters holds
+    ports = {
+        line.split("127.0.0.1:")[1].split()[0]
+        for out in (killed_out, reference_out, resumed_out)
+        for line in out.splitlines()
+        if "SuperLink of this run" in line
+    }
+    assert len(ports) == 3
+    time.sleep(1)
+    assert not [p for port in ports for p in processes_mentioning(f"--port {port}")], "a SuperLink was left"
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -150,13 +146,13 @@ def cli_error(*args: str) -> str:
     return err.getvalue()
 
 
-def test_a_resume_that_changes_the_experiment_is_refused_and_names_what_differs(tmp_path, uninterrupted):
-    run_dir = shutil.copytree(uninterrupted, tmp_path / "run")
+def test_a_resume_that_changes_the_experiment_is_refused_and_names_what_differs(tmp_path, checkpointed):
+    run_dir = shutil.copytree(checkpointed, tmp_path / "run")
     before = snapshot(run_dir)
     error = cli_error("run", "--resume", str(run_dir), "seed=7", "lora-rank=8", "num-server-rounds=6")
     assert "seed: 42 in the checkpoint, 7 now" in error and "lora-rank: 4 in the checkpoint, 8 now" in error
     assert "num-server-rounds" not in error.split("may change only")[0]  # extending a run is allowed
-    assert "below the checkpoint's round" in cli_error("run", "--resume", str(run_dir), "num-server-rounds=3")
+    assert "below the checkpoint's round" in cli_error("run", "--resume", str(run_dir), "num-server-rounds=1")
     assert "no preset" in cli_error("run", "--resume", str(run_dir), "smoke")
     config = cli.resumed_config(run_dir, ["num-server-rounds=6", "round-timeout=30"])  # allowed changes
     assert config["num-server-rounds"] == 6 and config["resume"] and config["run-name"] == "run"
@@ -164,8 +160,8 @@ def test_a_resume_that_changes_the_experiment_is_refused_and_names_what_differs(
 
 
 @pytest.mark.parametrize("damage", ["model", "state", "missing"])
-def test_a_corrupt_checkpoint_is_refused_and_the_folder_stays_as_it_was(tmp_path, uninterrupted, damage):
-    run_dir = shutil.copytree(uninterrupted, tmp_path / "run")
+def test_a_corrupt_checkpoint_is_refused_and_the_folder_stays_as_it_was(tmp_path, checkpointed, damage):
+    run_dir = shutil.copytree(checkpointed, tmp_path / "run")
     latest = run_dir / "checkpoints" / "latest"
     if damage == "model":  # one flipped byte in the weights
         data = bytearray((latest / "model.safetensors").read_bytes())
@@ -184,12 +180,12 @@ def test_a_corrupt_checkpoint_is_refused_and_the_folder_stays_as_it_was(tmp_path
     assert snapshot(run_dir) == before
 
 
-def test_a_checkpoint_holds_the_pending_round_and_restores_the_rng_states(uninterrupted):
-    checkpoint = load_checkpoint(uninterrupted)
-    assert checkpoint.server_round == 4 and checkpoint.config["num-server-rounds"] == 4
-    assert checkpoint.pending is not None and checkpoint.pending.server_round == 4  # rows not yet written
+def test_a_checkpoint_holds_the_pending_round_and_restores_the_rng_states(checkpointed):
+    checkpoint = load_checkpoint(checkpointed)
+    assert checkpoint.server_round == 2 and checkpoint.config["num-server-rounds"] == 2
+    assert checkpoint.pending is not None and checkpoint.pending.server_round == 2  # rows not yet written
     assert sorted(checkpoint.pending.train.user_metrics) == [0, 1]
-    assert max(r["round"] for r in checkpoint.rows) == 3
+    assert max(r["round"] for r in checkpoint.rows) == 1
     saved = rng_state()
     draws = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(saved)
