@@ -108,7 +108,7 @@ def user_summaries(
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from .generate import DecodingConfig, generate_summaries
+    from .generate import summarize
     from .model import load_pretrained
     from .session import corpus_documents
 
@@ -128,13 +128,7 @@ def user_summaries(
         model_dir = run_dir / "model"
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = load_pretrained(model_dir)
-        summaries = generate_summaries(
-            model,
-            tokenizer,
-            [e.source for e in examples],
-            DecodingConfig.from_run_config(config),
-            config.max_source_tokens,
-        )
+        summaries = summarize(model, tokenizer, [e.source for e in examples], config)
         for example, summary in zip(examples, summaries, strict=True):
             rows.append(
                 {

@@ -377,7 +377,7 @@ def command_summarize(args: argparse.Namespace) -> int:
     """Summarize a text file with a finished run's global model, or one user's personalized model."""
     from . import personal
     from .data import NEUTRAL_INSTRUCTION
-    from .generate import DecodingConfig, generate_summaries
+    from .generate import summarize
     from .model import add_lora, load_pretrained
     from .tracking import read_json
 
@@ -413,9 +413,7 @@ def command_summarize(args: argparse.Namespace) -> int:
         personal.load_into(model, state)
     instruction = args.aspect or NEUTRAL_INSTRUCTION
     source = f"{instruction}: {' '.join(text_path.read_text().split())}"
-    (summary,) = generate_summaries(
-        model, tokenizer, [source], DecodingConfig.from_run_config(config), config.max_source_tokens
-    )
+    (summary,) = summarize(model, tokenizer, [source], config)
     print(summary)
     return 0
 

@@ -35,7 +35,7 @@ from .algorithms import FEEDBACK_ALGORITHMS
 from .algorithms.rollout import FeedbackConfig
 from .algorithms.sft import SFTConfig, train_sft
 from .feedback import Judgement, judge, preference_probability
-from .generate import DecodingConfig, generate_summaries
+from .generate import summarize
 from .metrics import evaluate_model
 from .model import canonical_parameters, parameters_to_record
 from .protocol import (
@@ -83,13 +83,7 @@ def summaries(
 ) -> list[list[str]]:
     """``model``'s greedy summaries of several sets of examples, decoded in one pass."""
     sources = [e.source for examples in example_sets for e in examples]
-    decoded = generate_summaries(
-        model,
-        session.tokenizer,
-        sources,
-        DecodingConfig.from_run_config(session.config),
-        session.config.max_source_tokens,
-    )
+    decoded = summarize(model, session.tokenizer, sources, session.config)
     out, start = [], 0
     for examples in example_sets:
         out.append(decoded[start : start + len(examples)])

@@ -105,3 +105,13 @@ def generate_summaries(
         outputs.update(zip(chunk, tokenizer.batch_decode(generated, skip_special_tokens=True), strict=True))
     model.train(was_training)
     return [outputs[i].strip() for i in range(len(sources))]
+
+
+def summarize(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], config: RunConfig
+) -> list[str]:
+    """Summaries of ``sources`` decoded as the run ``config`` says (its decoding settings and
+    source length)."""
+    return generate_summaries(
+        model, tokenizer, sources, DecodingConfig.from_run_config(config), config.max_source_tokens
+    )

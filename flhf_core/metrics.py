@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .batches import Batch, make_batches
 from .config import RunConfig
 from .data import Example
-from .generate import DecodingConfig, generate_summaries
+from .generate import summarize
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -103,13 +103,7 @@ def evaluate_model(
         batches = make_batches(tokenizer, examples, 32, config.max_source_tokens, config.max_target_tokens)
     loss, perplexity, kl = token_loss(model, batches, reference)
     if predictions is None:
-        predictions = generate_summaries(
-            model,
-            tokenizer,
-            [e.source for e in examples],
-            DecodingConfig.from_run_config(config),
-            config.max_source_tokens,
-        )
+        predictions = summarize(model, tokenizer, [e.source for e in examples], config)
     scores = rouge(predictions, [e.summary for e in examples])
     words = sum(len(p.split()) for p in predictions) / max(len(predictions), 1)
     metrics = {"loss": loss, "perplexity": perplexity, **scores, "output-words": words}

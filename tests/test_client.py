@@ -77,13 +77,13 @@ def test_training_judges_only_the_users_fresh_documents_never_the_servers_heldou
     from flhf_core import client, data
 
     judged: list[str] = []
-    real = client.generate_summaries
+    real = client.summarize
 
     def spy(model, tokenizer, sources, *args, **kwargs):
         judged.extend(sources)
         return real(model, tokenizer, sources, *args, **kwargs)
 
-    monkeypatch.setattr(client, "generate_summaries", spy)
+    monkeypatch.setattr(client, "summarize", spy)
     config = smoke_config
     corpus = data.load_corpus(config)
     texts = {d.doc_id: d.text for d in corpus.documents}
