@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .tracking import read_json, read_metrics
 
 if TYPE_CHECKING:
@@ -87,7 +87,8 @@ def run_flhf_simulation(
     (Python names: ``num_server_rounds=4``) in Flower's simulation engine, as ``flhf run``
     does; return its :class:`RunResult`. Raises :class:`RunFailed` if the run did not complete,
     and :class:`flhf_core.config.ConfigError` (naming the key) on a bad key or value."""
-    from .cli import launch_simulation, merged_config
+    from .cli import merged_config
+    from .launcher import launch_simulation
 
     config = merged_config(preset, overrides_to_items(overrides))
     code = launch_simulation(config, users, cpus_per_user, stream)
@@ -126,6 +127,10 @@ def user_summaries(
     ]
     for run_dir in map(Path, run_dirs):
         model_dir = run_dir / "model"
+        if not (model_dir / "config.json").is_file():
+            raise ConfigError(
+                f"{run_dir} has no global model (model/): personalization=local-head, or unfinished."
+            )
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = load_pretrained(model_dir)
         summaries = summarize(model, tokenizer, [e.source for e in examples], config)

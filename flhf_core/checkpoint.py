@@ -1,17 +1,19 @@
 """Checkpoints and exact resume: ``<run>/checkpoints/latest/``.
 
-Every ``checkpoint-every`` rounds (and after the last) the server writes, in one atomic
-folder swap:
+Every ``checkpoint-every`` rounds (and after the last) the server writes, in a folder swap
+(a new folder renamed into place; a kill between the two renames leaves the previous one as
+``.latest.old``, which :func:`load_checkpoint` then reads):
 
 * ``model.safetensors`` + ``config.json`` + the tokenizer: the global model after the round
   (``save_pretrained``);
 * ``metrics.jsonl``: the run's rows so far (rows of the checkpoint's round itself are not
   among them yet: they wait for the next round's replies, which carry the users' evaluation);
 * ``state.json``: the round, the round still waiting for its evaluation (its server row and
-  the users' training figures), the latest evaluated round, the round-0 figures, the learning
-  rate the next round uses, the failures so far, the server's RNG states (Python, NumPy,
-  torch), the run config, and the sha256 of the two files above (a corrupt checkpoint is
-  refused, never half-used).
+  the users' training figures), the latest evaluated round, the round-0 figures, the number
+  of users, the server's RNG states (Python, NumPy, torch), the run config, and the sha256 of
+  the two files above (a corrupt checkpoint is refused, never half-used); for the record also
+  the learning rate the next round uses and the failures so far (both follow from the config
+  and the rows).
 
 What makes a resumed run equal an uninterrupted one: everything random is keyed by the seed
 and the round (users' sampling, their shuffling, dropout and sampled summaries), the global
@@ -73,6 +75,7 @@ class Checkpoint:
     evaluated: tuple[int, dict[str, float]] | None
     initial: dict[str, float]
     failures: int
+    num_users: int  # the federation's users (every node's num-partitions): a resume must have as many
     resumed_after: list[int]  # the rounds earlier resumes of this run went on from
     rng: dict[str, Any]
     rows: list[dict]
@@ -139,6 +142,7 @@ def save_checkpoint(
     initial: Mapping[str, float],
     next_learning_rate: float,
     failures: int,
+    num_users: int,
     resumed_after: list[int],
 ) -> Path:
     """Write ``checkpoints/latest`` for the state after ``server_round`` (atomically)."""
@@ -152,6 +156,7 @@ def save_checkpoint(
             "round": server_round,
             "next-learning-rate": next_learning_rate,  # the schedule's position
             "failures": failures,
+            "num-users": num_users,
             "resumed-after": list(resumed_after),
             "pending": None
             if pending is None
@@ -201,8 +206,14 @@ def check_resumable(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> None
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint:
-    """Read and verify ``run_dir``'s latest checkpoint; raise :class:`CheckpointError` if unusable."""
+    """Read and verify ``run_dir``'s latest checkpoint; raise :class:`CheckpointError` if unusable.
+
+    A run killed in the middle of replacing ``latest`` (between its two renames) left the
+    previous checkpoint as ``.latest.old``: that one is used then."""
     folder = run_dir / LATEST
+    previous = folder.with_name(f".{folder.name}.old")
+    if not (folder / STATE_FILE).is_file() and (previous / STATE_FILE).is_file():
+        folder = previous
     if not (run_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir} is not an FLHF run folder (no config.json).")
     if not (folder / STATE_FILE).is_file():
@@ -234,6 +245,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             else (int(state["evaluated"][0]), state["evaluated"][1]),
             initial=dict(state["initial"]),
             failures=int(state["failures"]),
+            num_users=int(state["num-users"]),
             resumed_after=[int(r) for r in state["resumed-after"]],
             rng=state["rng"],
             rows=read_metrics(folder / "metrics.jsonl"),
@@ -247,9 +259,12 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
 
 def restore_metrics(run_dir: Path, checkpoint: Checkpoint) -> int:
     """Rewrite ``metrics.jsonl`` as it was at the checkpoint (rows the killed run wrote after it
-    will be written again); return the round of the first row still to come."""
-    text = (checkpoint.folder / "metrics.jsonl").read_text()
-    atomic_write_text(run_dir / "metrics.jsonl", text)
+    will be written again); return the round of the first row still to come. The file as the
+    killed (or finished) run left it is kept as ``metrics.before-resume.jsonl``."""
+    current = run_dir / "metrics.jsonl"
+    if current.is_file():
+        atomic_write_text(run_dir / "metrics.before-resume.jsonl", current.read_text())
+    atomic_write_text(current, (checkpoint.folder / "metrics.jsonl").read_text())
     last = max((row["round"] for row in checkpoint.rows), default=-1)
     return last + 1
 

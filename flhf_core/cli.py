@@ -1,36 +1,27 @@
-"""The ``flhf`` command: run a preset with overrides, build the shipped tokenizer.
+"""The ``flhf`` command: run a preset with overrides, resume, compare, summarize, build the tokenizer.
 
 ``flhf run [PRESET] [key=value ...]`` exists because ``flwr run`` refuses a
 preset file together with ``key=value`` overrides, and answers an unknown key
 with a bare "Invalid run configuration". It merges pyproject's defaults, the
 preset and the overrides; validates them with :class:`RunConfig` (an error
 names the key and what is allowed); resolves ``results-dir`` to an absolute
-path; starts a simulation SuperLink of its own (a free port, a private
-``FLWR_HOME``: two runs at once never share or stop each other's) and stops it
-afterwards; submits the run with ``flwr run``; streams its logs; and exits with
-the run's real status, which ``flwr run --stream`` does not.
+path; and launches the run (:mod:`flhf_core.launcher`), which exits with the
+run's real status.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import PYPROJECT, ConfigError, RunConfig, load_preset, pyproject_defaults
-from .deploy import CONNECTION, LocalSimulation, Loopback, flower_bin, flower_env
-from .tracking import atomic_write_json, atomic_write_text
+from .config import ConfigError, RunConfig, load_preset, pyproject_defaults
+from .deploy import CONNECTION, Loopback
+from .launcher import PROJECT_DIR, launch_simulation, report, submit_and_follow
 
-PROJECT_DIR = PYPROJECT.parent
 PRESETS_DIR = PROJECT_DIR / "configs"
 
 
@@ -78,136 +69,12 @@ def merged_config(preset: str | None, overrides: list[str]) -> dict[str, Any]:
     return config.replace(**resolved).to_mapping()
 
 
-# --------------------------------------------------------------------------
-# flwr run, and the run's real status
-# --------------------------------------------------------------------------
-def _flwr(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    command = [flower_bin("flwr"), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env or flower_env(), check=False)
-
-
-def run_info(run_id: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The run as ``flwr ls --run-id ID --format json`` describes it (empty if unknown)."""
-    result = _flwr("ls", "--run-id", run_id, "--format", "json", env=env)
-    try:
-        return json.loads(result.stdout)["runs"][0]
-    except (json.JSONDecodeError, KeyError, IndexError):
-        return {}
-
-
-def stage_app(folder: Path) -> Path:
-    """A copy of the app's candidate files (git's tracked and untracked-not-ignored ones) in
-    ``folder``, for ``flwr run`` to bundle; the project itself where git cannot list them.
-
-    ``flwr run PROJECT`` walks every file under the project, ``.venv`` included, before it
-    applies ``.gitignore`` and ``fab-include``: 5 of the 6 seconds a submission took here.
-    Flower still filters the copy by the same rules, so the bundle is the same.
-    """
-    listed = subprocess.run(
-        ["git", "-C", str(PROJECT_DIR), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        capture_output=True,
-        check=False,
-    )
-    names = [n for n in listed.stdout.decode().split("\0") if n] if listed.returncode == 0 else []
-    if "pyproject.toml" not in names:  # not a git checkout (an unpacked archive): Flower walks it
-        return PROJECT_DIR
-    folder = folder / "flhf"  # Flower accepts only letters, digits and hyphens in the app's folder name
-    for name in names:
-        source = PROJECT_DIR / name
-        if source.is_file() and not source.is_symlink():
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, folder / name)
-    return folder
-
-
-def submit_and_follow(
-    config: dict[str, Any],
-    flwr_args: list[str],
-    stream: bool,
-    env: dict[str, str],
-    superlink_alive: Callable[[], bool],
-) -> int:
-    """Submit the run (``flwr run PROJECT *flwr_args``), follow it to its end, return 0 only if it completed.
-
-    ``superlink_alive`` tells whether the SuperLink this launcher started still runs: a run
-    whose SuperLink vanished is reported as such (here and in the run folder), not as a
-    bare "unknown" status.
-    """
-    with tempfile.NamedTemporaryFile("wb", suffix=".toml", delete=False) as f:
-        f.write("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()).encode())
-        config_file = f.name
-    try:
-        with tempfile.TemporaryDirectory(prefix="flhf-app-") as staging:
-            app = stage_app(Path(staging))
-            command = ["run", str(app), *flwr_args, "--run-config", config_file, "--format", "json"]
-            result = _flwr(*command, env=env)
-    finally:
-        os.unlink(config_file)
-    try:
-        run_id = str(json.loads(result.stdout)["run-id"])
-    except (json.JSONDecodeError, KeyError):
-        print(f"flhf: flwr run failed:\n{result.stdout}{result.stderr}", file=sys.stderr)
-        return 1
-    print(f"flhf: run {run_id} submitted", flush=True)
-    log_lines = follow_logs(run_id, echo=stream, env=env)
-    info = run_info(run_id, env)
-    for _ in range(30):  # the log stream can end a moment before the status is final
-        if info.get("status", "").startswith("finished") or not superlink_alive():
-            break
-        time.sleep(1.0)
-        info = run_info(run_id, env)
-    status, details = info.get("status", "unknown"), info.get("status-details", "")
-    if not superlink_alive():
-        status = "superlink-vanished"
-        details = (
-            "the SuperLink this run was submitted to stopped before the run finished (killed or crashed)"
-        )
-        info = {**info, "status": status, "status-details": details}
-    run_dir = Path(config["results-dir"]) / config["run-name"]
-    run_dir.mkdir(parents=True, exist_ok=True)  # a run that died early still says why, in its folder
-    if run_dir.is_dir():
-        atomic_write_text(run_dir / "flower.log", "".join(log_lines))
-        atomic_write_json(run_dir / "flower-run.json", info)  # Flower's own view: status, traffic, time
-    print(f"flhf: run {run_id} {status}" + (f": {details}" if details and details != "N/A" else ""))
-    return 0 if status == "finished:completed" else 1
-
-
-def follow_logs(run_id: str, echo: bool, env: dict[str, str] | None = None) -> list[str]:
-    """Stream the run's logs until the run ends (``flwr log --stream`` returns then)."""
-    process = subprocess.Popen(
-        [flower_bin("flwr"), "log", run_id, "--stream"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env or flower_env(),
-    )
-    lines: list[str] = []
-    try:
-        for line in process.stdout:
-            lines.append(line)
-            if echo:
-                print(line, end="", flush=True)
-        process.wait()
-    except KeyboardInterrupt:
-        print(f"flhf: interrupted; stopping run {run_id}", file=sys.stderr)
-        process.terminate()
-        _flwr("stop", run_id, env=env)
-        raise
-    return lines
-
-
-def cpus_per_user(users: int, cores: int | None = None) -> int:
-    """CPUs (and so torch threads) per simulated user: the cores shared by the users that can
-    train at once. Flower's default, 2 per user, runs one user at a time on 2 cores, each
-    using both; several 1-thread users at once get more done per second (small matrices
-    parallelize poorly), and never oversubscribe the cores."""
-    cores = cores or os.cpu_count() or 1
-    return max(1, cores // max(1, min(users, cores)))
-
-
-def resumed_config(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+def resumed_config(
+    run_dir: Path, overrides: list[str], users: int | None = None
+) -> tuple[dict[str, Any], int]:
     """The config that continues ``run_dir`` from its last checkpoint: the checkpoint's own, with
-    ``overrides`` of the keys a resume may change; an error names anything else that differs."""
+    ``overrides`` of the keys a resume may change; and its number of users (``users``, if
+    given, must be the checkpoint's). An error names anything else that differs."""
     from .checkpoint import CheckpointError, check_resumable, load_checkpoint
 
     run_dir = run_dir.expanduser().resolve()
@@ -221,89 +88,53 @@ def resumed_config(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
             f"num-server-rounds: {config.num_server_rounds} is below the checkpoint's round "
             f"({checkpoint.server_round}); a resume can only go on from there."
         )
+    if users is not None and users != checkpoint.num_users:
+        raise CheckpointError(
+            f"--users {users}: the run has {checkpoint.num_users} users (they define its data partitions)."
+        )
     print(
         f"flhf: resuming {run_dir} after round {checkpoint.server_round} of {config.num_server_rounds}",
         flush=True,
     )
-    return config.to_mapping()
+    return config.to_mapping(), checkpoint.num_users
 
 
-def run_config_of(args: argparse.Namespace) -> dict[str, Any]:
-    """``flhf run/loopback``'s config: a new run's, or with ``--resume`` the resumed run's."""
+def keep_earlier_logs(*folders: Path) -> None:
+    """Before a resume writes its logs, rename the earlier attempt's (``flower.log`` ->
+    ``flower.attempt-1.log``, ...): the record of how the killed run died is kept."""
+    for folder in folders:
+        logs = [p for p in (*folder.glob("*.log"), folder / "flower-run.json") if p.is_file()]
+        logs = [p for p in logs if ".attempt-" not in p.name]
+        attempt = 1
+        while any(p.with_name(f"{p.stem}.attempt-{attempt}{p.suffix}").exists() for p in logs):
+            attempt += 1
+        for path in logs:
+            path.rename(path.with_name(f"{path.stem}.attempt-{attempt}{path.suffix}"))
+
+
+def run_config_of(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """``flhf run/loopback``'s config and number of users: a new run's (``--users``, else
+    ``min-available-nodes``, at least 2), or with ``--resume`` the resumed run's."""
     if args.resume:
         if args.items and "=" not in args.items[0]:
             raise ConfigError(f"--resume continues a run with its own config: no preset ({args.items[0]!r}).")
-        return resumed_config(Path(args.resume), args.items)
+        config, users = resumed_config(Path(args.resume), args.items, args.users)
+        run_dir = Path(config["results-dir"]) / config["run-name"]
+        keep_earlier_logs(run_dir, run_dir.with_name(f"{run_dir.name}.deployment"))
+        return config, users
     preset, overrides = split_items(args.items)
-    return merged_config(preset, overrides)
-
-
-def launch_simulation(
-    config: dict[str, Any], users: int | None = None, cpus: int | None = None, stream: bool = True
-) -> int:
-    """Run ``config`` (a validated run-config mapping) in Flower's simulation engine, on a
-    SuperLink of its own; return 0 only if the run completed. What ``flhf run`` does, and
-    :func:`flhf_core.api.run_flhf_simulation` too."""
-    users = users or max(int(config["min-available-nodes"]), 2)
-    run_dir = Path(config["results-dir"]) / config["run-name"]
-    print(f"flhf: results will be written to {run_dir}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="flhf-superlink-") as workdir:
-        with LocalSimulation(Path(workdir)) as superlink:
-            print(
-                f"flhf: SuperLink of this run on 127.0.0.1:{superlink.port} (pid {superlink.process.pid})",
-                flush=True,
-            )
-            cpus = cpus or cpus_per_user(users)
-            print(f"flhf: {users} users, {cpus} CPU(s) and torch thread(s) each", flush=True)
-            federation = [
-                CONNECTION,
-                "--federation-config",
-                f"num-supernodes={users} client-resources-num-cpus={cpus}",
-            ]
-            code = submit_and_follow(config, federation, stream, superlink.env(), superlink.alive)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(superlink.log_path, run_dir / "superlink.log")
-    report(code, config)
-    return code
+    config = merged_config(preset, overrides)
+    return config, args.users or max(int(config["min-available-nodes"]), 2)
 
 
 def command_run(args: argparse.Namespace) -> int:
-    return launch_simulation(run_config_of(args), args.users, args.cpus_per_user, not args.quiet)
-
-
-def report(code: int, config: dict[str, Any]) -> None:
-    """The run's headline figures, or why it failed, from its summary.json."""
-    run_dir = Path(config["results-dir"]) / config["run-name"]
-    if not (run_dir / "summary.json").is_file():
-        if code != 0:
-            print(f"flhf: the run failed before writing a summary; see {run_dir}", file=sys.stderr)
-        return
-    summary = json.loads((run_dir / "summary.json").read_text())
-    if summary.get("status") == "failed":
-        print(
-            f"flhf: the run failed in round {summary.get('failed-in-round')}: {summary.get('error')}\n"
-            f"flhf: the rounds before it and the last good model are in {run_dir}",
-            file=sys.stderr,
-        )
-        return
-    if code != 0:
-        return
-    k = config["lead-words"]
-    if summary.get("rougeL") is None:  # no global model (local-head)
-        print(
-            f"flhf: personal reward {summary.get('reward-personal', float('nan')):.3f}; results in {run_dir}"
-        )
-        return
-    print(
-        f"flhf: held-out ROUGE-L {summary['rougeL']:.2f} (round 0: {summary['rougeL-round0']:.2f}, "
-        f"lead-{k} baseline: {summary[f'baseline-lead{k}-rougeL']:.2f}); results in {run_dir}"
-    )
+    config, users = run_config_of(args)
+    return launch_simulation(config, users, args.cpus_per_user, not args.quiet)
 
 
 def command_loopback(args: argparse.Namespace) -> int:
     """The same run in Flower's deployment engine: a SuperLink and N SuperNodes on 127.0.0.1."""
-    config = run_config_of(args)
-    users = args.users or max(int(config["min-available-nodes"]), 2)
+    config, users = run_config_of(args)
     run_dir = Path(config["results-dir"]) / config["run-name"]
     workdir = Path(config["results-dir"]) / f"{config['run-name']}.deployment"
     print(f"flhf: results will be written to {run_dir}; process logs to {workdir}", flush=True)

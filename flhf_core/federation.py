@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from . import data
-from .checkpoint import Checkpoint, PendingRound, save_checkpoint, set_rng_state
+from .checkpoint import Checkpoint, CheckpointError, PendingRound, save_checkpoint, set_rng_state
 from .model import (
     parameters_to_record,
     record_nbytes,
@@ -35,7 +35,16 @@ from .protocol import (
     USER_ID,
     USER_RECORD,
 )
-from .reporting import eval_columns, record_users, run_summary, train_columns, user_spread
+from .reporting import (
+    add_seconds,
+    client_seconds,
+    eval_columns,
+    record_users,
+    round_line,
+    run_summary,
+    train_columns,
+    user_spread,
+)
 from .server_state import (
     NO_GLOBAL_MODEL,
     PLOTTED,
@@ -121,6 +130,11 @@ class Federation:
             set_rng_state(resume.rng)
             log(INFO, "resuming after round %d of %d", resume.server_round, config.num_server_rounds)
         self.identify_users()
+        if resume is not None and self.num_users != resume.num_users:
+            raise CheckpointError(
+                f"the run was checkpointed with {resume.num_users} users, and {self.num_users} now: "
+                f"resume it with --users {resume.num_users} (every node's num-partitions)"
+            )
         if resume is None:
             atomic_write_json(
                 self.tracker.run_dir / "splits.json",
@@ -192,6 +206,7 @@ class Federation:
             initial=self.initial,
             next_learning_rate=round_learning_rate(config, min(server_round + 1, config.num_server_rounds)),
             failures=self.failures,
+            num_users=self.num_users,
             resumed_after=self.resumed_after,
         )
 
@@ -402,67 +417,6 @@ def timed(function: Callable, *args: object) -> tuple:
     started = time.perf_counter()
     result = function(*args)
     return result, time.perf_counter() - started
-
-
-def client_seconds(report: RoundReport) -> dict[str, float]:
-    """Where the users' time went in a phase, summed over its replies.
-
-    ``client-train-seconds``: the local updates; ``client-eval-seconds``: everything the
-    users generated, judged or evaluated; ``setup-seconds``: building tokenizer, model and
-    data before the work (cheap once a worker process or node has its caches).
-    """
-    users = report.user_metrics.values()
-    return {
-        "client-train-seconds": sum(m.get("train-seconds", 0.0) for m in users),
-        "client-eval-seconds": sum(m.get("eval-seconds", 0.0) for m in users),
-        "setup-seconds": sum(m.get("setup-seconds", 0.0) for m in users),
-    }
-
-
-def add_seconds(row: dict[str, float], extra: Mapping[str, float]) -> None:
-    for key, value in extra.items():
-        row[key] = row.get(key, 0.0) + value
-
-
-def update_share(row: Mapping[str, float]) -> float | None:
-    """The share of the users' summed time that went to the local update."""
-    total = (
-        row.get("client-train-seconds", 0.0)
-        + row.get("client-eval-seconds", 0.0)
-        + row.get("setup-seconds", 0.0)
-    )
-    return row["client-train-seconds"] / total if total > 0 else None
-
-
-def round_line(
-    server_round: int,
-    rounds: int,
-    phase: str,
-    row: Mapping[str, float],
-    eta: float,
-    evaluated: tuple[int, Mapping[str, float]] | None = None,
-) -> str:
-    """The per-round log line: held-out figures (where evaluated), users, time, update share, ETA.
-
-    The users' reward of a round's model arrives with the next round's replies: ``evaluated``
-    is the latest round whose users' figures came in, and those figures.
-    """
-    parts = [f"round {server_round}/{rounds} [{phase}]"]
-    if "rougeL" in row:
-        parts.append(f"held-out rougeL {row['rougeL']:.2f} loss {row['loss']:.3f}")
-    if evaluated is not None and "reward" in evaluated[1]:
-        of, figures = evaluated
-        model = "" if of == server_round else f" of round {of}'s model"
-        parts.append(f"users' reward{model} {figures['reward']:.3f} (worst {figures['reward-worst']:.3f})")
-        if "reward-personal" in figures:
-            parts.append(f"personal reward {figures['reward-personal']:.3f}")
-    parts.append(f"clients {row['clients']}, failures {row['failures']}")
-    share = update_share(row)
-    timing = f"{row['seconds']:.1f}s" + (
-        f" ({share:.0%} of client time in local updates)" if share is not None else ""
-    )
-    parts.append(f"{timing}, ETA {eta:.0f}s")
-    return " | ".join(parts)
 
 
 def uploaded_bytes(replies: list[Message]) -> int:

@@ -30,6 +30,8 @@ Design choices:
   is global to the process, where several runs can live (tests, in-process runs).
 - ``<run-dir>/mlflow.json`` keeps the tracking URI, experiment id and run id, so that a resumed
   run continues the same MLflow run (metrics append to its history) rather than starting one.
+  MLflow cannot delete metric points: rounds the killed attempt logged after its checkpoint
+  appear twice at their step, the resumed run's with the later timestamp.
 - One ``log_batch`` call per row, synchronous: a few milliseconds on the SQLite store, and a
   row that returned is stored. Errors are not caught here: the Tracker reports a failing sink
   once and goes on with the files.

@@ -85,10 +85,9 @@ def restore(
         log.error(problem)
         return Restored(None, "fresh", problem)
     saved = versions(folder)
-    unreadable = [p for r, p in saved.items() if r is None]
     usable = [(r, p) for r, p in saved.items() if r is not None and _earlier(r, before_round)]
-    if unreadable:  # reported, never silently passed over for an older version
-        path = unreadable[0]
+    if None in saved:  # an unreadable latest state is reported, never silently passed over
+        path = saved[None]
     elif usable:
         path = max(usable)[1]
     else:
@@ -117,13 +116,17 @@ def _memory_round(context: Context) -> int | None:
 
 def versions(folder: Path) -> dict[int | None, Path]:
     """The user's saved personal states by the round that wrote them (the latest file and the
-    older versions kept for a resume); an unreadable file is listed under None."""
+    older versions kept for a resume). An unreadable latest file is listed under None (to be
+    reported); an unreadable older version is left out (a replay needing it starts fresh)."""
     found: dict[int | None, Path] = {}
     for path in sorted(folder.glob("personal*.safetensors")):
         try:
             found[int(_metadata(path).get("round", "0"))] = path
         except (SafetensorError, OSError, ValueError):
-            found[None] = path
+            if path.name == STATE_FILE:
+                found[None] = path
+            else:
+                log.warning("personal state version %s is unreadable; it is left out", path)
     return found
 
 

@@ -145,3 +145,64 @@ def run_summary(
         }
     )
     return summary
+
+
+def client_seconds(report: RoundReport) -> dict[str, float]:
+    """Where the users' time went in a phase, summed over its replies.
+
+    ``client-train-seconds``: the local updates; ``client-eval-seconds``: everything the
+    users generated, judged or evaluated; ``setup-seconds``: building tokenizer, model and
+    data before the work (cheap once a worker process or node has its caches).
+    """
+    users = report.user_metrics.values()
+    return {
+        "client-train-seconds": sum(m.get("train-seconds", 0.0) for m in users),
+        "client-eval-seconds": sum(m.get("eval-seconds", 0.0) for m in users),
+        "setup-seconds": sum(m.get("setup-seconds", 0.0) for m in users),
+    }
+
+
+def add_seconds(row: dict[str, float], extra: Mapping[str, float]) -> None:
+    for key, value in extra.items():
+        row[key] = row.get(key, 0.0) + value
+
+
+def update_share(row: Mapping[str, float]) -> float | None:
+    """The share of the users' summed time that went to the local update."""
+    total = (
+        row.get("client-train-seconds", 0.0)
+        + row.get("client-eval-seconds", 0.0)
+        + row.get("setup-seconds", 0.0)
+    )
+    return row["client-train-seconds"] / total if total > 0 else None
+
+
+def round_line(
+    server_round: int,
+    rounds: int,
+    phase: str,
+    row: Mapping[str, float],
+    eta: float,
+    evaluated: tuple[int, Mapping[str, float]] | None = None,
+) -> str:
+    """The per-round log line: held-out figures (where evaluated), users, time, update share, ETA.
+
+    The users' reward of a round's model arrives with the next round's replies: ``evaluated``
+    is the latest round whose users' figures came in, and those figures.
+    """
+    parts = [f"round {server_round}/{rounds} [{phase}]"]
+    if "rougeL" in row:
+        parts.append(f"held-out rougeL {row['rougeL']:.2f} loss {row['loss']:.3f}")
+    if evaluated is not None and "reward" in evaluated[1]:
+        of, figures = evaluated
+        model = "" if of == server_round else f" of round {of}'s model"
+        parts.append(f"users' reward{model} {figures['reward']:.3f} (worst {figures['reward-worst']:.3f})")
+        if "reward-personal" in figures:
+            parts.append(f"personal reward {figures['reward-personal']:.3f}")
+    parts.append(f"clients {row['clients']}, failures {row['failures']}")
+    share = update_share(row)
+    timing = f"{row['seconds']:.1f}s" + (
+        f" ({share:.0%} of client time in local updates)" if share is not None else ""
+    )
+    parts.append(f"{timing}, ETA {eta:.0f}s")
+    return " | ".join(parts)

@@ -9,6 +9,7 @@ renamed, so a crash leaves the previous version, never a torn one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -138,7 +139,10 @@ class Tracker:
         try:
             call()
         except Exception as error:
-            self.sinks.pop(name, None)
+            sink = self.sinks.pop(name, None)
+            with contextlib.suppress(Exception):  # let it mark its run failed, if it still can
+                if sink is not None:
+                    sink.close()
             logging.getLogger("flwr").warning(
                 "tracking: %s failed (%s: %s); it is switched off for this run, the files go on",
                 name,

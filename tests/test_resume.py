@@ -32,8 +32,11 @@ from flhf_core.tracking import read_metrics
 # The killed run and its uninterrupted twin: 4 rounds (1 supervised, 3 of REINFORCE on the
 # users' feedback), softmax reward weighting and a personal LoRA adapter per user (so the
 # users' own state must be replayed correctly too), 1 torch thread per user in both.
-RUN = ["feedback-smoke", "num-server-rounds=4", "reward-weighting=softmax", "max-client-weight=0.6"]
-RUN += ["personalization=lora", "lora-rank=4", *SHORT_TEXTS, "--cpus-per-user", "1", "--quiet"]
+# Checkpoints after rounds 2 and 4 only: the run is killed once a user has trained round 3 and
+# saved its adapter, so the resumed round 3 must start that user from its round-2 version.
+RUN = ["feedback-smoke", "num-server-rounds=4", "checkpoint-every=2", "reward-weighting=softmax"]
+RUN += ["max-client-weight=0.6", "personalization=lora", "lora-rank=4", *SHORT_TEXTS]
+RUN += ["--cpus-per-user", "1", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +89,22 @@ def descendants(pid: int) -> list[int]:
 @pytest.mark.slow
 def test_a_run_killed_after_round_2_of_4_resumes_to_the_uninterrupted_metrics_and_model(tmp_path):
     """Two runs of one experiment at once, each launcher with its SuperLink: one is killed with
-    SIGKILL (SuperLink, ServerApp, simulated users) after round 2 and resumed; the other runs
-    undisturbed. Both end with the same rows, model and users' adapters."""
+    SIGKILL (SuperLink, ServerApp, simulated users) in round 3, after its round-2 checkpoint,
+    and resumed; the other runs undisturbed. Both end with the same rows, model and users'
+    adapters, and the killed attempt's logs are kept."""
     env = {**os.environ, "HOME": str(tmp_path / "home")}  # nothing shared through ~/.flwr either
     uninterrupted = flhf_background("run", *RUN, f"results-dir={tmp_path}", "run-name=uninterrupted", env=env)
     killed = flhf_background("run", *RUN, f"results-dir={tmp_path}", "run-name=killed", env=env)
-    run_dir, marker = tmp_path / "killed", tmp_path / "killed" / "checkpoints" / "latest" / "round.txt"
+    run_dir = tmp_path / "killed"
+
+    def a_user_saved_round_3() -> bool:
+        return any(3 in personal.versions(run_dir / "users" / f"user-{user}") for user in (0, 1))
+
     deadline = time.monotonic() + 300
-    while not (marker.is_file() and marker.read_text().strip() == "2"):
+    while not a_user_saved_round_3():
         assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()
         time.sleep(0.05)
+    assert (run_dir / "checkpoints" / "latest" / "round.txt").read_text().strip() == "2"
     superlink = [
         p for p in descendants(killed.pid) if b"superlink" in Path(f"/proc/{p}/cmdline").read_bytes()
     ]
@@ -115,6 +124,8 @@ def test_a_run_killed_after_round_2_of_4_resumes_to_the_uninterrupted_metrics_an
     assert resumed.returncode == 0, resumed_out + resumed_err
     assert "resuming" in resumed_out and "after round 2 of 4" in resumed_out
     assert json.loads((run_dir / "summary.json").read_text())["resumed-after-rounds"] == [2]
+    assert json.loads((run_dir / "flower-run.attempt-1.json").read_text())["status"] == "superlink-vanished"
+    assert (run_dir / "metrics.before-resume.jsonl").is_file()
     assert_same_rows(read_metrics(run_dir / "metrics.jsonl"), read_metrics(reference / "metrics.jsonl"))
     for name in ("model/model.safetensors", "checkpoints/latest/model.safetensors"):
         assert (run_dir / name).read_bytes() == (reference / name).read_bytes(), name
@@ -154,8 +165,11 @@ def test_a_resume_that_changes_the_experiment_is_refused_and_names_what_differs(
     assert "num-server-rounds" not in error.split("may change only")[0]  # extending a run is allowed
     assert "below the checkpoint's round" in cli_error("run", "--resume", str(run_dir), "num-server-rounds=1")
     assert "no preset" in cli_error("run", "--resume", str(run_dir), "smoke")
-    config = cli.resumed_config(run_dir, ["num-server-rounds=6", "round-timeout=30"])  # allowed changes
-    assert config["num-server-rounds"] == 6 and config["resume"] and config["run-name"] == "run"
+    config, users = cli.resumed_config(run_dir, ["num-server-rounds=6", "round-timeout=30"])  # allowed
+    assert (
+        config["num-server-rounds"] == 6 and config["resume"] and config["run-name"] == "run" and users == 2
+    )
+    assert "the run has 2 users" in cli_error("run", "--resume", str(run_dir), "--users", "3")
     assert snapshot(run_dir) == before
 
 
@@ -214,3 +228,27 @@ def test_a_replayed_round_reads_the_state_from_before_it_and_replaces_its_own(tm
     personal.persist(context(), tmp_path, record(30.0), "lora", 3, window=1)
     assert sorted(personal.versions(tmp_path)) == [2, 3]  # round 1 pruned; round 3 replaced
     assert personal.restore(context(), tmp_path, "lora", shapes).record["w"].numpy()[0] == 30.0
+
+
+def test_a_kill_between_the_checkpoint_folder_renames_resumes_from_the_previous_checkpoint(
+    tmp_path, checkpointed
+):
+    run_dir = shutil.copytree(checkpointed, tmp_path / "run")
+    latest = run_dir / "checkpoints" / "latest"
+    latest.rename(latest.with_name(".latest.old"))  # killed after the first rename of the swap
+    config, users = cli.resumed_config(run_dir, [])
+    assert load_checkpoint(run_dir).server_round == 2 and users == 2 and config["resume"]
+
+
+def test_an_unreadable_old_version_is_left_out_and_never_hides_the_latest_state(tmp_path):
+    def context() -> Context:
+        return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    for server_round in (1, 2):
+        record = ArrayRecord({"w": Array(np.full(3, server_round, dtype=np.float32))})
+        personal.persist(context(), tmp_path, record, "lora", server_round, window=1)
+    (tmp_path / "personal.round-1.safetensors").write_bytes(b"not a safetensors file")
+    assert sorted(personal.versions(tmp_path)) == [2]
+    restored = personal.restore(context(), tmp_path, "lora", {"w": (3,)}, before_round=3)
+    assert restored.source == "file" and restored.record["w"].numpy()[0] == 2.0
+    assert personal.restore(context(), tmp_path, "lora", {"w": (3,)}, before_round=2).source == "fresh"
