@@ -252,3 +252,18 @@ def test_an_unreadable_old_version_is_left_out_and_never_hides_the_latest_state(
     restored = personal.restore(context(), tmp_path, "lora", {"w": (3,)}, before_round=3)
     assert restored.source == "file" and restored.record["w"].numpy()[0] == 2.0
     assert personal.restore(context(), tmp_path, "lora", {"w": (3,)}, before_round=2).source == "fresh"
+
+
+def test_the_serverapp_itself_refuses_a_resume_that_changes_the_experiment(tmp_path, checkpointed):
+    """The ServerApp checks again (a run config can reach it without the launcher: `flwr run`)."""
+    from flhf_core.inprocess import InProcessGrid
+    from flhf_core.server import run_federation
+
+    run_dir = shutil.copytree(checkpointed, tmp_path / "run")
+    before = snapshot(run_dir)
+    saved = load_checkpoint(run_dir).config
+    mapping = {**saved, "seed": 7, "resume": True, "results-dir": str(tmp_path), "run-name": "run"}
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=mapping)
+    with pytest.raises(CheckpointError, match="seed: 42 in the checkpoint, 7 now"):
+        run_federation(InProcessGrid(mapping, 2), context)
+    assert snapshot(run_dir) == before
