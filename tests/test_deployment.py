@@ -22,9 +22,11 @@ from flhf_core.deploy import (
     Loopback,
     flower_bin,
     flower_env,
+    free_port,
     spawn_logged,
     stop_process_group,
     training_marker,
+    write_connection,
 )
 from flhf_core.tracking import read_metrics
 
@@ -50,15 +52,20 @@ def supernode_pid(deployment, user: int) -> int:
     raise LookupError(f"no SuperNode for user {user} under {deployment}")
 
 
-def test_flwr_json_stays_json_when_the_caller_forces_colours(monkeypatch):
+def test_flwr_json_stays_json_when_the_caller_forces_colours(tmp_path, monkeypatch):
     """A Jupyter kernel sets FORCE_COLOR: ``flwr ... --format json`` then wrapped its JSON in
     ANSI colour codes and the launcher could not read the run id (the notebook's runs failed)."""
     monkeypatch.setenv("FORCE_COLOR", "1")
     monkeypatch.setenv("CLICOLOR_FORCE", "1")
+    write_connection(tmp_path, free_port())  # a private FLWR_HOME: no local SuperLink is started
     result = subprocess.run(
-        [flower_bin("flwr"), "ls", "--format", "json"], capture_output=True, text=True, env=flower_env()
+        [flower_bin("flwr"), "ls", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=flower_env(FLWR_HOME=str(tmp_path)),
+        timeout=60,
     )
-    assert "\x1b[" not in result.stdout and json.loads(result.stdout)  # plain JSON (an error record here)
+    assert "\x1b[" not in result.stdout and json.loads(result.stdout)  # plain JSON (no SuperLink there)
 
 
 def test_stopping_a_server_returns_as_soon_as_its_process_group_is_gone(tmp_path):
