@@ -8,6 +8,10 @@ proportional to their number of training examples:
 ``reward-weighting = "none"`` is exactly that. The reward-aware modes fold a
 per-client reward into w_k (see :func:`client_weights`), and :func:`cap_shares` keeps any
 one client (say, one reporting an inflated reward) from dominating the average.
+
+``qfedavg`` is q-FFL (Li et al., 2020, "Fair Resource Allocation in Federated Learning",
+https://openreview.net/pdf?id=ByexElSYDr), as Flower's ``QFedAvg`` computes it: not a convex
+combination of the clients but a step from the global model (:func:`qffl_shares`).
 """
 
 from __future__ import annotations
@@ -62,6 +66,40 @@ def client_weights(
         if raw.sum() <= 0:  # nobody earned weight: fall back to FedAvg
             raw = counts
     return cap_shares((raw / raw.sum()).tolist(), max_weight)
+
+
+def qffl_shares(
+    squared_distances: Sequence[float], losses: Sequence[float], q: float, learning_rate: float
+) -> list[float]:
+    """q-FFL's step as shares: ``theta_new = (1 - sum_k a_k) theta + sum_k a_k theta_k``.
+
+    With global parameters w, client k's parameters w_k, its train loss F_k and the
+    Lipschitz estimate L = 1 / learning_rate (Flower's choice), q-FFL takes
+
+        Delta_k = F_k^q L (w - w_k)
+        h_k     = q F_k^(q-1) L^2 ||w - w_k||^2 + L F_k^q
+        w_new   = w - sum_k Delta_k / sum_k h_k
+
+    so a_k = L F_k^q / sum_j h_j (``squared_distances[k]`` = ||w - w_k||^2). Users with a
+    higher loss get more weight as q grows; q = 0 is the unweighted mean of the clients.
+    The shares sum to at most 1: the rest stays on the global model.
+    """
+    if len(squared_distances) != len(losses) or not losses:
+        raise ValueError(f"{len(squared_distances)} distances for {len(losses)} losses")
+    if learning_rate <= 0 or q < 0:
+        raise ValueError(f"q-FFL needs learning_rate > 0 and q >= 0, got {learning_rate} and {q}")
+    if any(not math.isfinite(f) or f < 0 for f in losses):
+        raise ValueError(f"q-FFL needs finite, non-negative train losses, got {list(losses)}")
+    lipschitz = 1.0 / learning_rate
+    loss = np.asarray(losses, dtype=np.float64) + 1e-10  # as Flower: a zero loss keeps a weight
+    distance = np.asarray(squared_distances, dtype=np.float64)
+    h = q * np.float_power(loss, q - 1) * lipschitz**2 * distance + lipschitz * np.float_power(loss, q)
+    return (lipschitz * np.float_power(loss, q) / h.sum()).tolist()
+
+
+def squared_distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """||a - b||^2 over every parameter (float64 accumulation)."""
+    return float(sum(np.sum(np.square(a[k].astype(np.float64) - b[k].astype(np.float64))) for k in a))
 
 
 def cap_shares(shares: Sequence[float], max_share: float) -> list[float]:

@@ -219,7 +219,9 @@ def command_summarize(args: argparse.Namespace) -> int:
     model_dir = run_dir / "model"
     if not config.has_global_model:  # local-head: the shared body, completed by a user's own head
         if args.user is None:
-            raise ConfigError(f"{run_dir} has no global model (personalization=local-head); use --user K.")
+            raise ConfigError(
+                f"{run_dir} has no global model (personalization=local-head or mode=local-only); use --user K."
+            )
         model_dir = run_dir / "checkpoints" / "latest"
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"{run_dir} is not a finished FLHF run (no {model_dir.name}/ folder).")
@@ -234,10 +236,10 @@ def command_summarize(args: argparse.Namespace) -> int:
         state = (
             Path(args.state) if args.state else run_dir / "users" / f"user-{args.user}" / personal.STATE_FILE
         )
-        if config.personalization == "none" or not state.is_file():
+        if config.personal_scope == "none" or not state.is_file():
             raise ConfigError(
                 f"user {args.user} has no personal state at {state} (personalization: "
-                f"{config.personalization})."
+                f"{config.personalization}, mode: {config.mode})."
             )
         if config.personalization == "lora":
             model = add_lora(model, config.lora_rank, seed=0)

@@ -42,6 +42,8 @@ from .protocol import (
     ARRAYS,
     EVALUATE_RECEIVED,
     EVALUATION,
+    JUDGED_CONTENT,
+    JUDGED_UTILITY,
     LEARNING_RATE,
     METRICS,
     NUM_USERS,
@@ -124,6 +126,15 @@ def reward_metrics(judgements: list[Judgement], prefix: str = "reward") -> dict[
     }
 
 
+def judged_lists(judgements: list[Judgement], suffix: str = "") -> dict[str, list[float]]:
+    """Each held-out document's utility and content, in the report's order (lists ride in a
+    MetricRecord; the server keeps them out of the averaged rows)."""
+    return {
+        f"{JUDGED_UTILITY}{suffix}": [float(j.utility) for j in judgements],
+        f"{JUDGED_CONTENT}{suffix}": [float(j.content) for j in judgements],
+    }
+
+
 def text_metrics(judgements: list[Judgement]) -> dict[str, float]:
     """Output length and repetition of the judged summaries (reward-hacking diagnostics)."""
     return {
@@ -170,7 +181,7 @@ def train(message: Message, context: Context) -> Message:
             context,
             session.state_folder,
             personal_record,
-            config.personalization,
+            config.personal_scope,
             session.server_round,
             window=config.checkpoint_every,
         )
@@ -214,7 +225,8 @@ def local_sft(session: UserSession) -> dict[str, float]:
     learning_rate = float(session.server_config.get(LEARNING_RATE, config.learning_rate))
     sft = SFTConfig.from_run_config(config, learning_rate=learning_rate, seed=round_seed(session, 1))
     personal_metrics: dict[str, float] = {}
-    alternate = bool(session.personal_names) and config.personal_epochs > 0
+    # (local-only: every parameter is the user's own, nothing to alternate with)
+    alternate = bool(session.personal_names) and bool(session.shared_names) and config.personal_epochs > 0
     if alternate:
         with only_trainable(session.model, session.personal_names):
             personal = train_sft(
@@ -268,6 +280,10 @@ def only_trainable(model: PreTrainedModel, names: frozenset[str]) -> Iterator[No
 def local_feedback(session: UserSession) -> dict[str, float]:
     config = session.config
     feedback = FeedbackConfig.from_run_config(config)
+    if (
+        config.mode == "centralized"
+    ):  # one learner, every user's feedback: all users' steps, one after another
+        feedback = replace(feedback, steps=feedback.steps * session.num_users)
     if not session.data.feedback:
         raise ValueError(f"user {session.user} holds no documents to give feedback on")
     update = FEEDBACK_ALGORITHMS[config.feedback_algorithm]
@@ -329,7 +345,14 @@ def evaluation_metrics(
     utility, that the user prefers the global model's summary of a document to the round-0
     model's, averaged over documents. With personal parameters, the same figures for the
     user's personalized model (``-personal``). Under ``local-head`` there is no global
-    model to evaluate (the head exists only on the clients): personal figures only.
+    model to evaluate (the head exists only on the clients): personal figures only. Under
+    ``mode = local-only`` the user's own model is the only one: its figures are reported
+    unprefixed, as a global model's would be.
+
+    Beside the means, the per-document utilities and contents (ROUGE-L F1 against the
+    user's aspect) ride along as lists (``judged-utility``, ``judged-content``, and
+    ``-personal``): the server writes them to ``judgements.json``, so that two runs' models
+    can be compared document by document (``bench/quality.py``'s win rate).
 
     ``also_judge``: documents on which the user's own model (the received one, with its
     personal parameters) is judged in the same generation pass; their judgements are
@@ -343,8 +366,9 @@ def evaluation_metrics(
     # A user without validation examples (many users, few documents) still reports its reward
     metrics: dict[str, float] = {"num-examples": len(examples) or len(report), **state_metrics(session)}
     also: list[str] = []  # the user's own model's summaries of also_judge
-    if config.has_global_model:
-        global_model = session.global_view()
+    local_only = config.mode == "local-only"  # the user's own model is the only one: report it as "the model"
+    if config.has_global_model or local_only:
+        global_model = session.model if local_only else session.global_view()
         if global_model is session.model:  # no personal parameters: one pass for everything
             val_texts, report_texts, also = summaries(session, global_model, examples, report, also_judge)
         else:
@@ -359,14 +383,17 @@ def evaluation_metrics(
         if examples:
             metrics.update(evaluate_model(global_model, session.tokenizer, examples, config, val_texts))
         metrics.update(reward_metrics(judgements))
+        metrics.update(judged_lists(judgements))
         metrics.update(text_metrics(judgements))
         metrics["win-rate"] = float(win_rate)
-    if session.personal_names:  # the user's personalized model, on the same data
+    if session.personal_names and not local_only:  # the user's personalized model, on the same data
         val_texts, report_texts, also = summaries(session, session.model, examples, report, also_judge)
         if examples:
             personalized = evaluate_model(session.model, session.tokenizer, examples, config, val_texts)
             metrics.update({f"{k}-personal": v for k, v in personalized.items()})
-        metrics.update(reward_metrics(judgements_of(session, report_texts, report), "reward-personal"))
+        personal_judgements = judgements_of(session, report_texts, report)
+        metrics.update(reward_metrics(personal_judgements, "reward-personal"))
+        metrics.update(judged_lists(personal_judgements, "-personal"))
         if "reward" in metrics:
             metrics["personalization-gain"] = metrics["reward-personal"] - metrics["reward"]
     return metrics, (judgements_of(session, also, also_judge) if also_judge else None)

@@ -23,7 +23,9 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 ASPECTS_ACLSUM = ("challenge", "approach", "outcome")
 PARTITIONINGS = ("iid", "dirichlet", "preference")
 TINY_T5_SIZES = ("xs", "s", "m")
-REWARD_WEIGHTINGS = ("none", "linear", "softmax", "gain")
+REWARD_WEIGHTINGS = ("none", "linear", "softmax", "gain", "qfedavg")
+WEIGHTING_ROUNDS = ("feedback", "all")
+MODES = ("federated", "local-only", "centralized")
 FEEDBACK_ALGORITHMS = ("sft", "best-of-n", "reinforce", "ppo", "dpo")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
@@ -73,6 +75,7 @@ class RunConfig:
     """
 
     # --- federation -------------------------------------------------------
+    mode: str = field(default="federated", metadata=_choice(*MODES))
     num_server_rounds: int = field(default=8, metadata=_range(1))
     fraction_train: float = field(default=1.0, metadata=_range(0.0, 1.0))
     fraction_evaluate: float = field(default=1.0, metadata=_range(0.0, 1.0))
@@ -80,7 +83,9 @@ class RunConfig:
     round_timeout: float = field(default=600.0, metadata=_range(0.0))
     sft_rounds: int = field(default=8, metadata=_range(0))
     reward_weighting: str = field(default="none", metadata=_choice(*REWARD_WEIGHTINGS))
+    reward_weighting_rounds: str = field(default="feedback", metadata=_choice(*WEIGHTING_ROUNDS))
     reward_temperature: float = 0.1
+    qffl_q: float = field(default=0.1, metadata=_range(0.0))
     max_client_weight: float = field(default=1.0, metadata=_range(1e-6, 1.0))
     seed: int = field(default=42, metadata=_range(0))
     # --- data ---------------------------------------------------------------
@@ -211,14 +216,33 @@ class RunConfig:
         return self.results_path / self.run_name
 
     @property
+    def personal_scope(self) -> str:
+        """What never leaves a client: ``personalization``'s parameters, or ``all`` of them (local-only)."""
+        return "all" if self.mode == "local-only" else self.personalization
+
+    @property
+    def evaluates_separately(self) -> bool:
+        """Evaluate messages after each evaluated round: ``separate-evaluation``, and always when
+        centralized (one learner trains; every user must still evaluate the model)."""
+        return self.separate_evaluation or self.mode == "centralized"
+
+    def weighting(self, phase: str) -> str:
+        """The reward weighting of a round of ``phase``: supervised rounds are plain FedAvg
+        unless ``reward-weighting-rounds = all`` (q-FedAvg, a fairness method, weights every round)."""
+        if self.reward_weighting == "qfedavg" or self.reward_weighting_rounds == "all" or phase != "sft":
+            return self.reward_weighting
+        return "none"
+
+    @property
     def has_global_model(self) -> bool:
         """Whether the federation has a complete global model that anyone could use.
 
         Under ``local-head`` the LM head and the last decoder blocks exist only on the
         users' devices: the server holds a body without a trained head, which is neither
-        published nor evaluated as if it were a model.
+        published nor evaluated as if it were a model. Under ``mode = local-only`` nothing is
+        averaged: each user's model is its own.
         """
-        return self.personalization != "local-head"
+        return self.personalization != "local-head" and self.mode != "local-only"
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the model of ``server_round`` is evaluated (round 0, every ``evaluate-every``, the last)."""
@@ -267,6 +291,17 @@ class RunConfig:
                 f"{max(self.num_server_rounds - 3, 0)}) to get feedback rounds, or feedback-algorithm='sft'."
             )
         self._check_user_profiles()
+        if self.mode != "federated":
+            if self.personalization != "none":
+                raise ConfigError(
+                    f"personalization: {self.personalization!r} does not combine with mode={self.mode!r} "
+                    "(local-only keeps every parameter on the client; centralized has one learner); use 'none'."
+                )
+            if self.reward_weighting != "none":
+                raise ConfigError(
+                    f"reward-weighting: {self.reward_weighting!r} needs an average of users' models, and "
+                    f"mode={self.mode!r} has none; use 'none'."
+                )
         unknown = [t for t in self.trackers if t not in TRACKERS]
         if unknown or not self.tracking.strip():
             raise ConfigError(

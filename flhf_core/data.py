@@ -402,6 +402,12 @@ def aspect_examples(
     return tuple(examples)
 
 
+def report_examples(corpus: Corpus, config: RunConfig, aspect: str) -> tuple[Example, ...]:
+    """The held-out documents a user with ``aspect`` is evaluated on (reporting only), in order."""
+    report = aspect_examples(corpus, heldout_doc_ids(corpus, config), aspect)
+    return report[: config.eval_max_examples or None]
+
+
 def abstracts(corpus: Corpus) -> dict[str, str]:
     return {doc.doc_id: doc.abstract for doc in corpus.documents}
 

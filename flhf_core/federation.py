@@ -49,6 +49,7 @@ from .server_state import (
     NO_GLOBAL_MODEL,
     PLOTTED,
     ServerState,
+    phase_learning_rate,
     round_config,
     round_learning_rate,
     server_evaluate,
@@ -276,6 +277,8 @@ class Federation:
         config_record[EVALUATE_RECEIVED] = self.pending is not None
         self.identify_users()  # nodes that joined since
         self.strategy.example_counts = self.example_counts(phase)
+        self.strategy.reward_weighting = config.weighting(phase)
+        self.strategy.client_learning_rate = phase_learning_rate(config, phase, server_round)
 
         sent = list(self.strategy.configure_train(server_round, arrays, config_record, self.grid))
         replies = self.exchange(sent)
@@ -315,7 +318,7 @@ class Federation:
         row.update(client_seconds(train_report))
         pending = PendingRound(server_round, phase, row, train_report)
         if (
-            config.separate_evaluation
+            config.evaluates_separately
             and config.evaluates(server_round)
             and server_round < config.num_server_rounds
         ):
@@ -370,8 +373,29 @@ class Federation:
         self.tracker.log(pending.server_round, pending.phase, "server", None, row)
         if evaluation is not None:
             self.evaluated = (pending.server_round, row)
+            if report.user_lists:
+                self.write_judgements(pending.server_round, report)
         if self.pending is pending:
             self.pending = None
+
+    def write_judgements(self, server_round: int, report: RoundReport) -> None:
+        """``judgements.json``: the latest evaluated model's per-document figures, per user.
+
+        Each user's held-out documents (``doc-ids``, in the order of its lists; null for a
+        user with its own data file) with the true utility and content of the summary the
+        user's model wrote: enough to compare two runs document by document.
+        """
+        state = self.state
+        users = {}
+        for user, values in sorted(report.user_lists.items()):
+            doc_ids = None
+            if user not in self.own_data_users and 0 <= user < max(self.num_users, 1):
+                profile = build_profile(
+                    user, state.config.user_profiles, state.corpus.aspects, state.config.seed
+                )
+                doc_ids = [e.doc_id for e in data.report_examples(state.corpus, state.config, profile.aspect)]
+            users[str(user)] = {"doc-ids": doc_ids, **values}
+        atomic_write_json(self.tracker.run_dir / "judgements.json", {"round": server_round, "users": users})
 
     def finish(self, error: BaseException | None = None) -> None:
         """summary.json, the final model (where there is one) and plots; on failure, marked failed.

@@ -31,10 +31,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .data import Example
 from .metrics import rouge_pair
 from .profiles import UserProfile, build_profile
 
-__all__ = ["Judgement", "UserProfile", "build_profile", "judge", "preference_probability", "score"]
+__all__ = [
+    "Judgement",
+    "PooledExample",
+    "UserProfile",
+    "build_profile",
+    "judge",
+    "judging_profile",
+    "preference_probability",
+    "score",
+]
 
 _WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 
@@ -52,6 +62,19 @@ class Judgement:
     keywords: float
     words: int  # length of the summary
     repetition: float  # share of repeated word 3-grams (a reward-hacking diagnostic)
+
+
+@dataclass(frozen=True)
+class PooledExample(Example):
+    """An example that remembers the user it came from: in ``mode = centralized`` one learner
+    holds every user's feedback documents, and each sample is judged by its own user."""
+
+    profile: UserProfile | None = None
+
+
+def judging_profile(example: Example, default: UserProfile) -> UserProfile:
+    """Who judges a summary of ``example``: the user it came from, else ``default`` (the client's user)."""
+    return getattr(example, "profile", None) or default
 
 
 def judge(profile: UserProfile, summary: str, reference: str) -> Judgement:

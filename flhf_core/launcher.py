@@ -203,10 +203,9 @@ def report(code: int, config: dict[str, Any]) -> None:
     if code != 0:
         return
     k = config["lead-words"]
-    if summary.get("rougeL") is None:  # no global model (local-head)
-        print(
-            f"flhf: personal reward {summary.get('reward-personal', float('nan')):.3f}; results in {run_dir}"
-        )
+    if summary.get("rougeL") is None:  # no global model (local-head, local-only): the users' own models
+        key = "reward-personal" if summary.get("reward-personal") is not None else "reward"
+        print(f"flhf: users' {key} {summary.get(key) or float('nan'):.3f}; results in {run_dir}")
         return
     print(
         f"flhf: held-out ROUGE-L {summary['rougeL']:.2f} (round 0: {summary['rougeL-round0']:.2f}, "

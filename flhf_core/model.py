@@ -304,11 +304,14 @@ def personal_parameter_names(model: PreTrainedModel, mode: str, personal_layers:
 
     ``local-head`` (FedPer, Arivazhagan et al., 2019, https://arxiv.org/abs/1912.00818):
     the untied LM head, the decoder's final layer norm and its last ``personal_layers``
-    blocks. ``lora``: the user's LoRA adapter (:func:`add_lora`).
+    blocks. ``lora``: the user's LoRA adapter (:func:`add_lora`). ``all``: every parameter
+    (the local-only baseline: nothing travels).
     """
     if mode == "none":
         return frozenset()
     names = canonical_parameters(model)
+    if mode == "all":
+        return frozenset(names)
     if mode == "lora":
         personal = {n for n in names if "lora_" in n}
         if not personal:

@@ -28,3 +28,8 @@ TOKENIZER_JSON = "tokenizer-json"
 LEARNING_RATE = "learning-rate"
 EVALUATE_RECEIVED = "evaluate-received"  # train messages: also evaluate the received model
 OWN_DATA = "own-data"  # identification replies: the user holds its own data file
+
+# MetricRecord lists in evaluations: each held-out document's true utility and content (ROUGE-L
+# F1 against the user's aspect), in the user's report order; "-personal" for the personalized model
+JUDGED_UTILITY = "judged-utility"
+JUDGED_CONTENT = "judged-content"

@@ -109,7 +109,7 @@ def shared_parameter_names(model: PreTrainedModel, config: RunConfig) -> frozens
         except ValueError as error:
             raise ConfigError(f"personalization: 'lora' does not fit {config.model!r}: {error}") from None
         return frozenset(canonical_parameters(model))
-    personal = personal_parameter_names(model, config.personalization, config.personal_layers)
+    personal = personal_parameter_names(model, config.personal_scope, config.personal_layers)
     return frozenset(canonical_parameters(model)) - personal
 
 
@@ -124,7 +124,18 @@ def build_strategy(config: RunConfig) -> FeedbackFedAvg:
         reward_temperature=config.reward_temperature,
         max_client_weight=config.max_client_weight,
         sampling_seed=config.seed,
+        q=config.qffl_q,
+        client_learning_rate=config.learning_rate,
+        train_users=(LEARNER,) if config.mode == "centralized" else None,
     )
+
+
+LEARNER = 0  # centralized mode: the user whose node trains, on every user's data and feedback
+
+
+def phase_learning_rate(config: RunConfig, phase: str, server_round: int) -> float:
+    """The clients' learning rate in a round of ``phase`` (what q-FFL's L = 1 / lr estimates)."""
+    return config.feedback_learning_rate if phase == "feedback" else round_learning_rate(config, server_round)
 
 
 def round_learning_rate(config: RunConfig, server_round: int) -> float:
@@ -156,7 +167,8 @@ def round_config(state: ServerState, phase: str, server_round: int, run_name: st
 
 NO_GLOBAL_MODEL = (
     "none: under personalization=local-head each user keeps its own LM head and last decoder "
-    "block(s), so no complete global model exists; see reward-personal and rougeL-personal"
+    "block(s), and under mode=local-only its whole model, so no complete global model exists; "
+    "see the users' figures (reward, reward-personal)"
 )
 
 

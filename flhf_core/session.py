@@ -43,6 +43,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import data, personal
 from .batches import Encoded, encode
 from .config import ConfigError, RunConfig
+from .feedback import PooledExample
 from .model import (
     TokenizerSpec,
     add_lora,
@@ -145,7 +146,6 @@ def corpus_documents(config: RunConfig, user: int, num_users: int) -> UserDocume
     corpus = data.load_corpus(config)
     partition = data.user_partition(corpus, user, num_users, config)
     profile = build_profile(user, config.user_profiles, config.aspects, config.seed)
-    report = data.aspect_examples(corpus, data.heldout_doc_ids(corpus, config), profile.aspect)
     return UserDocuments(
         user=user,
         profile=profile,
@@ -153,7 +153,7 @@ def corpus_documents(config: RunConfig, user: int, num_users: int) -> UserDocume
         validation=partition.validation,
         feedback=data.aspect_examples(corpus, partition.feedback_doc_ids, profile.aspect),
         reward=data.aspect_examples(corpus, partition.reward_doc_ids, profile.aspect),
-        report=report[: config.eval_max_examples or None],
+        report=data.report_examples(corpus, config, profile.aspect),
     )
 
 
@@ -213,6 +213,24 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
             "val-fraction); give it more documents."
         )
     return documents
+
+
+def pooled_documents(learner: UserDocuments, config: RunConfig, num_users: int) -> UserDocuments:
+    """``mode = centralized``: the learner holds every user's training examples and feedback
+    documents (each feedback document tagged with the user it came from, who judges its
+    samples), and keeps its own validation, reward and held-out documents to report on."""
+    users = [
+        learner if u == learner.user else corpus_documents(config, u, num_users) for u in range(num_users)
+    ]
+    return dataclasses.replace(
+        learner,
+        train=tuple(e for user in users for e in user.train),
+        feedback=tuple(
+            PooledExample(*dataclasses.astuple(e), profile=user.profile)
+            for user in users
+            for e in user.feedback
+        ),
+    )
 
 
 def file_stamp(path: Path | None) -> str:
@@ -275,6 +293,25 @@ def cached_documents(
     return found
 
 
+def cached_pooled_documents(
+    context: Context, config: RunConfig, user: int, num_users: int, tokenizer, tokenizer_sha: str
+) -> tuple[UserDocuments, Encoded]:
+    """The centralized learner's documents (:func:`pooled_documents`) and token ids, once per process."""
+    if own_data_file(context) is not None:
+        raise ConfigError(
+            f"mode: 'centralized' pools every user's documents from the shared corpus; node {user}'s "
+            f"{DATA_FILE} cannot be pooled. Use mode='federated' with data files."
+        )
+    key = (config, "pooled", user, num_users, tokenizer_sha)
+    if key not in _user_cache:
+        learner, _ = cached_documents(context, config, user, num_users, tokenizer, tokenizer_sha)
+        documents = pooled_documents(learner, config, num_users)
+        encoded = encode(tokenizer, documents.train, config.max_source_tokens, config.max_target_tokens)
+        _user_cache[key] = (documents, encoded)
+    _user_cache.move_to_end(key)
+    return _user_cache[key]
+
+
 def _read_cached(path: Path, config: RunConfig, user: int) -> tuple[UserDocuments, Encoded] | None:
     """A disk-cached user's documents and token ids; None if absent or unreadable (then rebuilt)."""
     try:
@@ -335,6 +372,7 @@ class UserSession:
 
     config: RunConfig
     user: int
+    num_users: int
     server_round: int
     phase: str
     server_config: ConfigRecord
@@ -372,11 +410,14 @@ def open_session(message: Message, context: Context) -> UserSession:
     server_config = message.content[CONFIG]
     sha = str(server_config[TOKENIZER_SHA256])
     tokenizer = cached_tokenizer(config, sha, bytes(server_config.get(TOKENIZER_JSON, b"")))
-    documents, encoded = cached_documents(context, config, user, num_users, tokenizer, sha)
+    is_train = message.metadata.message_type == MessageType.TRAIN
+    documents, encoded = (
+        cached_pooled_documents if config.mode == "centralized" and is_train else cached_documents
+    )(context, config, user, num_users, tokenizer, sha)
     model = initial_model(context, config, tokenizer)
     if config.personalization == "lora":
         model = add_lora(model, config.lora_rank, seed=config.seed * 7_919 + user)
-    personal_names = personal_parameter_names(model, config.personalization, config.personal_layers)
+    personal_names = personal_parameter_names(model, config.personal_scope, config.personal_layers)
     shared_names = frozenset(canonical_parameters(model)) - personal_names
     record_to_parameters(model, message.content[ARRAYS], names=shared_names)
     fresh_personal = parameters_to_record(model, personal_names)
@@ -387,9 +428,8 @@ def open_session(message: Message, context: Context) -> UserSession:
     server_round = int(server_config.get(SERVER_ROUND, 0))
     # a train message of round r builds on the state of an earlier round; an evaluate message
     # of round r's model uses round r's (see personal's docstring: resumed runs replay rounds)
-    is_train = message.metadata.message_type == MessageType.TRAIN
     restored = personal.restore(
-        context, folder, config.personalization, shapes, server_round + (0 if is_train else 1)
+        context, folder, config.personal_scope, shapes, server_round + (0 if is_train else 1)
     )
     if restored.record is not None:
         record_to_parameters(model, restored.record, names=personal_names)
@@ -397,6 +437,7 @@ def open_session(message: Message, context: Context) -> UserSession:
     return UserSession(
         config=config,
         user=user,
+        num_users=num_users,
         server_round=server_round,
         phase=str(server_config.get(PHASE, "sft")),
         server_config=server_config,

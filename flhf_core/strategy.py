@@ -27,7 +27,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -37,7 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from .aggregation import client_weights, weighted_average
+from .aggregation import client_weights, qffl_shares, squared_distance, weighted_average
 from .protocol import EVALUATION, METRICS, SERVER_ROUND, USER_ID, USER_RECORD
 
 # What identifies a set of parameters: each array's name, shape and dtype.
@@ -75,6 +75,10 @@ def scalars(metrics: MetricRecord) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
 
 
+def lists(metrics: MetricRecord) -> dict[str, list[float]]:
+    return {k: [float(x) for x in v] for k, v in metrics.items() if isinstance(v, list)}
+
+
 @dataclass(frozen=True)
 class Rejection:
     node_id: int
@@ -90,6 +94,7 @@ class RoundReport:
     phase: str
     sampled_nodes: list[int] = field(default_factory=list)
     user_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    user_lists: dict[int, dict[str, list[float]]] = field(default_factory=dict)  # per-document figures
     weights: dict[int, float] = field(default_factory=dict)
     rejected: list[Rejection] = field(default_factory=list)
 
@@ -108,8 +113,10 @@ class FeedbackFedAvg(FedAvg):
         The MetricRecord key holding a client's reward in [0, 1].
     reward_weighting : str
         ``"none"`` aggregates exactly as FedAvg; ``linear``, ``softmax`` and ``gain``
-        fold the reward in (see :func:`flhf_core.aggregation.client_weights`). A reply
-        without the reward the mode needs, or with a reward outside [0, 1], is rejected.
+        fold the reward in (see :func:`flhf_core.aggregation.client_weights`); ``qfedavg``
+        is q-FFL on the train loss, as Flower's ``QFedAvg`` (:func:`~flhf_core.aggregation.qffl_shares`).
+        A reply without the metric the mode needs, or with a reward outside [0, 1], is
+        rejected. The owner may change it between rounds (FLHF weights feedback rounds only).
     reward_temperature : float
         Temperature of the ``softmax`` weighting; negative favours low rewards.
     max_client_weight : float
@@ -118,6 +125,11 @@ class FeedbackFedAvg(FedAvg):
         Seeds sampling (per round and phase).
     node_wait_timeout : float
         Seconds to wait for ``min_available_nodes`` before giving up.
+    q, client_learning_rate, train_loss_key :
+        ``qfedavg``: the fairness exponent, the clients' learning rate (L = 1 / it) and the
+        reply's train-loss key, as Flower's ``QFedAvg`` names them.
+    train_users : Collection[int] | None
+        Only these users train (centralized mode: one learner); None = sample every user.
 
     Attributes the owner may set
     ----------------------------
@@ -139,6 +151,10 @@ class FeedbackFedAvg(FedAvg):
         max_client_weight: float = 1.0,
         sampling_seed: int = 0,
         node_wait_timeout: float = 300.0,
+        q: float = 0.1,
+        client_learning_rate: float = 1e-3,
+        train_loss_key: str = "train-loss",
+        train_users: Collection[int] | None = None,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -148,14 +164,10 @@ class FeedbackFedAvg(FedAvg):
         self.max_client_weight = max_client_weight
         self.sampling_seed = sampling_seed
         self.node_wait_timeout = node_wait_timeout
-        needs_reward = reward_weighting != "none"
-        self.required_metrics = (
-            (reward_key, f"{reward_key}-before")
-            if reward_weighting == "gain"
-            else (reward_key,)
-            if needs_reward
-            else ()
-        )
+        self.q = q
+        self.client_learning_rate = client_learning_rate
+        self.train_loss_key = train_loss_key
+        self.train_users = train_users
         self.reports: dict[tuple[int, str], RoundReport] = {}
         self.received: dict[
             int, RoundReport
@@ -164,6 +176,15 @@ class FeedbackFedAvg(FedAvg):
         self.example_counts: Callable[[int], float | None] | None = None
         self._sent: dict[tuple[int, str], list[Message]] = {}
         self._global_signature: Signature | None = None  # of the last arrays sent or aggregated
+
+    @property
+    def required_metrics(self) -> tuple[str, ...]:
+        """What a training reply must carry for the current weighting."""
+        return {
+            "none": (),
+            "gain": (self.reward_key, f"{self.reward_key}-before"),
+            "qfedavg": (self.train_loss_key,),
+        }.get(self.reward_weighting, (self.reward_key,))
 
     # ------------------------------------------------------------------
     # Sampling
@@ -194,6 +215,11 @@ class FeedbackFedAvg(FedAvg):
         rng = random.Random(f"{self.sampling_seed}/{phase}/{server_round}")
         if all(node in self.node_users for node in nodes):
             node_of = {self.node_users[node]: node for node in nodes}
+            if phase == MessageType.TRAIN and self.train_users is not None:
+                missing = sorted(set(self.train_users) - set(node_of))
+                if missing:
+                    raise TimeoutError(f"the learner(s) {missing} are not connected")
+                return sorted(node_of[user] for user in self.train_users)
             return sorted(node_of[user] for user in rng.sample(sorted(node_of), size))
         return sorted(rng.sample(nodes, size))
 
@@ -269,6 +295,7 @@ class FeedbackFedAvg(FedAvg):
         ordered = sorted(valid.items())
         for user_id, content in ordered:
             report.user_metrics[user_id] = scalars(own_metrics(content))
+            report.user_lists[user_id] = lists(own_metrics(content))
         return ordered
 
     @staticmethod
@@ -364,14 +391,17 @@ class FeedbackFedAvg(FedAvg):
             return None, None
         contents = [content for _, content in valid]
         counts = self._trusted_counts(valid)
-        weights = client_weights(
-            counts,
-            self.reward_weighting,
-            rewards=[self._metric(c, self.reward_key) for c in contents],
-            rewards_before=[self._metric(c, f"{self.reward_key}-before") for c in contents],
-            temperature=self.reward_temperature,
-            max_weight=self.max_client_weight,
-        )
+        if self.reward_weighting == "qfedavg":
+            weights = self._qffl_weights(server_round, contents)
+        else:
+            weights = client_weights(
+                counts,
+                self.reward_weighting,
+                rewards=[self._metric(c, self.reward_key) for c in contents],
+                rewards_before=[self._metric(c, f"{self.reward_key}-before") for c in contents],
+                temperature=self.reward_temperature,
+                max_weight=self.max_client_weight,
+            )
         report = self.reports[(server_round, MessageType.TRAIN)]
         report.weights = {user_id: w for (user_id, _), w in zip(valid, weights, strict=True)}
         self._collect_received_evaluations(report, valid)
@@ -379,9 +409,28 @@ class FeedbackFedAvg(FedAvg):
             [{k: a.numpy() for k, a in next(iter(c.array_records.values())).items()} for c in contents],
             weights,
         )
+        if self.reward_weighting == "qfedavg":  # q-FFL's step keeps the rest on the global model
+            sent = self._sent_arrays(server_round)
+            arrays = weighted_average([sent, arrays], [1.0 - float(sum(weights)), 1.0])
         aggregated = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         self._global_signature = signature(aggregated)
         return aggregated, self._average_metrics([own_metrics(c) for c in contents], counts)
+
+    def _sent_arrays(self, server_round: int) -> dict[str, np.ndarray]:
+        sent = self._sent.get((server_round, MessageType.TRAIN))
+        if not sent:
+            raise ValueError("qfedavg steps from the global model: call configure_train first")
+        return {k: a.numpy() for k, a in sent[0].content[self.arrayrecord_key].items()}
+
+    def _qffl_weights(self, server_round: int, contents: list[RecordDict]) -> list[float]:
+        """q-FFL's shares of the valid replies (see :func:`flhf_core.aggregation.qffl_shares`)."""
+        sent = self._sent_arrays(server_round)
+        distances = [
+            squared_distance({k: a.numpy() for k, a in next(iter(c.array_records.values())).items()}, sent)
+            for c in contents
+        ]
+        losses = [self._metric(c, self.train_loss_key) for c in contents]
+        return qffl_shares(distances, losses, self.q, self.client_learning_rate)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid = self.screen(server_round, replies, MessageType.EVALUATE, None)
@@ -405,6 +454,7 @@ class FeedbackFedAvg(FedAvg):
                 self._reject(report, node_of.get(user_id, -1), user_id, f"evaluation: {problem}")
             else:
                 report.user_metrics[user_id] = scalars(metrics)
+                report.user_lists[user_id] = lists(metrics)
         self.received[train.server_round - 1] = report
 
     def received_evaluation(self, evaluated_round: int) -> tuple[RoundReport, MetricRecord | None] | None:

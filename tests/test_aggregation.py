@@ -100,3 +100,24 @@ def test_bad_rewards_are_rejected(flower_identity, reward, reason):
     assert list(report.user_metrics) == [0] and report.failures == 1
     assert reason in report.rejected[0].reason
     np.testing.assert_array_equal(arrays["a"].numpy(), replies[0].content["arrays"]["a"].numpy())
+
+
+def test_qffl_shares_match_the_paper_update_by_hand():
+    """Two clients, scalar parameters: w=1, w_1=0, w_2=3, losses 0.5 and 2, q=1, lr=0.5 (L=2).
+
+    Delta_k = F_k^q L (w - w_k): 0.5*2*1 = 1 and 2*2*(-2) = -8;
+    h_k = q F_k^(q-1) L^2 |w - w_k|^2 + L F_k^q: 1*1*4*1 + 2*0.5 = 5 and 1*1*4*4 + 2*2 = 20;
+    w_new = 1 - (1 - 8) / 25 = 1.28; as shares a_k = L F_k^q / 25 = 0.04 and 0.16.
+    """
+    from flhf_core.aggregation import qffl_shares
+
+    shares = qffl_shares([1.0, 4.0], [0.5, 2.0], q=1.0, learning_rate=0.5)
+    assert shares == pytest.approx([0.04, 0.16], rel=1e-6)
+    w_new = (1 - sum(shares)) * 1.0 + shares[0] * 0.0 + shares[1] * 3.0
+    assert w_new == pytest.approx(1.28, rel=1e-6)
+    # q = 0 and no drift: the plain mean of the clients
+    assert qffl_shares([0.0, 0.0, 0.0], [0.3, 1.0, 2.0], q=0.0, learning_rate=0.1) == pytest.approx(
+        [1 / 3] * 3
+    )
+    with pytest.raises(ValueError, match="non-negative"):
+        qffl_shares([1.0], [float("nan")], q=1.0, learning_rate=0.1)

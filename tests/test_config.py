@@ -146,3 +146,24 @@ def test_launcher_resolves_a_relative_profile_file(tmp_path, monkeypatch):
     (tmp_path / "users.toml").write_text('[[user]]\naspect = "outcome"\n')
     config = merged_config("smoke", ["user-profiles=users.toml", f"results-dir={tmp_path}"])
     assert config["user-profiles"] == str(tmp_path / "users.toml")  # the apps run elsewhere
+
+
+def test_reward_weighting_applies_to_feedback_rounds_unless_all():
+    softmax = RunConfig.from_mapping({"reward-weighting": "softmax"})
+    assert (softmax.weighting("sft"), softmax.weighting("feedback")) == ("none", "softmax")
+    everywhere = softmax.replace(**{"reward-weighting-rounds": "all"})
+    assert everywhere.weighting("sft") == "softmax"
+    assert RunConfig.from_mapping({"reward-weighting": "qfedavg"}).weighting("sft") == "qfedavg"
+
+
+@pytest.mark.parametrize("mode", ["local-only", "centralized"])
+def test_baseline_modes_refuse_what_needs_an_average(mode):
+    with pytest.raises(ConfigError, match="personalization"):
+        RunConfig.from_mapping({"mode": mode, "personalization": "lora"})
+    with pytest.raises(ConfigError, match="reward-weighting"):
+        RunConfig.from_mapping({"mode": mode, "reward-weighting": "softmax"})
+    with pytest.raises(ConfigError, match="mode"):
+        RunConfig.from_mapping({"mode": "solo"})
+    config = RunConfig.from_mapping({"mode": mode})
+    assert config.has_global_model == (mode == "centralized")
+    assert config.evaluates_separately == (mode == "centralized")

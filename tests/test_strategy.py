@@ -246,3 +246,46 @@ def test_sampling_picks_the_same_users_whatever_their_node_ids(flower_identity):
         sent = strategy.configure_train(3, global_arrays(), ConfigRecord(), FakeGrid(nodes[::-1]))
         chosen.append(sorted(strategy.node_users[m.metadata.dst_node_id] for m in sent))
     assert len(chosen[0]) == 5 and chosen[0] == chosen[1]
+
+
+def test_qfedavg_weighting_steps_as_flower_qfedavg(flower_identity):
+    """q-FFL through FeedbackFedAvg equals Flower 1.42's own QFedAvg on the same replies."""
+    from flwr.serverapp.strategy import QFedAvg
+
+    ours = FeedbackFedAvg(min_available_nodes=1, reward_weighting="qfedavg", q=0.5, client_learning_rate=0.05)
+    theirs = QFedAvg(client_learning_rate=0.05, q=0.5, train_loss_key="train-loss", min_available_nodes=1)
+    grid = FakeGrid([11, 12, 13])
+    start = global_arrays(0.25)
+    sent = list(ours.configure_train(1, start, ConfigRecord(), grid))
+    list(theirs.configure_train(1, start, ConfigRecord(), grid))
+    for message in sent:
+        message.metadata.__dict__["_message_id"] = message.object_id
+    replies = [reply_to(m, user_id=i, num_examples=10 * (i + 1), seed=i + 1) for i, m in enumerate(sent)]
+    fedavg, _ = FedAvg().aggregate_train(1, replies)
+    mine, _ = ours.aggregate_train(1, replies)
+    flower, _ = theirs.aggregate_train(1, replies)  # last: Flower's QFedAvg consumes the replies' arrays
+    for key in SHAPES:
+        np.testing.assert_allclose(mine[key].numpy(), flower[key].numpy(), rtol=1e-5, atol=1e-6)
+    # and it is not FedAvg: a higher-loss user pulls harder, the step is shrunk
+    assert not np.allclose(mine["a"].numpy(), fedavg["a"].numpy(), atol=1e-3)
+
+
+def test_qfedavg_rejects_a_reply_without_its_train_loss(round_one):
+    strategy, sent = round_one
+    strategy.reward_weighting = "qfedavg"
+    replies = [reply_to(m, user_id=i, num_examples=5, seed=i + 1) for i, m in enumerate(sent)]
+    del replies[0].content["metrics"]["train-loss"]
+    strategy.aggregate_train(1, replies)
+    rejected = strategy.reports[(1, MessageType.TRAIN)].rejected
+    assert [r.user_id for r in rejected] == [0] and "train-loss" in rejected[0].reason
+
+
+def test_train_users_sample_only_the_learner(flower_identity):
+    """Centralized mode: only the learner trains; every user is still sampled to evaluate."""
+    strategy = FeedbackFedAvg(min_available_nodes=1, sampling_seed=3, train_users=(0,))
+    strategy.node_users = {21: 1, 22: 0, 23: 2}
+    grid = FakeGrid([21, 22, 23])
+    train = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), grid))
+    evaluate = list(strategy.configure_evaluate(1, global_arrays(), ConfigRecord(), grid))
+    assert [m.metadata.dst_node_id for m in train] == [22]
+    assert sorted(m.metadata.dst_node_id for m in evaluate) == [21, 22, 23]

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data import Example
-from ..feedback import UserProfile, judge, prefers_first
+from ..feedback import UserProfile, judge, judging_profile, prefers_first
 from .rollout import (
     FeedbackConfig,
     StatsMeter,
@@ -37,15 +37,17 @@ from .rollout import (
 def preference_pairs(
     texts: list[str], examples: list[Example], profile: UserProfile, rng: np.random.Generator
 ) -> list[tuple[int, int]]:
-    """(winner, loser) sample indices for the pairs (0,1), (2,3), ... the user answered."""
+    """(winner, loser) sample indices for the pairs (0,1), (2,3), ... the user answered
+    (a pooled example's own user answers for it)."""
     pairs = []
     for a in range(0, len(texts) - 1, 2):
         b = a + 1
-        if rng.random() >= profile.rating_rate:
+        user = judging_profile(examples[a], profile)  # a pair is two samples of one document
+        if rng.random() >= user.rating_rate:
             continue
-        utility_a = judge(profile, texts[a], examples[a].summary).utility
-        utility_b = judge(profile, texts[b], examples[b].summary).utility
-        pairs.append((a, b) if prefers_first(profile, utility_a, utility_b, rng) else (b, a))
+        utility_a = judge(user, texts[a], examples[a].summary).utility
+        utility_b = judge(user, texts[b], examples[b].summary).utility
+        pairs.append((a, b) if prefers_first(user, utility_a, utility_b, rng) else (b, a))
     return pairs
 
 
