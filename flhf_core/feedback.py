@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +107,16 @@ def preference_probability(profile: UserProfile, utility_a: float, utility_b: fl
     """Bradley-Terry probability that the user prefers a over b."""
     z = (utility_a - utility_b) / profile.preference_temperature
     return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+
+def paired_win_rate(utilities: Sequence[float], baseline: Sequence[float], profile: UserProfile) -> float:
+    """The Bradley-Terry probability that the user prefers a model's summary of a document to a
+    baseline model's summary of the same document, averaged over documents (paired by position)."""
+    if len(utilities) != len(baseline) or not utilities:
+        raise ValueError(f"{len(utilities)} utilities for {len(baseline)} baseline utilities")
+    return float(
+        np.mean([preference_probability(profile, a, b) for a, b in zip(utilities, baseline, strict=True)])
+    )
 
 
 def prefers_first(profile: UserProfile, utility_a: float, utility_b: float, rng: np.random.Generator) -> bool:

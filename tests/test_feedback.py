@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from flhf_core.feedback import (
     UserProfile,
     build_profile,
     judge,
+    paired_win_rate,
     preference_probability,
     prefers_first,
     repetition_rate,
@@ -124,3 +127,13 @@ def test_preferences_follow_bradley_terry(difference):
 def test_repetition_rate():
     assert repetition_rate("a b c d e") == 0.0
     assert repetition_rate("the model the model the model") > 0.4
+
+
+def test_paired_win_rate_is_the_mean_bradley_terry_probability_by_document():
+    profile = build_profile(0, "aspects", ("challenge", "approach", "outcome"), seed=0)
+    t = profile.preference_temperature
+    expected = (1 / (1 + math.exp(-0.1 / t)) + 0.5 + 1 / (1 + math.exp(0.2 / t))) / 3
+    assert paired_win_rate([0.3, 0.2, 0.1], [0.2, 0.2, 0.3], profile) == pytest.approx(expected)
+    assert paired_win_rate([0.4, 0.1], [0.4, 0.1], profile) == pytest.approx(0.5)  # a model against itself
+    with pytest.raises(ValueError, match="baseline"):
+        paired_win_rate([0.1], [0.1, 0.2], profile)

@@ -1,0 +1,409 @@
+"""The evidence: does feedback, reward-aware aggregation and personalization beat plain FedAvg?
+
+    python bench/quality.py                 # run what is missing of the matrix, then the table
+    python bench/quality.py --table-only    # the table from the runs already finished
+    python bench/quality.py --plan          # the commands, and how long the rest should take
+
+Runs a matrix on the ``reinforce`` preset (6 users, ``aspects`` profiles, ``preference``
+partitioning, 5 supervised then 3 feedback rounds) for 3 seeds, one ``flhf run`` at a time
+(side by side they would slow each other down on a small machine):
+
+* the baselines: ``fedavg-sft`` (FedAvg, supervised rounds only), ``local-only`` (each user
+  alone, with the best algorithm's feedback), ``centralized`` (one learner with every user's
+  data, supervised only) and ``centralized/<best>`` (with every user's feedback);
+* FedAvg with each feedback algorithm (``<algorithm>/none/none``);
+* the best algorithm (highest mean reward over seeds) with each reward weighting, q-FedAvg
+  included (``<best>/<weighting>/none``), and with each personalization (``<best>/none/<mode>``).
+
+Every figure is read from the run's ``judgements.json``: each user's true utility of its
+model's greedy summary of each held-out document (the personalized model where there is one:
+the model the user uses). Nothing there steers training. Per run (and seed):
+
+* ``reward``, ``reward-worst``, ``reward-std``: mean, worst and spread over users of the
+  users' mean utility;
+* ``win-rate``: against ``fedavg-sft`` of the same seed, the Bradley-Terry probability under
+  each user's true utility that the user prefers the method's summary of a document,
+  sigmoid((u_method - u_fedavg-sft) / T_user), averaged over documents, then users;
+* ``rougeL``: ROUGE-L F1 (x100) against each user's preferred aspect, averaged the same way;
+* ``bytes``: bytes up and down per round; ``seconds``: the run's wall time here;
+* ``command``: the ``flhf run`` command line that reproduces the row.
+
+Resumable: a run whose folder holds a completed ``summary.json`` is kept; an interrupted one
+is moved aside and run again. Run it under ``nohup``: the whole matrix takes hours on 2 cores
+(``--plan`` says how many, from the runs finished so far). Writes
+``bench/results/quality.json`` (one object per method and seed), ``quality-summary.json``
+(means, spreads, targets) and prints the Markdown table that BENCHMARKS.md quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import PROJECT_DIR, RESULTS_DIR, commit, machine
+
+from flhf_core.config import RunConfig
+from flhf_core.feedback import paired_win_rate
+from flhf_core.profiles import build_profile
+from flhf_core.tracking import atomic_write_json
+
+PRESET = "reinforce"
+SEEDS = (0, 1, 2)
+ALGORITHMS = ("best-of-n", "reinforce", "ppo", "dpo")
+WEIGHTINGS = ("linear", "softmax", "gain", "qfedavg")
+PERSONALIZATIONS = ("lora", "local-head")
+BASELINE = "fedavg-sft"
+BEST = "{best}"  # stands for the best algorithm until the algorithm rows are in
+
+
+def methods() -> dict[str, list[str]]:
+    """Method name -> the ``flhf run`` overrides on the preset (``{best}``: the best algorithm)."""
+    table = {
+        BASELINE: ["feedback-algorithm=sft"],
+        **{f"{a}/none/none": [f"feedback-algorithm={a}"] for a in ALGORITHMS},
+        "local-only": ["mode=local-only", f"feedback-algorithm={BEST}"],
+        "centralized": ["mode=centralized", "feedback-algorithm=sft"],
+        f"centralized/{BEST}": ["mode=centralized", f"feedback-algorithm={BEST}"],
+    }
+    for weighting in WEIGHTINGS:
+        table[f"{BEST}/{weighting}/none"] = [f"feedback-algorithm={BEST}", f"reward-weighting={weighting}"]
+    for mode in PERSONALIZATIONS:
+        table[f"{BEST}/none/{mode}"] = [f"feedback-algorithm={BEST}", f"personalization={mode}"]
+    return table
+
+
+# --------------------------------------------------------------------------
+# Figures of one run (pure functions over judgements.json)
+# --------------------------------------------------------------------------
+def user_lists(judgements: dict, key: str) -> dict[str, list[float]]:
+    """Each user's per-document ``key`` of the model the user uses (its personalized one if any)."""
+    return {
+        user: figures.get(f"{key}-personal", figures[key]) for user, figures in judgements["users"].items()
+    }
+
+
+def win_rate(method: dict[str, list[float]], baseline: dict[str, list[float]], config: RunConfig) -> float:
+    """Mean over users of each user's :func:`~flhf_core.feedback.paired_win_rate` against the baseline."""
+    return float(
+        np.mean(
+            [
+                paired_win_rate(
+                    utilities,
+                    baseline[user],
+                    build_profile(int(user), config.user_profiles, config.aspects, config.seed),
+                )
+                for user, utilities in method.items()
+            ]
+        )
+    )
+
+
+def run_figures(run_dir: Path, baseline_dir: Path | None) -> dict[str, float]:
+    """The row's figures (see the module docstring); win-rate needs the baseline's run."""
+    judged = json.loads((run_dir / "judgements.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
+    utility = user_lists(judged, "judged-utility")
+    means = [float(np.mean(u)) for u in utility.values()]
+    figures = {
+        "reward": float(np.mean(means)),
+        "reward-worst": float(np.min(means)),
+        "reward-std": float(np.std(means)),
+        "rougeL": 100.0 * float(np.mean([np.mean(c) for c in user_lists(judged, "judged-content").values()])),
+        "bytes": (summary["bytes-up"] + summary["bytes-down"]) / max(summary["rounds"], 1),
+    }
+    if any("judged-utility-personal" in f for f in judged["users"].values()):  # the global model too
+        shared = {user: f["judged-utility"] for user, f in judged["users"].items()}
+        figures["reward-global"] = float(np.mean([np.mean(u) for u in shared.values()]))
+        figures["personalized-vs-global-worst"] = float(
+            min(np.mean(utility[u]) / max(np.mean(shared[u]), 1e-9) for u in utility)
+        )
+    if baseline_dir is not None:
+        baseline = user_lists(json.loads((baseline_dir / "judgements.json").read_text()), "judged-utility")
+        figures["win-rate"] = win_rate(utility, baseline, config)
+    return figures
+
+
+# --------------------------------------------------------------------------
+# Running the matrix
+# --------------------------------------------------------------------------
+def slug(method: str) -> str:
+    return method.replace("/", "_")
+
+
+def completed(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    return (
+        summary.is_file()
+        and json.loads(summary.read_text()).get("status") == "completed"
+        and (run_dir / "judgements.json").is_file()
+        and (run_dir / "bench.json").is_file()
+    )
+
+
+def command_line(items: list[str], seed: int) -> str:
+    return " ".join(["flhf", "run", PRESET, *items, f"seed={seed}"])
+
+
+def run_one(results_dir: Path, method: str, items: list[str], seed: int) -> None:
+    """Run one configuration (moving an interrupted attempt aside) and record its wall time."""
+    run_dir = results_dir / slug(method) / f"seed-{seed}"
+    if run_dir.exists():
+        attempts = len(list(run_dir.parent.glob(f"{run_dir.name}.interrupted-*")))
+        run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{attempts}"))
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "flhf_core.cli", "run", PRESET, *items, f"seed={seed}", "--quiet"]
+    command += [f"results-dir={run_dir.parent}", f"run-name={run_dir.name}"]
+    print(f"{method} seed {seed}: {command_line(items, seed)}", flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True, cwd=PROJECT_DIR)
+    seconds = time.perf_counter() - started
+    atomic_write_json(
+        run_dir / "bench.json",
+        {"seconds": seconds, "command": command_line(items, seed), "commit": commit(), "machine": machine()},
+    )
+    print(f"{method} seed {seed}: {seconds:.0f} s", flush=True)
+
+
+def best_algorithm(results_dir: Path, seeds: tuple[int, ...]) -> str | None:
+    """The feedback algorithm with the highest mean reward over seeds, once all its runs are in."""
+    means = {}
+    for algorithm in ALGORITHMS:
+        dirs = [results_dir / slug(f"{algorithm}/none/none") / f"seed-{s}" for s in seeds]
+        if not all(completed(d) for d in dirs):
+            return None
+        means[algorithm] = np.mean([run_figures(d, None)["reward"] for d in dirs])
+    return max(means, key=means.get)
+
+
+def resolve(method: str, items: list[str], best: str | None) -> tuple[str, list[str]] | None:
+    if BEST not in method and not any(BEST in i for i in items):
+        return method, items
+    if best is None:
+        return None
+    return method.replace(BEST, best), [i.replace(BEST, best) for i in items]
+
+
+def missing(results_dir: Path, seeds: tuple[int, ...], best: str | None) -> tuple[list, int]:
+    """The runs still to do that can be named now, and how many wait for the best algorithm."""
+    todo, waiting = [], 0
+    for method, items in methods().items():
+        resolved = resolve(method, items, best)
+        if resolved is None:
+            waiting += len(seeds)
+            continue
+        name, overrides = resolved
+        todo += [
+            (name, overrides, seed)
+            for seed in seeds
+            if not completed(results_dir / slug(name) / f"seed-{seed}")
+        ]
+    return todo, waiting
+
+
+def run_matrix(results_dir: Path, seeds: tuple[int, ...]) -> None:
+    """Every missing run: first those that need no best algorithm (they decide it), then the rest."""
+    for _ in range(2):
+        todo, _waiting = missing(results_dir, seeds, best_algorithm(results_dir, seeds))
+        for number, (name, overrides, seed) in enumerate(todo, start=1):
+            print(f"[{number}/{len(todo)}] ", end="", flush=True)
+            run_one(results_dir, name, overrides, seed)
+
+
+def plan(results_dir: Path, seeds: tuple[int, ...]) -> None:
+    todo, waiting = missing(results_dir, seeds, best_algorithm(results_dir, seeds))
+    for name, overrides, seed in todo:
+        print(f"to run: {command_line(overrides, seed)}   ({name})")
+    done = [json.loads(p.read_text())["seconds"] for p in results_dir.glob("*/seed-*/bench.json")]
+    per_run = float(np.mean(done)) if done else float("nan")
+    left = len(todo) + waiting
+    print(
+        f"{len(done)} runs finished, {len(todo)} to run now, {waiting} waiting for the best algorithm; "
+        f"{per_run:.0f} s per run here: about {left * per_run / 3600:.1f} h to go, "
+        f"{(left + len(done)) * per_run / 3600:.1f} h for the whole matrix"
+    )
+
+
+# --------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------
+def collect(results_dir: Path, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+    """One row per finished method and seed (quality.json)."""
+    best = best_algorithm(results_dir, seeds)
+    rows = []
+    for method, items in methods().items():
+        resolved = resolve(method, items, best)
+        if resolved is None:
+            continue
+        name, _ = resolved
+        for seed in seeds:
+            run_dir = results_dir / slug(name) / f"seed-{seed}"
+            baseline = results_dir / slug(BASELINE) / f"seed-{seed}"
+            if not completed(run_dir):
+                continue
+            bench = json.loads((run_dir / "bench.json").read_text())
+            figures = run_figures(run_dir, baseline if completed(baseline) else None)
+            rows.append(
+                {
+                    "method": name,
+                    "seed": seed,
+                    **figures,
+                    "seconds": bench["seconds"],
+                    "command": bench["command"],
+                    "commit": bench.get("commit"),
+                }
+            )
+    return rows
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: mean and std over seeds of every figure, and on how many seeds it beats fedavg-sft."""
+    baseline = {r["seed"]: r["reward"] for r in rows if r["method"] == BASELINE}
+    table: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        entry: dict[str, Any] = {"seeds": len(mine)}
+        for key in (
+            "reward",
+            "reward-worst",
+            "reward-std",
+            "win-rate",
+            "rougeL",
+            "bytes",
+            "seconds",
+            "reward-global",
+        ):
+            values = [r[key] for r in mine if r.get(key) is not None]
+            if values:
+                entry[key], entry[f"{key}-std"] = mean_std(values)
+        paired = [r for r in mine if r["seed"] in baseline]
+        entry["beats-fedavg-sft"] = sum(r["reward"] > baseline[r["seed"]] for r in paired)
+        entry["paired-seeds"] = len(paired)
+        table[method] = entry
+    return table
+
+
+def targets(table: dict[str, dict[str, Any]], best: str | None) -> list[dict[str, Any]]:
+    """The issue's targets, each with the figures it compares and whether it is met."""
+    if best is None or BASELINE not in table:
+        return []
+    found = []
+
+    def check(name: str, value: float | None, threshold: float, met: bool | None) -> None:
+        found.append({"target": name, "value": value, "threshold": threshold, "met": met})
+
+    feedback, sft = table.get(f"{best}/none/none"), table[BASELINE]
+    if feedback:
+        check("best algorithm reward / fedavg-sft", feedback["reward"] / sft["reward"], 1.25, None)
+        check("best algorithm win rate vs fedavg-sft", feedback.get("win-rate"), 0.70, None)
+        check(
+            "best algorithm beats fedavg-sft on every seed",
+            feedback["beats-fedavg-sft"],
+            feedback["paired-seeds"],
+            feedback["beats-fedavg-sft"] == feedback["paired-seeds"],
+        )
+        if f"centralized/{best}" in table:
+            check(
+                "vs centralized with the same algorithm",
+                feedback["reward"] / table[f"centralized/{best}"]["reward"],
+                0.95,
+                None,
+            )
+        if "local-only" in table:
+            check("vs local-only", feedback["reward"] / table["local-only"]["reward"], 1.12, None)
+        none = feedback
+        for weighting in WEIGHTINGS:
+            row = table.get(f"{best}/{weighting}/none")
+            if row:
+                check(
+                    f"{weighting}: worst-user reward above none's, mean within 2%",
+                    row["reward-worst"] - none["reward-worst"],
+                    0.0,
+                    row["reward-worst"] > none["reward-worst"] and row["reward"] >= 0.98 * none["reward"],
+                )
+        lora = table.get(f"{best}/none/lora")
+        if lora and "reward-global" in lora:
+            check("lora personalized / global", lora["reward"] / lora["reward-global"], 1.15, None)
+    for item in found:
+        if item["met"] is None and item["value"] is not None:
+            item["met"] = bool(item["value"] >= item["threshold"])
+    return found
+
+
+def markdown(table: dict[str, dict[str, Any]]) -> str:
+    def cell(entry: dict[str, Any], key: str, digits: int) -> str:
+        if key not in entry:
+            return "–"
+        spread = entry.get(f"{key}-std", 0.0)
+        return f"{entry[key]:.{digits}f} ± {spread:.{digits}f}"
+
+    lines = [
+        "| method | reward | worst user | std across users | win rate vs fedavg-sft | ROUGE-L (user's aspect) "
+        "| MB per round | wall time (s) | beats fedavg-sft | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, e in table.items():
+        megabytes = f"{e['bytes'] / 1e6:.1f}" if "bytes" in e else "–"
+        lines.append(
+            f"| `{method}` | {cell(e, 'reward', 4)} | {cell(e, 'reward-worst', 4)} | {cell(e, 'reward-std', 4)} "
+            f"| {cell(e, 'win-rate', 3)} | {cell(e, 'rougeL', 2)} | {megabytes} | {cell(e, 'seconds', 0)} "
+            f"| {e['beats-fedavg-sft']}/{e['paired-seeds']} | {e['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results-dir", default="results/quality", help="where the runs go")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--plan", action="store_true", help="print what is left to run, run nothing")
+    parser.add_argument("--table-only", action="store_true", help="run nothing; table of what is finished")
+    args = parser.parse_args()
+    results_dir = (PROJECT_DIR / args.results_dir).resolve()
+    seeds = tuple(args.seeds)
+    if args.plan:
+        plan(results_dir, seeds)
+        return
+    if not args.table_only:
+        run_matrix(results_dir, seeds)
+    rows = collect(results_dir, seeds)
+    table = aggregate(rows)
+    best = best_algorithm(results_dir, seeds)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    atomic_write_json(RESULTS_DIR / "quality.json", rows)
+    found = targets(table, best)
+    atomic_write_json(
+        RESULTS_DIR / "quality-summary.json",
+        {
+            "benchmark": "quality",
+            "commit": commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": machine(),
+            "preset": PRESET,
+            "best-algorithm": best,
+            "matrix-seconds": sum(r["seconds"] for r in rows),
+            "methods": table,
+            "targets": found,
+        },
+    )
+    print(markdown(table))
+    for item in found:
+        value = "n/a" if item["value"] is None else f"{item['value']:.3f}"
+        print(
+            f"- {'met' if item['met'] else 'MISSED'}: {item['target']}: {value} (target {item['threshold']})"
+        )
+    print(f"{len(rows)} runs, {sum(r['seconds'] for r in rows) / 3600:.1f} h of wall time here")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The baseline run modes on the feedback-smoke preset, in process (the real ServerApp loop and
+ClientApp handlers): each trains, and reports the same keys as a federated run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import SHORT_TEXTS
+from safetensors.numpy import load_file
+
+from flhf_core import cli, personal
+from flhf_core.config import RunConfig
+from flhf_core.inprocess import run_in_process
+from flhf_core.tracking import read_metrics
+
+# the figures a table of methods reads from every run (bench/quality.py)
+COMPARED = ("reward", "reward-worst", "reward-std", "win-rate", "bytes-up", "bytes-down", "seconds")
+
+
+def smoke_run(results, mode: str):
+    items = [f"mode={mode}", *SHORT_TEXTS, f"results-dir={results}", f"run-name={mode}"]
+    return run_in_process(RunConfig.from_mapping(cli.merged_config("feedback-smoke", items)), 2)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    results = tmp_path_factory.mktemp("baselines")
+    return {mode: smoke_run(results, mode) for mode in ("federated", "local-only", "centralized")}
+
+
+def summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["local-only", "centralized"])
+def test_a_baseline_reports_what_a_federated_run_reports(runs, mode):
+    federated, baseline = summary(runs["federated"]), summary(runs[mode])
+    assert baseline["status"] == "completed"
+    for key in COMPARED:
+        assert key in federated and baseline.get(key) is not None, key
+    judged = json.loads((runs[mode] / "judgements.json").read_text())
+    theirs = json.loads((runs["federated"] / "judgements.json").read_text())
+    assert judged["round"] == 2 and sorted(judged["users"]) == ["0", "1"]
+    for user, figures in judged["users"].items():  # the same documents, so runs compare one by one
+        assert figures["doc-ids"] == theirs["users"][user]["doc-ids"]
+        assert len(figures["judged-utility"]) == len(figures["doc-ids"]) > 0
+        assert all(0.0 <= u <= 1.0 for u in figures["judged-utility"])
+
+
+def test_local_only_sends_nothing_and_each_user_keeps_its_own_model(runs):
+    run_dir = runs["local-only"]
+    server_rows = [
+        r for r in read_metrics(run_dir / "metrics.jsonl") if r["scope"] == "server" and r["round"]
+    ]
+    assert server_rows and all(r["bytes-up"] == 0 and r["bytes-down"] == 0 for r in server_rows)
+    assert not (run_dir / "model").exists()  # no global model exists
+    states = [load_file(run_dir / "users" / f"user-{u}" / personal.STATE_FILE) for u in (0, 1)]
+    initial = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
+    assert initial.mode == "local-only"
+    # the whole model is each user's own, and the two users' models differ
+    assert set(states[0]) == set(states[1]) and len(states[0]) > 10
+    assert any((states[0][k] != states[1][k]).any() for k in states[0])
+    user_rows = [
+        r for r in read_metrics(run_dir / "metrics.jsonl") if r["scope"] == "client" and r["round"] == 2
+    ]
+    assert {r["client"] for r in user_rows} == {0, 1} and all("reward" in r for r in user_rows)
+
+
+def test_centralized_has_one_learner_holding_every_users_data_and_every_user_evaluates(runs):
+    rows = read_metrics(runs["centralized"] / "metrics.jsonl")
+    federated = read_metrics(runs["federated"] / "metrics.jsonl")
+    trained = {r["client"] for r in rows if r["scope"] == "client" and "train-examples" in r}
+    evaluated = {(r["round"], r["client"]) for r in rows if r["scope"] == "client" and "reward" in r}
+    assert trained == {0}
+    assert evaluated == {(1, 0), (1, 1), (2, 0), (2, 1)}
+    # the learner's supervised round holds both users' training examples
+    pooled = next(r for r in rows if r["scope"] == "client" and r["round"] == 1 and "train-examples" in r)
+    alone = [
+        r["train-examples"]
+        for r in federated
+        if r["scope"] == "client" and r["round"] == 1 and "train-examples" in r
+    ]
+    assert pooled["train-examples"] == sum(alone)
+    # and every user's feedback documents
+    feedback = next(r for r in rows if r["scope"] == "client" and r["round"] == 2 and "train-examples" in r)
+    assert feedback["train-examples"] == sum(
+        r["train-examples"]
+        for r in federated
+        if r["scope"] == "client" and r["round"] == 2 and "train-examples" in r
+    )
