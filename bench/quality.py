@@ -56,7 +56,7 @@ from flhf_core.tracking import atomic_write_json
 PRESET = "reinforce"
 SEEDS = (0, 1, 2)
 ALGORITHMS = ("best-of-n", "reinforce", "ppo", "dpo")
-WEIGHTINGS = ("linear", "softmax", "gain", "qfedavg")
+WEIGHTINGS = ("linear", "softmax", "gain", "history", "qfedavg")
 PERSONALIZATIONS = ("lora", "local-head")
 BASELINE = "fedavg-sft"
 BEST = "{best}"  # stands for the best algorithm until the algorithm rows are in

@@ -38,6 +38,10 @@ def client_weights(
     * ``linear``:  w_k ∝ n_k * r_k                        (all rewards 0: FedAvg)
     * ``softmax``: w_k ∝ n_k * exp(r_k / T)               (T < 0 favours the worst-served users)
     * ``gain``:    w_k ∝ n_k * max(r_k - b_k, 0)          (no positive gain: FedAvg)
+    * ``history``: w_k ∝ n_k * exp(-r_k / |T|)            r_k: the user's reward *history*
+      (the mean reward of the models it received so far, :func:`reward_history_means`): the
+      users the federation has served worst weigh most, as in history-based fairness
+      weighting (APPA, 2026); noise in one round's reward averages out.
 
     then no share exceeds ``max_weight`` (:func:`cap_shares`).
     """
@@ -57,6 +61,9 @@ def client_weights(
         elif mode == "softmax":
             logits = r / temperature
             raw = counts * np.exp(logits - logits.max())  # shifted: same shares, no overflow
+        elif mode == "history":
+            logits = -r / abs(temperature)
+            raw = counts * np.exp(logits - logits.max())
         elif mode == "gain":
             if rewards_before is None or len(rewards_before) != len(counts):
                 raise ValueError("reward weighting 'gain' needs the rewards before the round")
@@ -66,6 +73,14 @@ def client_weights(
         if raw.sum() <= 0:  # nobody earned weight: fall back to FedAvg
             raw = counts
     return cap_shares((raw / raw.sum()).tolist(), max_weight)
+
+
+def reward_history_means(history: dict[int, list[float]], users: Sequence[int]) -> list[float]:
+    """Each user's mean received reward so far (its history must hold at least this round's)."""
+    missing = [u for u in users if not history.get(u)]
+    if missing:
+        raise ValueError(f"no reward history for users {missing}")
+    return [float(np.mean(history[u])) for u in users]
 
 
 def qffl_shares(

@@ -33,7 +33,7 @@ import json
 import random
 import shutil
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ class Checkpoint:
     resumed_after: list[int]  # the rounds earlier resumes of this run went on from
     rng: dict[str, Any]
     rows: list[dict]
+    strategy_state: dict[str, Any] = field(default_factory=dict)  # what the strategy carries across rounds
 
 
 # --------------------------------------------------------------------------
@@ -144,6 +145,7 @@ def save_checkpoint(
     failures: int,
     num_users: int,
     resumed_after: list[int],
+    strategy_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``checkpoints/latest`` for the state after ``server_round`` (atomically)."""
 
@@ -168,6 +170,7 @@ def save_checkpoint(
             },
             "evaluated": None if evaluated is None else [evaluated[0], dict(evaluated[1])],
             "initial": dict(initial),
+            "strategy": dict(strategy_state or {}),
             "rng": rng_state(),
             "config": dict(config),
             "sha256": {
@@ -249,6 +252,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             resumed_after=[int(r) for r in state["resumed-after"]],
             rng=state["rng"],
             rows=read_metrics(folder / "metrics.jsonl"),
+            strategy_state=dict(state.get("strategy", {})),
         )
     except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
         raise CheckpointError(

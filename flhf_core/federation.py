@@ -127,6 +127,8 @@ class Federation:
             self.initial, self.pending, self.evaluated = resume.initial, resume.pending, resume.evaluated
             self.rounds_done = resume.server_round
             self.failures = resume.failures
+            history = resume.strategy_state.get("reward-history", {})
+            self.strategy.reward_history = {int(u): [float(r) for r in h] for u, h in history.items()}
             self.resumed_after = [*resume.resumed_after, resume.server_round]
             set_rng_state(resume.rng)
             log(INFO, "resuming after round %d of %d", resume.server_round, config.num_server_rounds)
@@ -209,6 +211,7 @@ class Federation:
             failures=self.failures,
             num_users=self.num_users,
             resumed_after=self.resumed_after,
+            strategy_state={"reward-history": {str(u): h for u, h in self.strategy.reward_history.items()}},
         )
 
     def exchange(self, messages: list[Message]) -> list[Message]:

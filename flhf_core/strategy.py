@@ -37,7 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from .aggregation import client_weights, qffl_shares, squared_distance, weighted_average
+from .aggregation import client_weights, qffl_shares, reward_history_means, squared_distance, weighted_average
 from .protocol import EVALUATION, METRICS, SERVER_ROUND, USER_ID, USER_RECORD
 
 # What identifies a set of parameters: each array's name, shape and dtype.
@@ -113,7 +113,8 @@ class FeedbackFedAvg(FedAvg):
         The MetricRecord key holding a client's reward in [0, 1].
     reward_weighting : str
         ``"none"`` aggregates exactly as FedAvg; ``linear``, ``softmax`` and ``gain``
-        fold the reward in (see :func:`flhf_core.aggregation.client_weights`); ``qfedavg``
+        and ``history`` fold the reward in (see :func:`flhf_core.aggregation.client_weights`;
+        ``history`` keeps each user's past rewards in :attr:`reward_history`); ``qfedavg``
         is q-FFL on the train loss, as Flower's ``QFedAvg`` (:func:`~flhf_core.aggregation.qffl_shares`).
         A reply without the metric the mode needs, or with a reward outside [0, 1], is
         rejected. The owner may change it between rounds (FLHF weights feedback rounds only).
@@ -168,6 +169,8 @@ class FeedbackFedAvg(FedAvg):
         self.client_learning_rate = client_learning_rate
         self.train_loss_key = train_loss_key
         self.train_users = train_users
+        # user -> the reward-before of each of its valid training replies (all rounds), for "history"
+        self.reward_history: dict[int, list[float]] = {}
         self.reports: dict[tuple[int, str], RoundReport] = {}
         self.received: dict[
             int, RoundReport
@@ -183,6 +186,7 @@ class FeedbackFedAvg(FedAvg):
         return {
             "none": (),
             "gain": (self.reward_key, f"{self.reward_key}-before"),
+            "history": (f"{self.reward_key}-before",),
             "qfedavg": (self.train_loss_key,),
         }.get(self.reward_weighting, (self.reward_key,))
 
@@ -391,13 +395,20 @@ class FeedbackFedAvg(FedAvg):
             return None, None
         contents = [content for _, content in valid]
         counts = self._trusted_counts(valid)
+        rewards = [self._metric(c, self.reward_key) for c in contents]
+        for user_id, content in valid:  # every round: how well the federation has served each user
+            before = own_metrics(content).get(f"{self.reward_key}-before")
+            if before is not None:
+                self.reward_history.setdefault(user_id, []).append(float(before))
+        if self.reward_weighting == "history":
+            rewards = reward_history_means(self.reward_history, [user_id for user_id, _ in valid])
         if self.reward_weighting == "qfedavg":
             weights = self._qffl_weights(server_round, contents)
         else:
             weights = client_weights(
                 counts,
                 self.reward_weighting,
-                rewards=[self._metric(c, self.reward_key) for c in contents],
+                rewards=rewards,
                 rewards_before=[self._metric(c, f"{self.reward_key}-before") for c in contents],
                 temperature=self.reward_temperature,
                 max_weight=self.max_client_weight,

@@ -121,3 +121,19 @@ def test_qffl_shares_match_the_paper_update_by_hand():
     )
     with pytest.raises(ValueError, match="non-negative"):
         qffl_shares([1.0], [float("nan")], q=1.0, learning_rate=0.1)
+
+
+def test_history_weighting_favours_the_users_served_worst_so_far():
+    from flhf_core.aggregation import reward_history_means
+
+    history = {0: [0.30, 0.10], 1: [0.05, 0.15], 2: [0.40]}
+    means = reward_history_means(history, [0, 1, 2])
+    assert means == pytest.approx([0.20, 0.10, 0.40])
+    weights = client_weights([10, 10, 10], "history", rewards=means, temperature=0.1)
+    expected = np.exp(-np.array(means) / 0.1)
+    assert weights == pytest.approx((expected / expected.sum()).tolist())
+    assert weights[1] > weights[0] > weights[2]
+    # the sign of the temperature does not flip it: history always favours the worst served
+    assert client_weights([10, 10, 10], "history", rewards=means, temperature=-0.1) == pytest.approx(weights)
+    with pytest.raises(ValueError, match="no reward history"):
+        reward_history_means(history, [3])

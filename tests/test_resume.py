@@ -30,11 +30,11 @@ from flhf_core.inprocess import run_in_process
 from flhf_core.tracking import read_metrics
 
 # The killed run and its uninterrupted twin: 4 rounds (1 supervised, 3 of REINFORCE on the
-# users' feedback), softmax reward weighting and a personal LoRA adapter per user (so the
+# users' feedback), history reward weighting (its per-user reward history is part of a checkpoint) and a personal LoRA adapter per user (so the
 # users' own state must be replayed correctly too), 1 torch thread per user in both.
 # Checkpoints after rounds 2 and 4 only: the run is killed once a user has trained round 3 and
 # saved its adapter, so the resumed round 3 must start that user from its round-2 version.
-RUN = ["feedback-smoke", "num-server-rounds=4", "checkpoint-every=2", "reward-weighting=softmax"]
+RUN = ["feedback-smoke", "num-server-rounds=4", "checkpoint-every=2", "reward-weighting=history"]
 RUN += ["max-client-weight=0.6", "personalization=lora", "lora-rank=4", *SHORT_TEXTS]
 RUN += ["--cpus-per-user", "1", "--quiet"]
 

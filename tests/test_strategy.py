@@ -289,3 +289,30 @@ def test_train_users_sample_only_the_learner(flower_identity):
     evaluate = list(strategy.configure_evaluate(1, global_arrays(), ConfigRecord(), grid))
     assert [m.metadata.dst_node_id for m in train] == [22]
     assert sorted(m.metadata.dst_node_id for m in evaluate) == [21, 22, 23]
+
+
+def test_history_weighting_accumulates_each_users_received_reward(round_one):
+    strategy, sent = round_one
+    strategy.reward_weighting = "history"
+
+    def replies(round_sent, befores):
+        out = []
+        for i, (m, before) in enumerate(zip(round_sent, befores, strict=True)):
+            reply = reply_to(m, user_id=i, num_examples=10, seed=i)
+            reply.content["metrics"]["reward"] = 0.5
+            reply.content["metrics"]["reward-before"] = before
+            out.append(reply)
+        return out
+
+    strategy.aggregate_train(1, replies(sent, [0.1, 0.3, 0.3, 0.3]))
+    first = strategy.reports[(1, MessageType.TRAIN)].weights
+    assert first[0] > first[1] == pytest.approx(first[2])
+    grid = FakeGrid([11, 12, 13, 14])
+    second_sent = list(strategy.configure_train(2, global_arrays(), ConfigRecord(), grid))
+    for message in second_sent:
+        message.metadata.__dict__["_message_id"] = message.object_id
+    strategy.aggregate_train(2, replies(second_sent, [0.5, 0.3, 0.3, 0.3]))
+    assert strategy.reward_history[0] == [0.1, 0.5]
+    second = strategy.reports[(2, MessageType.TRAIN)].weights
+    # user 0's history averages to the others' 0.3: equal weights (this round alone would weigh it least)
+    assert second[0] == pytest.approx(second[1])
