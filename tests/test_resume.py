@@ -30,8 +30,9 @@ from flhf_core.inprocess import run_in_process
 from flhf_core.tracking import read_metrics
 
 # The killed run and its uninterrupted twin: 4 rounds (1 supervised, 3 of REINFORCE on the
-# users' feedback), history reward weighting (its per-user reward history is part of a checkpoint) and a personal LoRA adapter per user (so the
-# users' own state must be replayed correctly too), 1 torch thread per user in both.
+# users' feedback), history reward weighting (the users' reward history is part of a
+# checkpoint) and a personal LoRA adapter per user (so the users' own state must be replayed
+# correctly too), 1 torch thread per user in both.
 # Checkpoints after rounds 2 and 4 only: the run is killed once a user has trained round 3 and
 # saved its adapter, so the resumed round 3 must start that user from its round-2 version.
 RUN = ["feedback-smoke", "num-server-rounds=4", "checkpoint-every=2", "reward-weighting=history"]
