@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .config import RESUMABLE_KEYS, ConfigError, RunConfig
-from .strategy import Rejection, RoundReport
+from .replies import Rejection, RoundReport
 from .tracking import atomic_write_text, read_metrics, save_folder_atomically
 
 LATEST = Path("checkpoints") / "latest"

@@ -35,6 +35,7 @@ from .protocol import (
     USER_ID,
     USER_RECORD,
 )
+from .replies import RoundReport
 from .reporting import (
     add_seconds,
     client_seconds,
@@ -54,7 +55,7 @@ from .server_state import (
     round_learning_rate,
     server_evaluate,
 )
-from .strategy import FeedbackFedAvg, RoundReport
+from .strategy import FeedbackFedAvg
 from .tracking import (
     Tracker,
     atomic_write_json,

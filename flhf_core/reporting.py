@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .strategy import RoundReport
+from .replies import RoundReport
 from .tracking import Tracker
 
 

@@ -1,0 +1,77 @@
+"""What the strategy reads from a reply, and what it reports of a round: pure helpers.
+
+A reply's parameters are checked against a *signature* (each array's name, shape and dtype),
+its figures are split into scalars (averaged into rows) and lists (per-document figures,
+kept apart), and a :class:`RoundReport` records who was asked, who counted and why not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from .protocol import EVALUATION, METRICS
+
+# What identifies a set of parameters: each array's name, shape and dtype.
+Signature = dict[str, tuple[tuple[int, ...], str]]
+
+
+def signature(arrays: ArrayRecord) -> Signature:
+    return {name: (tuple(array.shape), str(array.dtype)) for name, array in arrays.items()}
+
+
+def signature_problem(arrays: ArrayRecord, expected: Signature) -> str | None:
+    """Why ``arrays`` cannot be averaged with parameters of signature ``expected``."""
+    if set(arrays.keys()) != set(expected):
+        missing = sorted(set(expected) - set(arrays.keys()))[:3]
+        extra = sorted(set(arrays.keys()) - set(expected))[:3]
+        return f"parameter names differ from the global model (missing {missing}, extra {extra})"
+    for name, array in arrays.items():
+        shape, dtype = tuple(array.shape), str(array.dtype)
+        if (shape, dtype) != expected[name]:
+            want_shape, want_dtype = expected[name]
+            return f"parameter '{name}' is {dtype}{list(shape)}, the global model's {want_dtype}{list(want_shape)}"
+    return None
+
+
+def own_metrics(content: RecordDict) -> MetricRecord | None:
+    """A reply's own figures: its ``metrics`` record, else its only MetricRecord besides the
+    evaluation of the received model (any Flower ClientApp's single record); None if ambiguous."""
+    records = {name: r for name, r in content.metric_records.items() if name != EVALUATION}
+    if METRICS in records:
+        return records[METRICS]
+    return next(iter(records.values())) if len(records) == 1 else None
+
+
+def scalars(metrics: MetricRecord) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+
+
+def lists(metrics: MetricRecord) -> dict[str, list[float]]:
+    return {k: [float(x) for x in v] for k, v in metrics.items() if isinstance(v, list)}
+
+
+@dataclass(frozen=True)
+class Rejection:
+    node_id: int
+    user_id: int | None
+    reason: str
+
+
+@dataclass
+class RoundReport:
+    """What the strategy saw in one round: who was asked, who counted, why not."""
+
+    server_round: int
+    phase: str
+    sampled_nodes: list[int] = field(default_factory=list)
+    user_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    user_lists: dict[int, dict[str, list[float]]] = field(default_factory=dict)  # per-document figures
+    weights: dict[int, float] = field(default_factory=dict)
+    rejected: list[Rejection] = field(default_factory=list)
+
+    @property
+    def failures(self) -> int:
+        """Sampled minus valid: error replies, rejected replies and missing ones."""
+        return len(self.sampled_nodes) - len(self.user_metrics)
