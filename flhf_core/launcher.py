@@ -211,3 +211,18 @@ def report(code: int, config: dict[str, Any]) -> None:
         f"flhf: held-out ROUGE-L {summary['rougeL']:.2f} (round 0: {summary['rougeL-round0']:.2f}, "
         f"lead-{k} baseline: {summary[f'baseline-lead{k}-rougeL']:.2f}); results in {run_dir}"
     )
+    aspects = [
+        key.removeprefix(f"baseline-lead{k}-rougeL-")
+        for key in summary
+        if key.startswith(f"baseline-lead{k}-rougeL-")
+    ]
+    if aspects and all(f"rougeL-{a}" in summary for a in aspects):
+        print(
+            "flhf: per aspect, model (first "
+            f"{k} words / first / last sentence of the abstract): "
+            + ", ".join(
+                f"{a} {summary[f'rougeL-{a}']:.2f} ({summary[f'baseline-lead{k}-rougeL-{a}']:.2f} / "
+                f"{summary[f'baseline-first-sentence-rougeL-{a}']:.2f} / {summary[f'baseline-last-sentence-rougeL-{a}']:.2f})"
+                for a in aspects
+            )
+        )

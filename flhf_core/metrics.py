@@ -107,6 +107,8 @@ def evaluate_model(
     scores = rouge(predictions, [e.summary for e in examples])
     words = sum(len(p.split()) for p in predictions) / max(len(predictions), 1)
     metrics = {"loss": loss, "perplexity": perplexity, **scores, "output-words": words}
+    if len({e.aspect for e in examples}) > 1:  # the server's held-out set: every aspect
+        metrics.update(by_aspect(examples, predictions))
     if kl is not None:
         metrics["kl-to-reference"] = kl
     return metrics
@@ -123,20 +125,58 @@ def lead_words(document: str, k: int) -> str:
     return " ".join(document.split()[:k])
 
 
+def sentences_of(text: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(text.strip()) if s]
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of ``text`` (the abstract's usually states the challenge)."""
+    sentences = sentences_of(text)
+    return sentences[0] if sentences else ""
+
+
 def last_sentence(text: str) -> str:
     """The last sentence of ``text`` (the abstract's usually states the outcome)."""
-    sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
+    sentences = sentences_of(text)
     return sentences[-1] if sentences else ""
 
 
+def by_aspect(examples: Sequence[Example], predictions: Sequence[str]) -> dict[str, float]:
+    """ROUGE-L of ``predictions`` on each aspect's examples alone: ``rougeL-<aspect>``."""
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for example, prediction in zip(examples, predictions, strict=True):
+        mine, theirs = groups.setdefault(example.aspect, ([], []))
+        mine.append(prediction)
+        theirs.append(example.summary)
+    return {f"rougeL-{aspect}": rouge(p, r)["rougeL"] for aspect, (p, r) in sorted(groups.items())}
+
+
 def baseline_scores(examples: Sequence[Example], abstracts: dict[str, str], k: int) -> dict[str, float]:
-    """ROUGE-L and ROUGE-1 of the two extractive baselines on ``examples``."""
+    """ROUGE of the extractive baselines on ``examples``, overall and per aspect.
+
+    The first ``k`` words of the document (``lead<k>``), and the first and the last sentence
+    of the abstract; ``baseline-best-per-aspect-rougeL`` takes, for each aspect, the best of
+    them (chosen on these very examples: an upper bound for any one of these rules),
+    averaged over examples.
+    """
     references = [e.summary for e in examples]
-    lead = rouge([lead_words(e.document, k) for e in examples], references)
-    last = rouge([last_sentence(abstracts[e.doc_id]) for e in examples], references)
-    return {
-        f"baseline-lead{k}-rougeL": lead["rougeL"],
-        f"baseline-lead{k}-rouge1": lead["rouge1"],
-        "baseline-last-sentence-rougeL": last["rougeL"],
-        "baseline-last-sentence-rouge1": last["rouge1"],
+    candidates = {
+        f"lead{k}": [lead_words(e.document, k) for e in examples],
+        "first-sentence": [first_sentence(abstracts[e.doc_id]) for e in examples],
+        "last-sentence": [last_sentence(abstracts[e.doc_id]) for e in examples],
     }
+    scores: dict[str, float] = {}
+    per_aspect: dict[str, dict[str, float]] = {}
+    for name, predictions in candidates.items():
+        overall = rouge(predictions, references)
+        scores[f"baseline-{name}-rougeL"] = overall["rougeL"]
+        scores[f"baseline-{name}-rouge1"] = overall["rouge1"]
+        for key, value in by_aspect(examples, predictions).items():
+            aspect = key.removeprefix("rougeL-")
+            scores[f"baseline-{name}-rougeL-{aspect}"] = value
+            per_aspect.setdefault(aspect, {})[name] = value
+    counts = {a: sum(e.aspect == a for e in examples) for a in per_aspect}
+    scores["baseline-best-per-aspect-rougeL"] = sum(
+        max(per_aspect[a].values()) * counts[a] for a in per_aspect
+    ) / max(sum(counts.values()), 1)
+    return scores

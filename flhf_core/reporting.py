@@ -133,6 +133,9 @@ def run_summary(
         if final.get("rougeL") is not None:
             summary["rougeL-vs-round0"] = final["rougeL"] / max(initial["rougeL"], 1e-9)
             summary["rougeL-minus-lead-baseline"] = final["rougeL"] - baselines[lead_key]
+    summary.update(
+        {k: v for k, v in final.items() if k.startswith("rougeL-") and v is not None}
+    )  # per aspect
     summary.update(baselines)
     summary.update(
         {

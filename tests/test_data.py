@@ -226,3 +226,29 @@ def test_absent_field_names_the_field_and_the_available_ones(tmp_path):
 def test_missing_hub_dataset_is_reported(tmp_path):
     with pytest.raises(ConfigError, match="could not read 'hf:"):
         data.load_corpus(RunConfig(dataset=f"hf:{tmp_path}/nothing-here"))
+
+
+def test_extractive_baselines_per_aspect_and_the_best_of_them():
+    from flhf_core.metrics import baseline_scores, by_aspect, first_sentence, rouge
+
+    abstract = "We study cats. We use dogs. Cats win."
+    examples = [
+        data.Example("d1", "challenge", abstract, "we study cats"),
+        data.Example("d1", "outcome", abstract, "cats win"),
+        data.Example("d2", "outcome", "Birds fly. Fish swim.", "fish swim"),
+    ]
+    abstracts = {"d1": abstract, "d2": "Birds fly. Fish swim."}
+    assert first_sentence(abstract) == "We study cats."
+    scores = baseline_scores(examples, abstracts, k=3)
+    assert scores["baseline-first-sentence-rougeL-challenge"] == pytest.approx(100.0)
+    assert scores["baseline-last-sentence-rougeL-outcome"] == pytest.approx(100.0)
+    assert scores["baseline-lead3-rougeL-challenge"] == pytest.approx(100.0)  # "We study cats."
+    # the best rule per aspect: first sentence (or lead-3) for challenge, last sentence for outcome
+    assert scores["baseline-best-per-aspect-rougeL"] == pytest.approx(100.0)
+    overall = rouge(["We study cats.", "Cats win.", "Fish swim."], [e.summary for e in examples])
+    assert scores["baseline-last-sentence-rougeL"] < overall["rougeL"] == pytest.approx(100.0)
+    per_aspect = by_aspect(examples, ["cats", "cats win", "nothing here"])
+    assert set(per_aspect) == {"rougeL-challenge", "rougeL-outcome"}
+    assert per_aspect["rougeL-outcome"] == pytest.approx(
+        rouge(["cats win", "nothing here"], ["cats win", "fish swim"])["rougeL"]
+    )
