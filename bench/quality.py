@@ -12,8 +12,9 @@ partitioning, 5 supervised then 3 feedback rounds) for 3 seeds, one ``flhf run``
   alone, with the best algorithm's feedback), ``centralized`` (one learner with every user's
   data, supervised only) and ``centralized/<best>`` (with every user's feedback);
 * FedAvg with each feedback algorithm (``<algorithm>/none/none``);
-* the best algorithm (highest mean reward over seeds) with each reward weighting, q-FedAvg
-  included (``<best>/<weighting>/none``), and with each personalization (``<best>/none/<mode>``).
+* the best algorithm with each reward weighting, q-FedAvg included (``<best>/<weighting>/none``),
+  and with each personalization (``<best>/none/<mode>``). The best is chosen on the users'
+  fresh reward documents (:func:`selection_score`), never on the held-out documents reported.
 
 Every figure is read from the run's ``judgements.json``: each user's true utility of its
 model's greedy summary of each held-out document (the personalized model where there is one:
@@ -51,7 +52,7 @@ from common import PROJECT_DIR, RESULTS_DIR, commit, machine
 from flhf_core.config import RunConfig
 from flhf_core.feedback import paired_win_rate
 from flhf_core.profiles import build_profile
-from flhf_core.tracking import atomic_write_json
+from flhf_core.tracking import atomic_write_json, read_metrics
 
 PRESET = "reinforce"
 SEEDS = (0, 1, 2)
@@ -84,7 +85,8 @@ def methods() -> dict[str, list[str]]:
 def user_lists(judgements: dict, key: str) -> dict[str, list[float]]:
     """Each user's per-document ``key`` of the model the user uses (its personalized one if any)."""
     return {
-        user: figures.get(f"{key}-personal", figures[key]) for user, figures in judgements["users"].items()
+        user: figures[f"{key}-personal"] if f"{key}-personal" in figures else figures[key]
+        for user, figures in judgements["users"].items()
     }
 
 
@@ -104,11 +106,22 @@ def win_rate(method: dict[str, list[float]], baseline: dict[str, list[float]], c
     )
 
 
-def run_figures(run_dir: Path, baseline_dir: Path | None) -> dict[str, float]:
-    """The row's figures (see the module docstring); win-rate needs the baseline's run."""
+def checked_judgements(run_dir: Path) -> tuple[dict, dict, RunConfig]:
+    """judgements.json, summary.json and the config of a finished run, checked: the judgements
+    are the final model's, and every user's (a missing user would flatter the worst-user figure)."""
     judged = json.loads((run_dir / "judgements.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     config = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
+    if judged["round"] != config.num_server_rounds:
+        raise ValueError(f"{run_dir}: judgements of round {judged['round']}, not of the final model")
+    if sorted(map(int, judged["users"])) != list(range(config.min_available_nodes)):
+        raise ValueError(f"{run_dir}: judgements of users {sorted(judged['users'])}, not of every user")
+    return judged, summary, config
+
+
+def run_figures(run_dir: Path, baseline_dir: Path | None) -> dict[str, float]:
+    """The row's figures (see the module docstring); win-rate needs the baseline's run."""
+    judged, summary, config = checked_judgements(run_dir)
     utility = user_lists(judged, "judged-utility")
     means = [float(np.mean(u)) for u in utility.values()]
     figures = {
@@ -118,14 +131,19 @@ def run_figures(run_dir: Path, baseline_dir: Path | None) -> dict[str, float]:
         "rougeL": 100.0 * float(np.mean([np.mean(c) for c in user_lists(judged, "judged-content").values()])),
         "bytes": (summary["bytes-up"] + summary["bytes-down"]) / max(summary["rounds"], 1),
     }
-    if any("judged-utility-personal" in f for f in judged["users"].values()):  # the global model too
+    if all({"judged-utility", "judged-utility-personal"} <= set(f) for f in judged["users"].values()):
         shared = {user: f["judged-utility"] for user, f in judged["users"].items()}
         figures["reward-global"] = float(np.mean([np.mean(u) for u in shared.values()]))
         figures["personalized-vs-global-worst"] = float(
             min(np.mean(utility[u]) / max(np.mean(shared[u]), 1e-9) for u in utility)
         )
     if baseline_dir is not None:
-        baseline = user_lists(json.loads((baseline_dir / "judgements.json").read_text()), "judged-utility")
+        theirs, _, _ = checked_judgements(baseline_dir)
+        if {u: f["doc-ids"] for u, f in theirs["users"].items()} != {
+            u: f["doc-ids"] for u, f in judged["users"].items()
+        }:
+            raise ValueError(f"{run_dir} and {baseline_dir} judged different documents: no paired win rate")
+        baseline = user_lists(theirs, "judged-utility")
         figures["win-rate"] = win_rate(utility, baseline, config)
     return figures
 
@@ -171,14 +189,26 @@ def run_one(results_dir: Path, method: str, items: list[str], seed: int) -> None
     print(f"{method} seed {seed}: {seconds:.0f} s", flush=True)
 
 
+def selection_score(run_dir: Path) -> float:
+    """What picks the best algorithm, never the held-out documents the table reports on: the
+    users' mean reward of their updated models on their own fresh reward documents (the train
+    replies' ``reward``), over the feedback rounds."""
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    rewards = [r["train-reward"] for r in rows if r["scope"] == "server" and r["phase"] == "feedback"]
+    if not rewards:
+        raise ValueError(f"{run_dir} has no feedback round to select on")
+    return float(np.mean(rewards))
+
+
 def best_algorithm(results_dir: Path, seeds: tuple[int, ...]) -> str | None:
-    """The feedback algorithm with the highest mean reward over seeds, once all its runs are in."""
+    """The feedback algorithm with the highest mean :func:`selection_score` over seeds, once all
+    its runs are in."""
     means = {}
     for algorithm in ALGORITHMS:
         dirs = [results_dir / slug(f"{algorithm}/none/none") / f"seed-{s}" for s in seeds]
         if not all(completed(d) for d in dirs):
             return None
-        means[algorithm] = np.mean([run_figures(d, None)["reward"] for d in dirs])
+        means[algorithm] = np.mean([selection_score(d) for d in dirs])
     return max(means, key=means.get)
 
 

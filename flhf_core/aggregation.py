@@ -40,8 +40,8 @@ def client_weights(
     * ``gain``:    w_k ∝ n_k * max(r_k - b_k, 0)          (no positive gain: FedAvg)
     * ``history``: w_k ∝ n_k * exp(-r_k / |T|)            r_k: the user's reward *history*
       (the mean reward of the models it received so far, :func:`reward_history_means`): the
-      users the federation has served worst weigh most, as in history-based fairness
-      weighting (APPA, 2026); noise in one round's reward averages out.
+      users the federation has served worst weigh most, as in weighting by reward history
+      (APPA, 2026); noise in one round's reward averages out.
 
     then no share exceeds ``max_weight`` (:func:`cap_shares`).
     """

@@ -280,10 +280,10 @@ def only_trainable(model: PreTrainedModel, names: frozenset[str]) -> Iterator[No
 def local_feedback(session: UserSession) -> dict[str, float]:
     config = session.config
     feedback = FeedbackConfig.from_run_config(config)
-    if (
-        config.mode == "centralized"
-    ):  # one learner, every user's feedback: all users' steps, one after another
-        feedback = replace(feedback, steps=feedback.steps * session.num_users)
+    if config.mode == "centralized":
+        # one learner: the steps of every user a federated round samples, one after another
+        sampled = max(1, int(session.num_users * config.fraction_train))
+        feedback = replace(feedback, steps=feedback.steps * sampled)
     if not session.data.feedback:
         raise ValueError(f"user {session.user} holds no documents to give feedback on")
     update = FEEDBACK_ALGORITHMS[config.feedback_algorithm]

@@ -228,8 +228,8 @@ class RunConfig:
 
     def weighting(self, phase: str) -> str:
         """The reward weighting of a round of ``phase``: supervised rounds are plain FedAvg
-        unless ``reward-weighting-rounds = all`` (q-FedAvg, a fairness method, weights every round)."""
-        if self.reward_weighting == "qfedavg" or self.reward_weighting_rounds == "all" or phase != "sft":
+        unless ``reward-weighting-rounds = all``."""
+        if self.reward_weighting_rounds == "all" or phase != "sft":
             return self.reward_weighting
         return "none"
 
@@ -302,6 +302,16 @@ class RunConfig:
                     f"reward-weighting: {self.reward_weighting!r} needs an average of users' models, and "
                     f"mode={self.mode!r} has none; use 'none'."
                 )
+        if (
+            self.reward_weighting != "none"
+            and self.reward_weighting_rounds == "feedback"
+            and self.phase(self.num_server_rounds) == "sft"
+        ):
+            raise ConfigError(
+                f"reward-weighting: {self.reward_weighting!r} weights feedback rounds only "
+                "(reward-weighting-rounds = 'feedback'), and this run has none; use reward-weighting = "
+                "'none', or reward-weighting-rounds = 'all' to weight supervised rounds."
+            )
         unknown = [t for t in self.trackers if t not in TRACKERS]
         if unknown or not self.tracking.strip():
             raise ConfigError(

@@ -312,6 +312,7 @@ class Federation:
         row = {
             **train_columns(train_metrics or {}),
             "clients": len(train_report.user_metrics),
+            "aggregation-step": train_report.step,
             "failures": train_report.failures,
             **traffic,
         }

@@ -69,6 +69,7 @@ class RoundReport:
     user_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     user_lists: dict[int, dict[str, list[float]]] = field(default_factory=dict)  # per-document figures
     weights: dict[int, float] = field(default_factory=dict)
+    step: float = 1.0  # how far the average moves from the global model (below 1: q-FFL's step)
     rejected: list[Rejection] = field(default_factory=list)
 
     @property

@@ -34,7 +34,7 @@ from .protocol import (
     TOKENIZER_JSON,
     TOKENIZER_SHA256,
 )
-from .strategy import FeedbackFedAvg
+from .strategy import REWARD_SHORTFALL, FeedbackFedAvg
 
 # What every run plots (plots/<key>.png): quality, the users' reward and its factors, time
 PLOTTED = (
@@ -126,6 +126,7 @@ def build_strategy(config: RunConfig) -> FeedbackFedAvg:
         sampling_seed=config.seed,
         q=config.qffl_q,
         client_learning_rate=config.learning_rate,
+        train_loss_key=REWARD_SHORTFALL,
         train_users=(LEARNER,) if config.mode == "centralized" else None,
     )
 

@@ -49,6 +49,8 @@ from .replies import (
     signature_problem,
 )
 
+REWARD_SHORTFALL = "reward-shortfall"  # qfedavg's loss: 1 - the reply's reward-before
+
 
 class FeedbackFedAvg(FedAvg):
     """FedAvg with reward-aware client weights and screened replies.
@@ -74,7 +76,10 @@ class FeedbackFedAvg(FedAvg):
         Seconds to wait for ``min_available_nodes`` before giving up.
     q, client_learning_rate, train_loss_key :
         ``qfedavg``: the fairness exponent, the clients' learning rate (L = 1 / it) and the
-        reply's train-loss key, as Flower's ``QFedAvg`` names them.
+        reply's loss key F_k, as Flower's ``QFedAvg`` names them. FLHF's ServerApp sets the
+        key to ``reward-shortfall``: F_k = 1 - reward-before, the received model's shortfall
+        on the user's fresh documents (bounded in [0, 1], meaningful in feedback rounds,
+        where a policy-gradient surrogate "loss" is near 0 or negative).
     train_users : Collection[int] | None
         Only these users train (centralized mode: one learner); None = sample every user.
 
@@ -133,7 +138,9 @@ class FeedbackFedAvg(FedAvg):
             "none": (),
             "gain": (self.reward_key, f"{self.reward_key}-before"),
             "history": (f"{self.reward_key}-before",),
-            "qfedavg": (self.train_loss_key,),
+            "qfedavg": (f"{self.reward_key}-before",)
+            if self.train_loss_key == REWARD_SHORTFALL
+            else (self.train_loss_key,),
         }.get(self.reward_weighting, (self.reward_key,))
 
     # ------------------------------------------------------------------
@@ -158,18 +165,20 @@ class FeedbackFedAvg(FedAvg):
         """Seeded sample of connected nodes; waits at most ``node_wait_timeout``.
 
         When every connected node's user is known, the sample is drawn over user ids, so
-        it does not depend on the node ids Flower drew for this run.
+        it does not depend on the node ids Flower drew for this run. With ``train_users``
+        only those users train (an unidentified learner is an error, never a random node).
         """
         nodes = self.wait_for_nodes(grid, minimum)
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
         rng = random.Random(f"{self.sampling_seed}/{phase}/{server_round}")
+        if phase == MessageType.TRAIN and self.train_users is not None:
+            node_of = {self.node_users[node]: node for node in nodes if node in self.node_users}
+            missing = sorted(set(self.train_users) - set(node_of))
+            if missing:
+                raise TimeoutError(f"the learner(s) {missing} have not said which node serves them")
+            return sorted(node_of[user] for user in self.train_users)
         if all(node in self.node_users for node in nodes):
             node_of = {self.node_users[node]: node for node in nodes}
-            if phase == MessageType.TRAIN and self.train_users is not None:
-                missing = sorted(set(self.train_users) - set(node_of))
-                if missing:
-                    raise TimeoutError(f"the learner(s) {missing} are not connected")
-                return sorted(node_of[user] for user in self.train_users)
             return sorted(node_of[user] for user in rng.sample(sorted(node_of), size))
         return sorted(rng.sample(nodes, size))
 
@@ -232,7 +241,7 @@ class FeedbackFedAvg(FedAvg):
             if reply.has_error():
                 reason = f"error reply: {reply.error.reason}"
             else:
-                user_id, reason = self._check_content(reply.content, expected, node_id)
+                user_id, reason = self._check_content(reply.content, expected, node_id, phase)
                 if reason is None and user_id in valid:
                     reason = f"duplicate reply for user {user_id}"
             if reason is None:
@@ -257,7 +266,7 @@ class FeedbackFedAvg(FedAvg):
         )
 
     def _check_content(
-        self, content: RecordDict, expected: Signature | None, node_id: int
+        self, content: RecordDict, expected: Signature | None, node_id: int, phase: str
     ) -> tuple[int, str | None]:
         """The reply's user (its user record, else the node's known user, else the node id) and
         why the reply is unusable (None if it is usable)."""
@@ -272,7 +281,9 @@ class FeedbackFedAvg(FedAvg):
         if metrics is None:
             others = [k for k in content.metric_records if k != EVALUATION]
             return user_id, f"expected one MetricRecord (besides '{EVALUATION}'), got {len(others)}"
-        problem = self._metrics_problem(metrics, self.required_metrics)
+        # what the weighting needs is required of training replies only: an evaluation has no update to weigh
+        required = self.required_metrics if phase == MessageType.TRAIN else ()
+        problem = self._metrics_problem(metrics, required)
         if problem:
             return user_id, problem
         if expected is None:
@@ -369,6 +380,7 @@ class FeedbackFedAvg(FedAvg):
         if self.reward_weighting == "qfedavg":  # q-FFL's step keeps the rest on the global model
             sent = self._sent_arrays(server_round)
             arrays = weighted_average([sent, arrays], [1.0 - float(sum(weights)), 1.0])
+            report.step = float(sum(weights))
         aggregated = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         self._global_signature = signature(aggregated)
         return aggregated, self._average_metrics([own_metrics(c) for c in contents], counts)
@@ -386,7 +398,10 @@ class FeedbackFedAvg(FedAvg):
             squared_distance({k: a.numpy() for k, a in next(iter(c.array_records.values())).items()}, sent)
             for c in contents
         ]
-        losses = [self._metric(c, self.train_loss_key) for c in contents]
+        if self.train_loss_key == REWARD_SHORTFALL:
+            losses = [1.0 - self._metric(c, f"{self.reward_key}-before") for c in contents]
+        else:
+            losses = [self._metric(c, self.train_loss_key) for c in contents]
         return qffl_shares(distances, losses, self.q, self.client_learning_rate)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

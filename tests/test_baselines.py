@@ -65,6 +65,9 @@ def test_local_only_sends_nothing_and_each_user_keeps_its_own_model(runs):
         r for r in read_metrics(run_dir / "metrics.jsonl") if r["scope"] == "client" and r["round"] == 2
     ]
     assert {r["client"] for r in user_rows} == {0, 1} and all("reward" in r for r in user_rows)
+    # round 2 builds on each user's own round-1 model, not on a fresh one
+    assert all(r["train-state-from-context"] == 1.0 for r in user_rows if "train-state-from-context" in r)
+    assert sum("train-state-from-context" in r for r in user_rows) == 2
 
 
 def test_centralized_has_one_learner_holding_every_users_data_and_every_user_evaluates(runs):

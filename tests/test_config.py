@@ -149,11 +149,14 @@ def test_launcher_resolves_a_relative_profile_file(tmp_path, monkeypatch):
 
 
 def test_reward_weighting_applies_to_feedback_rounds_unless_all():
-    softmax = RunConfig.from_mapping({"reward-weighting": "softmax"})
+    feedback = {"feedback-algorithm": "reinforce", "sft-rounds": 5}
+    softmax = RunConfig.from_mapping({**feedback, "reward-weighting": "softmax"})
     assert (softmax.weighting("sft"), softmax.weighting("feedback")) == ("none", "softmax")
     everywhere = softmax.replace(**{"reward-weighting-rounds": "all"})
     assert everywhere.weighting("sft") == "softmax"
-    assert RunConfig.from_mapping({"reward-weighting": "qfedavg"}).weighting("sft") == "qfedavg"
+    assert RunConfig.from_mapping({**feedback, "reward-weighting": "qfedavg"}).weighting("sft") == "none"
+    with pytest.raises(ConfigError, match="feedback rounds only"):  # the default sft run has none
+        RunConfig.from_mapping({"reward-weighting": "softmax", "feedback-algorithm": "sft"})
 
 
 @pytest.mark.parametrize("mode", ["local-only", "centralized"])

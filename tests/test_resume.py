@@ -130,6 +130,13 @@ def test_a_run_killed_after_round_2_of_4_resumes_to_the_uninterrupted_metrics_an
     assert_same_rows(read_metrics(run_dir / "metrics.jsonl"), read_metrics(reference / "metrics.jsonl"))
     for name in ("model/model.safetensors", "checkpoints/latest/model.safetensors"):
         assert (run_dir / name).read_bytes() == (reference / name).read_bytes(), name
+    history = [
+        json.loads((d / "checkpoints" / "latest" / "state.json").read_text())["strategy"]["reward-history"]
+        for d in (run_dir, reference)
+    ]
+    assert history[0].keys() == history[1].keys() == {"0", "1"}
+    for user, rewards in history[1].items():  # every round's reward, the ones before the kill restored
+        assert len(rewards) == 4 and history[0][user] == pytest.approx(rewards, rel=1e-6)
     for user in (0, 1):  # each user's adapter ends where the uninterrupted run's does
         state = f"users/user-{user}/{personal.STATE_FILE}"
         got, want = load_file(run_dir / state), load_file(reference / state)

@@ -316,3 +316,22 @@ def test_history_weighting_accumulates_each_users_received_reward(round_one):
     second = strategy.reports[(2, MessageType.TRAIN)].weights
     # user 0's history averages to the others' 0.3: equal weights (this round alone would weigh it least)
     assert second[0] == pytest.approx(second[1])
+
+
+@pytest.mark.parametrize("weighting", ["gain", "history", "qfedavg"])
+def test_an_evaluation_reply_needs_no_reward_before(flower_identity, weighting):
+    """The weighting's required metrics are asked of training replies only (an evaluate reply
+    carries no update, so no reward-before): the final model's evaluation is never rejected."""
+    strategy = FeedbackFedAvg(min_available_nodes=1, reward_weighting=weighting)
+    grid = FakeGrid([11, 12])
+    sent = list(strategy.configure_evaluate(2, global_arrays(), ConfigRecord(), grid))
+    for message in sent:
+        message.metadata.__dict__["_message_id"] = message.object_id
+    metrics = MetricRecord({"num-examples": 4, "reward": 0.2})
+    replies = [
+        Message(RecordDict({"metrics": metrics, USER_RECORD: ConfigRecord({USER_ID: i})}), reply_to=m)
+        for i, m in enumerate(sent)
+    ]
+    averaged = strategy.aggregate_evaluate(2, replies)
+    assert averaged is not None and averaged["reward"] == pytest.approx(0.2)
+    assert not strategy.reports[(2, MessageType.EVALUATE)].rejected

@@ -1,0 +1,81 @@
+"""bench/quality.py's figures, from hand-written run folders (no run needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from flhf_core.config import RunConfig
+from flhf_core.profiles import build_profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import quality
+
+DOCS = {"0": ["a", "b"], "1": ["c", "d"]}
+
+
+def fake_run(folder: Path, users: dict[str, dict], rounds: int = 2, **config) -> Path:
+    folder.mkdir(parents=True)
+    mapping = RunConfig.from_mapping({"num-server-rounds": rounds, **config}).to_mapping()
+    (folder / "config.json").write_text(json.dumps(mapping))
+    (folder / "summary.json").write_text(json.dumps({"bytes-up": 300, "bytes-down": 100, "rounds": rounds}))
+    payload = {u: {"doc-ids": DOCS[u], **figures} for u, figures in users.items()}
+    (folder / "judgements.json").write_text(json.dumps({"round": rounds, "users": payload}))
+    return folder
+
+
+def test_figures_and_the_paired_win_rate_by_hand(tmp_path):
+    baseline = fake_run(
+        tmp_path / "sft",
+        {
+            "0": {"judged-utility": [0.2, 0.2], "judged-content": [0.3, 0.3]},
+            "1": {"judged-utility": [0.1, 0.1], "judged-content": [0.2, 0.2]},
+        },
+    )
+    method = fake_run(  # local-head: the personalized lists only
+        tmp_path / "method",
+        {
+            "0": {"judged-utility-personal": [0.3, 0.2], "judged-content-personal": [0.4, 0.2]},
+            "1": {"judged-utility-personal": [0.1, 0.0], "judged-content-personal": [0.1, 0.1]},
+        },
+    )
+    figures = quality.run_figures(method, baseline)
+    assert figures["reward"] == pytest.approx((0.25 + 0.05) / 2)
+    assert figures["reward-worst"] == pytest.approx(0.05)
+    assert figures["rougeL"] == pytest.approx(100 * (0.3 + 0.1) / 2)
+    assert figures["bytes"] == pytest.approx(200)
+    config = RunConfig.from_mapping({})
+    t = [
+        build_profile(u, config.user_profiles, config.aspects, config.seed).preference_temperature
+        for u in (0, 1)
+    ]
+
+    def sigmoid(z):
+        return 1 / (1 + math.exp(-z))
+
+    user0 = (sigmoid(0.1 / t[0]) + 0.5) / 2
+    user1 = (0.5 + sigmoid(-0.1 / t[1])) / 2
+    assert figures["win-rate"] == pytest.approx((user0 + user1) / 2)
+    assert quality.run_figures(baseline, baseline)["win-rate"] == pytest.approx(0.5)
+
+
+def test_judgements_that_cannot_be_compared_are_refused(tmp_path):
+    lists = {"judged-utility": [0.2, 0.2], "judged-content": [0.3, 0.3]}
+    complete = fake_run(tmp_path / "complete", {"0": lists, "1": lists})
+    missing_user = fake_run(tmp_path / "missing", {"0": lists})
+    with pytest.raises(ValueError, match="not of every user"):
+        quality.run_figures(missing_user, None)
+    stale = fake_run(tmp_path / "stale", {"0": lists, "1": lists}, rounds=3)
+    (stale / "judgements.json").write_text(json.dumps({"round": 2, "users": {}}))
+    with pytest.raises(ValueError, match="not of the final model"):
+        quality.run_figures(stale, None)
+    other_docs = fake_run(tmp_path / "other", {"0": lists, "1": lists})
+    payload = json.loads((other_docs / "judgements.json").read_text())
+    payload["users"]["1"]["doc-ids"] = ["x", "y"]
+    (other_docs / "judgements.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="different documents"):
+        quality.run_figures(other_docs, complete)
