@@ -238,9 +238,12 @@ def missing(results_dir: Path, seeds: tuple[int, ...], best: str | None) -> tupl
 
 
 def run_matrix(results_dir: Path, seeds: tuple[int, ...]) -> None:
-    """Every missing run: first those that need no best algorithm (they decide it), then the rest."""
-    for _ in range(2):
+    """Every missing run: first those that need no best algorithm (they decide it), then the rest,
+    until nothing that can be named is left (a failed run stops the matrix: its error shows)."""
+    while True:
         todo, _waiting = missing(results_dir, seeds, best_algorithm(results_dir, seeds))
+        if not todo:
+            return
         for number, (name, overrides, seed) in enumerate(todo, start=1):
             print(f"[{number}/{len(todo)}] ", end="", flush=True)
             run_one(results_dir, name, overrides, seed)
