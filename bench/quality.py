@@ -64,18 +64,24 @@ BEST = "{best}"  # stands for the best algorithm until the algorithm rows are in
 
 
 def methods() -> dict[str, list[str]]:
-    """Method name -> the ``flhf run`` overrides on the preset (``{best}``: the best algorithm)."""
+    """Method name -> the ``flhf run`` overrides on the preset (``{best}``: the best algorithm),
+    in the order they run: those that decide the best algorithm first, then the comparisons
+    the targets need most."""
+    best = f"feedback-algorithm={BEST}"
     table = {
         BASELINE: ["feedback-algorithm=sft"],
         **{f"{a}/none/none": [f"feedback-algorithm={a}"] for a in ALGORITHMS},
-        "local-only": ["mode=local-only", f"feedback-algorithm={BEST}"],
         "centralized": ["mode=centralized", "feedback-algorithm=sft"],
-        f"centralized/{BEST}": ["mode=centralized", f"feedback-algorithm={BEST}"],
+        f"{BEST}/none/lora": [best, "personalization=lora"],
     }
+    for weighting in ("history", "softmax", "qfedavg"):
+        table[f"{BEST}/{weighting}/none"] = [best, f"reward-weighting={weighting}"]
+    table["local-only"] = ["mode=local-only", best]
+    table[f"centralized/{BEST}"] = ["mode=centralized", best]
     for weighting in WEIGHTINGS:
-        table[f"{BEST}/{weighting}/none"] = [f"feedback-algorithm={BEST}", f"reward-weighting={weighting}"]
+        table.setdefault(f"{BEST}/{weighting}/none", [best, f"reward-weighting={weighting}"])
     for mode in PERSONALIZATIONS:
-        table[f"{BEST}/none/{mode}"] = [f"feedback-algorithm={BEST}", f"personalization={mode}"]
+        table.setdefault(f"{BEST}/none/{mode}", [best, f"personalization={mode}"])
     return table
 
 
