@@ -323,8 +323,8 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "reward-global",
         ):
             values = [r[key] for r in mine if r.get(key) is not None]
-            if values:
-                entry[key], entry[f"{key}-std"] = mean_std(values)
+            if values:  # "<key>-over-seeds": the spread over seeds ("reward-std" is across users)
+                entry[key], entry[f"{key}-over-seeds"] = mean_std(values)
         paired = [r for r in mine if r["seed"] in baseline]
         entry["beats-fedavg-sft"] = sum(r["reward"] > baseline[r["seed"]] for r in paired)
         entry["paired-seeds"] = len(paired)
@@ -383,7 +383,7 @@ def markdown(table: dict[str, dict[str, Any]]) -> str:
     def cell(entry: dict[str, Any], key: str, digits: int) -> str:
         if key not in entry:
             return "–"
-        spread = entry.get(f"{key}-std", 0.0)
+        spread = entry.get(f"{key}-over-seeds", 0.0)
         return f"{entry[key]:.{digits}f} ± {spread:.{digits}f}"
 
     lines = [

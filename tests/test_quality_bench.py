@@ -79,3 +79,15 @@ def test_judgements_that_cannot_be_compared_are_refused(tmp_path):
     (other_docs / "judgements.json").write_text(json.dumps(payload))
     with pytest.raises(ValueError, match="different documents"):
         quality.run_figures(other_docs, complete)
+
+
+def test_the_spread_over_seeds_is_not_the_spread_across_users():
+    rows = [
+        {"method": "m", "seed": s, "reward": r, "reward-std": 0.5, "seconds": 1.0}
+        for s, r in ((0, 0.1), (1, 0.3))
+    ]
+    entry = quality.aggregate(rows)["m"]
+    assert entry["reward"] == pytest.approx(0.2) and entry["reward-over-seeds"] == pytest.approx(
+        0.1414, abs=1e-4
+    )
+    assert entry["reward-std"] == pytest.approx(0.5)  # the mean spread across users, kept apart
