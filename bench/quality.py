@@ -29,17 +29,25 @@ the model the user uses). Nothing there steers training. Per run (and seed):
 * ``bytes``: bytes up and down per round; ``seconds``: the run's wall time here;
 * ``command``: the ``flhf run`` command line that reproduces the row.
 
-Resumable: a run whose folder holds a completed ``summary.json`` is kept; an interrupted one
-is moved aside and run again. Run it under ``nohup``: the whole matrix takes hours on 2 cores
-(``--plan`` says how many, from the runs finished so far). Writes
-``bench/results/quality.json`` (one object per method and seed), ``quality-summary.json``
-(means, spreads, targets) and prints the Markdown table that BENCHMARKS.md quotes.
+Each run goes to a scratch folder (``--results-dir``: models, checkpoints, logs). What the
+figures are computed from is kept in ``bench/results/quality-runs/<method>/seed-<n>/``, a few
+small JSON files that are committed: ``judgements.json`` (every user's per-document utility and
+ROUGE-L), ``summary.json``, ``config.json`` and ``bench.json`` (wall time, command, commit and
+the selection score). So the table can be recomputed, audited and extended on any clone, and a
+matrix spread over several machines loses nothing when one goes away.
+
+Resumable: a run with kept evidence is never run again; an interrupted one is moved aside and
+run again. Run it under ``nohup``: the whole matrix takes hours on 2 cores (``--plan`` says
+how many, from the runs finished so far). Writes ``bench/results/quality.json`` (one object per
+method and seed), ``quality-summary.json`` (means, spreads, targets) and prints the Markdown
+table that BENCHMARKS.md quotes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -61,6 +69,8 @@ WEIGHTINGS = ("linear", "softmax", "gain", "history", "qfedavg")
 PERSONALIZATIONS = ("lora", "local-head")
 BASELINE = "fedavg-sft"
 BEST = "{best}"  # stands for the best algorithm until the algorithm rows are in
+EVIDENCE_DIR = RESULTS_DIR / "quality-runs"
+EVIDENCE_FILES = ("judgements.json", "summary.json", "config.json")
 
 
 def methods() -> dict[str, list[str]]:
@@ -162,12 +172,12 @@ def slug(method: str) -> str:
 
 
 def completed(run_dir: Path) -> bool:
+    """Whether ``run_dir`` (a run's kept evidence) holds a completed run's files."""
     summary = run_dir / "summary.json"
     return (
         summary.is_file()
         and json.loads(summary.read_text()).get("status") == "completed"
-        and (run_dir / "judgements.json").is_file()
-        and (run_dir / "bench.json").is_file()
+        and all((run_dir / name).is_file() for name in (*EVIDENCE_FILES, "bench.json"))
     )
 
 
@@ -175,8 +185,18 @@ def command_line(items: list[str], seed: int) -> str:
     return " ".join(["flhf", "run", PRESET, *items, f"seed={seed}"])
 
 
-def run_one(results_dir: Path, method: str, items: list[str], seed: int) -> None:
-    """Run one configuration (moving an interrupted attempt aside) and record its wall time."""
+def keep_evidence(run_dir: Path, evidence: Path, bench: dict[str, Any]) -> None:
+    """Copy what the figures are computed from into ``evidence``; ``bench.json`` last, so a
+    folder with it is whole."""
+    evidence.mkdir(parents=True, exist_ok=True)
+    for name in EVIDENCE_FILES:
+        shutil.copyfile(run_dir / name, evidence / name)
+    atomic_write_json(evidence / "bench.json", bench)
+
+
+def run_one(results_dir: Path, evidence_dir: Path, method: str, items: list[str], seed: int) -> None:
+    """Run one configuration in the scratch folder (moving an interrupted attempt aside), then
+    keep its evidence with its wall time and selection score."""
     run_dir = results_dir / slug(method) / f"seed-{seed}"
     if run_dir.exists():
         attempts = len(list(run_dir.parent.glob(f"{run_dir.name}.interrupted-*")))
@@ -188,33 +208,39 @@ def run_one(results_dir: Path, method: str, items: list[str], seed: int) -> None
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=PROJECT_DIR)
     seconds = time.perf_counter() - started
-    atomic_write_json(
-        run_dir / "bench.json",
-        {"seconds": seconds, "command": command_line(items, seed), "commit": commit(), "machine": machine()},
-    )
+    bench = {
+        "seconds": seconds,
+        "command": command_line(items, seed),
+        "commit": commit(),
+        "machine": machine(),
+    }
+    if json.loads((run_dir / "config.json").read_text())["feedback-algorithm"] != "sft":
+        bench["selection-score"] = selection_score(read_metrics(run_dir / "metrics.jsonl"))
+    keep_evidence(run_dir, evidence_dir / slug(method) / f"seed-{seed}", bench)
     print(f"{method} seed {seed}: {seconds:.0f} s", flush=True)
 
 
-def selection_score(run_dir: Path) -> float:
+def selection_score(rows: list[dict[str, Any]]) -> float:
     """What picks the best algorithm, never the held-out documents the table reports on: the
     users' mean reward of their updated models on their own fresh reward documents (the train
-    replies' ``reward``), over the feedback rounds."""
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    replies' ``reward``), over the feedback rounds of a run's metrics ``rows``."""
     rewards = [r["train-reward"] for r in rows if r["scope"] == "server" and r["phase"] == "feedback"]
     if not rewards:
-        raise ValueError(f"{run_dir} has no feedback round to select on")
+        raise ValueError("no feedback round to select on")
     return float(np.mean(rewards))
 
 
-def best_algorithm(results_dir: Path, seeds: tuple[int, ...]) -> str | None:
+def best_algorithm(evidence_dir: Path, seeds: tuple[int, ...]) -> str | None:
     """The feedback algorithm with the highest mean :func:`selection_score` over seeds, once all
     its runs are in."""
     means = {}
     for algorithm in ALGORITHMS:
-        dirs = [results_dir / slug(f"{algorithm}/none/none") / f"seed-{s}" for s in seeds]
+        dirs = [evidence_dir / slug(f"{algorithm}/none/none") / f"seed-{s}" for s in seeds]
         if not all(completed(d) for d in dirs):
             return None
-        means[algorithm] = np.mean([selection_score(d) for d in dirs])
+        means[algorithm] = np.mean(
+            [json.loads((d / "bench.json").read_text())["selection-score"] for d in dirs]
+        )
     return max(means, key=means.get)
 
 
@@ -226,7 +252,7 @@ def resolve(method: str, items: list[str], best: str | None) -> tuple[str, list[
     return method.replace(BEST, best), [i.replace(BEST, best) for i in items]
 
 
-def missing(results_dir: Path, seeds: tuple[int, ...], best: str | None) -> tuple[list, int]:
+def missing(evidence_dir: Path, seeds: tuple[int, ...], best: str | None) -> tuple[list, int]:
     """The runs still to do that can be named now, and how many wait for the best algorithm."""
     todo, waiting = [], 0
     for method, items in methods().items():
@@ -238,28 +264,28 @@ def missing(results_dir: Path, seeds: tuple[int, ...], best: str | None) -> tupl
         todo += [
             (name, overrides, seed)
             for seed in seeds
-            if not completed(results_dir / slug(name) / f"seed-{seed}")
+            if not completed(evidence_dir / slug(name) / f"seed-{seed}")
         ]
     return todo, waiting
 
 
-def run_matrix(results_dir: Path, seeds: tuple[int, ...]) -> None:
+def run_matrix(results_dir: Path, evidence_dir: Path, seeds: tuple[int, ...]) -> None:
     """Every missing run: first those that need no best algorithm (they decide it), then the rest,
     until nothing that can be named is left (a failed run stops the matrix: its error shows)."""
     while True:
-        todo, _waiting = missing(results_dir, seeds, best_algorithm(results_dir, seeds))
+        todo, _waiting = missing(evidence_dir, seeds, best_algorithm(evidence_dir, seeds))
         if not todo:
             return
         for number, (name, overrides, seed) in enumerate(todo, start=1):
             print(f"[{number}/{len(todo)}] ", end="", flush=True)
-            run_one(results_dir, name, overrides, seed)
+            run_one(results_dir, evidence_dir, name, overrides, seed)
 
 
-def plan(results_dir: Path, seeds: tuple[int, ...]) -> None:
-    todo, waiting = missing(results_dir, seeds, best_algorithm(results_dir, seeds))
+def plan(evidence_dir: Path, seeds: tuple[int, ...]) -> None:
+    todo, waiting = missing(evidence_dir, seeds, best_algorithm(evidence_dir, seeds))
     for name, overrides, seed in todo:
         print(f"to run: {command_line(overrides, seed)}   ({name})")
-    done = [json.loads(p.read_text())["seconds"] for p in results_dir.glob("*/seed-*/bench.json")]
+    done = [json.loads(p.read_text())["seconds"] for p in evidence_dir.glob("*/seed-*/bench.json")]
     per_run = float(np.mean(done)) if done else float("nan")
     left = len(todo) + waiting
     print(
@@ -272,9 +298,9 @@ def plan(results_dir: Path, seeds: tuple[int, ...]) -> None:
 # --------------------------------------------------------------------------
 # The table
 # --------------------------------------------------------------------------
-def collect(results_dir: Path, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+def collect(evidence_dir: Path, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
     """One row per finished method and seed (quality.json)."""
-    best = best_algorithm(results_dir, seeds)
+    best = best_algorithm(evidence_dir, seeds)
     rows = []
     for method, items in methods().items():
         resolved = resolve(method, items, best)
@@ -282,8 +308,8 @@ def collect(results_dir: Path, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
             continue
         name, _ = resolved
         for seed in seeds:
-            run_dir = results_dir / slug(name) / f"seed-{seed}"
-            baseline = results_dir / slug(BASELINE) / f"seed-{seed}"
+            run_dir = evidence_dir / slug(name) / f"seed-{seed}"
+            baseline = evidence_dir / slug(BASELINE) / f"seed-{seed}"
             if not completed(run_dir):
                 continue
             bench = json.loads((run_dir / "bench.json").read_text())
@@ -403,21 +429,25 @@ def markdown(table: dict[str, dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results-dir", default="results/quality", help="where the runs go")
+    parser.add_argument("--results-dir", default="results/quality", help="scratch folder of the runs")
+    parser.add_argument(
+        "--evidence-dir", default=str(EVIDENCE_DIR), help="where each run's evidence is kept (committed)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--plan", action="store_true", help="print what is left to run, run nothing")
     parser.add_argument("--table-only", action="store_true", help="run nothing; table of what is finished")
     args = parser.parse_args()
     results_dir = (PROJECT_DIR / args.results_dir).resolve()
+    evidence_dir = (PROJECT_DIR / args.evidence_dir).resolve()
     seeds = tuple(args.seeds)
     if args.plan:
-        plan(results_dir, seeds)
+        plan(evidence_dir, seeds)
         return
     if not args.table_only:
-        run_matrix(results_dir, seeds)
-    rows = collect(results_dir, seeds)
+        run_matrix(results_dir, evidence_dir, seeds)
+    rows = collect(evidence_dir, seeds)
     table = aggregate(rows)
-    best = best_algorithm(results_dir, seeds)
+    best = best_algorithm(evidence_dir, seeds)
     RESULTS_DIR.mkdir(exist_ok=True)
     atomic_write_json(RESULTS_DIR / "quality.json", rows)
     found = targets(table, best)

@@ -91,3 +91,37 @@ def test_the_spread_over_seeds_is_not_the_spread_across_users():
         0.1414, abs=1e-4
     )
     assert entry["reward-std"] == pytest.approx(0.5)  # the mean spread across users, kept apart
+
+
+def test_the_evidence_outlives_the_scratch_runs_and_decides_the_best_algorithm(tmp_path):
+    """The table is computed from the kept evidence alone (a matrix spread over machines lost
+    its runs once), and the best algorithm from the kept selection scores."""
+    users = {
+        "0": {"judged-utility": [0.2, 0.4], "judged-content": [0.3, 0.3]},
+        "1": {"judged-utility": [0.1, 0.3], "judged-content": [0.2, 0.2]},
+    }
+    evidence = tmp_path / "evidence"
+    scores = {"best-of-n": 0.1, "reinforce": 0.3, "ppo": 0.2, "dpo": 0.0}
+    for method, score in [("fedavg-sft", None), *((f"{a}/none/none", s) for a, s in scores.items())]:
+        scratch = fake_run(tmp_path / "scratch" / quality.slug(method), users)
+        summary = json.loads((scratch / "summary.json").read_text())
+        (scratch / "summary.json").write_text(json.dumps({**summary, "status": "completed"}))
+        bench = {"seconds": 5.0, "command": f"flhf run {method}", "commit": "abc"}
+        if score is not None:
+            rows = [{"scope": "server", "phase": "feedback", "train-reward": score + d} for d in (-0.1, 0.1)]
+            bench["selection-score"] = quality.selection_score(
+                [*rows, {"scope": "server", "phase": "sft", "train-reward": 9.0}]
+            )
+        quality.keep_evidence(scratch, evidence / quality.slug(method) / "seed-0", bench)
+    for path in sorted((tmp_path / "scratch").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+
+    assert quality.best_algorithm(evidence, (0,)) == "reinforce"
+    rows = quality.collect(evidence, (0,))
+    assert {r["method"] for r in rows} == {"fedavg-sft", *(f"{a}/none/none" for a in scores)}
+    assert all(r["reward"] == pytest.approx(0.25) and r["win-rate"] == pytest.approx(0.5) for r in rows)
+    todo, waiting = quality.missing(evidence, (0,), "reinforce")
+    assert ("reinforce/softmax/none", ["feedback-algorithm=reinforce", "reward-weighting=softmax"], 0) in todo
+    assert not any(name in {"fedavg-sft", "ppo/none/none"} for name, _, _ in todo) and waiting == 0
+    with pytest.raises(ValueError, match="no feedback round"):
+        quality.selection_score([{"scope": "server", "phase": "sft", "train-reward": 1.0}])
