@@ -93,6 +93,7 @@ class RunConfig:
     document_field: str = "document"
     summary_fields: str = "summary"
     document_sections: str = "abstract"
+    highlight_supervision: bool = False
     partitioning: str = field(default="iid", metadata=_choice(*PARTITIONINGS))
     dirichlet_alpha: float = field(default=0.5, metadata=_range(1e-3))
     heldout_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
@@ -264,6 +265,11 @@ class RunConfig:
                     f"document-sections: {self.document_sections!r} is not allowed; use a "
                     f"comma-separated subset of {', '.join(ACLSUM_SECTIONS)}."
                 )
+        elif self.highlight_supervision:
+            raise ConfigError(
+                f"highlight-supervision: needs aclsum's highlight labels; dataset {self.dataset!r} has "
+                "none. Use dataset='aclsum' or highlight-supervision=false."
+            )
         elif not (self.dataset.startswith("hf:") and len(self.dataset) > 3):
             suffix = Path(self.dataset).suffix.lower()
             if suffix not in (".jsonl", ".json", ".csv"):

@@ -42,9 +42,14 @@ class Document:
     text: str  # what the model reads (sections joined)
     abstract: str  # for the last-sentence baseline
     summaries: tuple[tuple[str, str], ...]  # (aspect, reference summary)
+    # (aspect, the sentences of ``text`` annotators highlighted for it); aclsum only
+    highlights: tuple[tuple[str, str], ...] = ()
 
     def summary(self, aspect: str) -> str:
         return dict(self.summaries)[aspect]
+
+    def highlight(self, aspect: str) -> str:
+        return dict(self.highlights).get(aspect, "")
 
 
 NEUTRAL_INSTRUCTION = "summarize"
@@ -114,21 +119,32 @@ def _load_aclsum(sections: tuple[str, ...]) -> Corpus:
     data_dir = Path(aclsum.__file__).parent / "dataset"
     files = {split: str(data_dir / f"{split}.jsonl") for split in ("train", "val", "test")}
     rows = datasets.load_dataset("json", data_files=files)
+    aspects = ("challenge", "approach", "outcome")
     documents = []
     for split in ("train", "val", "test"):
         for row in rows[split]:
             text = " ".join(sentence for s in sections for sentence in row["sentences"][s])
+            highlighted = {
+                aspect: " ".join(
+                    sentence
+                    for s in sections
+                    for sentence, marked in zip(
+                        row["sentences"][s], row["highlights"][aspect][s], strict=True
+                    )
+                    if marked
+                )
+                for aspect in aspects
+            }
             documents.append(
                 Document(
                     doc_id=row["id"],
                     text=detokenize(text),
                     abstract=detokenize(" ".join(row["sentences"]["abstract"])),
-                    summaries=tuple(
-                        (a, row["summary"][a].strip()) for a in ("challenge", "approach", "outcome")
-                    ),
+                    summaries=tuple((a, row["summary"][a].strip()) for a in aspects),
+                    highlights=tuple((a, detokenize(h)) for a, h in highlighted.items() if h),
                 )
             )
-    return Corpus("aclsum", tuple(documents), ("challenge", "approach", "outcome"))
+    return Corpus("aclsum", tuple(documents), aspects)
 
 
 def load_table(dataset: str, document_field: str, summary_fields: tuple[str, ...]) -> Corpus:
@@ -307,11 +323,28 @@ def user_partition(corpus: Corpus, user: int, num_users: int, config: RunConfig)
             for i, aspect in pairs
         )
 
+    train = examples(held.train.get(user, []))
+    if config.highlight_supervision:
+        train += highlight_examples(corpus, held.train.get(user, []), instruction)
     return UserData(
         user,
-        examples(held.train.get(user, [])),
+        train,
         examples(held.validation.get(user, [])),
         reward_doc_ids(corpus, user, config, held.reward_pool),
+    )
+
+
+def highlight_examples(corpus: Corpus, pairs: list[tuple[int, str]], instruction: str) -> tuple[Example, ...]:
+    """Extra supervision (``highlight-supervision``): for each training (document, aspect), the
+    document's sentences annotators highlighted for that aspect as a second, extractive target
+    under the same prompt. A from-scratch model has too few summaries to learn much content
+    (issue 12); copying the marked sentences is what the best extractive baselines do, and it
+    teaches the model where each aspect lives in a document."""
+    docs = corpus.documents
+    return tuple(
+        Example(docs[i].doc_id, aspect, docs[i].text, docs[i].highlight(aspect), instruction)
+        for i, aspect in pairs
+        if docs[i].highlight(aspect)
     )
 
 

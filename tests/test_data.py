@@ -7,6 +7,7 @@ import pytest
 from flhf_core import data
 from flhf_core.batches import encode, make_batches
 from flhf_core.config import ConfigError, RunConfig
+from flhf_core.metrics import sentences_of
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +253,30 @@ def test_extractive_baselines_per_aspect_and_the_best_of_them():
     assert per_aspect["rougeL-outcome"] == pytest.approx(
         rouge(["cats win", "nothing here"], ["cats win", "fish swim"])["rougeL"]
     )
+
+
+def test_highlight_supervision_adds_the_marked_sentences_of_training_documents_only(corpus):
+    plain = RunConfig(seed=3)
+    marked = RunConfig(seed=3, highlight_supervision=True)
+    for user in range(2):
+        before, after = (data.user_partition(corpus, user, 2, c) for c in (plain, marked))
+        assert after.train[: len(before.train)] == before.train
+        extra = after.train[len(before.train) :]
+        assert len(extra) > len(before.train) / 3  # most training examples have highlights
+        assert keys(extra) <= keys(before.train)  # the same documents and aspects, never others
+        assert after.validation == before.validation and after.reward_doc_ids == before.reward_doc_ids
+        for example in extra:
+            doc = corpus.by_id[example.doc_id]
+            assert example.summary != doc.summary(example.aspect)
+            assert all(sentence in doc.text for sentence in sentences_of(example.summary))
+            assert example.instruction == before.train[0].instruction  # the same prompt
+    # highlights come from the sections the model reads: the first paper marks its challenge
+    # in the introduction only
+    assert corpus.documents[0].highlight("challenge") == ""
+    longer = data.load_corpus(RunConfig(document_sections="abstract,introduction")).documents[0]
+    assert longer.highlight("challenge")[:60] in longer.text[len(longer.abstract) :]
+
+
+def test_highlight_supervision_needs_highlight_labels(tmp_path):
+    with pytest.raises(ConfigError, match="highlight-supervision"):
+        RunConfig.from_mapping({"dataset": str(tmp_path / "d.jsonl"), "highlight-supervision": True})
