@@ -134,6 +134,7 @@ class RunConfig:
     # --- generation and evaluation ------------------------------------------
     num_beams: int = field(default=1, metadata=_range(1))
     no_repeat_ngram_size: int = field(default=3, metadata=_range(0))
+    encoder_repetition_penalty: float = field(default=1.0, metadata=_range(1e-3))
     max_new_tokens: int = field(default=48, metadata=_range(1))
     eval_max_examples: int = field(default=64, metadata=_range(0))
     heldout_max_examples: int = field(default=150, metadata=_range(0))

@@ -25,19 +25,28 @@ class DecodingConfig:
     """How summaries are decoded.
 
     ``no_repeat_ngram_size`` blocks repeated n-grams: a small model's greedy
-    output otherwise loops ("the the the ...").
+    output otherwise loops ("the the the ..."). ``encoder_repetition_penalty`` > 1 favours
+    tokens of the document (Hugging Face's "hallucination penalty": the logits of tokens
+    absent from the source are divided by it, those present multiplied): a bias towards
+    copying for a model that has seen too few summaries to copy on its own.
     """
 
     max_new_tokens: int = 48
     num_beams: int = 1
     no_repeat_ngram_size: int = 3
+    encoder_repetition_penalty: float = 1.0
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
 
     @classmethod
     def from_run_config(cls, config: RunConfig) -> DecodingConfig:
-        return cls(config.max_new_tokens, config.num_beams, config.no_repeat_ngram_size)
+        return cls(
+            config.max_new_tokens,
+            config.num_beams,
+            config.no_repeat_ngram_size,
+            config.encoder_repetition_penalty,
+        )
 
 
 GENERATION_BATCH = 64  # sources decoded at once
@@ -97,6 +106,7 @@ def generate_summaries(
                 max_new_tokens=decoding.max_new_tokens,
                 num_beams=decoding.num_beams,
                 no_repeat_ngram_size=decoding.no_repeat_ngram_size,
+                encoder_repetition_penalty=decoding.encoder_repetition_penalty,
                 do_sample=decoding.do_sample,
                 temperature=decoding.temperature if decoding.do_sample else None,
                 top_p=decoding.top_p if decoding.do_sample else None,

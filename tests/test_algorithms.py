@@ -203,3 +203,22 @@ def test_two_users_each_move_toward_their_own_aspect(setting, tokenizer):
             for m in models[:: 1 - 2 * profile.user_id]
         )
         assert own > other, (profile.aspect, own, other)
+
+
+def test_encoder_repetition_penalty_biases_greedy_summaries_towards_the_documents_words(
+    tokenizer, tiny_model
+):
+    """``encoder-repetition-penalty`` > 1 reaches ``generate``: an untrained model's greedy
+    output takes more of its tokens from the document."""
+    sources = ["approach: we propose a parser for long sentences and evaluate it on treebanks"] * 2
+    source_ids = set(tokenizer(sources[0])["input_ids"])
+
+    def copied(penalty: float) -> float:
+        decoding = DecodingConfig(
+            max_new_tokens=12, no_repeat_ngram_size=0, encoder_repetition_penalty=penalty
+        )
+        summary = generate_summaries(tiny_model, tokenizer, sources, decoding, 64)[0]
+        ids = tokenizer(summary, add_special_tokens=False)["input_ids"]
+        return sum(i in source_ids for i in ids) / max(len(ids), 1)
+
+    assert copied(50.0) > copied(1.0) + 0.3
