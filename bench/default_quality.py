@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from common import PROJECT_DIR, run_flhf, write_result
 
+from flhf_core.tracking import read_metrics
+
 ASPECTS = ("challenge", "approach", "outcome")
 
 
@@ -31,9 +33,16 @@ def seed_figures(run_dir: Path, wall: float) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     k = json.loads((run_dir / "config.json").read_text())["lead-words"]
     lead = summary[f"baseline-lead{k}-rougeL"]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    last = max(r["round"] for r in rows)
+    validation = [
+        r["rougeL"] for r in rows if r["scope"] == "client" and r["round"] == last and "rougeL" in r
+    ]
     figures = {
         "wall-seconds": wall,
         "rougeL": summary["rougeL"],
+        # what to choose a candidate on: the users' validation documents, never the held-out ones
+        "val-rougeL": float(np.mean(validation)) if validation else None,
         "lead-words": k,
         "baseline-lead-rougeL": lead,
         "margin": summary["rougeL"] - lead,
