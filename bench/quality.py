@@ -230,18 +230,25 @@ def selection_score(rows: list[dict[str, Any]]) -> float:
     return float(np.mean(rewards))
 
 
-def best_algorithm(evidence_dir: Path, seeds: tuple[int, ...]) -> str | None:
+def best_algorithm(evidence_dir: Path, seeds: tuple[int, ...], declared: str | None = None) -> str | None:
     """The feedback algorithm with the highest mean :func:`selection_score` over seeds, once all
-    its runs are in."""
+    its runs are in; until then ``declared`` (``--best``: the choice of an earlier pass whose
+    evidence is not here), which the algorithm rows must confirm once they are in."""
     means = {}
     for algorithm in ALGORITHMS:
         dirs = [evidence_dir / slug(f"{algorithm}/none/none") / f"seed-{s}" for s in seeds]
         if not all(completed(d) for d in dirs):
-            return None
+            return declared
         means[algorithm] = np.mean(
             [json.loads((d / "bench.json").read_text())["selection-score"] for d in dirs]
         )
-    return max(means, key=means.get)
+    best = max(means, key=means.get)
+    if declared is not None and declared != best:
+        raise ValueError(
+            f"--best {declared}: the algorithm rows choose {best} (selection scores {means}); "
+            f"the rows run with {declared} must be run again with {best}"
+        )
+    return best
 
 
 def resolve(method: str, items: list[str], best: str | None) -> tuple[str, list[str]] | None:
@@ -252,8 +259,11 @@ def resolve(method: str, items: list[str], best: str | None) -> tuple[str, list[
     return method.replace(BEST, best), [i.replace(BEST, best) for i in items]
 
 
-def missing(evidence_dir: Path, seeds: tuple[int, ...], best: str | None) -> tuple[list, int]:
-    """The runs still to do that can be named now, and how many wait for the best algorithm."""
+def missing(
+    evidence_dir: Path, seeds: tuple[int, ...], best: str | None, only: list[str] | None = None
+) -> tuple[list, int]:
+    """The runs still to do that can be named now (of the methods ``only`` names, in its order,
+    if given), and how many wait for the best algorithm."""
     todo, waiting = [], 0
     for method, items in methods().items():
         resolved = resolve(method, items, best)
@@ -261,19 +271,29 @@ def missing(evidence_dir: Path, seeds: tuple[int, ...], best: str | None) -> tup
             waiting += len(seeds)
             continue
         name, overrides = resolved
+        if only is not None and name not in only:
+            continue
         todo += [
             (name, overrides, seed)
             for seed in seeds
             if not completed(evidence_dir / slug(name) / f"seed-{seed}")
         ]
+    if only is not None:
+        todo.sort(key=lambda run: only.index(run[0]))
     return todo, waiting
 
 
-def run_matrix(results_dir: Path, evidence_dir: Path, seeds: tuple[int, ...]) -> None:
+def run_matrix(
+    results_dir: Path,
+    evidence_dir: Path,
+    seeds: tuple[int, ...],
+    declared: str | None = None,
+    only: list[str] | None = None,
+) -> None:
     """Every missing run: first those that need no best algorithm (they decide it), then the rest,
     until nothing that can be named is left (a failed run stops the matrix: its error shows)."""
     while True:
-        todo, _waiting = missing(evidence_dir, seeds, best_algorithm(evidence_dir, seeds))
+        todo, _waiting = missing(evidence_dir, seeds, best_algorithm(evidence_dir, seeds, declared), only)
         if not todo:
             return
         for number, (name, overrides, seed) in enumerate(todo, start=1):
@@ -281,8 +301,8 @@ def run_matrix(results_dir: Path, evidence_dir: Path, seeds: tuple[int, ...]) ->
             run_one(results_dir, evidence_dir, name, overrides, seed)
 
 
-def plan(evidence_dir: Path, seeds: tuple[int, ...]) -> None:
-    todo, waiting = missing(evidence_dir, seeds, best_algorithm(evidence_dir, seeds))
+def plan(evidence_dir: Path, seeds: tuple[int, ...], declared: str | None = None) -> None:
+    todo, waiting = missing(evidence_dir, seeds, best_algorithm(evidence_dir, seeds, declared))
     for name, overrides, seed in todo:
         print(f"to run: {command_line(overrides, seed)}   ({name})")
     done = [json.loads(p.read_text())["seconds"] for p in evidence_dir.glob("*/seed-*/bench.json")]
@@ -298,9 +318,9 @@ def plan(evidence_dir: Path, seeds: tuple[int, ...]) -> None:
 # --------------------------------------------------------------------------
 # The table
 # --------------------------------------------------------------------------
-def collect(evidence_dir: Path, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+def collect(evidence_dir: Path, seeds: tuple[int, ...], declared: str | None = None) -> list[dict[str, Any]]:
     """One row per finished method and seed (quality.json)."""
-    best = best_algorithm(evidence_dir, seeds)
+    best = best_algorithm(evidence_dir, seeds, declared)
     rows = []
     for method, items in methods().items():
         resolved = resolve(method, items, best)
@@ -436,18 +456,25 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--plan", action="store_true", help="print what is left to run, run nothing")
     parser.add_argument("--table-only", action="store_true", help="run nothing; table of what is finished")
+    parser.add_argument(
+        "--best",
+        choices=ALGORITHMS,
+        help="the best algorithm, chosen by an earlier pass whose algorithm rows are not here yet "
+        "(they must confirm it once they are in)",
+    )
+    parser.add_argument("--methods", nargs="+", help="run only these methods, in this order")
     args = parser.parse_args()
     results_dir = (PROJECT_DIR / args.results_dir).resolve()
     evidence_dir = (PROJECT_DIR / args.evidence_dir).resolve()
     seeds = tuple(args.seeds)
     if args.plan:
-        plan(evidence_dir, seeds)
+        plan(evidence_dir, seeds, args.best)
         return
     if not args.table_only:
-        run_matrix(results_dir, evidence_dir, seeds)
-    rows = collect(evidence_dir, seeds)
+        run_matrix(results_dir, evidence_dir, seeds, args.best, args.methods)
+    rows = collect(evidence_dir, seeds, args.best)
     table = aggregate(rows)
-    best = best_algorithm(evidence_dir, seeds)
+    best = best_algorithm(evidence_dir, seeds, args.best)
     RESULTS_DIR.mkdir(exist_ok=True)
     atomic_write_json(RESULTS_DIR / "quality.json", rows)
     found = targets(table, best)
@@ -460,6 +487,8 @@ def main() -> None:
             "machine": machine(),
             "preset": PRESET,
             "best-algorithm": best,
+            # False: declared with --best, its algorithm rows are not all in yet to confirm it
+            "best-algorithm-confirmed": best_algorithm(evidence_dir, seeds) is not None,
             "matrix-seconds": sum(r["seconds"] for r in rows),
             "methods": table,
             "targets": found,

@@ -123,5 +123,10 @@ def test_the_evidence_outlives_the_scratch_runs_and_decides_the_best_algorithm(t
     todo, waiting = quality.missing(evidence, (0,), "reinforce")
     assert ("reinforce/softmax/none", ["feedback-algorithm=reinforce", "reward-weighting=softmax"], 0) in todo
     assert not any(name in {"fedavg-sft", "ppo/none/none"} for name, _, _ in todo) and waiting == 0
+    with pytest.raises(ValueError, match="choose reinforce"):
+        quality.best_algorithm(evidence, (0,), declared="ppo")
+    assert quality.best_algorithm(evidence, (0, 1), declared="ppo") == "ppo"  # seed 1's rows are not in
+    todo, _ = quality.missing(evidence, (0,), "reinforce", only=["reinforce/qfedavg/none", "local-only"])
+    assert [name for name, _, _ in todo] == ["reinforce/qfedavg/none", "local-only"]
     with pytest.raises(ValueError, match="no feedback round"):
         quality.selection_score([{"scope": "server", "phase": "sft", "train-reward": 1.0}])
