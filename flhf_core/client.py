@@ -33,6 +33,7 @@ from transformers import PreTrainedModel
 from . import data, personal
 from .algorithms import FEEDBACK_ALGORITHMS
 from .algorithms.rollout import FeedbackConfig
+from .algorithms.scorer import Scorer
 from .algorithms.sft import SFTConfig, train_sft
 from .feedback import Judgement, judge, preference_probability
 from .generate import summarize
@@ -258,6 +259,7 @@ def local_sft(session: UserSession) -> dict[str, float]:
         "train-loss-first": stats.first_loss,
         "train-loss-last": stats.last_loss,
         "train-steps": stats.steps,
+        "train-ratings-used": 0.0,  # no feedback asked in a supervised round
         "shared-seconds": stats.seconds,  # the shared update; the personal one is personal-seconds
         "tokens-per-second": stats.tokens_per_second,
     }
@@ -288,10 +290,13 @@ def local_feedback(session: UserSession) -> dict[str, float]:
         raise ValueError(f"user {session.user} holds no documents to give feedback on")
     update = FEEDBACK_ALGORITHMS[config.feedback_algorithm]
     rng = np.random.default_rng(round_seed(session, 2))
-    stats = update(
-        session.model, session.tokenizer, list(session.data.feedback), session.profile, feedback, rng
-    )
-    return {"num-examples": len(session.data.feedback), **{f"train-{k}": v for k, v in stats.items()}}
+    scorer = Scorer(session.profile, config.ratings_per_round, feedback.steps, feedback.samples_per_prompt)
+    stats = update(session.model, session.tokenizer, list(session.data.feedback), scorer, feedback, rng)
+    return {
+        "num-examples": len(session.data.feedback),
+        **{f"train-{k}": v for k, v in stats.items()},
+        "train-ratings-used": float(scorer.used),
+    }
 
 
 ROUND0_RECORD = "round0-utilities"

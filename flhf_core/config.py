@@ -125,6 +125,7 @@ class RunConfig:
     feedback_steps: int = field(default=10, metadata=_range(1))
     feedback_prompts: int = field(default=8, metadata=_range(1))
     samples_per_prompt: int = field(default=4, metadata=_range(2))
+    ratings_per_round: int = field(default=0, metadata=_range(0))
     feedback_learning_rate: float = field(default=3e-4, metadata=_range(0.0, 1.0))
     kl_coef: float = field(default=0.05, metadata=_range(0.0))
     sample_temperature: float = field(default=1.0, metadata=_range(1e-3))
@@ -282,6 +283,15 @@ class RunConfig:
             raise ConfigError("model: give 'tiny-t5', a Hugging Face name or a local path.")
         if self.reward_temperature == 0.0:
             raise ConfigError("reward-temperature: must not be 0 (negative favours the worst-served users).")
+        if 0 < self.ratings_per_round < self.samples_per_prompt and self.feedback_algorithm not in (
+            "sft",
+            "dpo",
+        ):
+            raise ConfigError(
+                f"ratings-per-round: {self.ratings_per_round} is below the {self.samples_per_prompt} ratings "
+                f"one step of {self.feedback_algorithm} needs (a document's samples-per-prompt samples are "
+                f"rated together); use 0 (unlimited) or at least {self.samples_per_prompt}."
+            )
         if self.feedback_algorithm == "dpo" and self.samples_per_prompt % 2:
             raise ConfigError("samples-per-prompt: dpo pairs samples, so it must be even.")
         if self.heldout_fraction + self.val_fraction >= 1.0:

@@ -21,11 +21,11 @@ from flhf_core.algorithms.rollout import (
     FeedbackConfig,
     Rollout,
     kl_k3,
-    rate,
     rloo_advantages,
     sample,
     token_logprobs,
 )
+from flhf_core.algorithms.scorer import Scorer
 from flhf_core.algorithms.sft import SFTConfig, train_sft
 from flhf_core.config import RunConfig
 from flhf_core.feedback import UserProfile, judge
@@ -88,7 +88,7 @@ def test_feedback_raises_reward_on_heldout_documents_without_hacking_it(setting,
         model = copy.deepcopy(base)
         torch.manual_seed(seed)  # sampling draws from torch's generator
         FEEDBACK_ALGORITHMS[algorithm](
-            model, tokenizer, examples, profile, config, np.random.default_rng(seed)
+            model, tokenizer, examples, Scorer(profile), config, np.random.default_rng(seed)
         )
         runs.append(user_view(model, tokenizer, corpus, heldout_ids, profile))
     utility = float(np.mean([r["utility"] for r in runs]))
@@ -159,7 +159,7 @@ def test_ratings_live_on_the_rollouts_device():
         texts=["a summary", "another summary"],
         sampler_logprobs=torch.zeros(2, 4, device="meta"),
     )
-    feedback = rate(rollout, UserProfile(0, "outcome"), np.random.default_rng(0))
+    feedback = Scorer(UserProfile(0, "outcome")).rate(rollout, np.random.default_rng(0))
     assert {t.device.type for t in (feedback.scores, feedback.rated, feedback.utility)} == {"meta"}
     assert rloo_advantages(feedback.scores, feedback.rated, 2).device.type == "meta"
 
@@ -194,7 +194,7 @@ def test_two_users_each_move_toward_their_own_aspect(setting, tokenizer):
         examples = list(data.aspect_examples(corpus, train_ids, profile.aspect))
         config = FeedbackConfig(steps=10, max_source_tokens=128, **ALGORITHM_SETTINGS["reinforce"])
         FEEDBACK_ALGORITHMS["reinforce"](
-            model, tokenizer, examples, profile, config, np.random.default_rng(SEED)
+            model, tokenizer, examples, Scorer(profile), config, np.random.default_rng(SEED)
         )
         models.append(model)
     for profile in profiles:

@@ -18,15 +18,33 @@ from flhf_core.tracking import read_metrics
 COMPARED = ("reward", "reward-worst", "reward-std", "win-rate", "bytes-up", "bytes-down", "seconds")
 
 
-def smoke_run(results, mode: str):
-    items = [f"mode={mode}", *SHORT_TEXTS, f"results-dir={results}", f"run-name={mode}"]
+BUDGET = 6  # the federated run's ratings-per-round: a document's 4 samples and half of another's
+
+
+def smoke_run(results, mode: str, *extra: str):
+    items = [f"mode={mode}", *SHORT_TEXTS, f"results-dir={results}", f"run-name={mode}", *extra]
     return run_in_process(RunConfig.from_mapping(cli.merged_config("feedback-smoke", items)), 2)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     results = tmp_path_factory.mktemp("baselines")
-    return {mode: smoke_run(results, mode) for mode in ("federated", "local-only", "centralized")}
+    return {
+        "federated": smoke_run(results, "federated", f"ratings-per-round={BUDGET}"),
+        "local-only": smoke_run(results, "local-only"),
+        "centralized": smoke_run(results, "centralized"),
+    }
+
+
+def test_the_feedback_budget_is_on_every_row_and_never_exceeded(runs):
+    """Issue 13: ``train-ratings-used`` on every training row; none in supervised rounds, and
+    within ``ratings-per-round`` in the feedback round (of 2 x 4 x 4 = 32 samples)."""
+    rows = [r for r in read_metrics(runs["federated"] / "metrics.jsonl") if r["round"] > 0]
+    trained = [r for r in rows if r["scope"] == "server" or "train-examples" in r]
+    assert {r["scope"] for r in trained} == {"client", "server"} and len(trained) == 6
+    for row in trained:
+        used = row["train-ratings-used"]
+        assert used == 0 if row["phase"] == "sft" else 0 < used <= BUDGET, row
 
 
 def summary(run_dir):

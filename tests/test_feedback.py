@@ -143,7 +143,8 @@ def test_a_pooled_example_is_judged_by_the_user_it_came_from():
     """Centralized mode: one learner's rollout mixes users; each sample is rated by its own user."""
     import torch
 
-    from flhf_core.algorithms.rollout import Rollout, rate
+    from flhf_core.algorithms.rollout import Rollout
+    from flhf_core.algorithms.scorer import Scorer
     from flhf_core.feedback import PooledExample
 
     likes_short = UserProfile(0, "outcome", length_words=3, length_tolerance=1.0, rating_noise=0.0)
@@ -152,6 +153,6 @@ def test_a_pooled_example_is_judged_by_the_user_it_came_from():
     pooled = PooledExample("d", "outcome", "text", "cats win big", profile=likes_long)
     zeros = torch.zeros(2, 3)
     rollout = Rollout([plain, pooled], zeros, zeros, zeros.long(), zeros, ["cats win big"] * 2, zeros)
-    feedback = rate(rollout, likes_short, np.random.default_rng(0))  # the client's user: likes_short
+    feedback = Scorer(likes_short).rate(rollout, np.random.default_rng(0))  # the client's user: likes_short
     assert feedback.utility[0].item() == pytest.approx(1.0)  # judged by likes_short: a perfect summary
     assert feedback.utility[1].item() < 1e-6  # judged by its own user, who wanted 30 words

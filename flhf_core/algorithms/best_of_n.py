@@ -18,25 +18,24 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data import Example
-from ..feedback import UserProfile
 from .rollout import (
     FeedbackConfig,
     StatsMeter,
     make_optimizer,
     optimizer_step,
     pick_prompts,
-    rate,
     sample,
     subset,
     token_logprobs,
 )
+from .scorer import Scorer
 
 
 def train_best_of_n(
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
-    profile: UserProfile,
+    scorer: Scorer,
     config: FeedbackConfig,
     rng: np.random.Generator,
 ) -> dict[str, float]:
@@ -45,7 +44,7 @@ def train_best_of_n(
     n = config.samples_per_prompt
     for _ in range(config.steps):
         rollout = sample(policy, tokenizer, pick_prompts(examples, config.prompts_per_step, rng), config)
-        feedback = rate(rollout, profile, rng)
+        feedback = scorer.rate(rollout, rng)
         # best rated sample per prompt; unrated samples rank below every rated one
         ranked = (feedback.scores + 2.0 * feedback.rated).view(-1, n)
         has_rating = feedback.rated.view(-1, n).sum(dim=1) > 0

@@ -21,7 +21,6 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data import Example
-from ..feedback import UserProfile, judge, judging_profile, prefers_first
 from .rollout import (
     FeedbackConfig,
     StatsMeter,
@@ -32,30 +31,14 @@ from .rollout import (
     sample,
     token_logprobs,
 )
-
-
-def preference_pairs(
-    texts: list[str], examples: list[Example], profile: UserProfile, rng: np.random.Generator
-) -> list[tuple[int, int]]:
-    """(winner, loser) sample indices for the pairs (0,1), (2,3), ... the user answered
-    (a pooled example's own user answers for it)."""
-    pairs = []
-    for a in range(0, len(texts) - 1, 2):
-        b = a + 1
-        user = judging_profile(examples[a], profile)  # a pair is two samples of one document
-        if rng.random() >= user.rating_rate:
-            continue
-        utility_a = judge(user, texts[a], examples[a].summary).utility
-        utility_b = judge(user, texts[b], examples[b].summary).utility
-        pairs.append((a, b) if prefers_first(user, utility_a, utility_b, rng) else (b, a))
-    return pairs
+from .scorer import Scorer
 
 
 def train_dpo(
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
-    profile: UserProfile,
+    scorer: Scorer,
     config: FeedbackConfig,
     rng: np.random.Generator,
 ) -> dict[str, float]:
@@ -66,7 +49,7 @@ def train_dpo(
     meter = StatsMeter()
     for _ in range(config.steps):
         rollout = sample(policy, tokenizer, pick_prompts(examples, config.prompts_per_step, rng), config)
-        pairs = preference_pairs(rollout.texts, rollout.examples, profile, rng)
+        pairs = scorer.choose(rollout.texts, rollout.examples, rng)
         meter.add(pairs=float(len(pairs)))
         if not pairs:
             continue

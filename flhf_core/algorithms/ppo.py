@@ -24,7 +24,6 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data import Example
-from ..feedback import UserProfile
 from .rollout import (
     FeedbackConfig,
     StatsMeter,
@@ -33,11 +32,11 @@ from .rollout import (
     make_optimizer,
     optimizer_step,
     pick_prompts,
-    rate,
     rloo_advantages,
     sample,
     token_logprobs,
 )
+from .scorer import Scorer
 
 
 def ppo_clip_loss(
@@ -54,7 +53,7 @@ def train_ppo(
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
-    profile: UserProfile,
+    scorer: Scorer,
     config: FeedbackConfig,
     rng: np.random.Generator,
 ) -> dict[str, float]:
@@ -63,7 +62,7 @@ def train_ppo(
     meter = StatsMeter()
     for _ in range(config.steps):
         rollout = sample(policy, tokenizer, pick_prompts(examples, config.prompts_per_step, rng), config)
-        feedback = rate(rollout, profile, rng)
+        feedback = scorer.rate(rollout, rng)
         advantages = rloo_advantages(feedback.scores, feedback.rated, config.samples_per_prompt)
         mask = rollout.response_mask
         with torch.no_grad():

@@ -26,7 +26,6 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data import Example
-from ..feedback import UserProfile
 from .rollout import (
     FeedbackConfig,
     StatsMeter,
@@ -35,11 +34,11 @@ from .rollout import (
     make_optimizer,
     optimizer_step,
     pick_prompts,
-    rate,
     rloo_advantages,
     sample,
     token_logprobs,
 )
+from .scorer import Scorer
 
 
 def reinforce_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -51,7 +50,7 @@ def train_reinforce(
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
-    profile: UserProfile,
+    scorer: Scorer,
     config: FeedbackConfig,
     rng: np.random.Generator,
 ) -> dict[str, float]:
@@ -60,7 +59,7 @@ def train_reinforce(
     meter = StatsMeter()
     for _ in range(config.steps):
         rollout = sample(policy, tokenizer, pick_prompts(examples, config.prompts_per_step, rng), config)
-        feedback = rate(rollout, profile, rng)
+        feedback = scorer.rate(rollout, rng)
         advantages = rloo_advantages(feedback.scores, feedback.rated, config.samples_per_prompt)
 
         logp = token_logprobs(policy, rollout, config.bf16, config.temperature)

@@ -26,7 +26,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import RunConfig
 from ..data import Example
-from ..feedback import UserProfile, judge, judging_profile, score
 from ..generate import run_defaults_only
 from .sft import autocast
 
@@ -173,27 +172,6 @@ class RolloutFeedback:
             "sample_utility": self.utility.mean().item(),
             "rated_fraction": self.rated.mean().item(),
         }
-
-
-def rate(rollout: Rollout, profile: UserProfile, rng: np.random.Generator) -> RolloutFeedback:
-    """Ask the simulated user to rate every sampled summary (tensors on the rollout's device).
-
-    ``profile`` is the client's user; a pooled example (centralized) is rated by its own user.
-    """
-    utilities, scores, rated = [], [], []
-    for example, text in zip(rollout.examples, rollout.texts, strict=True):
-        user = judging_profile(example, profile)
-        utility = judge(user, text, example.summary).utility
-        rating = score(user, utility, rng)
-        utilities.append(utility)
-        scores.append(0.0 if rating is None else rating)
-        rated.append(0.0 if rating is None else 1.0)
-    device = rollout.response_ids.device
-    return RolloutFeedback(
-        torch.tensor(scores, device=device),
-        torch.tensor(rated, device=device),
-        torch.tensor(utilities, device=device),
-    )
 
 
 def rloo_advantages(rewards: torch.Tensor, rated: torch.Tensor, group_size: int) -> torch.Tensor:

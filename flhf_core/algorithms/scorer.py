@@ -1,0 +1,129 @@
+"""Who scores the samples: the user, within a feedback budget (issue 13).
+
+The feedback algorithms never ask the user directly; they ask a :class:`Scorer` for ratings
+(best-of-n, REINFORCE, PPO: :meth:`Scorer.rate`) or for choices between two samples of a
+document (DPO: :meth:`Scorer.choose`). So true-reward runs and budgeted (or, later,
+learned-reward) runs share one code path.
+
+**The budget** ``B = ratings-per-round`` is the number of judgements the user gives in one
+feedback round; a rating and a pairwise choice count alike; ``B = 0`` is unlimited (the user
+judges every sample, today's simulation). It is spread evenly over the round's S steps, each
+step using its share plus whatever earlier steps left unused, in whole documents' worth of samples for ratings (see :meth:`Scorer._allowance`). A
+request the user declines (a profile's ``rating_rate`` < 1) costs nothing.
+
+**Which samples** the user judges (``uniform``): the documents of a step in random order, and
+every sample of a document before the next one, so that a document's samples are rated
+together (a leave-one-out baseline and a best-of-n choice need several ratings of the same
+document); for DPO, its pairs in random order. Samples the user did not judge are unrated:
+they get no advantage, best-of-n never picks them, DPO skips unanswered pairs.
+
+``used`` counts the judgements given; the client reports it as ``train-ratings-used``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..data import Example
+from ..feedback import UserProfile, judge, judging_profile, prefers_first, score
+from .rollout import Rollout, RolloutFeedback
+
+
+class Scorer:
+    """The simulated user as the feedback algorithms see it, within ``budget`` judgements per
+    round of ``steps`` steps (``budget = 0``: unlimited).
+
+    ``profile`` is the client's user; a pooled example (``mode = centralized``) is judged by
+    the user it came from (:func:`~flhf_core.feedback.judging_profile`).
+    """
+
+    def __init__(self, profile: UserProfile, budget: int = 0, steps: int = 1, group_size: int = 1) -> None:
+        if budget < 0 or steps < 1 or group_size < 1:
+            raise ValueError(f"budget {budget}, steps {steps}, group size {group_size}: out of range")
+        self.profile = profile
+        self.budget = budget
+        self.steps = steps
+        self.group_size = group_size  # samples per document, rated together
+        self.step = 0
+        self.used = 0
+
+    # --- the budget ---------------------------------------------------------
+    def _allowance(self, unit: int) -> int:
+        """Judgements this step may still use (-1: unlimited), granted in whole ``unit``s (a
+        document's samples, or one pair): ``unit * round((B // unit) (t+1) / S)`` by step t, the
+        remainder ``B mod unit`` at the last step, less what earlier steps used. Advances the step."""
+        t, self.step = self.step, self.step + 1
+        if self.budget == 0:
+            return -1
+        done = min(t + 1, self.steps)
+        granted = unit * round((self.budget // unit) * done / self.steps)
+        if done == self.steps:
+            granted = self.budget
+        return max(granted - self.used, 0)
+
+    # --- ratings ------------------------------------------------------------
+    def rate(self, rollout: Rollout, rng: np.random.Generator) -> RolloutFeedback:
+        """The user's ratings of the samples it is asked about this step (tensors on the
+        rollout's device); ``utility`` is every sample's true utility, for diagnostics only."""
+        allowance = self._allowance(self.group_size)
+        users = [judging_profile(e, self.profile) for e in rollout.examples]
+        utilities = [
+            judge(u, t, e.summary).utility
+            for u, t, e in zip(users, rollout.texts, rollout.examples, strict=True)
+        ]
+        scores, rated = [0.0] * len(utilities), [0.0] * len(utilities)
+        for i in self._rating_order(rollout.examples, rng, allowance):
+            if allowance == 0:
+                break
+            rating = score(users[i], utilities[i], rng)
+            if rating is None:
+                continue
+            scores[i], rated[i] = rating, 1.0
+            self.used += 1
+            allowance -= 1
+        device = rollout.response_ids.device
+        return RolloutFeedback(
+            torch.tensor(scores, device=device),
+            torch.tensor(rated, device=device),
+            torch.tensor(utilities, device=device),
+        )
+
+    @staticmethod
+    def _rating_order(examples: list[Example], rng: np.random.Generator, allowance: int) -> list[int]:
+        """Sample indices in the order the user is asked: every sample, in order, when
+        unlimited; else documents in random order, each document's samples together."""
+        if allowance < 0:
+            return list(range(len(examples)))
+        groups: list[list[int]] = []
+        for i, example in enumerate(examples):  # the samples of one prompt are contiguous
+            if not groups or example.doc_id != examples[i - 1].doc_id:
+                groups.append([])
+            groups[-1].append(i)
+        rng.shuffle(groups)
+        return [i for group in groups for i in group]
+
+    # --- pairwise choices ---------------------------------------------------
+    def choose(
+        self, texts: list[str], examples: list[Example], rng: np.random.Generator
+    ) -> list[tuple[int, int]]:
+        """(winner, loser) for the pairs (0, 1), (2, 3), ... the user answered this step; a
+        pair is two samples of one document."""
+        allowance = self._allowance(1)
+        starts = list(range(0, len(texts) - 1, 2))
+        if allowance >= 0:
+            rng.shuffle(starts)
+        pairs = []
+        for a in starts:
+            if allowance == 0:
+                break
+            b = a + 1
+            user = judging_profile(examples[a], self.profile)
+            if rng.random() >= user.rating_rate:
+                continue
+            utility_a = judge(user, texts[a], examples[a].summary).utility
+            utility_b = judge(user, texts[b], examples[b].summary).utility
+            pairs.append((a, b) if prefers_first(user, utility_a, utility_b, rng) else (b, a))
+            self.used += 1
+            allowance -= 1
+        return sorted(pairs, key=min)

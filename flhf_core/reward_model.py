@@ -1,0 +1,204 @@
+"""A learned reward model: what scores the summaries a user did not judge (issue 13).
+
+A real user rates a handful of summaries per round, not the ~320 a feedback round samples.
+The reward model r(x, y) learns from the judgements the user did give and scores the rest.
+
+**Architecture: the summarizer's encoder, copied, with a scalar head.** The alternative, a
+separate tiny encoder trained from nothing, would have to learn the language of the corpus
+from a few dozen judgements per user, which it cannot. The summarizer's encoder has been
+trained on the corpus in the supervised rounds, so it already represents papers and
+summaries in their vocabulary; the judgements then only have to fit a head and nudge the
+encoder. It is a *copy*, never shared weights: the policy update must not move the reward
+model (that would let the policy edit its own judge), and the reward model travels, averages
+or clusters on its own (its own ArrayRecord), apart from the policy.
+
+    input   "summary: <y> document: <x>"   (the summary first, so truncation never cuts it)
+    h       = mean over tokens of the encoder's last hidden states
+    r(x, y) = w · h + b                    (a score; sigmoid(r) predicts the rating in [0, 1])
+
+Losses, on the judgements a user gave (both kinds may be present):
+
+    pairs   (y_w preferred to y_l):  L_BT   = - mean log sigmoid(r(x, y_w) - r(x, y_l))
+    ratings (y rated s in [0, 1]):   L_rate =   mean (sigmoid(r(x, y)) - s)^2
+
+(Bradley-Terry reward modelling as in Ouyang et al., 2022, https://arxiv.org/abs/2203.02155;
+the regression keeps the scale of the ratings, which a pairwise loss alone leaves free.)
+
+Over-optimization diagnostics (Gao et al., 2023, https://arxiv.org/abs/2210.10760), computed
+against the simulated user's true utility, which nothing here trains on:
+
+* ``accuracy``: over pairs of samples of the same document whose true utilities differ, the
+  share the reward model orders as the user's utility does;
+* ``correlation``: Pearson correlation of sigmoid(r) with the true utility;
+* ``gap``: mean sigmoid(r) minus mean true utility of the policy's samples (the learned reward
+  the policy believes it gets, minus what the user actually gets).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class RewardModel(nn.Module):
+    """An encoder and a scalar head: r(x, y) for a document x and a summary y."""
+
+    def __init__(self, encoder: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)  # every summary scores 0 (rating 0.5) until judged
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_summarizer(cls, summarizer: PreTrainedModel) -> RewardModel:
+        """A reward model whose encoder is a copy of ``summarizer``'s."""
+        encoder = copy.deepcopy(summarizer.get_encoder())
+        return cls(encoder, summarizer.config.d_model).to(next(summarizer.parameters()).device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return self.head(pooled).squeeze(-1)
+
+
+def reward_input(document: str, summary: str) -> str:
+    return f"summary: {summary} document: {document}"
+
+
+def scores(
+    model: RewardModel,
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Sequence[str],
+    summaries: Sequence[str],
+    max_tokens: int,
+) -> torch.Tensor:
+    """r(x, y) of each (document, summary), as a 1-d tensor (with gradients if enabled)."""
+    encoded = tokenizer(
+        [reward_input(x, y) for x, y in zip(documents, summaries, strict=True)],
+        max_length=max_tokens,
+        truncation=True,
+        padding=True,
+        return_tensors="pt",
+    ).to(next(model.parameters()).device)
+    return model(encoded["input_ids"], encoded["attention_mask"])
+
+
+# --------------------------------------------------------------------------
+# Losses (pure functions of scores)
+# --------------------------------------------------------------------------
+def bradley_terry_loss(winner_scores: torch.Tensor, loser_scores: torch.Tensor) -> torch.Tensor:
+    """- mean log sigmoid(r_w - r_l): the negative log-likelihood of the user's choices."""
+    return -nn.functional.logsigmoid(winner_scores - loser_scores).mean()
+
+
+def rating_loss(scores: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
+    """mean (sigmoid(r) - s)^2: the ratings' squared error, on the ratings' own [0, 1] scale."""
+    return ((torch.sigmoid(scores) - ratings) ** 2).mean()
+
+
+# --------------------------------------------------------------------------
+# What the user said, and fitting to it
+# --------------------------------------------------------------------------
+@dataclass
+class Judgements:
+    """The judgements a user gave: ratings of (document, summary) and choices between two
+    summaries of one document. Both count against the budget alike."""
+
+    rated: list[tuple[str, str, float]]  # (document, summary, rating)
+    chosen: list[tuple[str, str, str]]  # (document, preferred summary, rejected summary)
+
+    def __len__(self) -> int:
+        return len(self.rated) + len(self.chosen)
+
+
+def fit(
+    model: RewardModel,
+    tokenizer: PreTrainedTokenizerBase,
+    judgements: Judgements,
+    steps: int,
+    learning_rate: float,
+    max_tokens: int,
+    batch_size: int = 16,
+    rng: np.random.Generator | None = None,
+) -> dict[str, float]:
+    """``steps`` AdamW steps on minibatches of the user's judgements (ratings and pairs alike);
+    returns the losses of the last step (0 where a kind is absent)."""
+    if not len(judgements):
+        return {"rating-loss": 0.0, "pair-loss": 0.0}
+    rng = rng or np.random.default_rng(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    model.train()
+    items = [("rated", i) for i in range(len(judgements.rated))]
+    items += [("chosen", i) for i in range(len(judgements.chosen))]
+    losses = {"rating-loss": 0.0, "pair-loss": 0.0}
+    for _ in range(steps):
+        batch = [items[i] for i in rng.choice(len(items), size=min(batch_size, len(items)), replace=False)]
+        rated = [judgements.rated[i] for kind, i in batch if kind == "rated"]
+        chosen = [judgements.chosen[i] for kind, i in batch if kind == "chosen"]
+        loss = torch.zeros((), device=next(model.parameters()).device)
+        if rated:
+            predicted = scores(
+                model, tokenizer, [d for d, _, _ in rated], [s for _, s, _ in rated], max_tokens
+            )
+            target = torch.tensor([r for _, _, r in rated], device=predicted.device)
+            rating = rating_loss(predicted, target)
+            loss = loss + rating * len(rated) / len(batch)
+            losses["rating-loss"] = rating.item()
+        if chosen:
+            documents = [d for d, _, _ in chosen]
+            winners = scores(model, tokenizer, documents, [w for _, w, _ in chosen], max_tokens)
+            losers = scores(model, tokenizer, documents, [lo for _, _, lo in chosen], max_tokens)
+            pair = bradley_terry_loss(winners, losers)
+            loss = loss + pair * len(chosen) / len(batch)
+            losses["pair-loss"] = pair.item()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return losses
+
+
+# --------------------------------------------------------------------------
+# Over-optimization diagnostics (pure functions, against the true utility)
+# --------------------------------------------------------------------------
+def pairwise_accuracy(
+    predicted: Sequence[float], utility: Sequence[float], groups: Sequence[object]
+) -> float:
+    """Share of same-group pairs with different true utility that ``predicted`` orders alike
+    (NaN when there is no such pair)."""
+    agree, total = 0, 0
+    for i in range(len(utility)):
+        for j in range(i + 1, len(utility)):
+            if groups[i] != groups[j] or utility[i] == utility[j]:
+                continue
+            total += 1
+            agree += (predicted[i] - predicted[j]) * (utility[i] - utility[j]) > 0
+    return agree / total if total else float("nan")
+
+
+def correlation(predicted: Sequence[float], utility: Sequence[float]) -> float:
+    """Pearson correlation (NaN when either side is constant)."""
+    a, b = np.asarray(predicted, dtype=float), np.asarray(utility, dtype=float)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def diagnostics(
+    predicted: Sequence[float], utility: Sequence[float], groups: Sequence[object]
+) -> dict[str, float]:
+    """``reward-model-accuracy``, ``-correlation`` and ``-gap`` of predicted ratings (sigmoid(r))
+    against the true utilities of the same samples."""
+    return {
+        "reward-model-accuracy": pairwise_accuracy(predicted, utility, groups),
+        "reward-model-correlation": correlation(predicted, utility),
+        "reward-model-gap": float(np.mean(predicted) - np.mean(utility)),
+    }

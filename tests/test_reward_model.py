@@ -1,0 +1,68 @@
+"""The learned reward model (issue 13): its losses and diagnostics by hand, and that it learns."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flhf_core import reward_model as rm
+
+
+def sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def test_bradley_terry_loss_by_hand():
+    loss = rm.bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
+    expected = -(math.log(sigmoid(1.0)) + math.log(sigmoid(-2.0))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_rating_loss_is_on_the_ratings_scale():
+    loss = rm.rating_loss(torch.tensor([0.0, math.log(3.0)]), torch.tensor([0.5, 0.25]))
+    assert loss.item() == pytest.approx((0.0**2 + 0.5**2) / 2, rel=1e-6)  # sigmoid(log 3) = 0.75
+
+
+def test_diagnostics_by_hand():
+    predicted = [0.2, 0.4, 0.1, 0.9, 0.5]
+    utility = [0.1, 0.3, 0.3, 0.2, 0.2]
+    groups = ["a", "a", "a", "b", "b"]
+    # group a: (0, 1) agree, (0, 2) disagree, (1, 2) tie (skipped); group b: a tie: 1 of 2
+    found = rm.diagnostics(predicted, utility, groups)
+    assert found["reward-model-accuracy"] == pytest.approx(0.5)
+    assert found["reward-model-gap"] == pytest.approx(np.mean(predicted) - np.mean(utility))
+    assert found["reward-model-correlation"] == pytest.approx(np.corrcoef(predicted, utility)[0, 1])
+    assert math.isnan(rm.pairwise_accuracy([1, 2], [0.5, 0.5], ["a", "a"]))
+    assert math.isnan(rm.correlation([1, 1], [0.1, 0.2]))
+
+
+def test_a_fresh_reward_model_is_indifferent_and_never_shares_the_summarizers_weights(tiny_model, tokenizer):
+    model = rm.RewardModel.from_summarizer(tiny_model)
+    found = rm.scores(model, tokenizer, ["we parse text", "we parse text"], ["a parser", "nothing"], 64)
+    assert torch.equal(found, torch.zeros(2))
+    summarizer = {p.data_ptr() for p in tiny_model.parameters()}
+    assert not summarizer & {p.data_ptr() for p in model.parameters()}
+
+
+def test_fitting_learns_what_the_user_prefers(tiny_model, tokenizer):
+    """Ratings and choices that favour summaries naming the parser: after fitting, unseen
+    summaries that do are scored above those that do not, on unseen documents."""
+    torch.manual_seed(0)
+    model = rm.RewardModel.from_summarizer(tiny_model)
+    documents = [f"we propose a parser for language {k} and test it on treebanks" for k in range(8)]
+    good, bad = "a parser for the language", "results on the weather"
+    judged = rm.Judgements(
+        rated=[(d, good, 0.8) for d in documents[:4]] + [(d, bad, 0.1) for d in documents[:4]],
+        chosen=[(d, good, bad) for d in documents[4:6]],
+    )
+    assert len(judged) == 10
+    losses = rm.fit(model, tokenizer, judged, steps=40, learning_rate=3e-3, max_tokens=64)
+    assert losses["rating-loss"] < 0.05 and losses["pair-loss"] < 0.3
+    with torch.no_grad():
+        unseen = documents[6:]
+        better = rm.scores(model, tokenizer, unseen, ["the parser of the language"] * 2, 64)
+        worse = rm.scores(model, tokenizer, unseen, ["the weather results"] * 2, 64)
+    assert (better > worse).all()
