@@ -2,7 +2,7 @@
 decoded again with other settings, on the users' validation documents and the held-out ones.
 
     python bench/decoding.py defaults                  # every setting, every seed of that tag
-    python bench/decoding.py defaults --settings greedy erp1.3
+    python bench/decoding.py defaults --settings as-run erp1.3
 
 Decoding changes no weight, so a setting can be screened on a trained model in seconds
 instead of a run in minutes. Choose on ``val`` (the users' validation documents, the same
@@ -28,7 +28,7 @@ from flhf_core.metrics import by_aspect, rouge
 from flhf_core.model import load_pretrained
 
 SETTINGS: dict[str, dict] = {  # name -> DecodingConfig fields changed from the run's own
-    "greedy": {},
+    "as-run": {},  # the run's own decoding (pyproject's: greedy, 3-grams blocked)
     "erp1.3": {"encoder_repetition_penalty": 1.3},
     "erp1.6": {"encoder_repetition_penalty": 1.6},
     "erp2.0": {"encoder_repetition_penalty": 2.0},

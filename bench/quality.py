@@ -173,12 +173,9 @@ def slug(method: str) -> str:
 
 def completed(run_dir: Path) -> bool:
     """Whether ``run_dir`` (a run's kept evidence) holds a completed run's files."""
-    summary = run_dir / "summary.json"
-    return (
-        summary.is_file()
-        and json.loads(summary.read_text()).get("status") == "completed"
-        and all((run_dir / name).is_file() for name in (*EVIDENCE_FILES, "bench.json"))
-    )
+    if not all((run_dir / name).is_file() for name in ("bench.json", *EVIDENCE_FILES)):
+        return False  # bench.json is written last: without it the rest may be half-copied
+    return json.loads((run_dir / "summary.json").read_text()).get("status") == "completed"
 
 
 def command_line(items: list[str], seed: int) -> str:
@@ -189,6 +186,7 @@ def keep_evidence(run_dir: Path, evidence: Path, bench: dict[str, Any]) -> None:
     """Copy what the figures are computed from into ``evidence``; ``bench.json`` last, so a
     folder with it is whole."""
     evidence.mkdir(parents=True, exist_ok=True)
+    (evidence / "bench.json").unlink(missing_ok=True)  # a folder being refilled is not whole
     for name in EVIDENCE_FILES:
         shutil.copyfile(run_dir / name, evidence / name)
     atomic_write_json(evidence / "bench.json", bench)
@@ -463,6 +461,11 @@ def main() -> None:
         "(they must confirm it once they are in)",
     )
     parser.add_argument("--methods", nargs="+", help="run only these methods, in this order")
+    parser.add_argument(
+        "--replace-table",
+        action="store_true",
+        help="write quality.json even if it then holds fewer rows than the committed one",
+    )
     args = parser.parse_args()
     results_dir = (PROJECT_DIR / args.results_dir).resolve()
     evidence_dir = (PROJECT_DIR / args.evidence_dir).resolve()
@@ -476,7 +479,14 @@ def main() -> None:
     table = aggregate(rows)
     best = best_algorithm(evidence_dir, seeds, args.best)
     RESULTS_DIR.mkdir(exist_ok=True)
-    atomic_write_json(RESULTS_DIR / "quality.json", rows)
+    committed = RESULTS_DIR / "quality.json"
+    if committed.is_file() and len(json.loads(committed.read_text())) > len(rows) and not args.replace_table:
+        print(markdown(table))
+        raise SystemExit(
+            f"{committed} holds more rows than the {len(rows)} with evidence in {evidence_dir}: not "
+            "overwritten (pass --replace-table to replace it)"
+        )
+    atomic_write_json(committed, rows)
     found = targets(table, best)
     atomic_write_json(
         RESULTS_DIR / "quality-summary.json",

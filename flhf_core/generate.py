@@ -15,7 +15,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .config import RunConfig
 
@@ -26,9 +32,8 @@ class DecodingConfig:
 
     ``no_repeat_ngram_size`` blocks repeated n-grams: a small model's greedy
     output otherwise loops ("the the the ..."). ``encoder_repetition_penalty`` > 1 favours
-    tokens of the document (Hugging Face's "hallucination penalty": the logits of tokens
-    absent from the source are divided by it, those present multiplied): a bias towards
-    copying for a model that has seen too few summaries to copy on its own.
+    the document's own words (:class:`CopyBias`): a bias towards copying for a model that
+    has seen too few summaries to copy on its own.
     """
 
     max_new_tokens: int = 48
@@ -42,11 +47,42 @@ class DecodingConfig:
     @classmethod
     def from_run_config(cls, config: RunConfig) -> DecodingConfig:
         return cls(
-            config.max_new_tokens,
-            config.num_beams,
-            config.no_repeat_ngram_size,
-            config.encoder_repetition_penalty,
+            max_new_tokens=config.max_new_tokens,
+            num_beams=config.num_beams,
+            no_repeat_ngram_size=config.no_repeat_ngram_size,
+            encoder_repetition_penalty=config.encoder_repetition_penalty,
         )
+
+
+class CopyBias(LogitsProcessor):
+    """Raise the logits of the tokens a row's source contains (``encoder-repetition-penalty``).
+
+    The rule of Hugging Face's ``encoder_repetition_penalty`` (a logit z of a source token
+    becomes z * p if z > 0, z / p if z < 0; other tokens are untouched), with two differences:
+    special tokens (``</s>``, padding) are never favoured, and a padded position is not part of
+    its source. Hugging Face's own processor does both, so there a summary would end earlier,
+    and depend on how much padding its batch gave its source.
+    """
+
+    def __init__(
+        self, penalty: float, source_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: list[int]
+    ):
+        self.penalty = penalty
+        self.source_ids = source_ids.masked_fill(attention_mask == 0, special_ids[0])
+        self.special_ids = special_ids
+        self.in_source: torch.Tensor | None = None  # [rows, vocabulary] bool, built on first use
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.in_source is None:
+            mask = torch.zeros(
+                self.source_ids.shape[0], scores.shape[1], dtype=torch.bool, device=scores.device
+            )
+            mask.scatter_(1, self.source_ids, True)
+            mask[:, self.special_ids] = False
+            self.in_source = mask
+        mask = self.in_source.repeat_interleave(scores.shape[0] // self.in_source.shape[0], dim=0)
+        favoured = torch.where(scores > 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(mask, favoured, scores)
 
 
 GENERATION_BATCH = 64  # sources decoded at once
@@ -100,13 +136,22 @@ def generate_summaries(
             padding=True,
             return_tensors="pt",
         ).to(device)
+        processors = LogitsProcessorList()
+        if decoding.encoder_repetition_penalty != 1.0:
+            special = [i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None]
+            special += [i for i in tokenizer.all_special_ids if i not in special]
+            processors.append(
+                CopyBias(
+                    decoding.encoder_repetition_penalty, batch["input_ids"], batch["attention_mask"], special
+                )
+            )
         with run_defaults_only(model):
             generated = model.generate(
                 **batch,
+                logits_processor=processors,
                 max_new_tokens=decoding.max_new_tokens,
                 num_beams=decoding.num_beams,
                 no_repeat_ngram_size=decoding.no_repeat_ngram_size,
-                encoder_repetition_penalty=decoding.encoder_repetition_penalty,
                 do_sample=decoding.do_sample,
                 temperature=decoding.temperature if decoding.do_sample else None,
                 top_p=decoding.top_p if decoding.do_sample else None,

@@ -176,6 +176,11 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
     Under ``preference`` partitioning the user keeps its preferred aspect's summaries (as it
     would in the corpus); otherwise every aspect the file has.
     """
+    if config.highlight_supervision:
+        raise ConfigError(
+            f"highlight-supervision: user {user}'s data file {path} has no highlight labels (aclsum's "
+            "are not exported); use highlight-supervision=false with data files."
+        )
     own = data.load_table(str(path), config.document_field, config.aspects)
     profile = build_profile(user, config.user_profiles, config.aspects, config.seed)
     roles: dict[str, list[data.Document]] = {}

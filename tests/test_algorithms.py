@@ -205,20 +205,39 @@ def test_two_users_each_move_toward_their_own_aspect(setting, tokenizer):
         assert own > other, (profile.aspect, own, other)
 
 
-def test_encoder_repetition_penalty_biases_greedy_summaries_towards_the_documents_words(
-    tokenizer, tiny_model
-):
-    """``encoder-repetition-penalty`` > 1 reaches ``generate``: an untrained model's greedy
-    output takes more of its tokens from the document."""
-    sources = ["approach: we propose a parser for long sentences and evaluate it on treebanks"] * 2
-    source_ids = set(tokenizer(sources[0])["input_ids"])
+def test_encoder_repetition_penalty_favours_the_documents_words_whatever_the_padding(tokenizer, tiny_model):
+    """``encoder-repetition-penalty`` > 1: an untrained model's greedy summary takes more of its
+    words from the document; never the end or padding tokens (a summary does not depend on how
+    much padding its batch gave it)."""
+    source = "approach: we propose a parser for long sentences and evaluate it on treebanks"
+    longer = source + " of many languages with a new decoding algorithm and careful analysis"
+    words = set(tokenizer(source, add_special_tokens=False)["input_ids"])
 
-    def copied(penalty: float) -> float:
+    def decode(sources: list[str], penalty: float) -> list[str]:
         decoding = DecodingConfig(
             max_new_tokens=12, no_repeat_ngram_size=0, encoder_repetition_penalty=penalty
         )
-        summary = generate_summaries(tiny_model, tokenizer, sources, decoding, 64)[0]
-        ids = tokenizer(summary, add_special_tokens=False)["input_ids"]
-        return sum(i in source_ids for i in ids) / max(len(ids), 1)
+        return generate_summaries(tiny_model, tokenizer, sources, decoding, 64)
 
-    assert copied(50.0) > copied(1.0) + 0.3
+    def copied(summary: str) -> float:
+        ids = tokenizer(summary, add_special_tokens=False)["input_ids"]
+        assert ids, "an empty summary"
+        return sum(i in words for i in ids) / len(ids)
+
+    alone = decode([source], 50.0)[0]
+    assert copied(alone) > copied(decode([source], 1.0)[0]) + 0.3
+    assert decode([longer, source], 50.0)[1] == alone  # padded in this batch, the same summary
+
+
+def test_copy_bias_by_hand():
+    """z * p for a positive logit of a source token, z / p for a negative one; special tokens
+    and padded positions are never favoured."""
+    from flhf_core.generate import CopyBias
+
+    source = torch.tensor([[5, 3, 1, 0], [4, 0, 0, 0]])  # row 0: "5 3 </s>" + pad; row 1: "4" + pads
+    attention = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    scores = torch.tensor([[1.0, 2.0, -1.0, 3.0, -2.0, 4.0], [1.0, 2.0, -1.0, 3.0, -2.0, 4.0]])
+    biased = CopyBias(2.0, source, attention, special_ids=[0, 1])(None, scores.clone())
+    assert biased.tolist() == [[1.0, 2.0, -1.0, 6.0, -2.0, 8.0], [1.0, 2.0, -1.0, 3.0, -1.0, 4.0]]
+    beams = CopyBias(2.0, source, attention, special_ids=[0, 1])(None, scores.repeat_interleave(2, dim=0))
+    assert beams[1].tolist() == biased[0].tolist() and beams[2].tolist() == biased[1].tolist()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -113,8 +114,7 @@ def test_the_evidence_outlives_the_scratch_runs_and_decides_the_best_algorithm(t
                 [*rows, {"scope": "server", "phase": "sft", "train-reward": 9.0}]
             )
         quality.keep_evidence(scratch, evidence / quality.slug(method) / "seed-0", bench)
-    for path in sorted((tmp_path / "scratch").rglob("*"), reverse=True):
-        path.unlink() if path.is_file() else path.rmdir()
+    shutil.rmtree(tmp_path / "scratch")
 
     assert quality.best_algorithm(evidence, (0,)) == "reinforce"
     rows = quality.collect(evidence, (0,))

@@ -109,6 +109,8 @@ def test_a_user_with_its_own_data_file_reads_only_its_own_documents(
     tiny.write_text("".join(path.read_text().splitlines(keepends=True)[:3]))
     with pytest.raises(ConfigError, match="too few"):
         session.file_documents(config, 1, tiny)
+    with pytest.raises(ConfigError, match="highlight-supervision"):  # a file carries no highlights
+        session.file_documents(config.replace(**{"highlight-supervision": True}), 1, path)
 
 
 def test_thread_budget_comes_from_the_node_then_the_engine(monkeypatch, smoke_config):
