@@ -30,10 +30,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from transformers import PreTrainedModel
 
-from . import data, personal
+from . import data, personal, reward_model
 from .algorithms import FEEDBACK_ALGORITHMS
 from .algorithms.rollout import FeedbackConfig
-from .algorithms.scorer import Scorer
+from .algorithms.scorer import LearnedScorer, Scorer
 from .algorithms.sft import SFTConfig, train_sft
 from .feedback import Judgement, judge, preference_probability
 from .generate import summarize
@@ -290,13 +290,32 @@ def local_feedback(session: UserSession) -> dict[str, float]:
         raise ValueError(f"user {session.user} holds no documents to give feedback on")
     update = FEEDBACK_ALGORITHMS[config.feedback_algorithm]
     rng = np.random.default_rng(round_seed(session, 2))
-    scorer = Scorer(session.profile, config.ratings_per_round, feedback.steps, feedback.samples_per_prompt)
+    budget = (session.profile, config.ratings_per_round, feedback.steps, feedback.samples_per_prompt)
+    if config.reward_model == "personal":  # it never leaves the client
+        learned, judgements = reward_model.restore(session.context, session.state_folder, session.model)
+        scorer: Scorer = LearnedScorer(
+            *budget,
+            learned,
+            session.tokenizer,
+            judgements,
+            config.reward_model_steps,
+            config.reward_model_learning_rate,
+            config.max_source_tokens,
+        )
+    else:
+        scorer = Scorer(*budget)
     stats = update(session.model, session.tokenizer, list(session.data.feedback), scorer, feedback, rng)
-    return {
+    metrics = {
         "num-examples": len(session.data.feedback),
         **{f"train-{k}": v for k, v in stats.items()},
         "train-ratings-used": float(scorer.used),
     }
+    if isinstance(scorer, LearnedScorer):
+        reward_model.keep(session.context, session.state_folder, scorer.reward_model, scorer.judgements)
+        metrics.update(scorer.diagnostics())
+        metrics.update({f"train-reward-model-{k}": v for k, v in scorer.losses.items()})
+        metrics["train-reward-model-judgements"] = float(len(scorer.judgements))
+    return metrics
 
 
 ROUND0_RECORD = "round0-utilities"

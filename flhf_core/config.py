@@ -27,6 +27,7 @@ REWARD_WEIGHTINGS = ("none", "linear", "softmax", "gain", "history", "qfedavg")
 WEIGHTING_ROUNDS = ("feedback", "all")
 MODES = ("federated", "local-only", "centralized")
 FEEDBACK_ALGORITHMS = ("sft", "best-of-n", "reinforce", "ppo", "dpo")
+REWARD_MODELS = ("none", "personal")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
 PERSONALIZATIONS = ("none", "local-head", "lora")
@@ -126,6 +127,9 @@ class RunConfig:
     feedback_prompts: int = field(default=8, metadata=_range(1))
     samples_per_prompt: int = field(default=4, metadata=_range(2))
     ratings_per_round: int = field(default=0, metadata=_range(0))
+    reward_model: str = field(default="none", metadata=_choice(*REWARD_MODELS))
+    reward_model_steps: int = field(default=4, metadata=_range(1))
+    reward_model_learning_rate: float = field(default=1e-3, metadata=_range(1e-8))
     feedback_learning_rate: float = field(default=3e-4, metadata=_range(0.0, 1.0))
     kl_coef: float = field(default=0.05, metadata=_range(0.0))
     sample_temperature: float = field(default=1.0, metadata=_range(1e-3))
@@ -292,6 +296,17 @@ class RunConfig:
                 f"one step of {self.feedback_algorithm} needs (a document's samples-per-prompt samples are "
                 f"rated together); use 0 (unlimited) or at least {self.samples_per_prompt}."
             )
+        if self.reward_model != "none":
+            if self.ratings_per_round == 0 or self.feedback_algorithm == "sft":
+                raise ConfigError(
+                    f"reward-model: {self.reward_model!r} scores the samples a user did not judge; set "
+                    "ratings-per-round > 0 and a feedback-algorithm (an unlimited budget judges them all)."
+                )
+            if self.mode == "centralized":
+                raise ConfigError(
+                    f"reward-model: {self.reward_model!r} is a user's own; mode='centralized' pools every "
+                    "user's feedback in one learner. Use reward-model='none' there."
+                )
         if self.feedback_algorithm == "dpo" and self.samples_per_prompt % 2:
             raise ConfigError("samples-per-prompt: dpo pairs samples, so it must be even.")
         if self.heldout_fraction + self.val_fraction >= 1.0:

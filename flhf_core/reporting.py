@@ -57,9 +57,14 @@ def personal_spread(user_metrics: Mapping[int, Mapping[str, float]]) -> dict[str
 
 
 def train_columns(metrics: Mapping[str, float]) -> dict[str, float]:
-    """A training reply's metrics as metrics.jsonl columns (all prefixed ``train-``)."""
+    """A training reply's metrics as metrics.jsonl columns (prefixed ``train-``, except the
+    learned reward model's ``reward-model-*`` diagnostics, measured only in training)."""
     return {
-        "train-examples" if k == "num-examples" else k if k.startswith("train-") else f"train-{k}": v
+        "train-examples"
+        if k == "num-examples"
+        else k
+        if k.startswith(("train-", "reward-model-"))
+        else f"train-{k}": v
         for k, v in metrics.items()
     }
 

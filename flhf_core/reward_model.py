@@ -37,13 +37,22 @@ against the simulated user's true utility, which nothing here trains on:
 from __future__ import annotations
 
 import copy
+import json
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from safetensors.numpy import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .model import parameters_to_record, record_to_parameters
+from .tracking import atomic_write_json
 
 
 class RewardModel(nn.Module):
@@ -202,3 +211,68 @@ def diagnostics(
         "reward-model-correlation": correlation(predicted, utility),
         "reward-model-gap": float(np.mean(predicted) - np.mean(utility)),
     }
+
+
+# --------------------------------------------------------------------------
+# The user's reward model and judgements across rounds (``reward-model = personal``)
+# --------------------------------------------------------------------------
+STATE_RECORD = "reward-model"  # ArrayRecord in Context.state
+JUDGEMENTS_RECORD = "reward-judgements"  # ConfigRecord in Context.state
+STATE_FILE = "reward-model.safetensors"
+JUDGEMENTS_FILE = "reward-judgements.json"
+
+
+def judgements_to_record(judgements: Judgements) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            "rated-documents": [d for d, _, _ in judgements.rated],
+            "rated-summaries": [s for _, s, _ in judgements.rated],
+            "ratings": [float(r) for _, _, r in judgements.rated],
+            "chosen-documents": [d for d, _, _ in judgements.chosen],
+            "winners": [w for _, w, _ in judgements.chosen],
+            "losers": [lo for _, _, lo in judgements.chosen],
+        }
+    )
+
+
+def judgements_from_mapping(mapping) -> Judgements:
+    return Judgements(
+        rated=list(
+            zip(
+                mapping["rated-documents"],
+                mapping["rated-summaries"],
+                map(float, mapping["ratings"]),
+                strict=True,
+            )
+        ),
+        chosen=list(zip(mapping["chosen-documents"], mapping["winners"], mapping["losers"], strict=True)),
+    )
+
+
+def keep(context: Context, folder: Path, model: RewardModel, judgements: Judgements) -> None:
+    """The user's reward model and judgements: in Context.state, and in ``folder`` (atomically:
+    the judgements file last, so a reward-model file without them is never read as whole)."""
+    record = parameters_to_record(model)
+    context.state[STATE_RECORD] = record
+    context.state[JUDGEMENTS_RECORD] = judgements_to_record(judgements)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / JUDGEMENTS_FILE).unlink(missing_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as handle:
+        temporary = Path(handle.name)
+    save_file({name: array.numpy() for name, array in record.items()}, str(temporary))
+    os.replace(temporary, folder / STATE_FILE)
+    atomic_write_json(folder / JUDGEMENTS_FILE, dict(judgements_to_record(judgements)))
+
+
+def restore(context: Context, folder: Path, summarizer: PreTrainedModel) -> tuple[RewardModel, Judgements]:
+    """The user's reward model and judgements: from Context.state, else ``folder``, else a new
+    reward model (the received summarizer's encoder, an indifferent head) with no judgements."""
+    model = RewardModel.from_summarizer(summarizer)
+    if STATE_RECORD in context.state.array_records and JUDGEMENTS_RECORD in context.state.config_records:
+        record_to_parameters(model, context.state.array_records[STATE_RECORD])
+        return model, judgements_from_mapping(context.state.config_records[JUDGEMENTS_RECORD])
+    if (folder / JUDGEMENTS_FILE).is_file() and (folder / STATE_FILE).is_file():
+        arrays = load_file(str(folder / STATE_FILE))
+        record_to_parameters(model, ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+        return model, judgements_from_mapping(json.loads((folder / JUDGEMENTS_FILE).read_text()))
+    return model, Judgements([], [])

@@ -9,7 +9,7 @@ import pytest
 from conftest import SHORT_TEXTS
 from safetensors.numpy import load_file
 
-from flhf_core import cli, personal
+from flhf_core import cli, personal, reward_model
 from flhf_core.config import RunConfig
 from flhf_core.inprocess import run_in_process
 from flhf_core.tracking import read_metrics
@@ -30,21 +30,32 @@ def smoke_run(results, mode: str, *extra: str):
 def runs(tmp_path_factory):
     results = tmp_path_factory.mktemp("baselines")
     return {
-        "federated": smoke_run(results, "federated", f"ratings-per-round={BUDGET}"),
+        "federated": smoke_run(results, "federated", f"ratings-per-round={BUDGET}", "reward-model=personal"),
         "local-only": smoke_run(results, "local-only"),
         "centralized": smoke_run(results, "centralized"),
     }
 
 
-def test_the_feedback_budget_is_on_every_row_and_never_exceeded(runs):
+def test_the_feedback_budget_is_kept_and_a_personal_reward_model_scores_the_rest(runs):
     """Issue 13: ``train-ratings-used`` on every training row; none in supervised rounds, and
-    within ``ratings-per-round`` in the feedback round (of 2 x 4 x 4 = 32 samples)."""
+    within ``ratings-per-round`` in the feedback round (of 2 x 4 x 4 = 32 samples). The user's
+    reward model learned from those judgements, stays in its state folder, and its
+    over-optimization diagnostics are on the feedback round's client and server rows."""
     rows = [r for r in read_metrics(runs["federated"] / "metrics.jsonl") if r["round"] > 0]
     trained = [r for r in rows if r["scope"] == "server" or "train-examples" in r]
     assert {r["scope"] for r in trained} == {"client", "server"} and len(trained) == 6
     for row in trained:
         used = row["train-ratings-used"]
         assert used == 0 if row["phase"] == "sft" else 0 < used <= BUDGET, row
+        if row["phase"] == "feedback":
+            assert -1.0 <= row["reward-model-gap"] <= 1.0, row
+        else:
+            assert "reward-model-gap" not in row
+    for user in (0, 1):
+        folder = runs["federated"] / "users" / f"user-{user}"
+        judged = json.loads((folder / reward_model.JUDGEMENTS_FILE).read_text())
+        used = next(r["train-ratings-used"] for r in trained if r.get("client") == user and r["round"] == 2)
+        assert len(judged["ratings"]) == used and (folder / reward_model.STATE_FILE).is_file()
 
 
 def summary(run_dir):

@@ -17,7 +17,9 @@ CAREFUL = UserProfile(0, "outcome", length_words=4, length_tolerance=2.0, rating
 
 def rollout_of(documents: int, group: int) -> Rollout:
     """``group`` samples of each of ``documents`` documents, as ``sample`` lays them out."""
-    examples = [data.Example(f"d{k}", "outcome", "text", "cats win big prizes") for k in range(documents)]
+    examples = [
+        data.Example(f"d{k}", "outcome", f"text {k}", "cats win big prizes") for k in range(documents)
+    ]
     texts = ["cats win", "cats win big prizes", "dogs", "cats win big prizes today"]
     size = documents * group
     zeros = torch.zeros(size, 3)
@@ -87,3 +89,50 @@ def test_a_budget_below_one_documents_samples_is_refused():
     with pytest.raises(ConfigError, match=r"ratings-per-round: 3 .* at least 4"):
         RunConfig.from_mapping({"feedback-algorithm": "ppo", "sft-rounds": 1, "ratings-per-round": 3})
     RunConfig.from_mapping({"feedback-algorithm": "dpo", "sft-rounds": 1, "ratings-per-round": 1})
+
+
+def test_a_learned_scorer_keeps_the_users_ratings_and_scores_the_rest(tiny_model, tokenizer):
+    from flhf_core import reward_model as rm
+    from flhf_core.algorithms.scorer import LearnedScorer
+
+    torch.manual_seed(0)
+    judgements = rm.Judgements([], [])
+    scorer = LearnedScorer(
+        CAREFUL, 8, 2, 4, rm.RewardModel.from_summarizer(tiny_model), tokenizer, judgements, 3, 1e-2, 64
+    )
+    rollout = rollout_of(4, 4)
+    rng = np.random.default_rng(0)
+    first = scorer.rate(rollout, rng)  # step 1 of 2: one document's 4 samples
+    assert scorer.used == len(judgements) == 4 and first.rated.sum().item() == 16  # all scored
+    asked = [(d, t) for d, t, _ in judgements.rated]
+    for i, (example, text) in enumerate(zip(rollout.examples, rollout.texts, strict=True)):
+        if (example.document, text) in asked:  # the user's own rating, as given
+            assert first.scores[i].item() == pytest.approx(judge(CAREFUL, text, example.summary).utility)
+    second = scorer.rate(rollout, rng)
+    assert scorer.used == len(judgements) == 8 and second.rated.sum().item() == 16
+    found = scorer.diagnostics()
+    assert set(found) <= {"reward-model-accuracy", "reward-model-correlation", "reward-model-gap"}
+    assert "reward-model-gap" in found
+    pairs = LearnedScorer(
+        CAREFUL,
+        2,
+        1,
+        1,
+        rm.RewardModel.from_summarizer(tiny_model),
+        tokenizer,
+        rm.Judgements([], []),
+        3,
+        1e-2,
+        64,
+    )
+    chosen = pairs.choose(rollout.texts, rollout.examples, np.random.default_rng(0))
+    assert pairs.used == 2 and len(pairs.judgements.chosen) == 2 and len(chosen) >= 2
+
+
+def test_a_reward_model_needs_a_budget_and_a_user_of_its_own():
+    feedback = {"feedback-algorithm": "ppo", "sft-rounds": 1, "reward-model": "personal"}
+    with pytest.raises(ConfigError, match=r"reward-model: 'personal' .* ratings-per-round > 0"):
+        RunConfig.from_mapping(feedback)
+    with pytest.raises(ConfigError, match="mode='centralized'"):
+        RunConfig.from_mapping({**feedback, "ratings-per-round": 8, "mode": "centralized"})
+    assert RunConfig.from_mapping({**feedback, "ratings-per-round": 8}).reward_model == "personal"

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from .. import reward_model as rm
 from ..data import Example
 from ..feedback import UserProfile, judge, judging_profile, prefers_first, score
 from .rollout import Rollout, RolloutFeedback
@@ -127,3 +129,108 @@ class Scorer:
             self.used += 1
             allowance -= 1
         return sorted(pairs, key=min)
+
+
+class LearnedScorer(Scorer):
+    """The user within the budget, and a learned reward model for every other sample.
+
+    Each step: the user judges its share (as :class:`Scorer`); those judgements join the ones
+    the user gave before (this round and earlier ones); the reward model takes ``fit_steps``
+    steps on all of them (:func:`~flhf_core.reward_model.fit`); then it scores every sample the
+    user did not judge: a rating is sigmoid(r), a pair goes to the higher r. Every sample is
+    then rated, and the algorithm cannot tell the user's ratings from the model's, as it could
+    not in deployment. Over the samples the model scored, ``diagnostics`` compares its
+    ratings with the true utility (:func:`~flhf_core.reward_model.diagnostics`).
+    """
+
+    def __init__(
+        self,
+        profile: UserProfile,
+        budget: int,
+        steps: int,
+        group_size: int,
+        reward_model: rm.RewardModel,
+        tokenizer: PreTrainedTokenizerBase,
+        judgements: rm.Judgements,
+        fit_steps: int,
+        learning_rate: float,
+        max_tokens: int,
+    ) -> None:
+        super().__init__(profile, budget, steps, group_size)
+        self.reward_model = reward_model
+        self.tokenizer = tokenizer
+        self.judgements = judgements
+        self.fit_steps = fit_steps
+        self.learning_rate = learning_rate
+        self.max_tokens = max_tokens
+        self._predicted: list[float] = []  # the model's ratings of samples the user did not judge
+        self._utility: list[float] = []  # their true utilities (diagnostics only)
+        self._groups: list[str] = []
+        self.losses: dict[str, float] = {}
+
+    def _refit(self, rng: np.random.Generator) -> None:
+        if len(self.judgements):
+            generator = np.random.default_rng(int(rng.integers(2**31)))
+            self.losses = rm.fit(
+                self.reward_model,
+                self.tokenizer,
+                self.judgements,
+                self.fit_steps,
+                self.learning_rate,
+                self.max_tokens,
+                rng=generator,
+            )
+
+    @torch.no_grad()
+    def _ratings(self, documents: list[str], texts: list[str]) -> torch.Tensor:
+        self.reward_model.eval()
+        return torch.sigmoid(rm.scores(self.reward_model, self.tokenizer, documents, texts, self.max_tokens))
+
+    def rate(self, rollout: Rollout, rng: np.random.Generator) -> RolloutFeedback:
+        asked = super().rate(rollout, rng)
+        judged = asked.rated.bool().tolist()
+        for i in (i for i, was in enumerate(judged) if was):
+            self.judgements.rated.append(
+                (rollout.examples[i].document, rollout.texts[i], float(asked.scores[i]))
+            )
+        self._refit(rng)
+        predicted = self._ratings([e.document for e in rollout.examples], rollout.texts).to(
+            asked.scores.device
+        )
+        others = [i for i, was in enumerate(judged) if not was]
+        self._predicted += predicted[others].tolist()
+        self._utility += asked.utility[others].tolist()
+        self._groups += [f"{self.step}/{rollout.examples[i].doc_id}" for i in others]
+        scores = torch.where(asked.rated.bool(), asked.scores, predicted.to(asked.scores.dtype))
+        return RolloutFeedback(scores, torch.ones_like(asked.rated), asked.utility)
+
+    def choose(
+        self, texts: list[str], examples: list[Example], rng: np.random.Generator
+    ) -> list[tuple[int, int]]:
+        answered = super().choose(texts, examples, rng)
+        for winner, loser in answered:
+            self.judgements.chosen.append((examples[winner].document, texts[winner], texts[loser]))
+        self._refit(rng)
+        predicted = self._ratings([e.document for e in examples], texts).tolist()
+        asked = {min(pair) for pair in answered}
+        pairs = list(answered)
+        for a in range(0, len(texts) - 1, 2):
+            if a in asked:
+                continue
+            b = a + 1
+            if predicted[a] == predicted[b]:
+                continue  # no preference (a reward model with nothing learned yet): no pair
+            pairs.append((a, b) if predicted[a] > predicted[b] else (b, a))
+            for i in (a, b):
+                user = judging_profile(examples[i], self.profile)
+                self._predicted.append(predicted[i])
+                self._utility.append(judge(user, texts[i], examples[i].summary).utility)
+                self._groups.append(f"{self.step}/{a}")
+        return sorted(pairs, key=min)
+
+    def diagnostics(self) -> dict[str, float]:
+        """The reward model against the true utility, over the samples it scored this round."""
+        if not self._predicted:
+            return {}
+        found = rm.diagnostics(self._predicted, self._utility, self._groups)
+        return {key: value for key, value in found.items() if np.isfinite(value)}
