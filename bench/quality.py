@@ -26,7 +26,9 @@ the model the user uses). Nothing there steers training. Per run (and seed):
   each user's true utility that the user prefers the method's summary of a document,
   sigmoid((u_method - u_fedavg-sft) / T_user), averaged over documents, then users;
 * ``rougeL``: ROUGE-L F1 (x100) against each user's preferred aspect, averaged the same way;
-* ``bytes``: bytes up and down per round; ``seconds``: the run's wall time here;
+* ``bytes``: bytes up and down per round; ``seconds``: the run's wall time here (null when
+  its ``bench.json`` says ``"contended": true``: it ran beside other work; ``--retime`` runs
+  it again alone, which changes no other figure: a run's figures depend only on its seed);
 * ``command``: the ``flhf run`` command line that reproduces the row.
 
 Each run goes to a scratch folder (``--results-dir``: models, checkpoints, logs). What the
@@ -171,10 +173,13 @@ def slug(method: str) -> str:
     return method.replace("/", "_")
 
 
-def completed(run_dir: Path) -> bool:
-    """Whether ``run_dir`` (a run's kept evidence) holds a completed run's files."""
+def completed(run_dir: Path, retime: bool = False) -> bool:
+    """Whether ``run_dir`` (a run's kept evidence) holds a completed run's files; with
+    ``retime``, also that its wall time was measured alone (not marked ``contended``)."""
     if not all((run_dir / name).is_file() for name in ("bench.json", *EVIDENCE_FILES)):
         return False  # bench.json is written last: without it the rest may be half-copied
+    if retime and json.loads((run_dir / "bench.json").read_text()).get("contended"):
+        return False
     return json.loads((run_dir / "summary.json").read_text()).get("status") == "completed"
 
 
@@ -258,10 +263,15 @@ def resolve(method: str, items: list[str], best: str | None) -> tuple[str, list[
 
 
 def missing(
-    evidence_dir: Path, seeds: tuple[int, ...], best: str | None, only: list[str] | None = None
+    evidence_dir: Path,
+    seeds: tuple[int, ...],
+    best: str | None,
+    only: list[str] | None = None,
+    retime: bool = False,
 ) -> tuple[list, int]:
     """The runs still to do that can be named now (of the methods ``only`` names, in its order,
-    if given), and how many wait for the best algorithm."""
+    if given; with ``retime``, also those whose wall time is marked contended), and how many
+    wait for the best algorithm."""
     todo, waiting = [], 0
     for method, items in methods().items():
         resolved = resolve(method, items, best)
@@ -274,7 +284,7 @@ def missing(
         todo += [
             (name, overrides, seed)
             for seed in seeds
-            if not completed(evidence_dir / slug(name) / f"seed-{seed}")
+            if not completed(evidence_dir / slug(name) / f"seed-{seed}", retime)
         ]
     if only is not None:
         todo.sort(key=lambda run: only.index(run[0]))
@@ -287,11 +297,13 @@ def run_matrix(
     seeds: tuple[int, ...],
     declared: str | None = None,
     only: list[str] | None = None,
+    retime: bool = False,
 ) -> None:
     """Every missing run: first those that need no best algorithm (they decide it), then the rest,
     until nothing that can be named is left (a failed run stops the matrix: its error shows)."""
     while True:
-        todo, _waiting = missing(evidence_dir, seeds, best_algorithm(evidence_dir, seeds, declared), only)
+        best = best_algorithm(evidence_dir, seeds, declared)
+        todo, _waiting = missing(evidence_dir, seeds, best, only, retime)
         if not todo:
             return
         for number, (name, overrides, seed) in enumerate(todo, start=1):
@@ -337,7 +349,8 @@ def collect(evidence_dir: Path, seeds: tuple[int, ...], declared: str | None = N
                     "method": name,
                     "seed": seed,
                     **figures,
-                    "seconds": bench["seconds"],
+                    # a wall time measured beside other work is no wall time: left out
+                    "seconds": None if bench.get("contended") else bench["seconds"],
                     "command": bench["command"],
                     "commit": bench.get("commit"),
                 }
@@ -462,6 +475,11 @@ def main() -> None:
     )
     parser.add_argument("--methods", nargs="+", help="run only these methods, in this order")
     parser.add_argument(
+        "--retime",
+        action="store_true",
+        help="also run again the runs whose bench.json is marked contended (timed beside other work)",
+    )
+    parser.add_argument(
         "--replace-table",
         action="store_true",
         help="write quality.json even if it then holds fewer rows than the committed one",
@@ -474,7 +492,7 @@ def main() -> None:
         plan(evidence_dir, seeds, args.best)
         return
     if not args.table_only:
-        run_matrix(results_dir, evidence_dir, seeds, args.best, args.methods)
+        run_matrix(results_dir, evidence_dir, seeds, args.best, args.methods, args.retime)
     rows = collect(evidence_dir, seeds, args.best)
     table = aggregate(rows)
     best = best_algorithm(evidence_dir, seeds, args.best)
@@ -499,7 +517,7 @@ def main() -> None:
             "best-algorithm": best,
             # False: declared with --best, its algorithm rows are not all in yet to confirm it
             "best-algorithm-confirmed": best_algorithm(evidence_dir, seeds) is not None,
-            "matrix-seconds": sum(r["seconds"] for r in rows),
+            "matrix-seconds": sum(r["seconds"] or 0.0 for r in rows),
             "methods": table,
             "targets": found,
         },
@@ -510,7 +528,7 @@ def main() -> None:
         print(
             f"- {'met' if item['met'] else 'MISSED'}: {item['target']}: {value} (target {item['threshold']})"
         )
-    print(f"{len(rows)} runs, {sum(r['seconds'] for r in rows) / 3600:.1f} h of wall time here")
+    print(f"{len(rows)} runs, {sum(r['seconds'] or 0.0 for r in rows) / 3600:.1f} h of wall time here")
 
 
 if __name__ == "__main__":

@@ -128,5 +128,14 @@ def test_the_evidence_outlives_the_scratch_runs_and_decides_the_best_algorithm(t
     assert quality.best_algorithm(evidence, (0, 1), declared="ppo") == "ppo"  # seed 1's rows are not in
     todo, _ = quality.missing(evidence, (0,), "reinforce", only=["reinforce/qfedavg/none", "local-only"])
     assert [name for name, _, _ in todo] == ["reinforce/qfedavg/none", "local-only"]
+    # a wall time measured beside other work: left out of the table, and run again with --retime
+    marked = evidence / quality.slug("ppo/none/none") / "seed-0" / "bench.json"
+    marked.write_text(json.dumps({**json.loads(marked.read_text()), "contended": True}))
+    row = next(r for r in quality.collect(evidence, (0,)) if r["method"] == "ppo/none/none")
+    assert row["seconds"] is None and row["reward"] == pytest.approx(0.25)
+    assert "seconds" not in quality.aggregate([row])["ppo/none/none"]
+    assert not quality.missing(evidence, (0,), "reinforce", only=["ppo/none/none"])[0]
+    retimed, _ = quality.missing(evidence, (0,), "reinforce", only=["ppo/none/none"], retime=True)
+    assert [(name, seed) for name, _, seed in retimed] == [("ppo/none/none", 0)]
     with pytest.raises(ValueError, match="no feedback round"):
         quality.selection_score([{"scope": "server", "phase": "sft", "train-reward": 1.0}])
