@@ -286,13 +286,19 @@ def local_feedback(session: UserSession) -> dict[str, float]:
         # one learner: the steps of every user a federated round samples, one after another
         sampled = max(1, int(session.num_users * config.fraction_train))
         feedback = replace(feedback, steps=feedback.steps * sampled)
+        budget_scale = sampled  # and the judgements of every such user
+    else:
+        budget_scale = 1
     if not session.data.feedback:
         raise ValueError(f"user {session.user} holds no documents to give feedback on")
     update = FEEDBACK_ALGORITHMS[config.feedback_algorithm]
     rng = np.random.default_rng(round_seed(session, 2))
-    budget = (session.profile, config.ratings_per_round, feedback.steps, feedback.samples_per_prompt)
+    ratings = config.ratings_per_round * budget_scale
+    budget = (session.profile, ratings, feedback.steps, feedback.samples_per_prompt)
     if config.reward_model == "personal":  # it never leaves the client
-        learned, judgements = reward_model.restore(session.context, session.state_folder, session.model)
+        learned, judgements = reward_model.restore(
+            session.context, session.state_folder, session.model, session.server_round
+        )
         scorer: Scorer = LearnedScorer(
             *budget,
             learned,
@@ -311,7 +317,13 @@ def local_feedback(session: UserSession) -> dict[str, float]:
         "train-ratings-used": float(scorer.used),
     }
     if isinstance(scorer, LearnedScorer):
-        reward_model.keep(session.context, session.state_folder, scorer.reward_model, scorer.judgements)
+        reward_model.keep(
+            session.context,
+            session.state_folder,
+            scorer.reward_model,
+            scorer.judgements,
+            session.server_round,
+        )
         metrics.update(scorer.diagnostics())
         metrics.update({f"train-reward-model-{k}": v for k, v in scorer.losses.items()})
         metrics["train-reward-model-judgements"] = float(len(scorer.judgements))

@@ -9,8 +9,8 @@ from a few dozen judgements per user, which it cannot. The summarizer's encoder 
 trained on the corpus in the supervised rounds, so it already represents papers and
 summaries in their vocabulary; the judgements then only have to fit a head and nudge the
 encoder. It is a *copy*, never shared weights: the policy update must not move the reward
-model (that would let the policy edit its own judge), and the reward model travels, averages
-or clusters on its own (its own ArrayRecord), apart from the policy.
+model (that would let the policy edit its own judge), and the reward model can be kept,
+and later averaged or clustered, on its own, apart from the policy.
 
     input   "summary: <y> document: <x>"   (the summary first, so truncation never cuts it)
     h       = mean over tokens of the encoder's last hidden states
@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,12 +49,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .model import parameters_to_record, record_to_parameters
-from .tracking import atomic_write_json
 
 
 class RewardModel(nn.Module):
@@ -133,17 +135,17 @@ def fit(
     tokenizer: PreTrainedTokenizerBase,
     judgements: Judgements,
     steps: int,
-    learning_rate: float,
+    optimizer: torch.optim.Optimizer,
     max_tokens: int,
     batch_size: int = 16,
     rng: np.random.Generator | None = None,
 ) -> dict[str, float]:
-    """``steps`` AdamW steps on minibatches of the user's judgements (ratings and pairs alike);
-    returns the losses of the last step (0 where a kind is absent)."""
+    """``steps`` optimizer steps on minibatches of the user's judgements (ratings and pairs
+    alike); returns the losses of the last step (0 where a kind is absent). The caller keeps
+    ``optimizer`` across calls of a round, so its moment estimates are not reset each time."""
     if not len(judgements):
         return {"rating-loss": 0.0, "pair-loss": 0.0}
     rng = rng or np.random.default_rng(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     model.train()
     items = [("rated", i) for i in range(len(judgements.rated))]
     items += [("chosen", i) for i in range(len(judgements.chosen))]
@@ -181,15 +183,16 @@ def fit(
 def pairwise_accuracy(
     predicted: Sequence[float], utility: Sequence[float], groups: Sequence[object]
 ) -> float:
-    """Share of same-group pairs with different true utility that ``predicted`` orders alike
-    (NaN when there is no such pair)."""
-    agree, total = 0, 0
+    """Share of same-group pairs with different true utility that ``predicted`` orders alike,
+    a tie counting one half (chance is 0.5; NaN when there is no such pair)."""
+    agree, total = 0.0, 0
     for i in range(len(utility)):
         for j in range(i + 1, len(utility)):
             if groups[i] != groups[j] or utility[i] == utility[j]:
                 continue
             total += 1
-            agree += (predicted[i] - predicted[j]) * (utility[i] - utility[j]) > 0
+            product = (predicted[i] - predicted[j]) * (utility[i] - utility[j])
+            agree += 1.0 if product > 0 else 0.5 if product == 0 else 0.0  # a tie is a coin flip
     return agree / total if total else float("nan")
 
 
@@ -217,22 +220,21 @@ def diagnostics(
 # The user's reward model and judgements across rounds (``reward-model = personal``)
 # --------------------------------------------------------------------------
 STATE_RECORD = "reward-model"  # ArrayRecord in Context.state
-JUDGEMENTS_RECORD = "reward-judgements"  # ConfigRecord in Context.state
-STATE_FILE = "reward-model.safetensors"
-JUDGEMENTS_FILE = "reward-judgements.json"
+JUDGEMENTS_RECORD = "reward-judgements"  # ConfigRecord in Context.state (with the round)
+STATE_FILE = "reward-model.safetensors"  # parameters, with the judgements and round as metadata
+
+log = logging.getLogger("flwr")
 
 
-def judgements_to_record(judgements: Judgements) -> ConfigRecord:
-    return ConfigRecord(
-        {
-            "rated-documents": [d for d, _, _ in judgements.rated],
-            "rated-summaries": [s for _, s, _ in judgements.rated],
-            "ratings": [float(r) for _, _, r in judgements.rated],
-            "chosen-documents": [d for d, _, _ in judgements.chosen],
-            "winners": [w for _, w, _ in judgements.chosen],
-            "losers": [lo for _, _, lo in judgements.chosen],
-        }
-    )
+def judgements_to_mapping(judgements: Judgements) -> dict[str, list]:
+    return {
+        "rated-documents": [d for d, _, _ in judgements.rated],
+        "rated-summaries": [s for _, s, _ in judgements.rated],
+        "ratings": [float(r) for _, _, r in judgements.rated],
+        "chosen-documents": [d for d, _, _ in judgements.chosen],
+        "winners": [w for _, w, _ in judgements.chosen],
+        "losers": [lo for _, _, lo in judgements.chosen],
+    }
 
 
 def judgements_from_mapping(mapping) -> Judgements:
@@ -249,30 +251,51 @@ def judgements_from_mapping(mapping) -> Judgements:
     )
 
 
-def keep(context: Context, folder: Path, model: RewardModel, judgements: Judgements) -> None:
-    """The user's reward model and judgements: in Context.state, and in ``folder`` (atomically:
-    the judgements file last, so a reward-model file without them is never read as whole)."""
+def keep(
+    context: Context, folder: Path, model: RewardModel, judgements: Judgements, server_round: int
+) -> Path:
+    """The user's reward model and judgements after ``server_round``: in Context.state, and in
+    one file of ``folder`` (written atomically: parameters and judgements never disagree)."""
     record = parameters_to_record(model)
+    mapping = judgements_to_mapping(judgements)
     context.state[STATE_RECORD] = record
-    context.state[JUDGEMENTS_RECORD] = judgements_to_record(judgements)
+    context.state[JUDGEMENTS_RECORD] = ConfigRecord({**mapping, "round": server_round})
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / JUDGEMENTS_FILE).unlink(missing_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as handle:
         temporary = Path(handle.name)
-    save_file({name: array.numpy() for name, array in record.items()}, str(temporary))
+    metadata = {"judgements": json.dumps(mapping), "round": str(server_round)}
+    save_file({name: array.numpy() for name, array in record.items()}, str(temporary), metadata=metadata)
     os.replace(temporary, folder / STATE_FILE)
-    atomic_write_json(folder / JUDGEMENTS_FILE, dict(judgements_to_record(judgements)))
+    return folder / STATE_FILE
 
 
-def restore(context: Context, folder: Path, summarizer: PreTrainedModel) -> tuple[RewardModel, Judgements]:
-    """The user's reward model and judgements: from Context.state, else ``folder``, else a new
-    reward model (the received summarizer's encoder, an indifferent head) with no judgements."""
+def restore(
+    context: Context, folder: Path, summarizer: PreTrainedModel, server_round: int
+) -> tuple[RewardModel, Judgements]:
+    """The user's reward model and judgements from before ``server_round``: from Context.state,
+    else from ``folder``'s file, else a new reward model (the received summarizer's encoder,
+    an indifferent head) with no judgements. A file that cannot be used is reported, kept
+    aside as ``*.corrupt``, and the user starts again."""
     model = RewardModel.from_summarizer(summarizer)
-    if STATE_RECORD in context.state.array_records and JUDGEMENTS_RECORD in context.state.config_records:
+    saved = context.state.config_records.get(JUDGEMENTS_RECORD)
+    if (
+        saved is not None
+        and STATE_RECORD in context.state.array_records
+        and int(saved["round"]) < server_round
+    ):
         record_to_parameters(model, context.state.array_records[STATE_RECORD])
-        return model, judgements_from_mapping(context.state.config_records[JUDGEMENTS_RECORD])
-    if (folder / JUDGEMENTS_FILE).is_file() and (folder / STATE_FILE).is_file():
-        arrays = load_file(str(folder / STATE_FILE))
-        record_to_parameters(model, ArrayRecord({k: Array(v) for k, v in arrays.items()}))
-        return model, judgements_from_mapping(json.loads((folder / JUDGEMENTS_FILE).read_text()))
+        return model, judgements_from_mapping(saved)
+    path = folder / STATE_FILE
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="numpy") as handle:
+                metadata = handle.metadata() or {}
+                arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            if int(metadata["round"]) < server_round:
+                record_to_parameters(model, ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+                return model, judgements_from_mapping(json.loads(metadata["judgements"]))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+            log.warning("reward model %s cannot be used (%s): kept as .corrupt, starting again", path, error)
+            shutil.copyfile(path, path.with_suffix(".corrupt"))
+            model = RewardModel.from_summarizer(summarizer)
     return model, Judgements([], [])

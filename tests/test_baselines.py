@@ -7,6 +7,7 @@ import json
 
 import pytest
 from conftest import SHORT_TEXTS
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from flhf_core import cli, personal, reward_model
@@ -52,10 +53,12 @@ def test_the_feedback_budget_is_kept_and_a_personal_reward_model_scores_the_rest
         else:
             assert "reward-model-gap" not in row
     for user in (0, 1):
-        folder = runs["federated"] / "users" / f"user-{user}"
-        judged = json.loads((folder / reward_model.JUDGEMENTS_FILE).read_text())
+        with safe_open(
+            str(runs["federated"] / "users" / f"user-{user}" / reward_model.STATE_FILE), "np"
+        ) as kept:
+            judged = json.loads(kept.metadata()["judgements"])
         used = next(r["train-ratings-used"] for r in trained if r.get("client") == user and r["round"] == 2)
-        assert len(judged["ratings"]) == used and (folder / reward_model.STATE_FILE).is_file()
+        assert len(judged["ratings"]) == used
 
 
 def summary(run_dir):

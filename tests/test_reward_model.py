@@ -36,6 +36,7 @@ def test_diagnostics_by_hand():
     assert found["reward-model-gap"] == pytest.approx(np.mean(predicted) - np.mean(utility))
     assert found["reward-model-correlation"] == pytest.approx(np.corrcoef(predicted, utility)[0, 1])
     assert math.isnan(rm.pairwise_accuracy([1, 2], [0.5, 0.5], ["a", "a"]))
+    assert rm.pairwise_accuracy([0.5, 0.5], [0.1, 0.2], ["a", "a"]) == 0.5  # indifferent: chance
     assert math.isnan(rm.correlation([1, 1], [0.1, 0.2]))
 
 
@@ -59,10 +60,31 @@ def test_fitting_learns_what_the_user_prefers(tiny_model, tokenizer):
         chosen=[(d, good, bad) for d in documents[4:6]],
     )
     assert len(judged) == 10
-    losses = rm.fit(model, tokenizer, judged, steps=40, learning_rate=3e-3, max_tokens=64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = rm.fit(model, tokenizer, judged, steps=40, optimizer=optimizer, max_tokens=64)
     assert losses["rating-loss"] < 0.05 and losses["pair-loss"] < 0.3
     with torch.no_grad():
         unseen = documents[6:]
         better = rm.scores(model, tokenizer, unseen, ["the parser of the language"] * 2, 64)
         worse = rm.scores(model, tokenizer, unseen, ["the weather results"] * 2, 64)
     assert (better > worse).all()
+
+
+def test_kept_state_is_restored_only_by_a_later_round_and_a_bad_file_is_set_aside(tiny_model, tmp_path):
+    from flwr.app import Context, RecordDict
+
+    def context():
+        return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    model = rm.RewardModel.from_summarizer(tiny_model)
+    torch.nn.init.constant_(model.head.bias, 0.25)
+    judged = rm.Judgements(rated=[("doc", "a summary", 0.7)], chosen=[("doc", "good", "bad")])
+    rm.keep(context(), tmp_path, model, judged, server_round=3)
+    # a new process (a fresh Context) reads the file; round 3 itself (a replay) does not
+    found, again = rm.restore(context(), tmp_path, tiny_model, server_round=4)
+    assert found.head.bias.item() == pytest.approx(0.25) and again == judged
+    fresh, none = rm.restore(context(), tmp_path, tiny_model, server_round=3)
+    assert fresh.head.bias.item() == 0.0 and len(none) == 0
+    (tmp_path / rm.STATE_FILE).write_bytes(b"not a safetensors file")
+    fresh, none = rm.restore(context(), tmp_path, tiny_model, server_round=4)
+    assert len(none) == 0 and (tmp_path / "reward-model.corrupt").is_file()

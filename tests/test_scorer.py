@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from flhf_core import data
 from flhf_core.algorithms.rollout import Rollout
 from flhf_core.algorithms.scorer import Scorer
 from flhf_core.config import ConfigError, RunConfig
-from flhf_core.feedback import UserProfile, judge, prefers_first, score
+from flhf_core.feedback import PooledExample, UserProfile, judge, judging_profile, prefers_first, score
 
 CAREFUL = UserProfile(0, "outcome", length_words=4, length_tolerance=2.0, rating_noise=0.0)
 
@@ -34,17 +36,31 @@ def rollout_of(documents: int, group: int) -> Rollout:
     )
 
 
-def test_unlimited_rates_every_sample_as_the_user_always_did():
-    """Budget 0 draws the same random numbers in the same order as the user rating every sample."""
+LAZY = UserProfile(1, "outcome", length_words=6, rating_noise=0.1, rating_rate=0.6)
+
+
+def pooled_rollout() -> Rollout:
+    """Three documents of 4 samples; the second one pooled from another user (centralized)."""
     rollout = rollout_of(3, 4)
-    feedback = Scorer(CAREFUL).rate(rollout, np.random.default_rng(5))
-    rng = np.random.default_rng(5)
-    expected = [
-        score(CAREFUL, judge(CAREFUL, t, e.summary).utility, rng)
-        for t, e in zip(rollout.texts, rollout.examples, strict=True)
-    ]
-    assert feedback.scores.tolist() == pytest.approx(expected)
-    assert feedback.rated.sum().item() == 12
+    other = UserProfile(2, "outcome", length_words=2, rating_noise=0.05, rating_rate=0.8)
+    pooled = [PooledExample(*dataclasses.astuple(e), profile=other) for e in rollout.examples[4:8]]
+    return dataclasses.replace(rollout, examples=[*rollout.examples[:4], *pooled, *rollout.examples[8:]])
+
+
+def test_unlimited_draws_exactly_what_the_user_rating_every_sample_drew():
+    """Budget 0 reproduces the code before budgets (seeded runs stay bit for bit): the same
+    ratings from the same random draws in the same order, the generator left in the same state."""
+    rollout = pooled_rollout()
+    ours = np.random.default_rng(5)
+    feedback = Scorer(LAZY).rate(rollout, ours)
+    theirs = np.random.default_rng(5)
+    expected = []
+    for example, text in zip(rollout.examples, rollout.texts, strict=True):  # the old rollout.rate
+        user = judging_profile(example, LAZY)
+        expected.append(score(user, judge(user, text, example.summary).utility, theirs))
+    assert feedback.scores.tolist() == pytest.approx([0.0 if r is None else r for r in expected])
+    assert feedback.rated.tolist() == [float(r is not None) for r in expected]
+    assert ours.random() == theirs.random()
 
 
 @pytest.mark.parametrize(("budget", "steps"), [(8, 10), (12, 3), (5, 2), (32, 10)])
@@ -70,15 +86,18 @@ def test_a_declined_request_costs_nothing():
 
 
 def test_pairwise_choices_count_against_the_same_budget():
-    rollout = rollout_of(4, 4)
-    unlimited = Scorer(CAREFUL).choose(rollout.texts, rollout.examples, np.random.default_rng(3))
-    rng = np.random.default_rng(3)  # the same draws as a user answering every pair in order
+    rollout = pooled_rollout()
+    ours = np.random.default_rng(3)
+    unlimited = Scorer(LAZY).choose(rollout.texts, rollout.examples, ours)
+    theirs = np.random.default_rng(3)
     expected = []
-    for a in range(0, 16, 2):
-        rng.random()
-        u_a, u_b = (judge(CAREFUL, rollout.texts[i], rollout.examples[i].summary).utility for i in (a, a + 1))
-        expected.append((a, a + 1) if prefers_first(CAREFUL, u_a, u_b, rng) else (a + 1, a))
-    assert unlimited == expected
+    for a in range(0, len(rollout.texts) - 1, 2):  # the old dpo.preference_pairs
+        user = judging_profile(rollout.examples[a], LAZY)
+        if theirs.random() >= user.rating_rate:
+            continue
+        u_a, u_b = (judge(user, rollout.texts[i], rollout.examples[i].summary).utility for i in (a, a + 1))
+        expected.append((a, a + 1) if prefers_first(user, u_a, u_b, theirs) else (a + 1, a))
+    assert unlimited == expected and ours.random() == theirs.random()
     scorer = Scorer(CAREFUL, budget=3, steps=2)
     first = scorer.choose(rollout.texts, rollout.examples, np.random.default_rng(0))
     second = scorer.choose(rollout.texts, rollout.examples, np.random.default_rng(1))
@@ -91,42 +110,42 @@ def test_a_budget_below_one_documents_samples_is_refused():
     RunConfig.from_mapping({"feedback-algorithm": "dpo", "sft-rounds": 1, "ratings-per-round": 1})
 
 
-def test_a_learned_scorer_keeps_the_users_ratings_and_scores_the_rest(tiny_model, tokenizer):
+def test_a_learned_scorer_scores_only_the_documents_the_user_did_not_judge(tiny_model, tokenizer):
     from flhf_core import reward_model as rm
     from flhf_core.algorithms.scorer import LearnedScorer
 
+    def learned(budget, steps, group, judgements=None):
+        model = rm.RewardModel.from_summarizer(tiny_model)
+        return LearnedScorer(
+            CAREFUL, budget, steps, group, model, tokenizer, judgements or rm.Judgements([], []), 3, 1e-2, 64
+        )
+
     torch.manual_seed(0)
-    judgements = rm.Judgements([], [])
-    scorer = LearnedScorer(
-        CAREFUL, 8, 2, 4, rm.RewardModel.from_summarizer(tiny_model), tokenizer, judgements, 3, 1e-2, 64
-    )
     rollout = rollout_of(4, 4)
-    rng = np.random.default_rng(0)
-    first = scorer.rate(rollout, rng)  # step 1 of 2: one document's 4 samples
-    assert scorer.used == len(judgements) == 4 and first.rated.sum().item() == 16  # all scored
-    asked = [(d, t) for d, t, _ in judgements.rated]
-    for i, (example, text) in enumerate(zip(rollout.examples, rollout.texts, strict=True)):
-        if (example.document, text) in asked:  # the user's own rating, as given
-            assert first.scores[i].item() == pytest.approx(judge(CAREFUL, text, example.summary).utility)
-    second = scorer.rate(rollout, rng)
-    assert scorer.used == len(judgements) == 8 and second.rated.sum().item() == 16
-    found = scorer.diagnostics()
-    assert set(found) <= {"reward-model-accuracy", "reward-model-correlation", "reward-model-gap"}
-    assert "reward-model-gap" in found
-    pairs = LearnedScorer(
-        CAREFUL,
-        2,
-        1,
-        1,
-        rm.RewardModel.from_summarizer(tiny_model),
-        tokenizer,
-        rm.Judgements([], []),
-        3,
-        1e-2,
-        64,
-    )
+    nothing_yet = learned(8, 4, 4).rate(rollout, np.random.default_rng(0))  # step 1 of 4: no budget
+    assert nothing_yet.rated.sum().item() == 0  # a model that learned nothing scores nothing
+    scorer = learned(6, 1, 4)
+    feedback = scorer.rate(rollout, np.random.default_rng(0))  # one whole document and 2 of another
+    by_document = feedback.rated.view(4, 4).sum(dim=1).tolist()
+    user = [len([1 for d, _, _ in scorer.judgements.rated if d == f"text {k}"]) for k in range(4)]
+    assert sorted(user) == [0, 0, 2, 4] and scorer.used == 6
+    for k in range(4):  # the user's documents keep its ratings alone; the model fills the others
+        assert by_document[k] == (user[k] if user[k] else 4)
+        for i in range(4 * k, 4 * k + 4):
+            if user[k] and feedback.rated[i]:
+                text = rollout.texts[i]
+                assert feedback.scores[i].item() == pytest.approx(
+                    judge(CAREFUL, text, "cats win big prizes").utility
+                )
+    assert set(scorer.diagnostics()) == {
+        "reward-model-accuracy",
+        "reward-model-correlation",
+        "reward-model-gap",
+    }
+    pairs = learned(2, 1, 1)
     chosen = pairs.choose(rollout.texts, rollout.examples, np.random.default_rng(0))
-    assert pairs.used == 2 and len(pairs.judgements.chosen) == 2 and len(chosen) >= 2
+    assert pairs.used == 2 and len(pairs.judgements.chosen) == 2 and len(chosen) == 8
+    assert "reward-model-gap" not in pairs.diagnostics()  # learned from pairs alone: no scale
 
 
 def test_a_reward_model_needs_a_budget_and_a_user_of_its_own():

@@ -9,8 +9,10 @@ with π_ref the model received this round:
     h(θ) = β * [ (log π_θ(y_w|x) - log π_ref(y_w|x)) - (log π_θ(y_l|x) - log π_ref(y_l|x)) ]
     L(θ) = - mean log σ(h(θ))
 
-The n samples of a document form n/2 disjoint pairs; the user answers a pair with
-probability ``rating_rate`` and chooses by the Bradley-Terry model of their profile.
+The n samples of a document form n/2 disjoint pairs; the scorer (``scorer.py``) returns
+the pairs answered: by the user, who answers with probability ``rating_rate`` (within
+``ratings-per-round``, if set) and chooses by the Bradley-Terry model of their profile, or
+by a learned reward model for the pairs the user was not asked about.
 Logged: the share of pairs where the implicit reward ranks the winner first.
 """
 

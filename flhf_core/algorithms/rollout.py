@@ -1,5 +1,5 @@
 """What every feedback algorithm shares: sampling summaries, their log-probabilities,
-asking the simulated user, and the hyperparameters.
+and the hyperparameters (asking the user is the scorer's job: ``scorer.py``).
 
 A *rollout* is ``samples_per_prompt`` summaries sampled for each of a few documents,
 with the token ids the policy produced. Log-probabilities are recomputed by teacher

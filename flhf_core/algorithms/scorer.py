@@ -75,7 +75,7 @@ class Scorer:
             for u, t, e in zip(users, rollout.texts, rollout.examples, strict=True)
         ]
         scores, rated = [0.0] * len(utilities), [0.0] * len(utilities)
-        for i in self._rating_order(rollout.examples, rng, allowance):
+        for i in self._rating_order(rollout.examples, rng, allowance, self.group_size):
             if allowance == 0:
                 break
             rating = score(users[i], utilities[i], rng)
@@ -92,17 +92,17 @@ class Scorer:
         )
 
     @staticmethod
-    def _rating_order(examples: list[Example], rng: np.random.Generator, allowance: int) -> list[int]:
+    def _rating_order(
+        examples: list[Example], rng: np.random.Generator, allowance: int, group_size: int
+    ) -> list[int]:
         """Sample indices in the order the user is asked: every sample, in order, when
         unlimited; else documents in random order, each document's samples together."""
         if allowance < 0:
             return list(range(len(examples)))
-        groups: list[list[int]] = []
-        for i, example in enumerate(examples):  # the samples of one prompt are contiguous
-            if not groups or example.doc_id != examples[i - 1].doc_id:
-                groups.append([])
-            groups[-1].append(i)
-        rng.shuffle(groups)
+        groups = [
+            list(range(g, min(g + group_size, len(examples)))) for g in range(0, len(examples), group_size)
+        ]
+        rng.shuffle(groups)  # the samples of one prompt are contiguous (see rollout.sample)
         return [i for group in groups for i in group]
 
     # --- pairwise choices ---------------------------------------------------
@@ -132,15 +132,21 @@ class Scorer:
 
 
 class LearnedScorer(Scorer):
-    """The user within the budget, and a learned reward model for every other sample.
+    """The user within the budget, and a learned reward model for the documents the user did
+    not judge.
 
     Each step: the user judges its share (as :class:`Scorer`); those judgements join the ones
-    the user gave before (this round and earlier ones); the reward model takes ``fit_steps``
-    steps on all of them (:func:`~flhf_core.reward_model.fit`); then it scores every sample the
-    user did not judge: a rating is sigmoid(r), a pair goes to the higher r. Every sample is
-    then rated, and the algorithm cannot tell the user's ratings from the model's, as it could
-    not in deployment. Over the samples the model scored, ``diagnostics`` compares its
-    ratings with the true utility (:func:`~flhf_core.reward_model.diagnostics`).
+    the user gave before (this round and earlier ones); when new ones arrived, the reward
+    model takes ``fit_steps`` more steps on all of them (one AdamW optimizer per round,
+    :func:`~flhf_core.reward_model.fit`). Then it scores the samples of every document the user
+    rated none of (a rating is sigmoid(r)), and decides every pair the user did not answer
+    (the higher r wins; a tie is no pair). A document the user rated in part keeps the user's
+    ratings alone: the model's calibration error must not become a leave-one-out advantage.
+    Until the user has judged anything, the model knows nothing and scores nothing.
+
+    ``diagnostics``: over the samples the model scored this round, its ratings against the
+    true utility (:func:`~flhf_core.reward_model.diagnostics`); the gap only when it learned
+    from ratings (pairs leave the scale of r free).
     """
 
     def __init__(
@@ -161,22 +167,22 @@ class LearnedScorer(Scorer):
         self.tokenizer = tokenizer
         self.judgements = judgements
         self.fit_steps = fit_steps
-        self.learning_rate = learning_rate
         self.max_tokens = max_tokens
+        self.optimizer = torch.optim.AdamW(reward_model.parameters(), lr=learning_rate)
         self._predicted: list[float] = []  # the model's ratings of samples the user did not judge
         self._utility: list[float] = []  # their true utilities (diagnostics only)
         self._groups: list[str] = []
         self.losses: dict[str, float] = {}
 
-    def _refit(self, rng: np.random.Generator) -> None:
-        if len(self.judgements):
+    def _refit(self, new_judgements: int, rng: np.random.Generator) -> None:
+        if new_judgements:
             generator = np.random.default_rng(int(rng.integers(2**31)))
             self.losses = rm.fit(
                 self.reward_model,
                 self.tokenizer,
                 self.judgements,
                 self.fit_steps,
-                self.learning_rate,
+                self.optimizer,
                 self.max_tokens,
                 rng=generator,
             )
@@ -186,6 +192,11 @@ class LearnedScorer(Scorer):
         self.reward_model.eval()
         return torch.sigmoid(rm.scores(self.reward_model, self.tokenizer, documents, texts, self.max_tokens))
 
+    def _note(self, predicted: list[float], utility: list[float], group: str) -> None:
+        self._predicted += predicted
+        self._utility += utility
+        self._groups += [group] * len(predicted)
+
     def rate(self, rollout: Rollout, rng: np.random.Generator) -> RolloutFeedback:
         asked = super().rate(rollout, rng)
         judged = asked.rated.bool().tolist()
@@ -193,16 +204,27 @@ class LearnedScorer(Scorer):
             self.judgements.rated.append(
                 (rollout.examples[i].document, rollout.texts[i], float(asked.scores[i]))
             )
-        self._refit(rng)
-        predicted = self._ratings([e.document for e in rollout.examples], rollout.texts).to(
-            asked.scores.device
-        )
-        others = [i for i, was in enumerate(judged) if not was]
-        self._predicted += predicted[others].tolist()
-        self._utility += asked.utility[others].tolist()
-        self._groups += [f"{self.step}/{rollout.examples[i].doc_id}" for i in others]
-        scores = torch.where(asked.rated.bool(), asked.scores, predicted.to(asked.scores.dtype))
-        return RolloutFeedback(scores, torch.ones_like(asked.rated), asked.utility)
+        self._refit(sum(judged), rng)
+        if not len(self.judgements):
+            return asked
+        scores, rated = asked.scores.clone(), asked.rated.clone()
+        n = self.group_size
+        unjudged = [g for g in range(0, len(judged), n) if not any(judged[g : g + n])]
+        if unjudged:
+            members = [i for g in unjudged for i in range(g, min(g + n, len(judged)))]
+            predicted = self._ratings(
+                [rollout.examples[i].document for i in members], [rollout.texts[i] for i in members]
+            )
+            scores[members] = predicted.to(scores.device, scores.dtype)
+            rated[members] = 1.0
+            for g in unjudged:
+                group = [k for k, i in enumerate(members) if g <= i < g + n]
+                self._note(
+                    [float(predicted[k]) for k in group],
+                    [float(asked.utility[members[k]]) for k in group],
+                    f"{self.step}/{g}",
+                )
+        return RolloutFeedback(scores, rated, asked.utility)
 
     def choose(
         self, texts: list[str], examples: list[Example], rng: np.random.Generator
@@ -210,22 +232,25 @@ class LearnedScorer(Scorer):
         answered = super().choose(texts, examples, rng)
         for winner, loser in answered:
             self.judgements.chosen.append((examples[winner].document, texts[winner], texts[loser]))
-        self._refit(rng)
-        predicted = self._ratings([e.document for e in examples], texts).tolist()
+        self._refit(len(answered), rng)
+        if not len(self.judgements):
+            return answered
         asked = {min(pair) for pair in answered}
+        open_pairs = [a for a in range(0, len(texts) - 1, 2) if a not in asked]
+        members = [i for a in open_pairs for i in (a, a + 1)]
+        predicted = self._ratings(
+            [examples[i].document for i in members], [texts[i] for i in members]
+        ).tolist()
         pairs = list(answered)
-        for a in range(0, len(texts) - 1, 2):
-            if a in asked:
-                continue
-            b = a + 1
-            if predicted[a] == predicted[b]:
-                continue  # no preference (a reward model with nothing learned yet): no pair
-            pairs.append((a, b) if predicted[a] > predicted[b] else (b, a))
-            for i in (a, b):
-                user = judging_profile(examples[i], self.profile)
-                self._predicted.append(predicted[i])
-                self._utility.append(judge(user, texts[i], examples[i].summary).utility)
-                self._groups.append(f"{self.step}/{a}")
+        for k, a in enumerate(open_pairs):
+            score_a, score_b = predicted[2 * k], predicted[2 * k + 1]
+            utilities = [
+                judge(judging_profile(examples[i], self.profile), texts[i], examples[i].summary).utility
+                for i in (a, a + 1)
+            ]
+            self._note([score_a, score_b], utilities, f"{self.step}/{a}")
+            if score_a != score_b:  # a tie (nothing learned to tell them apart) is no pair
+                pairs.append((a, a + 1) if score_a > score_b else (a + 1, a))
         return sorted(pairs, key=min)
 
     def diagnostics(self) -> dict[str, float]:
@@ -233,4 +258,6 @@ class LearnedScorer(Scorer):
         if not self._predicted:
             return {}
         found = rm.diagnostics(self._predicted, self._utility, self._groups)
+        if not self.judgements.rated:  # learned from pairs alone: its scale is arbitrary
+            found.pop("reward-model-gap")
         return {key: value for key, value in found.items() if np.isfinite(value)}
