@@ -488,6 +488,12 @@ def main() -> None:
     results_dir = (PROJECT_DIR / args.results_dir).resolve()
     evidence_dir = (PROJECT_DIR / args.evidence_dir).resolve()
     seeds = tuple(args.seeds)
+    if args.methods:
+        best = best_algorithm(evidence_dir, seeds, args.best)
+        known = {resolved[0] for m, i in methods().items() if (resolved := resolve(m, i, best))}
+        unknown = [m for m in args.methods if m not in known]
+        if unknown:
+            raise SystemExit(f"--methods: {unknown} are not in the matrix; known now: {sorted(known)}")
     if args.plan:
         plan(evidence_dir, seeds, args.best)
         return
