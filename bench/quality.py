@@ -219,7 +219,16 @@ def run_one(results_dir: Path, evidence_dir: Path, method: str, items: list[str]
     }
     if json.loads((run_dir / "config.json").read_text())["feedback-algorithm"] != "sft":
         bench["selection-score"] = selection_score(read_metrics(run_dir / "metrics.jsonl"))
-    keep_evidence(run_dir, evidence_dir / slug(method) / f"seed-{seed}", bench)
+    evidence = evidence_dir / slug(method) / f"seed-{seed}"
+    kept = evidence / "judgements.json"
+    if kept.is_file() and json.loads(kept.read_text()) != json.loads(
+        (run_dir / "judgements.json").read_text()
+    ):
+        raise RuntimeError(  # a retimed run must reproduce its figures: its seed alone decides them
+            f"{method} seed {seed} ran again and judged differently from its kept evidence in {evidence}: "
+            f"the run is not deterministic here; the new run is in {run_dir}, the evidence is unchanged"
+        )
+    keep_evidence(run_dir, evidence, bench)
     print(f"{method} seed {seed}: {seconds:.0f} s", flush=True)
 
 
