@@ -139,3 +139,30 @@ def test_the_evidence_outlives_the_scratch_runs_and_decides_the_best_algorithm(t
     assert [(name, seed) for name, _, seed in retimed] == [("ppo/none/none", 0)]
     with pytest.raises(ValueError, match="no feedback round"):
         quality.selection_score([{"scope": "server", "phase": "sft", "train-reward": 1.0}])
+
+
+def test_a_retimed_run_must_judge_as_its_kept_evidence_did(tmp_path, monkeypatch):
+    users = {"0": {"judged-utility": [0.2, 0.4], "judged-content": [0.3, 0.3]}}
+
+    def fake_flhf(utilities):
+        def run(command, **_):
+            folder = Path(next(c for c in command if c.startswith("results-dir="))[12:]) / "seed-0"
+            fake_run(folder, {"0": {**users["0"], "judged-utility": utilities}})
+            summary = json.loads((folder / "summary.json").read_text())
+            (folder / "summary.json").write_text(json.dumps({**summary, "status": "completed"}))
+
+        return run
+
+    evidence = tmp_path / "evidence"
+    monkeypatch.setattr(quality.subprocess, "run", fake_flhf([0.2, 0.4]))
+    quality.run_one(tmp_path / "scratch", evidence, "fedavg-sft", ["feedback-algorithm=sft"], 0)
+    kept = evidence / "fedavg-sft" / "seed-0" / "bench.json"
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "contended": True}))
+    quality.run_one(tmp_path / "scratch", evidence, "fedavg-sft", ["feedback-algorithm=sft"], 0)  # retimed
+    assert "contended" not in json.loads(kept.read_text())
+    monkeypatch.setattr(quality.subprocess, "run", fake_flhf([0.2, 0.5]))
+    with pytest.raises(RuntimeError, match="judged differently"):
+        quality.run_one(tmp_path / "scratch", evidence, "fedavg-sft", ["feedback-algorithm=sft"], 0)
+    assert json.loads((evidence / "fedavg-sft" / "seed-0" / "judgements.json").read_text())["users"] == {
+        "0": {"doc-ids": DOCS["0"], **users["0"]}
+    }
