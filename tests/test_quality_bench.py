@@ -144,8 +144,12 @@ def test_the_evidence_outlives_the_scratch_runs_and_decides_the_best_algorithm(t
 def test_a_retimed_run_must_judge_as_its_kept_evidence_did(tmp_path, monkeypatch):
     users = {"0": {"judged-utility": [0.2, 0.4], "judged-content": [0.3, 0.3]}}
 
+    real_run = quality.subprocess.run  # the module is shared: git and uname must still run
+
     def fake_flhf(utilities):
-        def run(command, **_):
+        def run(command, **kwargs):
+            if "flhf_core.cli" not in command:
+                return real_run(command, **kwargs)
             folder = Path(next(c for c in command if c.startswith("results-dir="))[12:]) / "seed-0"
             fake_run(folder, {"0": {**users["0"], "judged-utility": utilities}})
             summary = json.loads((folder / "summary.json").read_text())
