@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from flhf_core import reward_model as rm
+
+SEED = int(os.environ.get("FLHF_TEST_SEED", "0"))  # rerun with other seeds to check robustness
 
 
 def sigmoid(z: float) -> float:
@@ -51,7 +54,7 @@ def test_a_fresh_reward_model_is_indifferent_and_never_shares_the_summarizers_we
 def test_fitting_learns_what_the_user_prefers(tiny_model, tokenizer):
     """Ratings and choices that favour summaries naming the parser: after fitting, unseen
     summaries that do are scored above those that do not, on unseen documents."""
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     model = rm.RewardModel.from_summarizer(tiny_model)
     documents = [f"we propose a parser for language {k} and test it on treebanks" for k in range(8)]
     good, bad = "a parser for the language", "results on the weather"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from flhf_core.algorithms.scorer import Scorer
 from flhf_core.config import ConfigError, RunConfig
 from flhf_core.feedback import PooledExample, UserProfile, judge, judging_profile, prefers_first, score
 
+SEED = int(os.environ.get("FLHF_TEST_SEED", "0"))  # rerun with other seeds to check robustness
 CAREFUL = UserProfile(0, "outcome", length_words=4, length_tolerance=2.0, rating_noise=0.0)
 
 
@@ -120,7 +122,7 @@ def test_a_learned_scorer_scores_only_the_documents_the_user_did_not_judge(tiny_
             CAREFUL, budget, steps, group, model, tokenizer, judgements or rm.Judgements([], []), 3, 1e-2, 64
         )
 
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     rollout = rollout_of(4, 4)
     nothing_yet = learned(8, 4, 4).rate(rollout, np.random.default_rng(0))  # step 1 of 4: no budget
     assert nothing_yet.rated.sum().item() == 0  # a model that learned nothing scores nothing
