@@ -30,7 +30,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from transformers import PreTrainedModel
 
-from . import data, personal, reward_model
+from . import data, personal, reward_client
 from .algorithms import FEEDBACK_ALGORITHMS
 from .algorithms.rollout import FeedbackConfig
 from .algorithms.scorer import LearnedScorer, Scorer
@@ -65,8 +65,10 @@ def reply(
     content = RecordDict({METRICS: MetricRecord(metrics), USER_RECORD: ConfigRecord({USER_ID: session.user})})
     if evaluation is not None:
         content[EVALUATION] = MetricRecord(evaluation)
-    if with_arrays:  # only the shared parameters ever leave
+    if with_arrays:  # only the shared parameters ever leave (and a shared reward model)
         content[ARRAYS] = parameters_to_record(session.model, session.shared_names)
+        for key, record in session.outgoing.items():
+            content[key] = record
     return Message(content=content, reply_to=message)
 
 
@@ -295,21 +297,10 @@ def local_feedback(session: UserSession) -> dict[str, float]:
     rng = np.random.default_rng(round_seed(session, 2))
     ratings = config.ratings_per_round * budget_scale
     budget = (session.profile, ratings, feedback.steps, feedback.samples_per_prompt)
-    if config.reward_model == "personal":  # it never leaves the client
-        learned, judgements = reward_model.restore(
-            session.context, session.state_folder, session.model, session.server_round
-        )
-        scorer: Scorer = LearnedScorer(
-            *budget,
-            learned,
-            session.tokenizer,
-            judgements,
-            config.reward_model_steps,
-            config.reward_model_learning_rate,
-            config.max_source_tokens,
-        )
-    else:
-        scorer = Scorer(*budget)
+    # with a reward model, it scores what the user did not judge (reward_client.py)
+    scorer = (
+        reward_client.learned_scorer(session, budget) if config.reward_model != "none" else Scorer(*budget)
+    )
     stats = update(session.model, session.tokenizer, list(session.data.feedback), scorer, feedback, rng)
     metrics = {
         "num-examples": len(session.data.feedback),
@@ -317,16 +308,7 @@ def local_feedback(session: UserSession) -> dict[str, float]:
         "train-ratings-used": float(scorer.used),
     }
     if isinstance(scorer, LearnedScorer):
-        reward_model.keep(
-            session.context,
-            session.state_folder,
-            scorer.reward_model,
-            scorer.judgements,
-            session.server_round,
-        )
-        metrics.update(scorer.diagnostics())
-        metrics.update({f"train-reward-model-{k}": v for k, v in scorer.losses.items()})
-        metrics["train-reward-model-judgements"] = float(len(scorer.judgements))
+        metrics.update(reward_client.finish(session, scorer))
     return metrics
 
 

@@ -27,7 +27,8 @@ REWARD_WEIGHTINGS = ("none", "linear", "softmax", "gain", "history", "qfedavg")
 WEIGHTING_ROUNDS = ("feedback", "all")
 MODES = ("federated", "local-only", "centralized")
 FEEDBACK_ALGORITHMS = ("sft", "best-of-n", "reinforce", "ppo", "dpo")
-REWARD_MODELS = ("none", "personal")
+REWARD_MODELS = ("none", "personal", "federated", "clustered")
+REWARD_QUERIES = ("uniform", "active")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
 PERSONALIZATIONS = ("none", "local-head", "lora")
@@ -130,6 +131,8 @@ class RunConfig:
     reward_model: str = field(default="none", metadata=_choice(*REWARD_MODELS))
     reward_model_steps: int = field(default=4, metadata=_range(1))
     reward_model_learning_rate: float = field(default=1e-3, metadata=_range(1e-8))
+    reward_model_clusters: int = field(default=2, metadata=_range(2))
+    reward_queries: str = field(default="uniform", metadata=_choice(*REWARD_QUERIES))
     feedback_learning_rate: float = field(default=3e-4, metadata=_range(0.0, 1.0))
     kl_coef: float = field(default=0.05, metadata=_range(0.0))
     sample_temperature: float = field(default=1.0, metadata=_range(1e-3))
@@ -306,6 +309,11 @@ class RunConfig:
                 raise ConfigError(
                     f"reward-model: {self.reward_model!r} is a user's own; mode='centralized' pools every "
                     "user's feedback in one learner. Use reward-model='none' there."
+                )
+            if self.mode == "local-only" and self.reward_model in ("federated", "clustered"):
+                raise ConfigError(
+                    f"reward-model: {self.reward_model!r} shares reward models between users; "
+                    "mode='local-only' keeps every user alone. Use reward-model='personal' there."
                 )
             if self.resume:
                 raise ConfigError(

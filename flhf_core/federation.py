@@ -282,6 +282,7 @@ class Federation:
         self.identify_users()  # nodes that joined since
         self.strategy.example_counts = self.example_counts(phase)
         self.strategy.reward_weighting = config.weighting(phase)
+        self.strategy.reward_models_active = phase == "feedback"  # only feedback rounds judge
         self.strategy.client_learning_rate = phase_learning_rate(config, phase, server_round)
 
         sent = list(self.strategy.configure_train(server_round, arrays, config_record, self.grid))
@@ -301,7 +302,7 @@ class Federation:
             raise RoundFailed(
                 f"round {server_round}: no valid training reply ({reasons or 'no reply at all'})"
             )
-        traffic = {"bytes-down": record_nbytes(arrays) * len(sent), "bytes-up": uploaded_bytes(replies)}
+        traffic = {"bytes-down": parameter_bytes(sent), "bytes-up": parameter_bytes(replies)}
         previous = (
             copy.deepcopy(self.state.model)
             if config.has_global_model and config.evaluates(server_round)
@@ -348,7 +349,7 @@ class Federation:
         report = self.strategy.reports.get(
             (server_round, MessageType.EVALUATE), RoundReport(server_round, MessageType.EVALUATE)
         )
-        return report, averaged, record_nbytes(arrays) * len(sent)
+        return report, averaged, parameter_bytes(sent)
 
     def evaluate_final(self, arrays: ArrayRecord) -> None:
         """The last round's model, evaluated by evaluate messages; its time counts in its row."""
@@ -448,8 +449,11 @@ def timed(function: Callable, *args: object) -> tuple:
     return result, time.perf_counter() - started
 
 
-def uploaded_bytes(replies: list[Message]) -> int:
-    """Parameter bytes the clients sent back."""
+def parameter_bytes(messages: list[Message]) -> int:
+    """Bytes of every ArrayRecord the messages carry (the model, and any reward models)."""
     return sum(
-        record_nbytes(r.content["arrays"]) for r in replies if not r.has_error() and "arrays" in r.content
+        record_nbytes(record)
+        for m in messages
+        if not m.has_error()
+        for record in m.content.array_records.values()
     )

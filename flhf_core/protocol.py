@@ -11,6 +11,15 @@ from __future__ import annotations
 ARRAYS = "arrays"  # ArrayRecord: parameters (shared ones only)
 CONFIG = "config"  # ConfigRecord: the round's instructions from the server
 METRICS = "metrics"  # MetricRecord: a reply's figures
+# reward-model = federated | clustered, feedback rounds only:
+REWARD_MODEL = "reward-model"  # ArrayRecord in a train reply: the user's reward model after the round
+REWARD_MODELS = "reward-model-"  # ArrayRecords "reward-model-0", "-1", ... in a train message: the server's
+REWARD_ASSIGNMENT = "reward-model-assignment"  # ConfigRecord in a train message: the user's "cluster"
+CLUSTER = "cluster"
+# ... and in the train reply's metrics:
+REWARD_JUDGEMENTS = "train-reward-model-judgements"  # judgements the user's reward model learned from
+CLUSTER_OF_USER = "reward-model-cluster"  # the cluster whose model the user used this round
+CLUSTER_LOSSES = "reward-model-cluster-losses"  # list: each received model's loss on those judgements
 # MetricRecord in a train reply: the evaluation of the model the user received (the previous
 # round's global model), so that a round needs one message per user, not two
 EVALUATION = "evaluation"

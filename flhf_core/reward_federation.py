@@ -1,7 +1,10 @@
-"""What the server does with the users' reward models (issue 13), as pure functions.
+"""What the server does with the users' reward models (``reward-model = federated | clustered``).
 
-Not wired into the strategy yet: ``reward-model = federated | clustered`` are the next
-step (see the issue's note); these are their tested building blocks.
+The reward models' math is in pure functions (:func:`average_reward_models`,
+:func:`balanced_assignment`); :class:`RewardModelPool` is the server's state between rounds
+(the models and who uses which), in numpy, so tests need no Flower. The strategy carries it
+(:class:`~flhf_core.strategy.FeedbackFedAvg`'s ``reward_models``); the user's side is
+:mod:`flhf_core.reward_client`.
 
 **Federated**: one reward model for everyone, the users' models averaged with weights
 proportional to the judgements each has given,
@@ -17,13 +20,21 @@ models, each averaged over its own users. Users are grouped by how well each clu
 fits their judgements, not by parameter similarity: every so often each user reports the
 loss of every cluster's model on its own judgements, and the server assigns users greedily
 with equal-sized clusters (:func:`balanced_assignment`), so that no cluster swallows
-everyone while another is left without data.
+everyone while another is left without data. Here "every so often" is every feedback round:
+each user receives all K models, uses its cluster's, and reports every model's loss on all
+the judgements it has given (:func:`flhf_core.reward_model.judgement_loss`). Federated is the
+same machinery with K = 1.
+
+The first assignment knows nothing (no user has judged anything): it is balanced and drawn
+from the seed. A cluster none of whose users judged anything this round keeps its model; one
+that never had a model starts from the average of everyone's.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -86,3 +97,63 @@ def balanced_assignment(losses: Mapping[int, Sequence[float]], seed: int) -> dic
         unassigned = [u for u in unassigned if u not in assignment]
         still_open.remove(chosen)
     return assignment
+
+
+class RewardModelPool:
+    """The server's reward models (K = ``clusters``; 1 is ``federated``) and each user's cluster.
+
+    ``models`` is empty until some user has judged something; then it holds K models, each a
+    mapping of parameter names to arrays.
+    """
+
+    def __init__(self, clusters: int, seed: int) -> None:
+        if clusters < 1:
+            raise ValueError(f"clusters must be at least 1: got {clusters}")
+        self.clusters = clusters
+        self.seed = seed
+        self.models: list[dict[str, np.ndarray]] = []
+        self.assignment: dict[int, int] = {}  # user -> cluster
+
+    def assign(self, users: Sequence[int]) -> None:
+        """Give a cluster to every user in ``users`` that has none: the first ones balanced and
+        drawn from the seed, a later newcomer to the smallest cluster (ties: the lower index)."""
+        new = sorted(set(users) - set(self.assignment))
+        if not new:
+            return
+        if not self.assignment:
+            self.assignment = balanced_assignment({u: [0.0] * self.clusters for u in new}, self.seed)
+            return
+        for user in new:
+            sizes = Counter(self.assignment.values())
+            self.assignment[user] = min(range(self.clusters), key=lambda k: (sizes[k], k))
+
+    def update(
+        self,
+        server_round: int,
+        models: Mapping[int, dict[str, np.ndarray]],
+        judgements: Mapping[int, float],
+        losses: Mapping[int, Sequence[float]],
+    ) -> dict[str, float]:
+        """Fold one round's replies in: each cluster's model becomes the judgement-weighted
+        average of its users' models; then, with K > 1, the users that reported every cluster
+        model's loss are assigned again (:func:`balanced_assignment`, seeded by the round).
+        Returns the round's figures for the server's row."""
+        users = sorted(models)
+        self.assign(users)
+        everyone = average_reward_models([models[u] for u in users], [judgements[u] for u in users])
+        if everyone is None:  # nobody has judged anything yet: nothing to learn from
+            return {"reward-model-clusters-changed": 0.0}
+        updated = []
+        for k in range(self.clusters):
+            members = [u for u in users if self.assignment[u] == k]
+            average = average_reward_models([models[u] for u in members], [judgements[u] for u in members])
+            previous = self.models[k] if self.models else everyone
+            updated.append(average if average is not None else previous)
+        self.models = updated
+        changed = 0
+        reporting = {u: list(losses[u]) for u in users if len(losses.get(u, ())) == self.clusters}
+        if self.clusters > 1 and reporting:
+            fresh = balanced_assignment(reporting, seed=self.seed * 1_000_003 + server_round)
+            changed = sum(fresh[u] != self.assignment[u] for u in fresh)
+            self.assignment.update(fresh)
+        return {"reward-model-clusters-changed": float(changed)}

@@ -177,6 +177,35 @@ def fit(
     return losses
 
 
+@torch.no_grad()
+def judgement_loss(
+    model: RewardModel,
+    tokenizer: PreTrainedTokenizerBase,
+    judgements: Judgements,
+    max_tokens: int,
+    batch_size: int = 16,
+) -> float:
+    """How badly ``model`` fits the user's judgements: the loss :func:`fit` minimizes, over all
+    of them (each judgement weighing alike). What a clustered user reports of every cluster's
+    model, so the server can put it where it fits (lower is better; 0 with no judgements)."""
+    if not len(judgements):
+        return 0.0
+    model.eval()
+    total = 0.0
+    for start in range(0, len(judgements.rated), batch_size):
+        rated = judgements.rated[start : start + batch_size]
+        predicted = scores(model, tokenizer, [d for d, _, _ in rated], [s for _, s, _ in rated], max_tokens)
+        target = torch.tensor([r for _, _, r in rated], device=predicted.device)
+        total += rating_loss(predicted, target).item() * len(rated)
+    for start in range(0, len(judgements.chosen), batch_size):
+        chosen = judgements.chosen[start : start + batch_size]
+        documents = [d for d, _, _ in chosen]
+        winners = scores(model, tokenizer, documents, [w for _, w, _ in chosen], max_tokens)
+        losers = scores(model, tokenizer, documents, [lo for _, _, lo in chosen], max_tokens)
+        total += bradley_terry_loss(winners, losers).item() * len(chosen)
+    return total / len(judgements)
+
+
 # --------------------------------------------------------------------------
 # Over-optimization diagnostics (pure functions, against the true utility)
 # --------------------------------------------------------------------------

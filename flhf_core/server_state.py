@@ -34,6 +34,7 @@ from .protocol import (
     TOKENIZER_JSON,
     TOKENIZER_SHA256,
 )
+from .reward_federation import RewardModelPool
 from .strategy import REWARD_SHORTFALL, FeedbackFedAvg
 
 # What every run plots (plots/<key>.png): quality, the users' reward and its factors, time
@@ -128,7 +129,17 @@ def build_strategy(config: RunConfig) -> FeedbackFedAvg:
         client_learning_rate=config.learning_rate,
         train_loss_key=REWARD_SHORTFALL,
         train_users=(LEARNER,) if config.mode == "centralized" else None,
+        reward_models=reward_model_pool(config),
     )
+
+
+def reward_model_pool(config: RunConfig) -> RewardModelPool | None:
+    """The server's reward models, for the modes that share them."""
+    if config.reward_model == "federated":
+        return RewardModelPool(clusters=1, seed=config.seed)
+    if config.reward_model == "clustered":
+        return RewardModelPool(clusters=config.reward_model_clusters, seed=config.seed)
+    return None
 
 
 LEARNER = 0  # centralized mode: the user whose node trains, on every user's data and feedback

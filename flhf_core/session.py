@@ -33,11 +33,11 @@ import json
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import data, personal
@@ -391,7 +391,10 @@ class UserSession:
     fresh_personal: ArrayRecord  # personal parameters as a new user starts (the "global" view)
     restored: personal.Restored
     state_folder: Path
+    received: RecordDict = field(default_factory=RecordDict)  # the message's content
     setup_seconds: float = 0.0  # building all of the above
+    # ArrayRecords the reply carries besides the shared parameters (the reward model, if shared)
+    outgoing: dict[str, ArrayRecord] = field(default_factory=dict)
 
     @property
     def profile(self) -> UserProfile:
@@ -456,5 +459,6 @@ def open_session(message: Message, context: Context) -> UserSession:
         fresh_personal=fresh_personal,
         restored=restored,
         state_folder=folder,
+        received=message.content,
         setup_seconds=time.perf_counter() - started,
     )

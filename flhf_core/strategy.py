@@ -37,7 +37,19 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from .aggregation import client_weights, qffl_shares, reward_history_means, squared_distance, weighted_average
-from .protocol import EVALUATION, SERVER_ROUND, USER_ID, USER_RECORD
+from .protocol import (
+    CLUSTER,
+    CLUSTER_LOSSES,
+    CLUSTER_OF_USER,
+    EVALUATION,
+    REWARD_ASSIGNMENT,
+    REWARD_JUDGEMENTS,
+    REWARD_MODEL,
+    REWARD_MODELS,
+    SERVER_ROUND,
+    USER_ID,
+    USER_RECORD,
+)
 from .replies import (
     Rejection,
     RoundReport,
@@ -48,6 +60,7 @@ from .replies import (
     signature,
     signature_problem,
 )
+from .reward_federation import RewardModelPool
 
 REWARD_SHORTFALL = "reward-shortfall"  # qfedavg's loss: 1 - the reply's reward-before
 
@@ -82,6 +95,11 @@ class FeedbackFedAvg(FedAvg):
         where a policy-gradient surrogate "loss" is near 0 or negative).
     train_users : Collection[int] | None
         Only these users train (centralized mode: one learner); None = sample every user.
+    reward_models : RewardModelPool | None
+        The users' shared reward models (``reward-model = federated | clustered``). In rounds
+        where the owner sets :attr:`reward_models_active`, each training message also carries
+        every reward model and the user's cluster, each training reply must carry the user's
+        reward model (a second ArrayRecord, screened like the first), and the pool folds them in.
 
     Attributes the owner may set
     ----------------------------
@@ -107,6 +125,7 @@ class FeedbackFedAvg(FedAvg):
         client_learning_rate: float = 1e-3,
         train_loss_key: str = "train-loss",
         train_users: Collection[int] | None = None,
+        reward_models: RewardModelPool | None = None,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -120,6 +139,8 @@ class FeedbackFedAvg(FedAvg):
         self.client_learning_rate = client_learning_rate
         self.train_loss_key = train_loss_key
         self.train_users = train_users
+        self.reward_models = reward_models
+        self.reward_models_active = False  # the owner turns it on for feedback rounds
         # user -> the reward-before of each of its valid training replies (all rounds), for "history"
         self.reward_history: dict[int, list[float]] = {}
         self.reports: dict[tuple[int, str], RoundReport] = {}
@@ -130,6 +151,7 @@ class FeedbackFedAvg(FedAvg):
         self.example_counts: Callable[[int], float | None] | None = None
         self._sent: dict[tuple[int, str], list[Message]] = {}
         self._global_signature: Signature | None = None  # of the last arrays sent or aggregated
+        self._reward_signature: Signature | None = None  # what this round's reward models must match
 
     @property
     def required_metrics(self) -> tuple[str, ...]:
@@ -196,9 +218,34 @@ class FeedbackFedAvg(FedAvg):
         if is_train:
             self._global_signature = signature(arrays)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        messages = list(self._construct_messages(record, node_ids, phase))
+        if is_train and self.carries_reward_models:
+            messages = self._with_reward_models(record, node_ids)
+        else:
+            messages = list(self._construct_messages(record, node_ids, phase))
         self._sent[(server_round, phase)] = messages
         self.reports[(server_round, phase)] = RoundReport(server_round, phase, list(node_ids))
+        return messages
+
+    @property
+    def carries_reward_models(self) -> bool:
+        """Whether this round's training messages and replies carry reward models."""
+        return self.reward_models is not None and self.reward_models_active
+
+    def _with_reward_models(self, record: RecordDict, node_ids: list[int]) -> list[Message]:
+        """One training message per node: the global model and config, every reward model the
+        pool holds (none before anyone judged anything) and the node's user's cluster."""
+        pool = self.reward_models
+        users = {node: self.node_users.get(node, node) for node in node_ids}
+        pool.assign(list(users.values()))
+        models = {
+            f"{REWARD_MODELS}{k}": ArrayRecord({name: Array(a) for name, a in model.items()})
+            for k, model in enumerate(pool.models)
+        }
+        messages = []
+        for node in node_ids:
+            content = RecordDict({**record, **models})
+            content[REWARD_ASSIGNMENT] = ConfigRecord({CLUSTER: pool.assignment[users[node]]})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         return messages
 
     def configure_train(
@@ -288,16 +335,45 @@ class FeedbackFedAvg(FedAvg):
             return user_id, problem
         if expected is None:
             return user_id, None
+        if phase == MessageType.TRAIN and self.carries_reward_models:
+            problem = self._reward_model_problem(content, metrics)
+            return user_id, problem or self._arrays_problem(self._arrays(content), expected)
         if len(content.array_records) != 1:
             return user_id, f"expected one ArrayRecord, got {len(content.array_records)}"
-        arrays = next(iter(content.array_records.values()))
+        return user_id, self._arrays_problem(self._arrays(content), expected)
+
+    def _reward_model_problem(self, content: RecordDict, metrics: MetricRecord) -> str | None:
+        """Why a training reply's reward model is unusable (rounds that carry reward models)."""
+        wanted = {self.arrayrecord_key, REWARD_MODEL}
+        if set(content.array_records) != wanted:
+            return f"expected the ArrayRecords {sorted(wanted)}, got {sorted(content.array_records)}"
+        judgements = metrics.get(REWARD_JUDGEMENTS)
+        if isinstance(judgements, list) or judgements is None or judgements < 0:
+            return f"metric '{REWARD_JUDGEMENTS}' missing or negative"
+        losses = metrics.get(CLUSTER_LOSSES, [])
+        if not isinstance(losses, list) or len(losses) not in (0, self.reward_models.clusters):
+            return f"metric '{CLUSTER_LOSSES}' must list one loss per cluster model"
+        expected = self._reward_signature
+        return (
+            self._arrays_problem(content[REWARD_MODEL], expected, what="reward model") if expected else None
+        )
+
+    @staticmethod
+    def _arrays_problem(arrays: ArrayRecord, expected: Signature, what: str = "parameter") -> str | None:
+        """Why ``arrays`` cannot be averaged: another signature, or non-finite values."""
         problem = signature_problem(arrays, expected)
         if problem:
-            return user_id, problem
+            return problem if what == "parameter" else f"{what}: {problem}"
         for key, array in arrays.items():
             if not np.isfinite(array.numpy()).all():
-                return user_id, f"parameter '{key}' has non-finite values"
-        return user_id, None
+                return f"{what} '{key}' has non-finite values"
+        return None
+
+    def _arrays(self, content: RecordDict) -> ArrayRecord:
+        """A reply's model parameters: its ``arrays`` record (any FedAvg client's only one)."""
+        if self.arrayrecord_key in content.array_records:
+            return content.array_records[self.arrayrecord_key]
+        return next(iter(content.array_records.values()))
 
     def _metrics_problem(self, metrics: MetricRecord, required: Iterable[str] = ()) -> str | None:
         """Why a MetricRecord is unusable: no positive example count, a non-finite value, a
@@ -347,6 +423,8 @@ class FeedbackFedAvg(FedAvg):
         """Weighted average of the valid replies' parameters and metrics."""
         replies = list(replies)
         expected = self._expected_signature(server_round, replies)
+        if self.carries_reward_models:
+            self._reward_signature = self._expected_reward_signature(replies)
         valid = self.screen(server_round, replies, MessageType.TRAIN, expected or {})
         if not valid:
             return None, None
@@ -373,17 +451,47 @@ class FeedbackFedAvg(FedAvg):
         report = self.reports[(server_round, MessageType.TRAIN)]
         report.weights = {user_id: w for (user_id, _), w in zip(valid, weights, strict=True)}
         self._collect_received_evaluations(report, valid)
-        arrays = weighted_average(
-            [{k: a.numpy() for k, a in next(iter(c.array_records.values())).items()} for c in contents],
-            weights,
-        )
+        arrays = weighted_average([self._numpy(self._arrays(c)) for c in contents], weights)
         if self.reward_weighting == "qfedavg":  # q-FFL's step keeps the rest on the global model
             sent = self._sent_arrays(server_round)
             arrays = weighted_average([sent, arrays], [1.0 - float(sum(weights)), 1.0])
             report.step = float(sum(weights))
         aggregated = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         self._global_signature = signature(aggregated)
-        return aggregated, self._average_metrics([own_metrics(c) for c in contents], counts)
+        metrics = self._average_metrics([own_metrics(c) for c in contents], counts)
+        if self.carries_reward_models:
+            metrics.pop(CLUSTER_OF_USER, None)  # a cluster index is no figure to average
+            metrics.update(self._fold_reward_models(server_round, valid))
+        return aggregated, metrics
+
+    @staticmethod
+    def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        return {k: a.numpy() for k, a in arrays.items()}
+
+    def _expected_reward_signature(self, replies: list[Message]) -> Signature | None:
+        """What the replies' reward models must look like: the pool's models', else (the first
+        round that carries them) the signature most replies' reward models share."""
+        if self.reward_models.models:
+            return signature(ArrayRecord({k: Array(v) for k, v in self.reward_models.models[0].items()}))
+        candidates = [
+            r.content[REWARD_MODEL]
+            for r in replies
+            if not r.has_error() and REWARD_MODEL in r.content.array_records
+        ]
+        if not candidates:
+            return None
+        votes = Counter(tuple(sorted(signature(a).items())) for a in candidates)
+        return dict(votes.most_common(1)[0][0])
+
+    def _fold_reward_models(self, server_round: int, valid: list[tuple[int, RecordDict]]) -> dict[str, float]:
+        """The valid replies' reward models into the pool (see :meth:`RewardModelPool.update`)."""
+        metrics = {user: own_metrics(content) for user, content in valid}
+        return self.reward_models.update(
+            server_round,
+            models={user: self._numpy(content[REWARD_MODEL]) for user, content in valid},
+            judgements={user: float(m[REWARD_JUDGEMENTS]) for user, m in metrics.items()},
+            losses={user: [float(x) for x in m.get(CLUSTER_LOSSES, [])] for user, m in metrics.items()},
+        )
 
     def _sent_arrays(self, server_round: int) -> dict[str, np.ndarray]:
         sent = self._sent.get((server_round, MessageType.TRAIN))
@@ -394,10 +502,7 @@ class FeedbackFedAvg(FedAvg):
     def _qffl_weights(self, server_round: int, contents: list[RecordDict]) -> list[float]:
         """q-FFL's shares of the valid replies (see :func:`flhf_core.aggregation.qffl_shares`)."""
         sent = self._sent_arrays(server_round)
-        distances = [
-            squared_distance({k: a.numpy() for k, a in next(iter(c.array_records.values())).items()}, sent)
-            for c in contents
-        ]
+        distances = [squared_distance(self._numpy(self._arrays(c)), sent) for c in contents]
         if self.train_loss_key == REWARD_SHORTFALL:
             losses = [1.0 - self._metric(c, f"{self.reward_key}-before") for c in contents]
         else:

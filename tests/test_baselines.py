@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 from flhf_core import cli, personal, reward_model
 from flhf_core.config import RunConfig
 from flhf_core.inprocess import run_in_process
+from flhf_core.reward_federation import RewardModelPool
 from flhf_core.tracking import read_metrics
 
 # the figures a table of methods reads from every run (bench/quality.py)
@@ -20,6 +21,9 @@ COMPARED = ("reward", "reward-worst", "reward-std", "win-rate", "bytes-up", "byt
 
 
 BUDGET = 6  # the federated run's ratings-per-round: a document's 4 samples and half of another's
+# ... with clustered reward models (2 clusters) and active queries, for 2 feedback rounds (the
+# second is the first in which users receive the clusters' models and score them)
+REWARD_MODELS = (f"ratings-per-round={BUDGET}", "reward-model=clustered", "reward-queries=active")
 
 
 def smoke_run(results, mode: str, *extra: str):
@@ -31,20 +35,21 @@ def smoke_run(results, mode: str, *extra: str):
 def runs(tmp_path_factory):
     results = tmp_path_factory.mktemp("baselines")
     return {
-        "federated": smoke_run(results, "federated", f"ratings-per-round={BUDGET}", "reward-model=personal"),
+        "federated": smoke_run(results, "federated", *REWARD_MODELS, "num-server-rounds=3"),
         "local-only": smoke_run(results, "local-only"),
         "centralized": smoke_run(results, "centralized"),
     }
 
 
-def test_the_feedback_budget_is_kept_and_a_personal_reward_model_scores_the_rest(runs):
+def test_the_feedback_budget_is_kept_and_clustered_reward_models_score_the_rest(runs):
     """Issue 13: ``train-ratings-used`` on every training row; none in supervised rounds, and
-    within ``ratings-per-round`` in the feedback round (of 2 x 4 x 4 = 32 samples). The user's
-    reward model learned from those judgements, stays in its state folder, and its
-    over-optimization diagnostics are on the feedback round's client and server rows."""
+    within ``ratings-per-round`` in each feedback round (of 2 x 4 x 4 = 32 samples). Each user's
+    judgements stay in its state folder; its reward model travels (the feedback rounds' bytes
+    up); the first assignment is the seed's, and the second feedback round reports the users'
+    cluster losses (clusters changed, maybe 0) and what active queries chose."""
     rows = [r for r in read_metrics(runs["federated"] / "metrics.jsonl") if r["round"] > 0]
     trained = [r for r in rows if r["scope"] == "server" or "train-examples" in r]
-    assert {r["scope"] for r in trained} == {"client", "server"} and len(trained) == 6
+    assert {r["scope"] for r in trained} == {"client", "server"} and len(trained) == 9
     for row in trained:
         used = row["train-ratings-used"]
         assert used == 0 if row["phase"] == "sft" else 0 < used <= BUDGET, row
@@ -57,8 +62,22 @@ def test_the_feedback_budget_is_kept_and_a_personal_reward_model_scores_the_rest
             str(runs["federated"] / "users" / f"user-{user}" / reward_model.STATE_FILE), "np"
         ) as kept:
             judged = json.loads(kept.metadata()["judgements"])
-        used = next(r["train-ratings-used"] for r in trained if r.get("client") == user and r["round"] == 2)
-        assert len(judged["ratings"]) == used
+        used = [
+            r["train-ratings-used"] for r in trained if r.get("client") == user and r["phase"] == "feedback"
+        ]
+        assert len(judged["ratings"]) == sum(used) and len(used) == 2
+    server = {r["round"]: r for r in trained if r["scope"] == "server"}
+    assert server[2]["bytes-up"] > server[1]["bytes-up"]  # the reward models went up too
+    assert server[3]["bytes-down"] > server[2]["bytes-down"]  # ... and the clusters' came down
+    seed = json.loads((runs["federated"] / "config.json").read_text())["seed"]
+    first = RewardModelPool(clusters=2, seed=seed)
+    first.assign([0, 1])
+    clusters = {
+        r["client"]: r["reward-model-cluster"] for r in trained if r["round"] == 2 and r["scope"] == "client"
+    }
+    assert clusters == first.assignment  # deterministic for a seed, and balanced: one user each
+    assert server[3]["reward-model-clusters-changed"] in (0.0, 1.0, 2.0)
+    assert "reward-model-queried-spread" in server[3]
 
 
 def summary(run_dir):

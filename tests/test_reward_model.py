@@ -71,6 +71,23 @@ def test_fitting_learns_what_the_user_prefers(tiny_model, tokenizer):
         better = rm.scores(model, tokenizer, unseen, ["the parser of the language"] * 2, 64)
         worse = rm.scores(model, tokenizer, unseen, ["the weather results"] * 2, 64)
     assert (better > worse).all()
+    fresh = rm.RewardModel.from_summarizer(tiny_model)
+    assert rm.judgement_loss(model, tokenizer, judged, 64) < rm.judgement_loss(fresh, tokenizer, judged, 64)
+
+
+def test_judgement_loss_by_hand(tiny_model, tokenizer):
+    """With a constant score b: each rating s costs (sigmoid(b) - s)^2, each pair log 2 (it
+    cannot tell the two apart); the loss is their mean over judgements, however batched."""
+    model = rm.RewardModel.from_summarizer(tiny_model)
+    torch.nn.init.constant_(model.head.bias, 0.7)
+    judged = rm.Judgements(
+        rated=[("doc a", "one", 0.9), ("doc b", "two", 0.2), ("doc c", "three", 0.5)],
+        chosen=[("doc a", "one", "two")],
+    )
+    expected = (sum((sigmoid(0.7) - s) ** 2 for s in (0.9, 0.2, 0.5)) + math.log(2)) / 4
+    assert rm.judgement_loss(model, tokenizer, judged, 64) == pytest.approx(expected, rel=1e-5)
+    assert rm.judgement_loss(model, tokenizer, judged, 64, batch_size=1) == pytest.approx(expected, rel=1e-5)
+    assert rm.judgement_loss(model, tokenizer, rm.Judgements([], []), 64) == 0.0
 
 
 def test_kept_state_is_restored_only_by_a_later_round_and_a_bad_file_is_set_aside(tiny_model, tmp_path):

@@ -157,3 +157,39 @@ def test_a_reward_model_needs_a_budget_and_a_user_of_its_own():
     with pytest.raises(ConfigError, match="mode='centralized'"):
         RunConfig.from_mapping({**feedback, "ratings-per-round": 8, "mode": "centralized"})
     assert RunConfig.from_mapping({**feedback, "ratings-per-round": 8}).reward_model == "personal"
+    shared = {**feedback, "ratings-per-round": 8, "reward-model": "clustered", "mode": "local-only"}
+    with pytest.raises(ConfigError, match=r"reward-model: 'clustered' shares .* mode='local-only'"):
+        RunConfig.from_mapping(shared)
+    with pytest.raises(ConfigError, match="reward-model-clusters"):
+        RunConfig.from_mapping({**shared, "mode": "federated", "reward-model-clusters": 1})
+
+
+def test_active_queries_ask_first_about_the_documents_the_model_can_least_tell_apart(
+    tiny_model, tokenizer, monkeypatch
+):
+    """``reward-queries = active``: a model that scores a summary by its length spreads the
+    samples of document 1 least (lengths 2, 2, 3, 2), so with a budget of one document the
+    user is asked about document 1, and the figures say so (spreads 1 against 7 and 3)."""
+    from flhf_core import reward_model as rm
+    from flhf_core.algorithms.scorer import LearnedScorer
+
+    def by_length(model, tokenizer, documents, summaries, max_tokens):
+        return model.head.bias * 0 + torch.tensor([float(len(s)) for s in summaries])
+
+    monkeypatch.setattr(rm, "scores", by_length)
+    texts = ["a", "aaaaaaaa", "aa", "aaa", "bb", "bb", "bbb", "bb", "c", "cccc", "cc", "c"]
+    rollout = dataclasses.replace(rollout_of(3, 4), texts=texts)
+
+    def asked(active: bool, seed: int) -> set[str]:
+        model = rm.RewardModel.from_summarizer(tiny_model)
+        known = rm.Judgements([("text 9", "earlier", 0.5)], [])  # it has learned something
+        scorer = LearnedScorer(CAREFUL, 4, 1, 4, model, tokenizer, known, 1, 1e-3, 64, active=active)
+        scorer.rate(rollout, np.random.default_rng(seed))
+        if active:
+            found = scorer.diagnostics()
+            assert found["reward-model-queried-spread"] == 1.0
+            assert found["reward-model-unqueried-spread"] == 5.0
+        return {document for document, _, _ in scorer.judgements.rated[1:]}
+
+    assert all(asked(True, seed) == {"text 1"} for seed in range(4))
+    assert len({frozenset(asked(False, seed)) for seed in range(8)}) > 1  # uniform: by chance

@@ -10,6 +10,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from flhf_core.aggregation import client_weights, weighted_average
 from flhf_core.protocol import USER_ID, USER_RECORD
+from flhf_core.reward_federation import RewardModelPool
 from flhf_core.strategy import FeedbackFedAvg
 
 SHAPES = {"a": (3, 4), "b": (5,)}
@@ -335,3 +336,65 @@ def test_an_evaluation_reply_needs_no_reward_before(flower_identity, weighting):
     averaged = strategy.aggregate_evaluate(2, replies)
     assert averaged is not None and averaged["reward"] == pytest.approx(0.2)
     assert not strategy.reports[(2, MessageType.EVALUATE)].rejected
+
+
+def rm_reply(sent: Message, user: int, value: float, judgements: float, shape=(2,), **extra) -> Message:
+    """A feedback-round reply with the user's reward model (``reward-model = clustered``)."""
+    reply = reply_to(sent, user, 10, seed=user)
+    reply.content["reward-model"] = ArrayRecord({"head.w": Array(np.full(shape, value, dtype=np.float32))})
+    metrics = reply.content["metrics"]
+    metrics["train-reward-model-judgements"] = judgements
+    metrics["reward-model-cluster"] = float(sent.content["reward-model-assignment"]["cluster"])
+    for key, value_ in extra.items():
+        metrics[key] = value_
+    return reply
+
+
+def sent_round(strategy, server_round, grid):
+    sent = list(strategy.configure_train(server_round, global_arrays(), ConfigRecord(), grid))
+    for message in sent:
+        message.metadata.__dict__["_message_id"] = message.object_id
+    return sent
+
+
+def test_reward_models_travel_only_in_the_rounds_that_use_them_and_are_screened(flower_identity):
+    pool = RewardModelPool(clusters=2, seed=0)
+    strategy = FeedbackFedAvg(min_available_nodes=1, sampling_seed=3, reward_models=pool)
+    strategy.node_users = {11: 0, 12: 1, 13: 2, 14: 3}
+    grid = FakeGrid([11, 12, 13, 14])
+    assert all(set(m.content.array_records) == {"arrays"} for m in sent_round(strategy, 1, grid))
+    strategy.reward_models_active = True  # a feedback round; nobody has judged anything yet
+    sent = sent_round(strategy, 2, grid)
+    assert all(set(m.content.array_records) == {"arrays"} for m in sent)
+    clusters = {
+        strategy.node_users[m.metadata.dst_node_id]: m.content["reward-model-assignment"]["cluster"]
+        for m in sent
+    }
+    assert sorted(clusters.values()) == [0, 0, 1, 1] and clusters == pool.assignment
+    by_user = {strategy.node_users[m.metadata.dst_node_id]: m for m in sent}
+    replies = [
+        rm_reply(by_user[0], 0, 1.0, 1),
+        rm_reply(by_user[1], 1, 3.0, 3),
+        rm_reply(by_user[2], 2, 5.0, 2, shape=(3,)),  # a reward model of another shape
+        reply_to(by_user[3], 3, 10, seed=3),  # no reward model at all
+    ]
+    _, metrics = strategy.aggregate_train(2, replies)
+    rejected = {r.user_id: r.reason for r in strategy.reports[(2, MessageType.TRAIN)].rejected}
+    assert set(rejected) == {2, 3}, rejected
+    assert "reward model" in rejected[2] and "ArrayRecords" in rejected[3]
+    assert "reward-model-cluster" not in metrics and metrics["reward-model-clusters-changed"] == 0
+    # the next feedback round carries both clusters' models: each its users' weighted average
+    sent = sent_round(strategy, 3, grid)
+    models = [sent[0].content[f"reward-model-{k}"]["head.w"].numpy() for k in (0, 1)]
+    cluster_of_0, cluster_of_1 = pool.assignment[0], pool.assignment[1]
+    if cluster_of_0 == cluster_of_1:
+        np.testing.assert_allclose(models[cluster_of_0], 0.25 * 1 + 0.75 * 3)
+    else:
+        np.testing.assert_allclose(models[cluster_of_0], 1.0)
+        np.testing.assert_allclose(models[cluster_of_1], 3.0)
+    assert all(set(m.content.array_records) == {"arrays", "reward-model-0", "reward-model-1"} for m in sent)
+    by_user = {strategy.node_users[m.metadata.dst_node_id]: m for m in sent}
+    bad_losses = rm_reply(by_user[0], 0, 1.0, 1, **{"reward-model-cluster-losses": [0.1, 0.2, 0.3]})
+    strategy.aggregate_train(3, [bad_losses, rm_reply(by_user[1], 1, 2.0, 1)])
+    rejected = {r.user_id: r.reason for r in strategy.reports[(3, MessageType.TRAIN)].rejected}
+    assert "one loss per cluster" in rejected[0]

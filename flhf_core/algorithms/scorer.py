@@ -75,7 +75,7 @@ class Scorer:
             for u, t, e in zip(users, rollout.texts, rollout.examples, strict=True)
         ]
         scores, rated = [0.0] * len(utilities), [0.0] * len(utilities)
-        for i in self._rating_order(rollout.examples, rng, allowance, self.group_size):
+        for i in self._rating_order(rollout, rng, allowance):
             if allowance == 0:
                 break
             rating = score(users[i], utilities[i], rng)
@@ -91,19 +91,27 @@ class Scorer:
             torch.tensor(utilities, device=device),
         )
 
-    @staticmethod
-    def _rating_order(
-        examples: list[Example], rng: np.random.Generator, allowance: int, group_size: int
-    ) -> list[int]:
+    def _rating_order(self, rollout: Rollout, rng: np.random.Generator, allowance: int) -> list[int]:
         """Sample indices in the order the user is asked: every sample, in order, when
-        unlimited; else documents in random order, each document's samples together."""
+        unlimited; else documents in random order (or by :meth:`_uncertainty`, most uncertain
+        first, when it has an opinion), each document's samples together."""
+        count, size = len(rollout.examples), self.group_size
         if allowance < 0:
-            return list(range(len(examples)))
-        groups = [
-            list(range(g, min(g + group_size, len(examples)))) for g in range(0, len(examples), group_size)
-        ]
+            return list(range(count))
+        groups = [list(range(g, min(g + size, count))) for g in range(0, count, size)]
         rng.shuffle(groups)  # the samples of one prompt are contiguous (see rollout.sample)
+        uncertainty = self._uncertainty(rollout.examples, rollout.texts, groups)
+        if uncertainty is not None:  # a stable sort: equally uncertain documents stay shuffled
+            order = sorted(range(len(groups)), key=lambda k: -uncertainty[k])
+            groups = [groups[k] for k in order]
         return [i for group in groups for i in group]
+
+    def _uncertainty(
+        self, examples: list[Example], texts: list[str], groups: list[list[int]]
+    ) -> list[float] | None:
+        """How unsure the scorer is about each group of samples (None: no opinion, ask in
+        random order). The user alone has none; see :class:`LearnedScorer`."""
+        return None
 
     # --- pairwise choices ---------------------------------------------------
     def choose(
@@ -115,6 +123,9 @@ class Scorer:
         starts = list(range(0, len(texts) - 1, 2))
         if allowance >= 0:
             rng.shuffle(starts)
+            uncertainty = self._uncertainty(examples, texts, [[a, a + 1] for a in starts])
+            if uncertainty is not None:
+                starts = [starts[k] for k in sorted(range(len(starts)), key=lambda k: -uncertainty[k])]
         pairs = []
         for a in starts:
             if allowance == 0:
@@ -147,6 +158,15 @@ class LearnedScorer(Scorer):
     ``diagnostics``: over the samples the model scored this round, its ratings against the
     true utility (:func:`~flhf_core.reward_model.diagnostics`); the gap only when it learned
     from ratings (pairs leave the scale of r free).
+
+    ``active`` (``reward-queries = active``): once the model has learned something, the user
+    is asked first about the documents whose samples the model can least tell apart, the
+    smallest spread max r - min r of a document's samples (for DPO, the closest pair): where
+    its ranking, which is all a leave-one-out advantage or a preference uses, is least
+    reliable (uncertainty sampling; the pairwise form is the "closest pairs" of active
+    preference learning). ``queried-spread`` and ``unqueried-spread`` (mean spreads of the
+    documents asked about and not) show what it chose: the lower the first against the
+    second, the more it concentrated the user's judgements where the model was unsure.
     """
 
     def __init__(
@@ -161,8 +181,12 @@ class LearnedScorer(Scorer):
         fit_steps: int,
         learning_rate: float,
         max_tokens: int,
+        active: bool = False,
     ) -> None:
         super().__init__(profile, budget, steps, group_size)
+        self.active = active
+        self.spreads: dict[str, list[float]] = {"queried": [], "unqueried": []}
+        self._step_spreads: dict[tuple[int, ...], float] = {}  # this step's, by group
         self.reward_model = reward_model
         self.tokenizer = tokenizer
         self.judgements = judgements
@@ -192,6 +216,34 @@ class LearnedScorer(Scorer):
         self.reward_model.eval()
         return torch.sigmoid(rm.scores(self.reward_model, self.tokenizer, documents, texts, self.max_tokens))
 
+    @torch.no_grad()
+    def _uncertainty(
+        self, examples: list[Example], texts: list[str], groups: list[list[int]]
+    ) -> list[float] | None:
+        """Minus each group's spread of r (higher: less sure), when active and once the model
+        has learned from something; the spreads are kept for ``queried-spread``."""
+        if not self.active or not len(self.judgements):
+            return None
+        self.reward_model.eval()
+        members = [i for group in groups for i in group]
+        predicted = rm.scores(  # r, not sigmoid(r): its differences are the model's log-odds
+            self.reward_model,
+            self.tokenizer,
+            [examples[i].document for i in members],
+            [texts[i] for i in members],
+            self.max_tokens,
+        ).tolist()
+        by_sample = dict(zip(members, predicted, strict=True))
+        spreads = [max(by_sample[i] for i in g) - min(by_sample[i] for i in g) for g in groups]
+        self._step_spreads = dict(zip(map(tuple, groups), spreads, strict=True))
+        return [-spread for spread in spreads]
+
+    def _record_spreads(self, judged: set[int]) -> None:
+        """After a step: the spreads of the groups the user judged (some of) and did not."""
+        for group, spread in self._step_spreads.items():
+            self.spreads["queried" if judged & set(group) else "unqueried"].append(spread)
+        self._step_spreads = {}
+
     def _note(self, predicted: list[float], utility: list[float], group: str) -> None:
         self._predicted += predicted
         self._utility += utility
@@ -200,6 +252,7 @@ class LearnedScorer(Scorer):
     def rate(self, rollout: Rollout, rng: np.random.Generator) -> RolloutFeedback:
         asked = super().rate(rollout, rng)
         judged = asked.rated.bool().tolist()
+        self._record_spreads({i for i, was in enumerate(judged) if was})
         for i in (i for i, was in enumerate(judged) if was):
             self.judgements.rated.append(
                 (rollout.examples[i].document, rollout.texts[i], float(asked.scores[i]))
@@ -230,6 +283,7 @@ class LearnedScorer(Scorer):
         self, texts: list[str], examples: list[Example], rng: np.random.Generator
     ) -> list[tuple[int, int]]:
         answered = super().choose(texts, examples, rng)
+        self._record_spreads({i for pair in answered for i in pair})
         for winner, loser in answered:
             self.judgements.chosen.append((examples[winner].document, texts[winner], texts[loser]))
         self._refit(len(answered), rng)
@@ -258,6 +312,9 @@ class LearnedScorer(Scorer):
         if not self._predicted:
             return {}
         found = rm.diagnostics(self._predicted, self._utility, self._groups)
+        for kind, spreads in self.spreads.items():
+            if spreads:
+                found[f"reward-model-{kind}-spread"] = float(np.mean(spreads))
         if not self.judgements.rated:  # learned from pairs alone: its scale is arbitrary
             found.pop("reward-model-gap")
         return {key: value for key, value in found.items() if np.isfinite(value)}

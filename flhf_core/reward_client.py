@@ -1,0 +1,105 @@
+"""The user's side of a learned reward model: which model scores this round, what goes back.
+
+* ``personal``: the user's own model and judgements, restored from the previous feedback
+  round (:func:`flhf_core.reward_model.restore`); nothing leaves the client.
+* ``federated`` / ``clustered``: the train message carries the server's reward models
+  (``reward-model-0``, ``-1``, ...; none before anyone has judged anything) and the user's
+  cluster. The user starts from its cluster's model, fits it to all the judgements it has
+  given (they never leave the client), and sends the fitted model back as ``reward-model``,
+  with how many judgements it learned from (what weights it in the average) and, when there
+  are several clusters, every received model's loss on those judgements (what the server
+  assigns clusters by: :mod:`flhf_core.reward_federation`).
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, RecordDict
+
+from . import reward_model
+from .algorithms.scorer import LearnedScorer
+from .model import parameters_to_record, record_to_parameters
+from .protocol import (
+    CLUSTER,
+    CLUSTER_LOSSES,
+    CLUSTER_OF_USER,
+    REWARD_ASSIGNMENT,
+    REWARD_JUDGEMENTS,
+    REWARD_MODEL,
+    REWARD_MODELS,
+)
+from .session import UserSession
+
+SHARED_MODES = ("federated", "clustered")
+
+
+def received_models(content: RecordDict) -> list[ArrayRecord]:
+    """The server's reward models, in cluster order (empty before anyone judged anything)."""
+    models: list[ArrayRecord] = []
+    while (key := f"{REWARD_MODELS}{len(models)}") in content.array_records:
+        models.append(content.array_records[key])
+    return models
+
+
+def assigned_cluster(content: RecordDict) -> int:
+    """The cluster the server put this user in (0 when it said nothing: federated)."""
+    assignment = content.config_records.get(REWARD_ASSIGNMENT)
+    return int(assignment[CLUSTER]) if assignment is not None else 0
+
+
+def learned_scorer(session: UserSession, budget: tuple) -> LearnedScorer:
+    """The scorer of a user with a reward model: ``budget`` is :class:`Scorer`'s arguments."""
+    config = session.config
+    model, judgements = reward_model.restore(
+        session.context, session.state_folder, session.model, session.server_round
+    )
+    shared = received_models(session.received)
+    if config.reward_model in SHARED_MODES and shared:
+        record_to_parameters(model, shared[assigned_cluster(session.received)])
+    return LearnedScorer(
+        *budget,
+        model,
+        session.tokenizer,
+        judgements,
+        config.reward_model_steps,
+        config.reward_model_learning_rate,
+        config.max_source_tokens,
+        active=config.reward_queries == "active",
+    )
+
+
+def finish(session: UserSession, scorer: LearnedScorer) -> dict[str, float | list[float]]:
+    """Keep the user's reward model and judgements; under a shared mode, put the fitted model
+    in the reply. Returns the round's reward-model figures."""
+    config = session.config
+    reward_model.keep(
+        session.context, session.state_folder, scorer.reward_model, scorer.judgements, session.server_round
+    )
+    metrics: dict[str, float | list[float]] = {
+        **scorer.diagnostics(),
+        **{f"train-reward-model-{k}": v for k, v in scorer.losses.items()},
+        REWARD_JUDGEMENTS: float(len(scorer.judgements)),
+    }
+    if config.reward_model not in SHARED_MODES:
+        return metrics
+    session.outgoing[REWARD_MODEL] = parameters_to_record(scorer.reward_model)
+    metrics[CLUSTER_OF_USER] = float(assigned_cluster(session.received))
+    shared = received_models(session.received)
+    if config.reward_model == "clustered" and shared:
+        metrics[CLUSTER_LOSSES] = cluster_losses(session, scorer.judgements, shared)
+    return metrics
+
+
+def cluster_losses(
+    session: UserSession, judgements: reward_model.Judgements, models: list[ArrayRecord]
+) -> list[float]:
+    """Each received model's loss on every judgement the user has given (this round's too)."""
+    losses = []
+    for record in models:
+        candidate = reward_model.RewardModel.from_summarizer(session.model)
+        record_to_parameters(candidate, record)
+        losses.append(
+            reward_model.judgement_loss(
+                candidate, session.tokenizer, judgements, session.config.max_source_tokens
+            )
+        )
+    return losses
