@@ -58,21 +58,29 @@ from typing import Any
 
 import numpy as np
 from common import PROJECT_DIR, RESULTS_DIR, commit, machine
+from quality_table import (
+    BASELINE,
+    WEIGHTINGS,
+    aggregate,
+    markdown,
+    markdown_reward_models,
+    reward_model_figures,
+    run_figures,
+    targets,
+)
 
-from flhf_core.config import RunConfig
-from flhf_core.feedback import paired_win_rate
-from flhf_core.profiles import build_profile
 from flhf_core.tracking import atomic_write_json, read_metrics
 
 PRESET = "reinforce"
 SEEDS = (0, 1, 2)
 ALGORITHMS = ("best-of-n", "reinforce", "ppo", "dpo")
-WEIGHTINGS = ("linear", "softmax", "gain", "history", "qfedavg")
 PERSONALIZATIONS = ("lora", "local-head")
-BASELINE = "fedavg-sft"
 BEST = "{best}"  # stands for the best algorithm until the algorithm rows are in
 EVIDENCE_DIR = RESULTS_DIR / "quality-runs"
 EVIDENCE_FILES = ("judgements.json", "summary.json", "config.json")
+OPTIONAL_EVIDENCE = ("metrics.jsonl",)  # kept since issue 13 (the reward models' diagnostics)
+REWARD_MODELS = ("personal", "federated", "clustered")
+BUDGETS = (32, 8)  # judgements per user per feedback round (the preset samples 10 x 8 x 4 = 320)
 
 
 def methods() -> dict[str, list[str]]:
@@ -94,76 +102,27 @@ def methods() -> dict[str, list[str]]:
         table.setdefault(f"{BEST}/{weighting}/none", [best, f"reward-weighting={weighting}"])
     for mode in PERSONALIZATIONS:
         table.setdefault(f"{BEST}/none/{mode}", [best, f"personalization={mode}"])
+    # issue 13: a few judgements per round, and a learned reward model for the rest
+    for budget in BUDGETS:
+        for reward_model in (*REWARD_MODELS, "none"):  # none: only the judged samples teach
+            table[reward_model_method(BEST, reward_model, budget)] = [
+                best,
+                f"ratings-per-round={budget}",
+                f"reward-model={reward_model}",
+            ]
+    table[reward_model_method(BEST, "personal", 8, active=True)] = [
+        best,
+        "ratings-per-round=8",
+        "reward-model=personal",
+        "reward-queries=active",
+    ]
     return table
 
 
-# --------------------------------------------------------------------------
-# Figures of one run (pure functions over judgements.json)
-# --------------------------------------------------------------------------
-def user_lists(judgements: dict, key: str) -> dict[str, list[float]]:
-    """Each user's per-document ``key`` of the model the user uses (its personalized one if any)."""
-    return {
-        user: figures[f"{key}-personal"] if f"{key}-personal" in figures else figures[key]
-        for user, figures in judgements["users"].items()
-    }
-
-
-def win_rate(method: dict[str, list[float]], baseline: dict[str, list[float]], config: RunConfig) -> float:
-    """Mean over users of each user's :func:`~flhf_core.feedback.paired_win_rate` against the baseline."""
-    return float(
-        np.mean(
-            [
-                paired_win_rate(
-                    utilities,
-                    baseline[user],
-                    build_profile(int(user), config.user_profiles, config.aspects, config.seed),
-                )
-                for user, utilities in method.items()
-            ]
-        )
-    )
-
-
-def checked_judgements(run_dir: Path) -> tuple[dict, dict, RunConfig]:
-    """judgements.json, summary.json and the config of a finished run, checked: the judgements
-    are the final model's, and every user's (a missing user would flatter the worst-user figure)."""
-    judged = json.loads((run_dir / "judgements.json").read_text())
-    summary = json.loads((run_dir / "summary.json").read_text())
-    config = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
-    if judged["round"] != config.num_server_rounds:
-        raise ValueError(f"{run_dir}: judgements of round {judged['round']}, not of the final model")
-    if sorted(map(int, judged["users"])) != list(range(config.min_available_nodes)):
-        raise ValueError(f"{run_dir}: judgements of users {sorted(judged['users'])}, not of every user")
-    return judged, summary, config
-
-
-def run_figures(run_dir: Path, baseline_dir: Path | None) -> dict[str, float]:
-    """The row's figures (see the module docstring); win-rate needs the baseline's run."""
-    judged, summary, config = checked_judgements(run_dir)
-    utility = user_lists(judged, "judged-utility")
-    means = [float(np.mean(u)) for u in utility.values()]
-    figures = {
-        "reward": float(np.mean(means)),
-        "reward-worst": float(np.min(means)),
-        "reward-std": float(np.std(means)),
-        "rougeL": 100.0 * float(np.mean([np.mean(c) for c in user_lists(judged, "judged-content").values()])),
-        "bytes": (summary["bytes-up"] + summary["bytes-down"]) / max(summary["rounds"], 1),
-    }
-    if all({"judged-utility", "judged-utility-personal"} <= set(f) for f in judged["users"].values()):
-        shared = {user: f["judged-utility"] for user, f in judged["users"].items()}
-        figures["reward-global"] = float(np.mean([np.mean(u) for u in shared.values()]))
-        figures["personalized-vs-global-worst"] = float(
-            min(np.mean(utility[u]) / max(np.mean(shared[u]), 1e-9) for u in utility)
-        )
-    if baseline_dir is not None:
-        theirs, _, _ = checked_judgements(baseline_dir)
-        if {u: f["doc-ids"] for u, f in theirs["users"].items()} != {
-            u: f["doc-ids"] for u, f in judged["users"].items()
-        }:
-            raise ValueError(f"{run_dir} and {baseline_dir} judged different documents: no paired win rate")
-        baseline = user_lists(theirs, "judged-utility")
-        figures["win-rate"] = win_rate(utility, baseline, config)
-    return figures
+def reward_model_method(algorithm: str, reward_model: str, budget: int, active: bool = False) -> str:
+    """``ppo/none/none+personal@8``: the algorithm with FedAvg, no personalization, a budget of
+    8 judgements per round and a personal reward model (``-active``: active queries)."""
+    return f"{algorithm}/none/none+{reward_model}{'-active' if active else ''}@{budget}"
 
 
 # --------------------------------------------------------------------------
@@ -194,6 +153,9 @@ def keep_evidence(run_dir: Path, evidence: Path, bench: dict[str, Any]) -> None:
     (evidence / "bench.json").unlink(missing_ok=True)  # a folder being refilled is not whole
     for name in EVIDENCE_FILES:
         shutil.copyfile(run_dir / name, evidence / name)
+    for name in OPTIONAL_EVIDENCE:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, evidence / name)
     atomic_write_json(evidence / "bench.json", bench)
 
 
@@ -353,6 +315,7 @@ def collect(evidence_dir: Path, seeds: tuple[int, ...], declared: str | None = N
                 continue
             bench = json.loads((run_dir / "bench.json").read_text())
             figures = run_figures(run_dir, baseline if completed(baseline) else None)
+            figures.update(reward_model_figures(run_dir))
             rows.append(
                 {
                     "method": name,
@@ -365,106 +328,6 @@ def collect(evidence_dir: Path, seeds: tuple[int, ...], declared: str | None = N
                 }
             )
     return rows
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method: mean and std over seeds of every figure, and on how many seeds it beats fedavg-sft."""
-    baseline = {r["seed"]: r["reward"] for r in rows if r["method"] == BASELINE}
-    table: dict[str, dict[str, Any]] = {}
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        entry: dict[str, Any] = {"seeds": len(mine)}
-        for key in (
-            "reward",
-            "reward-worst",
-            "reward-std",
-            "win-rate",
-            "rougeL",
-            "bytes",
-            "seconds",
-            "reward-global",
-        ):
-            values = [r[key] for r in mine if r.get(key) is not None]
-            if values:  # "<key>-over-seeds": the spread over seeds ("reward-std" is across users)
-                entry[key], entry[f"{key}-over-seeds"] = mean_std(values)
-        paired = [r for r in mine if r["seed"] in baseline]
-        entry["beats-fedavg-sft"] = sum(r["reward"] > baseline[r["seed"]] for r in paired)
-        entry["paired-seeds"] = len(paired)
-        table[method] = entry
-    return table
-
-
-def targets(table: dict[str, dict[str, Any]], best: str | None) -> list[dict[str, Any]]:
-    """The issue's targets, each with the figures it compares and whether it is met."""
-    if best is None or BASELINE not in table:
-        return []
-    found = []
-
-    def check(name: str, value: float | None, threshold: float, met: bool | None) -> None:
-        found.append({"target": name, "value": value, "threshold": threshold, "met": met})
-
-    feedback, sft = table.get(f"{best}/none/none"), table[BASELINE]
-    if feedback:
-        check("best algorithm reward / fedavg-sft", feedback["reward"] / sft["reward"], 1.25, None)
-        check("best algorithm win rate vs fedavg-sft", feedback.get("win-rate"), 0.70, None)
-        check(
-            "best algorithm beats fedavg-sft on every seed",
-            feedback["beats-fedavg-sft"],
-            feedback["paired-seeds"],
-            feedback["beats-fedavg-sft"] == feedback["paired-seeds"],
-        )
-        if f"centralized/{best}" in table:
-            check(
-                "vs centralized with the same algorithm",
-                feedback["reward"] / table[f"centralized/{best}"]["reward"],
-                0.95,
-                None,
-            )
-        if "local-only" in table:
-            check("vs local-only", feedback["reward"] / table["local-only"]["reward"], 1.12, None)
-        none = feedback
-        for weighting in WEIGHTINGS:
-            row = table.get(f"{best}/{weighting}/none")
-            if row:
-                check(
-                    f"{weighting}: worst-user reward above none's, mean within 2%",
-                    row["reward-worst"] - none["reward-worst"],
-                    0.0,
-                    row["reward-worst"] > none["reward-worst"] and row["reward"] >= 0.98 * none["reward"],
-                )
-        lora = table.get(f"{best}/none/lora")
-        if lora and "reward-global" in lora:
-            check("lora personalized / global", lora["reward"] / lora["reward-global"], 1.15, None)
-    for item in found:
-        if item["met"] is None and item["value"] is not None:
-            item["met"] = bool(item["value"] >= item["threshold"])
-    return found
-
-
-def markdown(table: dict[str, dict[str, Any]]) -> str:
-    def cell(entry: dict[str, Any], key: str, digits: int) -> str:
-        if key not in entry:
-            return "–"
-        spread = entry.get(f"{key}-over-seeds", 0.0)
-        return f"{entry[key]:.{digits}f} ± {spread:.{digits}f}"
-
-    lines = [
-        "| method | reward | worst user | std across users | win rate vs fedavg-sft | ROUGE-L (user's aspect) "
-        "| MB per round | wall time (s) | beats fedavg-sft | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for method, e in table.items():
-        megabytes = f"{e['bytes'] / 1e6:.1f}" if "bytes" in e else "–"
-        lines.append(
-            f"| `{method}` | {cell(e, 'reward', 4)} | {cell(e, 'reward-worst', 4)} | {cell(e, 'reward-std', 4)} "
-            f"| {cell(e, 'win-rate', 3)} | {cell(e, 'rougeL', 2)} | {megabytes} | {cell(e, 'seconds', 0)} "
-            f"| {e['beats-fedavg-sft']}/{e['paired-seeds']} | {e['seeds']} |"
-        )
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -538,6 +401,9 @@ def main() -> None:
         },
     )
     print(markdown(table))
+    if any("+" in method for method in table):
+        print()
+        print(markdown_reward_models(table))
     for item in found:
         value = "n/a" if item["value"] is None else f"{item['value']:.3f}"
         print(

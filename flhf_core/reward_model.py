@@ -236,12 +236,15 @@ def correlation(predicted: Sequence[float], utility: Sequence[float]) -> float:
 def diagnostics(
     predicted: Sequence[float], utility: Sequence[float], groups: Sequence[object]
 ) -> dict[str, float]:
-    """``reward-model-accuracy``, ``-correlation`` and ``-gap`` of predicted ratings (sigmoid(r))
-    against the true utilities of the same samples."""
+    """``reward-model-accuracy``, ``-correlation`` and ``-gap`` (``-score`` minus ``-utility``,
+    their means) of predicted ratings (sigmoid(r)) against the true utilities of the same samples."""
     return {
         "reward-model-accuracy": pairwise_accuracy(predicted, utility, groups),
         "reward-model-correlation": correlation(predicted, utility),
         "reward-model-gap": float(np.mean(predicted) - np.mean(utility)),
+        # the gap's two sides: the reward the policy is trained on, and what the user gets
+        "reward-model-score": float(np.mean(predicted)),
+        "reward-model-utility": float(np.mean(utility)),
     }
 
 

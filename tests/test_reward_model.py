@@ -37,6 +37,10 @@ def test_diagnostics_by_hand():
     found = rm.diagnostics(predicted, utility, groups)
     assert found["reward-model-accuracy"] == pytest.approx(0.5)
     assert found["reward-model-gap"] == pytest.approx(np.mean(predicted) - np.mean(utility))
+    assert found["reward-model-score"] - found["reward-model-utility"] == pytest.approx(
+        found["reward-model-gap"]
+    )
+    assert found["reward-model-utility"] == pytest.approx(0.22)
     assert found["reward-model-correlation"] == pytest.approx(np.corrcoef(predicted, utility)[0, 1])
     assert math.isnan(rm.pairwise_accuracy([1, 2], [0.5, 0.5], ["a", "a"]))
     assert rm.pairwise_accuracy([0.5, 0.5], [0.1, 0.2], ["a", "a"]) == 0.5  # indifferent: chance

@@ -143,11 +143,13 @@ def test_a_learned_scorer_scores_only_the_documents_the_user_did_not_judge(tiny_
         "reward-model-accuracy",
         "reward-model-correlation",
         "reward-model-gap",
+        "reward-model-score",
+        "reward-model-utility",
     }
     pairs = learned(2, 1, 1)
     chosen = pairs.choose(rollout.texts, rollout.examples, np.random.default_rng(0))
     assert pairs.used == 2 and len(pairs.judgements.chosen) == 2 and len(chosen) == 8
-    assert "reward-model-gap" not in pairs.diagnostics()  # learned from pairs alone: no scale
+    assert {"reward-model-gap", "reward-model-score"}.isdisjoint(pairs.diagnostics())  # pairs alone: no scale
 
 
 def test_a_reward_model_needs_a_budget_and_a_user_of_its_own():

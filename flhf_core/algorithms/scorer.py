@@ -316,5 +316,6 @@ class LearnedScorer(Scorer):
             if spreads:
                 found[f"reward-model-{kind}-spread"] = float(np.mean(spreads))
         if not self.judgements.rated:  # learned from pairs alone: its scale is arbitrary
-            found.pop("reward-model-gap")
+            for key in ("reward-model-gap", "reward-model-score"):
+                found.pop(key)
         return {key: value for key, value in found.items() if np.isfinite(value)}

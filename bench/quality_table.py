@@ -1,0 +1,269 @@
+"""bench/quality.py's figures: of one run (from its kept evidence), and the table and targets
+over methods and seeds. Pure functions of the evidence files, so tests need no run.
+
+Row figures: see bench/quality.py's docstring. Rows of a learned reward model
+(``<algorithm>/none/none+<reward-model>@<budget>``, issue 13) also carry the reward model's
+diagnostics from the last feedback round (``reward-model-accuracy``, ``-correlation``,
+``-gap``, on the samples it scored) and the judgements the users gave per round.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flhf_core.config import RunConfig
+from flhf_core.feedback import paired_win_rate
+from flhf_core.profiles import build_profile
+from flhf_core.tracking import read_metrics
+
+BASELINE = "fedavg-sft"
+WEIGHTINGS = ("linear", "softmax", "gain", "history", "qfedavg")
+REWARD_MODEL_FIGURES = ("reward-model-accuracy", "reward-model-correlation", "reward-model-gap")
+
+
+# --------------------------------------------------------------------------
+# Figures of one run (pure functions over judgements.json)
+# --------------------------------------------------------------------------
+def user_lists(judgements: dict, key: str) -> dict[str, list[float]]:
+    """Each user's per-document ``key`` of the model the user uses (its personalized one if any)."""
+    return {
+        user: figures[f"{key}-personal"] if f"{key}-personal" in figures else figures[key]
+        for user, figures in judgements["users"].items()
+    }
+
+
+def win_rate(method: dict[str, list[float]], baseline: dict[str, list[float]], config: RunConfig) -> float:
+    """Mean over users of each user's :func:`~flhf_core.feedback.paired_win_rate` against the baseline."""
+    return float(
+        np.mean(
+            [
+                paired_win_rate(
+                    utilities,
+                    baseline[user],
+                    build_profile(int(user), config.user_profiles, config.aspects, config.seed),
+                )
+                for user, utilities in method.items()
+            ]
+        )
+    )
+
+
+def checked_judgements(run_dir: Path) -> tuple[dict, dict, RunConfig]:
+    """judgements.json, summary.json and the config of a finished run, checked: the judgements
+    are the final model's, and every user's (a missing user would flatter the worst-user figure)."""
+    judged = json.loads((run_dir / "judgements.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
+    if judged["round"] != config.num_server_rounds:
+        raise ValueError(f"{run_dir}: judgements of round {judged['round']}, not of the final model")
+    if sorted(map(int, judged["users"])) != list(range(config.min_available_nodes)):
+        raise ValueError(f"{run_dir}: judgements of users {sorted(judged['users'])}, not of every user")
+    return judged, summary, config
+
+
+def run_figures(run_dir: Path, baseline_dir: Path | None) -> dict[str, float]:
+    """The row's figures (see the module docstring); win-rate needs the baseline's run."""
+    judged, summary, config = checked_judgements(run_dir)
+    utility = user_lists(judged, "judged-utility")
+    means = [float(np.mean(u)) for u in utility.values()]
+    figures = {
+        "reward": float(np.mean(means)),
+        "reward-worst": float(np.min(means)),
+        "reward-std": float(np.std(means)),
+        "rougeL": 100.0 * float(np.mean([np.mean(c) for c in user_lists(judged, "judged-content").values()])),
+        "bytes": (summary["bytes-up"] + summary["bytes-down"]) / max(summary["rounds"], 1),
+    }
+    if all({"judged-utility", "judged-utility-personal"} <= set(f) for f in judged["users"].values()):
+        shared = {user: f["judged-utility"] for user, f in judged["users"].items()}
+        figures["reward-global"] = float(np.mean([np.mean(u) for u in shared.values()]))
+        figures["personalized-vs-global-worst"] = float(
+            min(np.mean(utility[u]) / max(np.mean(shared[u]), 1e-9) for u in utility)
+        )
+    if baseline_dir is not None:
+        theirs, _, _ = checked_judgements(baseline_dir)
+        if {u: f["doc-ids"] for u, f in theirs["users"].items()} != {
+            u: f["doc-ids"] for u, f in judged["users"].items()
+        }:
+            raise ValueError(f"{run_dir} and {baseline_dir} judged different documents: no paired win rate")
+        baseline = user_lists(theirs, "judged-utility")
+        figures["win-rate"] = win_rate(utility, baseline, config)
+    return figures
+
+
+def reward_model_figures(run_dir: Path) -> dict[str, float]:
+    """A learned reward model's diagnostics in the run's last feedback round (server row), and
+    the judgements users gave per feedback round; {} without metrics.jsonl or a reward model."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [r for r in read_metrics(path) if r["scope"] == "server" and r["phase"] == "feedback"]
+    if not rows or "train-ratings-used" not in rows[-1]:
+        return {}
+    figures = {"ratings-used": float(np.mean([r["train-ratings-used"] for r in rows]))}
+    figures.update({key: float(rows[-1][key]) for key in REWARD_MODEL_FIGURES if key in rows[-1]})
+    return figures
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: mean and std over seeds of every figure, and on how many seeds it beats fedavg-sft."""
+    baseline = {r["seed"]: r["reward"] for r in rows if r["method"] == BASELINE}
+    table: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        entry: dict[str, Any] = {"seeds": len(mine)}
+        for key in (
+            "reward",
+            "reward-worst",
+            "reward-std",
+            "win-rate",
+            "rougeL",
+            "bytes",
+            "seconds",
+            "reward-global",
+            "ratings-used",
+            *REWARD_MODEL_FIGURES,
+        ):
+            values = [r[key] for r in mine if r.get(key) is not None]
+            if values:  # "<key>-over-seeds": the spread over seeds ("reward-std" is across users)
+                entry[key], entry[f"{key}-over-seeds"] = mean_std(values)
+        paired = [r for r in mine if r["seed"] in baseline]
+        entry["beats-fedavg-sft"] = sum(r["reward"] > baseline[r["seed"]] for r in paired)
+        entry["paired-seeds"] = len(paired)
+        table[method] = entry
+    return table
+
+
+def targets(table: dict[str, dict[str, Any]], best: str | None) -> list[dict[str, Any]]:
+    """The issue's targets, each with the figures it compares and whether it is met."""
+    if best is None or BASELINE not in table:
+        return []
+    found = []
+
+    def check(name: str, value: float | None, threshold: float, met: bool | None) -> None:
+        found.append({"target": name, "value": value, "threshold": threshold, "met": met})
+
+    feedback, sft = table.get(f"{best}/none/none"), table[BASELINE]
+    if feedback:
+        check("best algorithm reward / fedavg-sft", feedback["reward"] / sft["reward"], 1.25, None)
+        check("best algorithm win rate vs fedavg-sft", feedback.get("win-rate"), 0.70, None)
+        check(
+            "best algorithm beats fedavg-sft on every seed",
+            feedback["beats-fedavg-sft"],
+            feedback["paired-seeds"],
+            feedback["beats-fedavg-sft"] == feedback["paired-seeds"],
+        )
+        if f"centralized/{best}" in table:
+            check(
+                "vs centralized with the same algorithm",
+                feedback["reward"] / table[f"centralized/{best}"]["reward"],
+                0.95,
+                None,
+            )
+        if "local-only" in table:
+            check("vs local-only", feedback["reward"] / table["local-only"]["reward"], 1.12, None)
+        none = feedback
+        for weighting in WEIGHTINGS:
+            row = table.get(f"{best}/{weighting}/none")
+            if row:
+                check(
+                    f"{weighting}: worst-user reward above none's, mean within 2%",
+                    row["reward-worst"] - none["reward-worst"],
+                    0.0,
+                    row["reward-worst"] > none["reward-worst"] and row["reward"] >= 0.98 * none["reward"],
+                )
+        lora = table.get(f"{best}/none/lora")
+        if lora and "reward-global" in lora:
+            check("lora personalized / global", lora["reward"] / lora["reward-global"], 1.15, None)
+    found += reward_model_targets(table, best)
+    for item in found:
+        if item["met"] is None and item["value"] is not None:
+            item["met"] = bool(item["value"] >= item["threshold"])
+    return found
+
+
+def reward_model_targets(table: dict[str, dict[str, Any]], best: str) -> list[dict[str, Any]]:
+    """Issue 13's targets: at 32 judgements, the best reward-model mode keeps >= 80% of the
+    unlimited budget's reward gain over fedavg-sft; at 8, federated or clustered beats personal
+    on the mean and on the worst user."""
+    sft, unlimited = table[BASELINE], table.get(f"{best}/none/none")
+    found = []
+    at_32 = {m: table.get(f"{best}/none/none+{m}@32") for m in ("personal", "federated", "clustered")}
+    at_32 = {m: row for m, row in at_32.items() if row}
+    if unlimited and at_32:
+        gain = unlimited["reward"] - sft["reward"]
+        mode, row = max(at_32.items(), key=lambda item: item[1]["reward"])
+        kept = (row["reward"] - sft["reward"]) / gain if gain > 0 else None
+        found.append(
+            {
+                "target": f"at 32 judgements, the best mode ({mode}) keeps of the unlimited budget's gain",
+                "value": kept,
+                "threshold": 0.8,
+                "met": None if kept is not None else False,  # no gain to keep: not met
+            }
+        )
+    personal = table.get(f"{best}/none/none+personal@8")
+    for mode in ("federated", "clustered"):
+        row = table.get(f"{best}/none/none+{mode}@8")
+        if personal and row:
+            found.append(
+                {
+                    "target": f"at 8 judgements, {mode} beats personal on the mean and the worst user",
+                    "value": row["reward"] - personal["reward"],
+                    "threshold": 0.0,
+                    "met": row["reward"] > personal["reward"]
+                    and row["reward-worst"] > personal["reward-worst"],
+                }
+            )
+    return found
+
+
+def markdown_reward_models(table: dict[str, dict[str, Any]]) -> str:
+    """The reward-model rows (issue 13): reward against the budget, and how the learned reward
+    models did in the last feedback round (on the samples they scored)."""
+    lines = [
+        "| method | reward | worst user | win rate vs fedavg-sft | judgements per user and round "
+        "| RM accuracy | RM correlation | RM gap | MB per round | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, e in table.items():
+        if "ratings-used" not in e or ("+" not in method and "@" not in method):
+            continue
+        lines.append(
+            f"| `{method}` | {cell(e, 'reward', 4)} | {cell(e, 'reward-worst', 4)} | {cell(e, 'win-rate', 3)} "
+            f"| {e['ratings-used']:.1f} | {cell(e, 'reward-model-accuracy', 3)} "
+            f"| {cell(e, 'reward-model-correlation', 3)} | {cell(e, 'reward-model-gap', 3)} "
+            f"| {e['bytes'] / 1e6:.1f} | {e['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
+def cell(entry: dict[str, Any], key: str, digits: int) -> str:
+    """``mean ± std over seeds`` of ``key``, or a dash."""
+    if key not in entry:
+        return "–"
+    spread = entry.get(f"{key}-over-seeds", 0.0)
+    return f"{entry[key]:.{digits}f} ± {spread:.{digits}f}"
+
+
+def markdown(table: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| method | reward | worst user | std across users | win rate vs fedavg-sft | ROUGE-L (user's aspect) "
+        "| MB per round | wall time (s) | beats fedavg-sft | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, e in table.items():
+        megabytes = f"{e['bytes'] / 1e6:.1f}" if "bytes" in e else "–"
+        lines.append(
+            f"| `{method}` | {cell(e, 'reward', 4)} | {cell(e, 'reward-worst', 4)} | {cell(e, 'reward-std', 4)} "
+            f"| {cell(e, 'win-rate', 3)} | {cell(e, 'rougeL', 2)} | {megabytes} | {cell(e, 'seconds', 0)} "
+            f"| {e['beats-fedavg-sft']}/{e['paired-seeds']} | {e['seeds']} |"
+        )
+    return "\n".join(lines)
