@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 from common import PROJECT_DIR, RESULTS_DIR, commit, machine
-from quality_table import (
+from quality_figures import (
     BASELINE,
     WEIGHTINGS,
     aggregate,

@@ -1,4 +1,4 @@
-"""bench/quality.py and quality_table.py: figures from hand-written run folders (no run needed)."""
+"""bench/quality.py and quality_figures.py: figures from hand-written run folders (no run needed)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from flhf_core.profiles import build_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import quality
-import quality_table
+import quality_figures
 
 DOCS = {"0": ["a", "b"], "1": ["c", "d"]}
 
@@ -45,7 +45,7 @@ def test_figures_and_the_paired_win_rate_by_hand(tmp_path):
             "1": {"judged-utility-personal": [0.1, 0.0], "judged-content-personal": [0.1, 0.1]},
         },
     )
-    figures = quality_table.run_figures(method, baseline)
+    figures = quality_figures.run_figures(method, baseline)
     assert figures["reward"] == pytest.approx((0.25 + 0.05) / 2)
     assert figures["reward-worst"] == pytest.approx(0.05)
     assert figures["rougeL"] == pytest.approx(100 * (0.3 + 0.1) / 2)
@@ -62,7 +62,7 @@ def test_figures_and_the_paired_win_rate_by_hand(tmp_path):
     user0 = (sigmoid(0.1 / t[0]) + 0.5) / 2
     user1 = (0.5 + sigmoid(-0.1 / t[1])) / 2
     assert figures["win-rate"] == pytest.approx((user0 + user1) / 2)
-    assert quality_table.run_figures(baseline, baseline)["win-rate"] == pytest.approx(0.5)
+    assert quality_figures.run_figures(baseline, baseline)["win-rate"] == pytest.approx(0.5)
 
 
 def test_judgements_that_cannot_be_compared_are_refused(tmp_path):
@@ -70,17 +70,17 @@ def test_judgements_that_cannot_be_compared_are_refused(tmp_path):
     complete = fake_run(tmp_path / "complete", {"0": lists, "1": lists})
     missing_user = fake_run(tmp_path / "missing", {"0": lists})
     with pytest.raises(ValueError, match="not of every user"):
-        quality_table.run_figures(missing_user, None)
+        quality_figures.run_figures(missing_user, None)
     stale = fake_run(tmp_path / "stale", {"0": lists, "1": lists}, rounds=3)
     (stale / "judgements.json").write_text(json.dumps({"round": 2, "users": {}}))
     with pytest.raises(ValueError, match="not of the final model"):
-        quality_table.run_figures(stale, None)
+        quality_figures.run_figures(stale, None)
     other_docs = fake_run(tmp_path / "other", {"0": lists, "1": lists})
     payload = json.loads((other_docs / "judgements.json").read_text())
     payload["users"]["1"]["doc-ids"] = ["x", "y"]
     (other_docs / "judgements.json").write_text(json.dumps(payload))
     with pytest.raises(ValueError, match="different documents"):
-        quality_table.run_figures(other_docs, complete)
+        quality_figures.run_figures(other_docs, complete)
 
 
 def test_the_spread_over_seeds_is_not_the_spread_across_users():
@@ -88,7 +88,7 @@ def test_the_spread_over_seeds_is_not_the_spread_across_users():
         {"method": "m", "seed": s, "reward": r, "reward-std": 0.5, "seconds": 1.0}
         for s, r in ((0, 0.1), (1, 0.3))
     ]
-    entry = quality_table.aggregate(rows)["m"]
+    entry = quality_figures.aggregate(rows)["m"]
     assert entry["reward"] == pytest.approx(0.2) and entry["reward-over-seeds"] == pytest.approx(
         0.1414, abs=1e-4
     )
@@ -134,7 +134,7 @@ def test_the_evidence_outlives_the_scratch_runs_and_decides_the_best_algorithm(t
     marked.write_text(json.dumps({**json.loads(marked.read_text()), "contended": True}))
     row = next(r for r in quality.collect(evidence, (0,)) if r["method"] == "ppo/none/none")
     assert row["seconds"] is None and row["reward"] == pytest.approx(0.25)
-    assert "seconds" not in quality_table.aggregate([row])["ppo/none/none"]
+    assert "seconds" not in quality_figures.aggregate([row])["ppo/none/none"]
     assert not quality.missing(evidence, (0,), "reinforce", only=["ppo/none/none"])[0]
     retimed, _ = quality.missing(evidence, (0,), "reinforce", only=["ppo/none/none"], retime=True)
     assert [(name, seed) for name, _, seed in retimed] == [("ppo/none/none", 0)]
@@ -203,8 +203,8 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
         },
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert quality_table.reward_model_figures(run) == {"ratings-used": 7.0, "reward-model-accuracy": 0.6}
-    assert quality_table.reward_model_figures(tmp_path) == {}  # older evidence: no metrics.jsonl
+    assert quality_figures.reward_model_figures(run) == {"ratings-used": 7.0, "reward-model-accuracy": 0.6}
+    assert quality_figures.reward_model_figures(tmp_path) == {}  # older evidence: no metrics.jsonl
 
     def entry(reward, worst):
         return {"reward": reward, "reward-worst": worst}
@@ -218,7 +218,7 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
         "ppo/none/none+federated@8": entry(0.125, 0.04),  # better mean, worse worst user
         "ppo/none/none+clustered@8": entry(0.121, 0.051),
     }
-    found = {t["target"]: t for t in quality_table.reward_model_targets(table, "ppo")}
+    found = {t["target"]: t for t in quality_figures.reward_model_targets(table, "ppo")}
     kept = found["at 32 judgements, the best mode (clustered) keeps of the unlimited budget's gain"]
     assert kept["value"] == pytest.approx(0.9) and kept["met"] is None  # decided by the threshold later
     assert found["at 8 judgements, federated beats personal on the mean and the worst user"]["met"] is False
