@@ -53,6 +53,9 @@ PLOTTED = (
     "personalization-gain",
     "reward-personal",
     "seconds",
+    # a learned reward model against the user's true utility (plotted only where there is one)
+    "reward-model-accuracy",
+    "reward-model-gap",
 )
 
 
