@@ -110,19 +110,20 @@ def methods() -> dict[str, list[str]]:
                 f"ratings-per-round={budget}",
                 f"reward-model={reward_model}",
             ]
-    table[reward_model_method(BEST, "personal", 8, active=True)] = [
-        best,
-        "ratings-per-round=8",
-        "reward-model=personal",
-        "reward-queries=active",
-    ]
+    variants = {  # at 8 judgements: what active queries save, and a shared encoder with personal heads
+        "personal-active": ["reward-model=personal", "reward-queries=active"],
+        "federated-head": ["reward-model=federated", "reward-model-personal-head=true"],
+    }
+    for variant, items in variants.items():
+        table[reward_model_method(BEST, variant, 8)] = [best, "ratings-per-round=8", *items]
     return table
 
 
-def reward_model_method(algorithm: str, reward_model: str, budget: int, active: bool = False) -> str:
+def reward_model_method(algorithm: str, reward_model: str, budget: int) -> str:
     """``ppo/none/none+personal@8``: the algorithm with FedAvg, no personalization, a budget of
-    8 judgements per round and a personal reward model (``-active``: active queries)."""
-    return f"{algorithm}/none/none+{reward_model}{'-active' if active else ''}@{budget}"
+    8 judgements per round and a personal reward model (``personal-active``: with active
+    queries; ``federated-head``: a federated encoder with personal heads)."""
+    return f"{algorithm}/none/none+{reward_model}@{budget}"
 
 
 # --------------------------------------------------------------------------

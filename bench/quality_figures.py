@@ -210,7 +210,7 @@ def reward_model_targets(table: dict[str, dict[str, Any]], best: str) -> list[di
             }
         )
     personal = table.get(f"{best}/none/none+personal@8")
-    for mode in ("federated", "clustered"):
+    for mode in ("federated", "clustered", "federated-head"):
         row = table.get(f"{best}/none/none+{mode}@8")
         if personal and row:
             found.append(

@@ -132,6 +132,7 @@ class RunConfig:
     reward_model_steps: int = field(default=4, metadata=_range(1))
     reward_model_learning_rate: float = field(default=1e-3, metadata=_range(1e-8))
     reward_model_clusters: int = field(default=2, metadata=_range(2))
+    reward_model_personal_head: bool = False
     reward_queries: str = field(default="uniform", metadata=_choice(*REWARD_QUERIES))
     feedback_learning_rate: float = field(default=3e-4, metadata=_range(0.0, 1.0))
     kl_coef: float = field(default=0.05, metadata=_range(0.0))
@@ -309,6 +310,11 @@ class RunConfig:
                 raise ConfigError(
                     f"reward-model: {self.reward_model!r} is a user's own; mode='centralized' pools every "
                     "user's feedback in one learner. Use reward-model='none' there."
+                )
+            if self.reward_model_personal_head and self.reward_model == "personal":
+                raise ConfigError(
+                    "reward-model-personal-head: a personal reward model is personal whole; the key "
+                    "applies to reward-model 'federated' or 'clustered'."
                 )
             if self.mode == "local-only" and self.reward_model in ("federated", "clustered"):
                 raise ConfigError(

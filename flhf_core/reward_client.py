@@ -8,7 +8,9 @@
   given (they never leave the client), and sends the fitted model back as ``reward-model``,
   with how many judgements it learned from (what weights it in the average) and, when there
   are several clusters, every received model's loss on those judgements (what the server
-  assigns clusters by: :mod:`flhf_core.reward_federation`).
+  assigns clusters by: :mod:`flhf_core.reward_federation`). With
+  ``reward-model-personal-head`` only the encoder travels: the user keeps its own head, so a
+  shared representation can serve users who want different things.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def learned_scorer(session: UserSession, budget: tuple) -> LearnedScorer:
     )
     shared = received_models(session.received)
     if config.reward_model in SHARED_MODES and shared:
-        record_to_parameters(model, shared[assigned_cluster(session.received)])
+        names = reward_model.shared_names(model, config.reward_model_personal_head)
+        record_to_parameters(model, shared[assigned_cluster(session.received)], names=names)
     return LearnedScorer(
         *budget,
         model,
@@ -81,25 +84,28 @@ def finish(session: UserSession, scorer: LearnedScorer) -> dict[str, float | lis
     }
     if config.reward_model not in SHARED_MODES:
         return metrics
-    session.outgoing[REWARD_MODEL] = parameters_to_record(scorer.reward_model)
+    names = reward_model.shared_names(scorer.reward_model, config.reward_model_personal_head)
+    session.outgoing[REWARD_MODEL] = parameters_to_record(scorer.reward_model, names)
     metrics[CLUSTER_OF_USER] = float(assigned_cluster(session.received))
     shared = received_models(session.received)
     if config.reward_model == "clustered" and shared:
-        metrics[CLUSTER_LOSSES] = cluster_losses(session, scorer.judgements, shared)
+        metrics[CLUSTER_LOSSES] = cluster_losses(session, scorer, shared)
     return metrics
 
 
-def cluster_losses(
-    session: UserSession, judgements: reward_model.Judgements, models: list[ArrayRecord]
-) -> list[float]:
-    """Each received model's loss on every judgement the user has given (this round's too)."""
+def cluster_losses(session: UserSession, scorer: LearnedScorer, models: list[ArrayRecord]) -> list[float]:
+    """Each received model's loss on every judgement the user has given (this round's too);
+    with a personal head, each cluster's encoder is scored through the user's own head."""
     losses = []
     for record in models:
         candidate = reward_model.RewardModel.from_summarizer(session.model)
-        record_to_parameters(candidate, record)
+        if session.config.reward_model_personal_head:
+            candidate.head.load_state_dict(scorer.reward_model.head.state_dict())
+        names = reward_model.shared_names(candidate, session.config.reward_model_personal_head)
+        record_to_parameters(candidate, record, names=names)
         losses.append(
             reward_model.judgement_loss(
-                candidate, session.tokenizer, judgements, session.config.max_source_tokens
+                candidate, session.tokenizer, scorer.judgements, session.config.max_source_tokens
             )
         )
     return losses

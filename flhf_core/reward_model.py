@@ -54,7 +54,7 @@ from safetensors.numpy import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .model import parameters_to_record, record_to_parameters
+from .model import canonical_parameters, parameters_to_record, record_to_parameters
 
 
 class RewardModel(nn.Module):
@@ -78,6 +78,16 @@ class RewardModel(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         return self.head(pooled).squeeze(-1)
+
+
+HEAD_PREFIX = "head."  # the scalar head's parameters (``reward-model-personal-head`` keeps them home)
+
+
+def shared_names(model: RewardModel, personal_head: bool) -> frozenset[str]:
+    """The reward model's parameters that travel under a shared mode: all of them, or all but
+    the head (each user then scores with the shared encoder through its own head)."""
+    names = frozenset(canonical_parameters(model))
+    return frozenset(n for n in names if not n.startswith(HEAD_PREFIX)) if personal_head else names
 
 
 def reward_input(document: str, summary: str) -> str:

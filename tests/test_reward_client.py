@@ -18,8 +18,14 @@ from flhf_core.model import build_model, parameters_to_record, tokenizer_fingerp
 BUDGET = 6
 
 
-def feedback_config(tmp_path, mode: str) -> RunConfig:
-    items = [*SHORT_TEXTS, f"results-dir={tmp_path}", f"ratings-per-round={BUDGET}", f"reward-model={mode}"]
+def feedback_config(tmp_path, mode: str, *extra: str) -> RunConfig:
+    items = [
+        *SHORT_TEXTS,
+        f"results-dir={tmp_path}",
+        f"ratings-per-round={BUDGET}",
+        f"reward-model={mode}",
+        *extra,
+    ]
     return RunConfig.from_mapping(cli.merged_config("feedback-smoke", items))
 
 
@@ -57,20 +63,24 @@ def test_a_personal_reward_model_never_travels(flower_identity, tokenizer, tmp_p
     assert 0 < reply.content["metrics"]["train-ratings-used"] <= BUDGET
 
 
-@pytest.mark.parametrize("mode", ["federated", "clustered"])
+@pytest.mark.parametrize("mode", ["clustered", "federated with a personal head"])
 def test_a_shared_reward_model_starts_from_the_servers_and_goes_back_fitted(
     flower_identity, tokenizer, tmp_path, mode
 ):
     """The user starts from its cluster's model (the one whose head says 3.0), fits it to its
-    judgements and sends it back; clustered users also score every cluster's model."""
+    judgements and sends it back; clustered users also score every cluster's model. With a
+    personal head, only the encoder comes and goes: the user's head starts at 0 (a new user's)."""
     torch.manual_seed(0)
-    config = feedback_config(tmp_path, mode)
+    personal_head = mode.endswith("head")
+    config = feedback_config(
+        tmp_path, mode.split()[0], *(["reward-model-personal-head=true"] if personal_head else [])
+    )
     summarizer = build_model(config, tokenizer)
     servers = []
     for bias in (-3.0, 3.0) if mode == "clustered" else (3.0,):
         model = rm.RewardModel.from_summarizer(summarizer)
         torch.nn.init.constant_(model.head.bias, bias)
-        servers.append(parameters_to_record(model))
+        servers.append(parameters_to_record(model, rm.shared_names(model, personal_head)))
     cluster = len(servers) - 1
     _, reply = train_in_feedback_round(config, tokenizer, servers, cluster)
     assert not reply.has_error(), reply.error
@@ -81,12 +91,12 @@ def test_a_shared_reward_model_starts_from_the_servers_and_goes_back_fitted(
     assert metrics["reward-model-cluster"] == cluster
     sent_back = reply.content["reward-model"]
     assert set(sent_back) == set(servers[cluster])
-    bias = float(sent_back["head.bias"].numpy()[0])
-    assert 2.0 < bias < 3.0  # started from 3.0, moved towards the user's low ratings of a fresh model
     moved = [not np.array_equal(sent_back[k].numpy(), servers[cluster][k].numpy()) for k in sent_back]
     assert any(moved)
-    if mode == "clustered":
-        losses = metrics["reward-model-cluster-losses"]
-        assert len(losses) == 2 and losses[0] < losses[1]  # sigmoid(-3) fits ratings near 0 better
-    else:
-        assert "reward-model-cluster-losses" not in metrics
+    if personal_head:
+        assert not any(name.startswith("head.") for name in sent_back)  # the head never left
+        return
+    bias = float(sent_back["head.bias"].numpy()[0])
+    assert 2.0 < bias < 3.0  # started from 3.0, moved towards the user's low ratings of a fresh model
+    losses = metrics["reward-model-cluster-losses"]
+    assert len(losses) == 2 and losses[0] < losses[1]  # sigmoid(-3) fits ratings near 0 better
