@@ -207,7 +207,7 @@ def command_compare(args: argparse.Namespace) -> int:
 def command_summarize(args: argparse.Namespace) -> int:
     """Summarize a text file with a finished run's global model, or one user's personalized model."""
     from . import personal
-    from .data import NEUTRAL_INSTRUCTION
+    from .data import NEUTRAL_INSTRUCTION, instruction_for
     from .generate import summarize
     from .model import add_lora, load_pretrained
     from .tracking import read_json
@@ -244,7 +244,9 @@ def command_summarize(args: argparse.Namespace) -> int:
         if config.personalization == "lora":
             model = add_lora(model, config.lora_rank, seed=0)
         personal.load_into(model, state)
-    instruction = args.aspect or NEUTRAL_INSTRUCTION
+    instruction = (
+        (instruction_for(config, args.aspect) or args.aspect) if args.aspect else NEUTRAL_INSTRUCTION
+    )
     source = f"{instruction}: {' '.join(text_path.read_text().split())}"
     (summary,) = summarize(model, tokenizer, [source], config)
     print(summary)

@@ -96,6 +96,7 @@ class RunConfig:
     summary_fields: str = "summary"
     document_sections: str = "abstract"
     highlight_supervision: bool = False
+    aspect_prompt: str = field(default="name", metadata=_choice("name", "question"))
     partitioning: str = field(default="iid", metadata=_choice(*PARTITIONINGS))
     dirichlet_alpha: float = field(default=0.5, metadata=_range(1e-3))
     heldout_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))

@@ -53,6 +53,14 @@ class Document:
 
 
 NEUTRAL_INSTRUCTION = "summarize"
+# ``aspect-prompt = question``: each aspect asked for in words (an aspect not named here keeps
+# its name). One token of difference between prompts is a weak signal for a model trained from
+# scratch: the default's model writes the approach template for most challenge prompts.
+ASPECT_QUESTIONS = {
+    "challenge": "what problem or challenge does this paper address",
+    "approach": "what method or approach does this paper propose",
+    "outcome": "what results or findings does this paper report",
+}
 
 
 @dataclass(frozen=True)
@@ -314,18 +322,19 @@ def user_partition(corpus: Corpus, user: int, num_users: int, config: RunConfig)
     if not 0 <= user < num_users:
         raise ConfigError(f"partition-id {user} is outside [0, num-partitions={num_users}).")
     held = assignment(corpus, num_users, config)
-    instruction = instruction_for(config)
 
     def examples(pairs: list[tuple[int, str]]) -> tuple[Example, ...]:
         docs = corpus.documents
         return tuple(
-            Example(docs[i].doc_id, aspect, docs[i].text, docs[i].summary(aspect), instruction)
+            Example(
+                docs[i].doc_id, aspect, docs[i].text, docs[i].summary(aspect), instruction_for(config, aspect)
+            )
             for i, aspect in pairs
         )
 
     train = examples(held.train.get(user, []))
     if config.highlight_supervision:
-        train += highlight_examples(corpus, held.train.get(user, []), instruction)
+        train += highlight_examples(corpus, held.train.get(user, []), config)
     return UserData(
         user,
         train,
@@ -334,7 +343,9 @@ def user_partition(corpus: Corpus, user: int, num_users: int, config: RunConfig)
     )
 
 
-def highlight_examples(corpus: Corpus, pairs: list[tuple[int, str]], instruction: str) -> tuple[Example, ...]:
+def highlight_examples(
+    corpus: Corpus, pairs: list[tuple[int, str]], config: RunConfig
+) -> tuple[Example, ...]:
     """Extra supervision (``highlight-supervision``): for each training (document, aspect), the
     document's sentences annotators highlighted for that aspect as a second, extractive target
     under the same prompt. A from-scratch model has too few summaries to learn much content
@@ -342,7 +353,9 @@ def highlight_examples(corpus: Corpus, pairs: list[tuple[int, str]], instruction
     teaches the model where each aspect lives in a document."""
     docs = corpus.documents
     return tuple(
-        Example(docs[i].doc_id, aspect, docs[i].text, docs[i].highlight(aspect), instruction)
+        Example(
+            docs[i].doc_id, aspect, docs[i].text, docs[i].highlight(aspect), instruction_for(config, aspect)
+        )
         for i, aspect in pairs
         if docs[i].highlight(aspect)
     )
@@ -402,7 +415,7 @@ def _heldout_ids(corpus: Corpus, seed: int, fraction: float) -> tuple[str, ...]:
 def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
     """The server's held-out (document, aspect) examples, capped at ``heldout-max-examples``."""
     examples = [
-        Example(doc.doc_id, aspect, doc.text, summary, instruction_for(config))
+        Example(doc.doc_id, aspect, doc.text, summary, instruction_for(config, aspect))
         for doc in corpus.documents
         if is_heldout(doc.doc_id, config.seed, config.heldout_fraction)
         for aspect, summary in doc.summaries
@@ -414,9 +427,12 @@ def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
     return tuple(examples)
 
 
-def instruction_for(config: RunConfig) -> str:
-    """Under ``preference`` partitioning users never name their aspect: the prompt is neutral."""
-    return NEUTRAL_INSTRUCTION if config.partitioning == "preference" else ""
+def instruction_for(config: RunConfig, aspect: str) -> str:
+    """What the model is told to write for ``aspect`` ("" = the aspect's name). Under
+    ``preference`` partitioning users never name their aspect: the prompt is neutral."""
+    if config.partitioning == "preference":
+        return NEUTRAL_INSTRUCTION
+    return ASPECT_QUESTIONS.get(aspect, "") if config.aspect_prompt == "question" else ""
 
 
 def aspect_examples(

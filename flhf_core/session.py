@@ -190,7 +190,7 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
 
     def examples(role: str) -> tuple[data.Example, ...]:
         return tuple(
-            data.Example(d.doc_id, a, d.text, d.summary(a), data.instruction_for(config))
+            data.Example(d.doc_id, a, d.text, d.summary(a), data.instruction_for(config, a))
             for d in roles.get(role, [])
             for a in aspects
             if d.summary(a)

@@ -280,3 +280,18 @@ def test_highlight_supervision_adds_the_marked_sentences_of_training_documents_o
 def test_highlight_supervision_needs_highlight_labels(tmp_path):
     with pytest.raises(ConfigError, match="highlight-supervision"):
         RunConfig.from_mapping({"dataset": str(tmp_path / "d.jsonl"), "highlight-supervision": True})
+
+
+def test_the_aspect_prompt_names_or_asks_for_the_aspect_and_preference_stays_neutral(corpus):
+    named, asked = RunConfig(seed=3), RunConfig(seed=3, aspect_prompt="question")
+    before, after = (data.user_partition(corpus, 0, 2, c) for c in (named, asked))
+    assert keys(after.train) == keys(before.train)  # the same examples, other prompts
+    for plain, question in zip(before.train, after.train, strict=True):
+        assert plain.source == f"{plain.aspect}: {plain.document}"
+        assert question.source == f"{data.ASPECT_QUESTIONS[question.aspect]}: {question.document}"
+    assert {e.instruction for e in data.heldout_examples(corpus, asked)} == set(
+        data.ASPECT_QUESTIONS.values()
+    )
+    neutral = RunConfig(seed=3, aspect_prompt="question", partitioning="preference")
+    assert {e.instruction for e in data.user_partition(corpus, 0, 2, neutral).train} == {"summarize"}
+    assert data.instruction_for(asked, "some-other-aspect") == ""  # an aspect with no question: its name
