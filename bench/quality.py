@@ -78,7 +78,7 @@ PERSONALIZATIONS = ("lora", "local-head")
 BEST = "{best}"  # stands for the best algorithm until the algorithm rows are in
 EVIDENCE_DIR = RESULTS_DIR / "quality-runs"
 EVIDENCE_FILES = ("judgements.json", "summary.json", "config.json")
-OPTIONAL_EVIDENCE = ("metrics.jsonl",)  # kept since issue 13 (the reward models' diagnostics)
+OPTIONAL_EVIDENCE = ("metrics.jsonl",)  # kept since issue 13; required of reward-model rows ("+")
 REWARD_MODELS = ("personal", "federated", "clustered")
 BUDGETS = (32, 8)  # judgements per user per feedback round (the preset samples 10 x 8 x 4 = 320)
 
@@ -136,7 +136,8 @@ def slug(method: str) -> str:
 def completed(run_dir: Path, retime: bool = False) -> bool:
     """Whether ``run_dir`` (a run's kept evidence) holds a completed run's files; with
     ``retime``, also that its wall time was measured alone (not marked ``contended``)."""
-    if not all((run_dir / name).is_file() for name in ("bench.json", *EVIDENCE_FILES)):
+    needed = ("bench.json", *EVIDENCE_FILES, *(OPTIONAL_EVIDENCE if "+" in run_dir.parent.name else ()))
+    if not all((run_dir / name).is_file() for name in needed):  # a reward model's row needs its metrics
         return False  # bench.json is written last: without it the rest may be half-copied
     if retime and json.loads((run_dir / "bench.json").read_text()).get("contended"):
         return False

@@ -22,7 +22,13 @@ from flhf_core.tracking import read_metrics
 
 BASELINE = "fedavg-sft"
 WEIGHTINGS = ("linear", "softmax", "gain", "history", "qfedavg")
-REWARD_MODEL_FIGURES = ("reward-model-accuracy", "reward-model-correlation", "reward-model-gap")
+REWARD_MODEL_FIGURES = (
+    "reward-model-accuracy",
+    "reward-model-correlation",
+    "reward-model-gap",
+    "reward-model-queried-spread",  # active queries: what the user was asked about ...
+    "reward-model-unqueried-spread",  # ... against what it was not
+)
 
 
 # --------------------------------------------------------------------------
@@ -222,6 +228,16 @@ def reward_model_targets(table: dict[str, dict[str, Any]], best: str) -> list[di
                     and row["reward-worst"] > personal["reward-worst"],
                 }
             )
+    active, uniform = table.get(f"{best}/none/none+personal-active@8"), personal
+    if active and uniform and "reward-model-accuracy" in active and "reward-model-accuracy" in uniform:
+        found.append(  # what active queries buy at the same budget (reported, not an issue target)
+            {
+                "target": "active queries at 8 judgements: reward-model accuracy above uniform's",
+                "value": active["reward-model-accuracy"] - uniform["reward-model-accuracy"],
+                "threshold": 0.0,
+                "met": None,
+            }
+        )
     return found
 
 

@@ -301,6 +301,11 @@ class RunConfig:
                 f"one step of {self.feedback_algorithm} needs (a document's samples-per-prompt samples are "
                 f"rated together); use 0 (unlimited) or at least {self.samples_per_prompt}."
             )
+        if self.reward_queries == "active" and self.reward_model == "none":
+            raise ConfigError(
+                "reward-queries: 'active' asks about what a learned reward model is least sure of; "
+                "set reward-model (personal, federated or clustered), or reward-queries='uniform'."
+            )
         if self.reward_model != "none":
             if self.ratings_per_round == 0 or self.feedback_algorithm == "sft":
                 raise ConfigError(

@@ -22,6 +22,7 @@ from flwr.supercore import log
 
 from . import data
 from .checkpoint import Checkpoint, CheckpointError, PendingRound, save_checkpoint, set_rng_state
+from .config import ConfigError
 from .model import (
     parameters_to_record,
     record_nbytes,
@@ -138,6 +139,12 @@ class Federation:
             raise CheckpointError(
                 f"the run was checkpointed with {resume.num_users} users, and {self.num_users} now: "
                 f"resume it with --users {resume.num_users} (every node's num-partitions)"
+            )
+        pool = self.strategy.reward_models.pool if self.strategy.reward_models else None
+        if pool is not None and pool.clusters > self.num_users:
+            raise ConfigError(
+                f"reward-model-clusters: {pool.clusters} clusters for {self.num_users} users would leave "
+                f"some empty; use at most {self.num_users}."
             )
         if resume is None:
             atomic_write_json(

@@ -7,9 +7,12 @@ kept apart), and a :class:`RoundReport` records who was asked, who counted and w
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from .protocol import EVALUATION, METRICS
 
@@ -33,6 +36,34 @@ def signature_problem(arrays: ArrayRecord, expected: Signature) -> str | None:
             want_shape, want_dtype = expected[name]
             return f"parameter '{name}' is {dtype}{list(shape)}, the global model's {want_dtype}{list(want_shape)}"
     return None
+
+
+def arrays_problem(arrays: ArrayRecord, expected: Signature, what: str = "parameter") -> str | None:
+    """Why ``arrays`` cannot be averaged with arrays of signature ``expected``: another
+    signature, or non-finite values (``what`` names them in the reason)."""
+    problem = signature_problem(arrays, expected)
+    if problem:
+        return problem if what == "parameter" else f"{what}: {problem}"
+    for key, array in arrays.items():
+        if not np.isfinite(array.numpy()).all():
+            return f"{what} '{key}' has non-finite values"
+    return None
+
+
+def majority_signature(replies: Iterable[Message], key: str) -> Signature | None:
+    """The signature most valid replies' ``key`` ArrayRecords share (None: no reply has one):
+    what to expect when nothing better is known."""
+    candidates = [
+        r.content.array_records[key] for r in replies if not r.has_error() and key in r.content.array_records
+    ]
+    if not candidates:
+        return None
+    votes = Counter(tuple(sorted(signature(a).items())) for a in candidates)
+    return dict(votes.most_common(1)[0][0])
+
+
+def numpy_arrays(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in arrays.items()}
 
 
 def own_metrics(content: RecordDict) -> MetricRecord | None:

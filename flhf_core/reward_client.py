@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from flwr.app import ArrayRecord, RecordDict
 
 from . import reward_model
@@ -56,7 +58,7 @@ def learned_scorer(session: UserSession, budget: tuple) -> LearnedScorer:
     )
     shared = received_models(session.received)
     if config.reward_model in SHARED_MODES and shared:
-        names = reward_model.shared_names(model, config.reward_model_personal_head)
+        names = reward_model.shared_names(model, config.reward_model_personal_head, session.personal_names)
         record_to_parameters(model, shared[assigned_cluster(session.received)], names=names)
     return LearnedScorer(
         *budget,
@@ -84,24 +86,27 @@ def finish(session: UserSession, scorer: LearnedScorer) -> dict[str, float | lis
     }
     if config.reward_model not in SHARED_MODES:
         return metrics
-    names = reward_model.shared_names(scorer.reward_model, config.reward_model_personal_head)
+    names = reward_model.shared_names(
+        scorer.reward_model, config.reward_model_personal_head, session.personal_names
+    )
     session.outgoing[REWARD_MODEL] = parameters_to_record(scorer.reward_model, names)
     metrics[CLUSTER_OF_USER] = float(assigned_cluster(session.received))
     shared = received_models(session.received)
-    if config.reward_model == "clustered" and shared:
+    if config.reward_model == "clustered" and shared and len(scorer.judgements):
         metrics[CLUSTER_LOSSES] = cluster_losses(session, scorer, shared)
     return metrics
 
 
 def cluster_losses(session: UserSession, scorer: LearnedScorer, models: list[ArrayRecord]) -> list[float]:
-    """Each received model's loss on every judgement the user has given (this round's too);
-    with a personal head, each cluster's encoder is scored through the user's own head."""
+    """Each received model's loss on every judgement the user has given (this round's too),
+    completed by the user's own parameters where they are personal (a personal head, an
+    adapter): the model the user would score with in that cluster."""
+    candidate = copy.deepcopy(scorer.reward_model)
+    names = reward_model.shared_names(
+        candidate, session.config.reward_model_personal_head, session.personal_names
+    )
     losses = []
     for record in models:
-        candidate = reward_model.RewardModel.from_summarizer(session.model)
-        if session.config.reward_model_personal_head:
-            candidate.head.load_state_dict(scorer.reward_model.head.state_dict())
-        names = reward_model.shared_names(candidate, session.config.reward_model_personal_head)
         record_to_parameters(candidate, record, names=names)
         losses.append(
             reward_model.judgement_loss(

@@ -12,8 +12,8 @@ proportional to the judgements each has given,
     θ_RM = Σ_k n_k θ_k / Σ_k n_k,
 
 so a user who has judged nothing (its model is the untouched copy it received) counts for
-nothing. With a personal head, the parameters under ``personal_prefix`` stay on the clients
-and are left out.
+nothing. With a personal head (``reward-model-personal-head``) the clients never send it, so
+the average is of the encoders alone.
 
 **Clustered** (FedBiscuit: Wu et al., ICLR 2025, https://arxiv.org/abs/2407.03038): K reward
 models, each averaged over its own users. Users are grouped by how well each cluster's model
@@ -43,10 +43,10 @@ from .aggregation import weighted_average
 
 
 def average_reward_models(
-    models: Sequence[dict[str, np.ndarray]], judgements: Sequence[float], personal_prefix: str | None = None
+    models: Sequence[dict[str, np.ndarray]], judgements: Sequence[float]
 ) -> dict[str, np.ndarray] | None:
     """The judgement-weighted average of the users' reward models (None if nobody judged
-    anything); parameters whose name starts with ``personal_prefix`` are left out."""
+    anything)."""
     if len(models) != len(judgements):
         raise ValueError(f"{len(models)} reward models for {len(judgements)} judgement counts")
     if any(not math.isfinite(n) or n < 0 for n in judgements):
@@ -55,13 +55,7 @@ def average_reward_models(
     if not taken:
         return None
     total = sum(n for _, n in taken)
-
-    def shared(model: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if personal_prefix is None:
-            return model
-        return {k: v for k, v in model.items() if not k.startswith(personal_prefix)}
-
-    return weighted_average([shared(m) for m, _ in taken], [n / total for _, n in taken])
+    return weighted_average([m for m, _ in taken], [n / total for _, n in taken])
 
 
 def balanced_assignment(losses: Mapping[int, Sequence[float]], seed: int) -> dict[int, int]:

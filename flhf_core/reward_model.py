@@ -83,10 +83,14 @@ class RewardModel(nn.Module):
 HEAD_PREFIX = "head."  # the scalar head's parameters (``reward-model-personal-head`` keeps them home)
 
 
-def shared_names(model: RewardModel, personal_head: bool) -> frozenset[str]:
-    """The reward model's parameters that travel under a shared mode: all of them, or all but
-    the head (each user then scores with the shared encoder through its own head)."""
-    names = frozenset(canonical_parameters(model))
+def shared_names(
+    model: RewardModel, personal_head: bool, personal: frozenset[str] = frozenset()
+) -> frozenset[str]:
+    """The reward model's parameters that travel under a shared mode: all but those named in
+    ``personal`` (the summarizer's personal parameters, e.g. a LoRA adapter in the encoder the
+    reward model copied: they never leave the client, in either model) and, with
+    ``personal_head``, the head (each user then scores through its own)."""
+    names = frozenset(canonical_parameters(model)) - personal
     return frozenset(n for n in names if not n.startswith(HEAD_PREFIX)) if personal_head else names
 
 

@@ -35,6 +35,7 @@ from .protocol import (
     TOKENIZER_SHA256,
 )
 from .reward_federation import RewardModelPool
+from .reward_server import RewardModelExchange
 from .strategy import REWARD_SHORTFALL, FeedbackFedAvg
 
 # What every run plots (plots/<key>.png): quality, the users' reward and its factors, time
@@ -136,13 +137,12 @@ def build_strategy(config: RunConfig) -> FeedbackFedAvg:
     )
 
 
-def reward_model_pool(config: RunConfig) -> RewardModelPool | None:
-    """The server's reward models, for the modes that share them."""
-    if config.reward_model == "federated":
-        return RewardModelPool(clusters=1, seed=config.seed)
-    if config.reward_model == "clustered":
-        return RewardModelPool(clusters=config.reward_model_clusters, seed=config.seed)
-    return None
+def reward_model_pool(config: RunConfig) -> RewardModelExchange | None:
+    """The server's reward models, for the modes that share them (federated: one cluster)."""
+    if config.reward_model not in ("federated", "clustered"):
+        return None
+    clusters = config.reward_model_clusters if config.reward_model == "clustered" else 1
+    return RewardModelExchange(RewardModelPool(clusters, seed=config.seed), budget=config.ratings_per_round)
 
 
 LEARNER = 0  # centralized mode: the user whose node trains, on every user's data and feedback

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from logging import INFO, WARNING
 
@@ -37,32 +36,23 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from .aggregation import client_weights, qffl_shares, reward_history_means, squared_distance, weighted_average
-from .protocol import (
-    CLUSTER,
-    CLUSTER_LOSSES,
-    CLUSTER_OF_USER,
-    EVALUATION,
-    REWARD_ASSIGNMENT,
-    REWARD_JUDGEMENTS,
-    REWARD_MODEL,
-    REWARD_MODELS,
-    SERVER_ROUND,
-    USER_ID,
-    USER_RECORD,
-)
+from .protocol import CLUSTER_OF_USER, EVALUATION, SERVER_ROUND, USER_ID, USER_RECORD
 from .replies import (
     Rejection,
     RoundReport,
     Signature,
+    arrays_problem,
     lists,
+    majority_signature,
+    numpy_arrays,
     own_metrics,
     scalars,
     signature,
-    signature_problem,
 )
-from .reward_federation import RewardModelPool
+from .reward_server import RewardModelExchange
 
 REWARD_SHORTFALL = "reward-shortfall"  # qfedavg's loss: 1 - the reply's reward-before
+REWARD_MODEL_FIGURES = "reward-model-"  # diagnostics averaged over the replies that have them
 
 
 class FeedbackFedAvg(FedAvg):
@@ -95,17 +85,20 @@ class FeedbackFedAvg(FedAvg):
         where a policy-gradient surrogate "loss" is near 0 or negative).
     train_users : Collection[int] | None
         Only these users train (centralized mode: one learner); None = sample every user.
-    reward_models : RewardModelPool | None
+    reward_models : RewardModelExchange | None
         The users' shared reward models (``reward-model = federated | clustered``). In rounds
         where the owner sets :attr:`reward_models_active`, each training message also carries
         every reward model and the user's cluster, each training reply must carry the user's
-        reward model (a second ArrayRecord, screened like the first), and the pool folds them in.
+        reward model (a second ArrayRecord, screened like the first), and the pool folds them
+        in (:mod:`flhf_core.reward_server`).
 
     Attributes the owner may set
     ----------------------------
     node_users : dict[int, int]
         Node id -> user id. Learned from valid replies; an owner that asks every node
         first (as FLHF's ServerApp does) makes sampling choose among users.
+    reward_models_active : bool
+        Whether this round's training messages carry the reward models (FLHF: feedback rounds).
     example_counts : Callable[[int], float | None] | None
         The owner's own count of a user's examples this round. When it returns a number,
         that number weights the user, whatever the reply claims: a client cannot take the
@@ -125,7 +118,7 @@ class FeedbackFedAvg(FedAvg):
         client_learning_rate: float = 1e-3,
         train_loss_key: str = "train-loss",
         train_users: Collection[int] | None = None,
-        reward_models: RewardModelPool | None = None,
+        reward_models: RewardModelExchange | None = None,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -151,7 +144,6 @@ class FeedbackFedAvg(FedAvg):
         self.example_counts: Callable[[int], float | None] | None = None
         self._sent: dict[tuple[int, str], list[Message]] = {}
         self._global_signature: Signature | None = None  # of the last arrays sent or aggregated
-        self._reward_signature: Signature | None = None  # what this round's reward models must match
 
     @property
     def required_metrics(self) -> tuple[str, ...]:
@@ -232,21 +224,11 @@ class FeedbackFedAvg(FedAvg):
         return self.reward_models is not None and self.reward_models_active
 
     def _with_reward_models(self, record: RecordDict, node_ids: list[int]) -> list[Message]:
-        """One training message per node: the global model and config, every reward model the
-        pool holds (none before anyone judged anything) and the node's user's cluster."""
-        pool = self.reward_models
-        users = {node: self.node_users.get(node, node) for node in node_ids}
-        pool.assign(list(users.values()))
-        models = {
-            f"{REWARD_MODELS}{k}": ArrayRecord({name: Array(a) for name, a in model.items()})
-            for k, model in enumerate(pool.models)
-        }
-        messages = []
-        for node in node_ids:
-            content = RecordDict({**record, **models})
-            content[REWARD_ASSIGNMENT] = ConfigRecord({CLUSTER: pool.assignment[users[node]]})
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
-        return messages
+        """One training message per node, with the reward models (see :mod:`flhf_core.reward_server`)."""
+        unknown = [node for node in node_ids if node not in self.node_users]
+        if unknown:  # a cluster belongs to a user; a node's id changes between runs
+            raise ValueError(f"reward models go to known users: nodes {unknown} have not said whose they are")
+        return self.reward_models.messages(record, {node: self.node_users[node] for node in node_ids})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -336,38 +318,11 @@ class FeedbackFedAvg(FedAvg):
         if expected is None:
             return user_id, None
         if phase == MessageType.TRAIN and self.carries_reward_models:
-            problem = self._reward_model_problem(content, metrics)
-            return user_id, problem or self._arrays_problem(self._arrays(content), expected)
+            problem = self.reward_models.problem(content, metrics, self.arrayrecord_key)
+            return user_id, problem or arrays_problem(self._arrays(content), expected)
         if len(content.array_records) != 1:
             return user_id, f"expected one ArrayRecord, got {len(content.array_records)}"
-        return user_id, self._arrays_problem(self._arrays(content), expected)
-
-    def _reward_model_problem(self, content: RecordDict, metrics: MetricRecord) -> str | None:
-        """Why a training reply's reward model is unusable (rounds that carry reward models)."""
-        wanted = {self.arrayrecord_key, REWARD_MODEL}
-        if set(content.array_records) != wanted:
-            return f"expected the ArrayRecords {sorted(wanted)}, got {sorted(content.array_records)}"
-        judgements = metrics.get(REWARD_JUDGEMENTS)
-        if isinstance(judgements, list) or judgements is None or judgements < 0:
-            return f"metric '{REWARD_JUDGEMENTS}' missing or negative"
-        losses = metrics.get(CLUSTER_LOSSES, [])
-        if not isinstance(losses, list) or len(losses) not in (0, self.reward_models.clusters):
-            return f"metric '{CLUSTER_LOSSES}' must list one loss per cluster model"
-        expected = self._reward_signature
-        return (
-            self._arrays_problem(content[REWARD_MODEL], expected, what="reward model") if expected else None
-        )
-
-    @staticmethod
-    def _arrays_problem(arrays: ArrayRecord, expected: Signature, what: str = "parameter") -> str | None:
-        """Why ``arrays`` cannot be averaged: another signature, or non-finite values."""
-        problem = signature_problem(arrays, expected)
-        if problem:
-            return problem if what == "parameter" else f"{what}: {problem}"
-        for key, array in arrays.items():
-            if not np.isfinite(array.numpy()).all():
-                return f"{what} '{key}' has non-finite values"
-        return None
+        return user_id, arrays_problem(self._arrays(content), expected)
 
     def _arrays(self, content: RecordDict) -> ArrayRecord:
         """A reply's model parameters: its ``arrays`` record (any FedAvg client's only one)."""
@@ -404,15 +359,7 @@ class FeedbackFedAvg(FedAvg):
             return signature(sent[0].content[self.arrayrecord_key])
         if self._global_signature is not None:
             return self._global_signature
-        candidates = [
-            r.content[self.arrayrecord_key]
-            for r in replies
-            if not r.has_error() and self.arrayrecord_key in r.content.array_records
-        ]
-        if not candidates:
-            return None
-        votes = Counter(tuple(sorted(signature(a).items())) for a in candidates)
-        return dict(votes.most_common(1)[0][0])
+        return majority_signature(replies, self.arrayrecord_key)
 
     # ------------------------------------------------------------------
     # Aggregation
@@ -424,7 +371,7 @@ class FeedbackFedAvg(FedAvg):
         replies = list(replies)
         expected = self._expected_signature(server_round, replies)
         if self.carries_reward_models:
-            self._reward_signature = self._expected_reward_signature(replies)
+            self.reward_models.expect(replies)
         valid = self.screen(server_round, replies, MessageType.TRAIN, expected or {})
         if not valid:
             return None, None
@@ -451,7 +398,7 @@ class FeedbackFedAvg(FedAvg):
         report = self.reports[(server_round, MessageType.TRAIN)]
         report.weights = {user_id: w for (user_id, _), w in zip(valid, weights, strict=True)}
         self._collect_received_evaluations(report, valid)
-        arrays = weighted_average([self._numpy(self._arrays(c)) for c in contents], weights)
+        arrays = weighted_average([numpy_arrays(self._arrays(c)) for c in contents], weights)
         if self.reward_weighting == "qfedavg":  # q-FFL's step keeps the rest on the global model
             sent = self._sent_arrays(server_round)
             arrays = weighted_average([sent, arrays], [1.0 - float(sum(weights)), 1.0])
@@ -461,37 +408,8 @@ class FeedbackFedAvg(FedAvg):
         metrics = self._average_metrics([own_metrics(c) for c in contents], counts)
         if self.carries_reward_models:
             metrics.pop(CLUSTER_OF_USER, None)  # a cluster index is no figure to average
-            metrics.update(self._fold_reward_models(server_round, valid))
+            metrics.update(self.reward_models.fold(server_round, valid, own_metrics))
         return aggregated, metrics
-
-    @staticmethod
-    def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-        return {k: a.numpy() for k, a in arrays.items()}
-
-    def _expected_reward_signature(self, replies: list[Message]) -> Signature | None:
-        """What the replies' reward models must look like: the pool's models', else (the first
-        round that carries them) the signature most replies' reward models share."""
-        if self.reward_models.models:
-            return signature(ArrayRecord({k: Array(v) for k, v in self.reward_models.models[0].items()}))
-        candidates = [
-            r.content[REWARD_MODEL]
-            for r in replies
-            if not r.has_error() and REWARD_MODEL in r.content.array_records
-        ]
-        if not candidates:
-            return None
-        votes = Counter(tuple(sorted(signature(a).items())) for a in candidates)
-        return dict(votes.most_common(1)[0][0])
-
-    def _fold_reward_models(self, server_round: int, valid: list[tuple[int, RecordDict]]) -> dict[str, float]:
-        """The valid replies' reward models into the pool (see :meth:`RewardModelPool.update`)."""
-        metrics = {user: own_metrics(content) for user, content in valid}
-        return self.reward_models.update(
-            server_round,
-            models={user: self._numpy(content[REWARD_MODEL]) for user, content in valid},
-            judgements={user: float(m[REWARD_JUDGEMENTS]) for user, m in metrics.items()},
-            losses={user: [float(x) for x in m.get(CLUSTER_LOSSES, [])] for user, m in metrics.items()},
-        )
 
     def _sent_arrays(self, server_round: int) -> dict[str, np.ndarray]:
         sent = self._sent.get((server_round, MessageType.TRAIN))
@@ -502,7 +420,7 @@ class FeedbackFedAvg(FedAvg):
     def _qffl_weights(self, server_round: int, contents: list[RecordDict]) -> list[float]:
         """q-FFL's shares of the valid replies (see :func:`flhf_core.aggregation.qffl_shares`)."""
         sent = self._sent_arrays(server_round)
-        distances = [squared_distance(self._numpy(self._arrays(c)), sent) for c in contents]
+        distances = [squared_distance(numpy_arrays(self._arrays(c)), sent) for c in contents]
         if self.train_loss_key == REWARD_SHORTFALL:
             losses = [1.0 - self._metric(c, f"{self.reward_key}-before") for c in contents]
         else:
@@ -567,13 +485,16 @@ class FeedbackFedAvg(FedAvg):
     def _average_metrics(
         self, records: list[MetricRecord], counts: list[float] | None = None
     ) -> MetricRecord:
-        """Example-weighted mean of every scalar metric that all records carry."""
-        common = set.intersection(*(set(r.keys()) for r in records)) - {self.weighted_by_key}
+        """Example-weighted mean of every scalar metric that all records carry; a learned reward
+        model's diagnostics (``reward-model-*``), which a user who has judged nothing yet (or
+        whose samples all tie) cannot give, over the records that carry them."""
+        keys = set.union(*(set(r.keys()) for r in records)) - {self.weighted_by_key}
         counts = counts or [float(r[self.weighted_by_key]) for r in records]
-        total = sum(counts)
         averaged = MetricRecord()
-        for key in sorted(common):
-            if any(isinstance(r[key], list) for r in records):
+        for key in sorted(keys):
+            having = [(r[key], n) for r, n in zip(records, counts, strict=True) if key in r]
+            if any(isinstance(value, list) for value, _ in having):
                 continue
-            averaged[key] = sum(float(r[key]) * n for r, n in zip(records, counts, strict=True)) / total
+            if len(having) == len(records) or key.startswith(REWARD_MODEL_FIGURES):
+                averaged[key] = sum(float(value) * n for value, n in having) / sum(n for _, n in having)
         return averaged

@@ -112,3 +112,21 @@ def test_kept_state_is_restored_only_by_a_later_round_and_a_bad_file_is_set_asid
     (tmp_path / rm.STATE_FILE).write_bytes(b"not a safetensors file")
     fresh, none = rm.restore(context(), tmp_path, tiny_model, server_round=4)
     assert len(none) == 0 and (tmp_path / "reward-model.corrupt").is_file()
+
+
+def test_a_shared_reward_model_never_carries_the_users_personal_parameters(tiny_model):
+    """Under a LoRA personalization the summarizer's encoder holds the user's adapter; the
+    reward model copies that encoder, and the adapter must not travel with it."""
+    from flhf_core.model import add_lora, personal_parameter_names
+
+    summarizer = add_lora(tiny_model, rank=2, seed=0)
+    personal = personal_parameter_names(summarizer, "lora")
+    model = rm.RewardModel.from_summarizer(summarizer)
+    copied = {n for n in rm.shared_names(model, personal_head=False) if "lora" in n}
+    assert copied and copied <= personal  # the adapter is in the copy, under the same names
+    shared = rm.shared_names(model, personal_head=False, personal=personal)
+    assert not any("lora" in name for name in shared)
+    assert {"head.weight", "head.bias"} <= shared and any(n.startswith("encoder.block") for n in shared)
+    assert not any(
+        n.startswith("head.") for n in rm.shared_names(model, personal_head=True, personal=personal)
+    )

@@ -194,4 +194,15 @@ def test_active_queries_ask_first_about_the_documents_the_model_can_least_tell_a
         return {document for document, _, _ in scorer.judgements.rated[1:]}
 
     assert all(asked(True, seed) == {"text 1"} for seed in range(4))
+    # a step with nothing to ask (budget 4 over 2 steps: all of it in the second) asks the model
+    # nothing and counts no spread: "unqueried" means passed over, not out of budget
+    model = rm.RewardModel.from_summarizer(tiny_model)
+    known = rm.Judgements([("text 9", "earlier", 0.5)], [])
+    scorer = LearnedScorer(CAREFUL, 4, 2, 4, model, tokenizer, known, 1, 1e-3, 64, active=True)
+    scorer.rate(rollout, np.random.default_rng(0))
+    assert scorer.spreads == {"queried": [], "unqueried": []}
+    scorer.rate(rollout, np.random.default_rng(1))
+    assert scorer.spreads == {"queried": [1.0], "unqueried": [7.0, 3.0]} or sorted(
+        scorer.spreads["unqueried"]
+    ) == [3.0, 7.0]
     assert len({frozenset(asked(False, seed)) for seed in range(8)}) > 1  # uniform: by chance

@@ -11,6 +11,7 @@ from flwr.serverapp.strategy import FedAvg
 from flhf_core.aggregation import client_weights, weighted_average
 from flhf_core.protocol import USER_ID, USER_RECORD
 from flhf_core.reward_federation import RewardModelPool
+from flhf_core.reward_server import RewardModelExchange
 from flhf_core.strategy import FeedbackFedAvg
 
 SHAPES = {"a": (3, 4), "b": (5,)}
@@ -359,19 +360,18 @@ def sent_round(strategy, server_round, grid):
 
 def test_reward_models_travel_only_in_the_rounds_that_use_them_and_are_screened(flower_identity):
     pool = RewardModelPool(clusters=2, seed=0)
-    strategy = FeedbackFedAvg(min_available_nodes=1, sampling_seed=3, reward_models=pool)
+    pool.assignment = {0: 0, 1: 1, 2: 0, 3: 1}
+    strategy = FeedbackFedAvg(
+        min_available_nodes=1, sampling_seed=3, reward_models=RewardModelExchange(pool, budget=4)
+    )
     strategy.node_users = {11: 0, 12: 1, 13: 2, 14: 3}
     grid = FakeGrid([11, 12, 13, 14])
     assert all(set(m.content.array_records) == {"arrays"} for m in sent_round(strategy, 1, grid))
     strategy.reward_models_active = True  # a feedback round; nobody has judged anything yet
     sent = sent_round(strategy, 2, grid)
     assert all(set(m.content.array_records) == {"arrays"} for m in sent)
-    clusters = {
-        strategy.node_users[m.metadata.dst_node_id]: m.content["reward-model-assignment"]["cluster"]
-        for m in sent
-    }
-    assert sorted(clusters.values()) == [0, 0, 1, 1] and clusters == pool.assignment
     by_user = {strategy.node_users[m.metadata.dst_node_id]: m for m in sent}
+    assert {u: m.content["reward-model-assignment"]["cluster"] for u, m in by_user.items()} == pool.assignment
     replies = [
         rm_reply(by_user[0], 0, 1.0, 1),
         rm_reply(by_user[1], 1, 3.0, 3),
@@ -383,18 +383,30 @@ def test_reward_models_travel_only_in_the_rounds_that_use_them_and_are_screened(
     assert set(rejected) == {2, 3}, rejected
     assert "reward model" in rejected[2] and "ArrayRecords" in rejected[3]
     assert "reward-model-cluster" not in metrics and metrics["reward-model-clusters-changed"] == 0
-    # the next feedback round carries both clusters' models: each its users' weighted average
+    # the next feedback round carries both clusters' models: each its valid users' average
     sent = sent_round(strategy, 3, grid)
-    models = [sent[0].content[f"reward-model-{k}"]["head.w"].numpy() for k in (0, 1)]
-    cluster_of_0, cluster_of_1 = pool.assignment[0], pool.assignment[1]
-    if cluster_of_0 == cluster_of_1:
-        np.testing.assert_allclose(models[cluster_of_0], 0.25 * 1 + 0.75 * 3)
-    else:
-        np.testing.assert_allclose(models[cluster_of_0], 1.0)
-        np.testing.assert_allclose(models[cluster_of_1], 3.0)
     assert all(set(m.content.array_records) == {"arrays", "reward-model-0", "reward-model-1"} for m in sent)
+    np.testing.assert_allclose(sent[0].content["reward-model-0"]["head.w"].numpy(), 1.0)
+    np.testing.assert_allclose(sent[0].content["reward-model-1"]["head.w"].numpy(), 3.0)
     by_user = {strategy.node_users[m.metadata.dst_node_id]: m for m in sent}
     bad_losses = rm_reply(by_user[0], 0, 1.0, 1, **{"reward-model-cluster-losses": [0.1, 0.2, 0.3]})
-    strategy.aggregate_train(3, [bad_losses, rm_reply(by_user[1], 1, 2.0, 1)])
-    rejected = {r.user_id: r.reason for r in strategy.reports[(3, MessageType.TRAIN)].rejected}
-    assert "one loss per cluster" in rejected[0]
+    greedy = rm_reply(by_user[1], 1, 2.0, 1e12)  # claims a trillion judgements: capped at 4 x 2 rounds
+    honest = rm_reply(by_user[3], 3, 10.0, 4)  # its first valid feedback round: at most 4
+    strategy.aggregate_train(3, [bad_losses, greedy, honest])
+    report = strategy.reports[(3, MessageType.TRAIN)]
+    assert "one loss per cluster" in {r.user_id: r.reason for r in report.rejected}[0]
+    assert {1, 3} <= set(report.user_metrics)
+    np.testing.assert_allclose(pool.models[1]["head.w"], (8 * 2.0 + 4 * 10.0) / 12)
+    np.testing.assert_allclose(pool.models[0]["head.w"], 1.0)  # no valid reply: kept
+
+
+def test_a_reward_models_diagnostics_average_over_the_users_who_have_them(round_one):
+    """A user who has judged nothing yet has no reward-model accuracy: the server row averages
+    the others' instead of dropping the figure; any other key must be in every reply."""
+    strategy, sent = round_one
+    replies = [reply_to(m, user_id=i, num_examples=10, seed=i) for i, m in enumerate(sent[:2])]
+    replies[0].content["metrics"]["reward-model-accuracy"] = 0.8
+    replies[0].content["metrics"]["only-here"] = 1.0
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["reward-model-accuracy"] == pytest.approx(0.8)
+    assert "only-here" not in metrics and "train-loss" in metrics

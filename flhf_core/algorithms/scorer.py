@@ -100,7 +100,7 @@ class Scorer:
             return list(range(count))
         groups = [list(range(g, min(g + size, count))) for g in range(0, count, size)]
         rng.shuffle(groups)  # the samples of one prompt are contiguous (see rollout.sample)
-        uncertainty = self._uncertainty(rollout.examples, rollout.texts, groups)
+        uncertainty = self._uncertainty(rollout.examples, rollout.texts, groups) if allowance else None
         if uncertainty is not None:  # a stable sort: equally uncertain documents stay shuffled
             order = sorted(range(len(groups)), key=lambda k: -uncertainty[k])
             groups = [groups[k] for k in order]
@@ -123,7 +123,8 @@ class Scorer:
         starts = list(range(0, len(texts) - 1, 2))
         if allowance >= 0:
             rng.shuffle(starts)
-            uncertainty = self._uncertainty(examples, texts, [[a, a + 1] for a in starts])
+            pairs = [[a, a + 1] for a in starts]
+            uncertainty = self._uncertainty(examples, texts, pairs) if allowance else None
             if uncertainty is not None:
                 starts = [starts[k] for k in sorted(range(len(starts)), key=lambda k: -uncertainty[k])]
         pairs = []
@@ -165,8 +166,9 @@ class LearnedScorer(Scorer):
     its ranking, which is all a leave-one-out advantage or a preference uses, is least
     reliable (uncertainty sampling; the pairwise form is the "closest pairs" of active
     preference learning). ``queried-spread`` and ``unqueried-spread`` (mean spreads of the
-    documents asked about and not) show what it chose: the lower the first against the
-    second, the more it concentrated the user's judgements where the model was unsure.
+    documents the user judged and did not, over the steps that had judgements to give) show
+    what it chose: the lower the first against the second, the more it concentrated the
+    user's judgements where the model was unsure.
     """
 
     def __init__(

@@ -1,0 +1,101 @@
+"""The server's side of shared reward models in Flower messages (``reward-model = federated |
+clustered``); the user's side is :mod:`flhf_core.reward_client`, the math
+:mod:`flhf_core.reward_federation`.
+
+In the rounds that carry reward models (feedback rounds), :class:`~flhf_core.strategy.FeedbackFedAvg`
+delegates here:
+
+* each training message also carries every model of the pool (``reward-model-0``, ...; none
+  before anyone has judged anything) and the user's cluster (``reward-model-assignment``);
+* each training reply must carry the user's fitted model (``reward-model``, screened like the
+  parameters: the same names, shapes and dtypes as the pool's, finite), the judgements it
+  learned from, and at most one loss per cluster model;
+* the valid replies are folded into the pool. The judgements a reply claims weigh its model,
+  so the server caps the claim at what the user can have given: ``ratings-per-round`` times
+  the feedback rounds it has taken part in (a client cannot take over the average by claiming
+  a billion judgements, as with examples).
+"""
+
+from __future__ import annotations
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from .protocol import (
+    CLUSTER,
+    CLUSTER_LOSSES,
+    REWARD_ASSIGNMENT,
+    REWARD_JUDGEMENTS,
+    REWARD_MODEL,
+    REWARD_MODELS,
+)
+from .replies import Signature, arrays_problem, majority_signature, numpy_arrays, signature
+from .reward_federation import RewardModelPool
+
+
+class RewardModelExchange:
+    """The pool of shared reward models, and what the messages of a round say about them."""
+
+    def __init__(self, pool: RewardModelPool, budget: int) -> None:
+        if budget < 1:
+            raise ValueError(f"a shared reward model needs a judgement budget: got {budget}")
+        self.pool = pool
+        self.budget = budget  # ratings-per-round
+        self.rounds_taken: dict[int, int] = {}  # user -> feedback rounds it replied in
+        self.expected: Signature | None = None  # what this round's replies' reward models must match
+
+    def messages(self, record: RecordDict, users: dict[int, int]) -> list[Message]:
+        """One training message per node (``users``: node -> user): ``record`` (the global model
+        and config), every reward model of the pool and the user's cluster."""
+        self.pool.assign(list(users.values()))
+        models = {
+            f"{REWARD_MODELS}{k}": ArrayRecord({name: Array(a) for name, a in model.items()})
+            for k, model in enumerate(self.pool.models)
+        }
+        messages = []
+        for node, user in users.items():
+            content = RecordDict({**record, **models})
+            content[REWARD_ASSIGNMENT] = ConfigRecord({CLUSTER: self.pool.assignment[user]})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        return messages
+
+    def expect(self, replies: list[Message]) -> None:
+        """Fix the signature replies' reward models must have: the pool's models', else (in the
+        first round that carries them) the one most replies share."""
+        if self.pool.models:
+            self.expected = signature(ArrayRecord({k: Array(v) for k, v in self.pool.models[0].items()}))
+        else:
+            self.expected = majority_signature(replies, REWARD_MODEL)
+
+    def problem(self, content: RecordDict, metrics: MetricRecord, arrays_key: str) -> str | None:
+        """Why a training reply's reward model is unusable (None if it is usable)."""
+        wanted = {arrays_key, REWARD_MODEL}
+        if set(content.array_records) != wanted:
+            return f"expected the ArrayRecords {sorted(wanted)}, got {sorted(content.array_records)}"
+        judgements = metrics.get(REWARD_JUDGEMENTS)
+        if judgements is None or isinstance(judgements, list) or judgements < 0:
+            return f"metric '{REWARD_JUDGEMENTS}' missing or negative"
+        losses = metrics.get(CLUSTER_LOSSES, [])
+        if not isinstance(losses, list) or len(losses) not in (0, self.pool.clusters):
+            return f"metric '{CLUSTER_LOSSES}' must list one loss per cluster model"
+        if self.expected is None:
+            return None
+        return arrays_problem(content[REWARD_MODEL], self.expected, what="reward model")
+
+    def fold(self, server_round: int, valid: list[tuple[int, RecordDict]], metrics_of) -> dict[str, float]:
+        """The valid replies' reward models into the pool (see :meth:`RewardModelPool.update`),
+        each weighted by its judgements, capped at what the user can have given."""
+        claims = {}
+        for user, content in valid:
+            self.rounds_taken[user] = self.rounds_taken.get(user, 0) + 1
+            claimed = float(metrics_of(content)[REWARD_JUDGEMENTS])
+            claims[user] = min(claimed, float(self.budget * self.rounds_taken[user]))
+        return self.pool.update(
+            server_round,
+            models={user: numpy_arrays(content[REWARD_MODEL]) for user, content in valid},
+            judgements=claims,
+            losses={
+                user: [float(x) for x in metrics_of(content).get(CLUSTER_LOSSES, [])]
+                for user, content in valid
+                if claims[user] > 0  # a user with nothing judged has no fit to report
+            },
+        )
