@@ -72,11 +72,17 @@ def test_the_feedback_budget_is_kept_and_clustered_reward_models_score_the_rest(
     seed = json.loads((runs["federated"] / "config.json").read_text())["seed"]
     first = RewardModelPool(clusters=2, seed=seed)
     first.assign([0, 1])
-    clusters = {
-        r["client"]: r["reward-model-cluster"] for r in trained if r["round"] == 2 and r["scope"] == "client"
+    used = {
+        (r["round"], r["client"]): r["reward-model-cluster"]
+        for r in trained
+        if r["scope"] == "client" and r["phase"] == "feedback"
     }
-    assert clusters == first.assignment  # deterministic for a seed, and balanced: one user each
-    assert server[3]["reward-model-clusters-changed"] in (0.0, 1.0, 2.0)
+    assert {u: used[(2, u)] for u in (0, 1)} == first.assignment  # the seed's, one user each
+    # no user had judged anything before round 2, so none reported losses: nobody moved
+    assert server[2]["reward-model-clusters-changed"] == 0
+    assert {u: used[(3, u)] for u in (0, 1)} == first.assignment
+    # in round 3 both had, and reported both clusters' losses: a balanced move swaps both or none
+    assert server[3]["reward-model-clusters-changed"] in (0.0, 2.0)
     assert "reward-model-queried-spread" in server[3]
 
 
