@@ -13,7 +13,9 @@ Every ``checkpoint-every`` rounds (and after the last) the server writes, in a f
   of users, the server's RNG states (Python, NumPy, torch), the run config, and the sha256 of
   the two files above (a corrupt checkpoint is refused, never half-used); for the record also
   the learning rate the next round uses and the failures so far (both follow from the config
-  and the rows).
+  and the rows);
+* ``strategy.safetensors`` (only when the strategy keeps arrays across rounds: the shared
+  reward models of ``reward-model = federated | clustered``), also under a sha256.
 
 What makes a resumed run equal an uninterrupted one: everything random is keyed by the seed
 and the round (users' sampling, their shuffling, dropout and sampled summaries), the global
@@ -39,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from .config import RESUMABLE_KEYS, ConfigError, RunConfig
 from .replies import Rejection, RoundReport
@@ -46,6 +49,7 @@ from .tracking import atomic_write_text, read_metrics, save_folder_atomically
 
 LATEST = Path("checkpoints") / "latest"
 STATE_FILE = "state.json"
+STRATEGY_ARRAYS = "strategy.safetensors"
 FORMAT = 1
 
 
@@ -80,6 +84,7 @@ class Checkpoint:
     rng: dict[str, Any]
     rows: list[dict]
     strategy_state: dict[str, Any] = field(default_factory=dict)  # what the strategy carries across rounds
+    strategy_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # ... and its arrays
 
 
 # --------------------------------------------------------------------------
@@ -146,6 +151,7 @@ def save_checkpoint(
     num_users: int,
     resumed_after: list[int],
     strategy_state: Mapping[str, Any] | None = None,
+    strategy_arrays: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write ``checkpoints/latest`` for the state after ``server_round`` (atomically)."""
 
@@ -153,6 +159,14 @@ def save_checkpoint(
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         shutil.copyfile(run_dir / "metrics.jsonl", folder / "metrics.jsonl")
+        digests = {}
+        if strategy_arrays:
+            from safetensors.numpy import save_file
+
+            save_file(
+                {k: np.ascontiguousarray(v) for k, v in strategy_arrays.items()}, folder / STRATEGY_ARRAYS
+            )
+            digests[STRATEGY_ARRAYS] = sha256_file(folder / STRATEGY_ARRAYS)
         state = {
             "format": FORMAT,
             "round": server_round,
@@ -176,6 +190,7 @@ def save_checkpoint(
             "sha256": {
                 "model.safetensors": sha256_file(folder / "model.safetensors"),
                 "metrics.jsonl": sha256_file(folder / "metrics.jsonl"),
+                **digests,
             },
         }
         # json, not atomic_write_json: NaN must survive (a row may hold one) and the folder swap is atomic
@@ -253,12 +268,19 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             rng=state["rng"],
             rows=read_metrics(folder / "metrics.jsonl"),
             strategy_state=dict(state.get("strategy", {})),
+            strategy_arrays=_strategy_arrays(folder) if STRATEGY_ARRAYS in state["sha256"] else {},
         )
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError) as error:
         raise CheckpointError(
             f"the checkpoint {folder} is corrupt: {type(error).__name__}: {error}"
         ) from None
     return checkpoint
+
+
+def _strategy_arrays(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / STRATEGY_ARRAYS))
 
 
 def restore_metrics(run_dir: Path, checkpoint: Checkpoint) -> int:

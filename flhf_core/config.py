@@ -327,11 +327,6 @@ class RunConfig:
                     f"reward-model: {self.reward_model!r} shares reward models between users; "
                     "mode='local-only' keeps every user alone. Use reward-model='personal' there."
                 )
-            if self.resume:
-                raise ConfigError(
-                    f"reward-model: {self.reward_model!r} runs cannot be resumed yet (the reward model "
-                    "keeps no per-round versions for a replayed round); rerun from the start."
-                )
         if self.feedback_algorithm == "dpo" and self.samples_per_prompt % 2:
             raise ConfigError("samples-per-prompt: dpo pairs samples, so it must be even.")
         if self.heldout_fraction + self.val_fraction >= 1.0:

@@ -131,6 +131,10 @@ class Federation:
             self.failures = resume.failures
             history = resume.strategy_state.get("reward-history", {})
             self.strategy.reward_history = {int(u): [float(r) for r in h] for u, h in history.items()}
+            if self.strategy.reward_models is not None and "reward-models" in resume.strategy_state:
+                self.strategy.reward_models.restore(
+                    resume.strategy_state["reward-models"], resume.strategy_arrays
+                )
             self.resumed_after = [*resume.resumed_after, resume.server_round]
             set_rng_state(resume.rng)
             log(INFO, "resuming after round %d of %d", resume.server_round, config.num_server_rounds)
@@ -206,6 +210,10 @@ class Federation:
     def checkpoint(self, server_round: int) -> None:
         """``checkpoints/latest``: everything a resume after ``server_round`` needs."""
         config = self.state.config
+        strategy_state = {"reward-history": {str(u): h for u, h in self.strategy.reward_history.items()}}
+        strategy_arrays = {}
+        if self.strategy.reward_models is not None:
+            strategy_state["reward-models"], strategy_arrays = self.strategy.reward_models.state()
         save_checkpoint(
             self.tracker.run_dir,
             self.state.model,
@@ -219,7 +227,8 @@ class Federation:
             failures=self.failures,
             num_users=self.num_users,
             resumed_after=self.resumed_after,
-            strategy_state={"reward-history": {str(u): h for u, h in self.strategy.reward_history.items()}},
+            strategy_state=strategy_state,
+            strategy_arrays=strategy_arrays,
         )
 
     def exchange(self, messages: list[Message]) -> list[Message]:

@@ -77,7 +77,12 @@ def finish(session: UserSession, scorer: LearnedScorer) -> dict[str, float | lis
     in the reply. Returns the round's reward-model figures."""
     config = session.config
     reward_model.keep(
-        session.context, session.state_folder, scorer.reward_model, scorer.judgements, session.server_round
+        session.context,
+        session.state_folder,
+        scorer.reward_model,
+        scorer.judgements,
+        session.server_round,
+        window=config.checkpoint_every,
     )
     metrics: dict[str, float | list[float]] = {
         **scorer.diagnostics(),

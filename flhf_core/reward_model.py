@@ -263,11 +263,12 @@ def diagnostics(
 
 
 # --------------------------------------------------------------------------
-# The user's reward model and judgements across rounds (``reward-model = personal``)
+# The user's reward model and judgements across rounds (every reward-model mode)
 # --------------------------------------------------------------------------
 STATE_RECORD = "reward-model"  # ArrayRecord in Context.state
 JUDGEMENTS_RECORD = "reward-judgements"  # ConfigRecord in Context.state (with the round)
 STATE_FILE = "reward-model.safetensors"  # parameters, with the judgements and round as metadata
+VERSION_FILE = "reward-model.round-{round}.safetensors"  # older rounds a resume may go back to
 
 log = logging.getLogger("flwr")
 
@@ -297,16 +298,56 @@ def judgements_from_mapping(mapping) -> Judgements:
     )
 
 
+def _read(path: Path) -> tuple[int, dict[str, np.ndarray], Judgements]:
+    """A saved file's round, parameters and judgements (raises if it cannot be read)."""
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = handle.metadata() or {}
+        arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    return int(metadata["round"]), arrays, judgements_from_mapping(json.loads(metadata["judgements"]))
+
+
+def saved_rounds(folder: Path) -> dict[int, Path]:
+    """The user's saved reward models by the round that wrote them (the latest file and the
+    older versions kept for a resume); an unreadable file is left out."""
+    found = {}
+    for path in folder.glob("reward-model*.safetensors"):
+        try:
+            with safe_open(str(path), framework="numpy") as handle:
+                found[int((handle.metadata() or {})["round"])] = path
+        except (OSError, ValueError, KeyError, SafetensorError):
+            continue
+    return found
+
+
 def keep(
-    context: Context, folder: Path, model: RewardModel, judgements: Judgements, server_round: int
+    context: Context,
+    folder: Path,
+    model: RewardModel,
+    judgements: Judgements,
+    server_round: int,
+    window: int = 1,
 ) -> Path:
     """The user's reward model and judgements after ``server_round``: in Context.state, and in
-    one file of ``folder`` (written atomically: parameters and judgements never disagree)."""
+    one file of ``folder`` (written atomically: parameters and judgements never disagree).
+    As personal parameters do (:mod:`flhf_core.personal`), the user keeps the older versions a
+    resume may replay from (``window``: the checkpoint interval) and drops those of rounds
+    being replayed."""
+    from .personal import versions_to_keep
+
     record = parameters_to_record(model)
     mapping = judgements_to_mapping(judgements)
     context.state[STATE_RECORD] = record
     context.state[JUDGEMENTS_RECORD] = ConfigRecord({**mapping, "round": server_round})
     folder.mkdir(parents=True, exist_ok=True)
+    saved = saved_rounds(folder)
+    for old_round, old_path in saved.items():  # the latest becomes a version; a replayed round's goes
+        if old_round >= server_round:
+            old_path.unlink()
+        elif old_path.name == STATE_FILE:
+            old_path.rename(folder / VERSION_FILE.format(round=old_round))
+    saved = {r: folder / VERSION_FILE.format(round=r) for r in saved if r < server_round}
+    for old_round in set(saved) - versions_to_keep(saved, server_round, window):
+        saved[old_round].unlink(missing_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as handle:
         temporary = Path(handle.name)
     metadata = {"judgements": json.dumps(mapping), "round": str(server_round)}
@@ -319,9 +360,10 @@ def restore(
     context: Context, folder: Path, summarizer: PreTrainedModel, server_round: int
 ) -> tuple[RewardModel, Judgements]:
     """The user's reward model and judgements from before ``server_round``: from Context.state,
-    else from ``folder``'s file, else a new reward model (the received summarizer's encoder,
-    an indifferent head) with no judgements. A file that cannot be used is reported, kept
-    aside as ``*.corrupt``, and the user starts again."""
+    else the newest of ``folder``'s files from an earlier round (a replayed round must not see
+    what its killed first attempt left), else a new reward model (the received summarizer's
+    encoder, an indifferent head) with no judgements. A latest file that cannot be used is
+    reported, kept aside as ``*.corrupt``, and the user starts again."""
     model = RewardModel.from_summarizer(summarizer)
     saved = context.state.config_records.get(JUDGEMENTS_RECORD)
     if (
@@ -331,15 +373,17 @@ def restore(
     ):
         record_to_parameters(model, context.state.array_records[STATE_RECORD])
         return model, judgements_from_mapping(saved)
-    path = folder / STATE_FILE
-    if path.is_file():
+    latest = folder / STATE_FILE
+    earlier = sorted((r, p) for r, p in saved_rounds(folder).items() if r < server_round)
+    if latest.is_file() and latest not in saved_rounds(folder).values():
+        log.warning("reward model %s cannot be read: kept as .corrupt, starting again", latest)
+        shutil.copyfile(latest, latest.with_suffix(".corrupt"))
+    if earlier:
+        path = earlier[-1][1]
         try:
-            with safe_open(str(path), framework="numpy") as handle:
-                metadata = handle.metadata() or {}
-                arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-            if int(metadata["round"]) < server_round:
-                record_to_parameters(model, ArrayRecord({k: Array(v) for k, v in arrays.items()}))
-                return model, judgements_from_mapping(json.loads(metadata["judgements"]))
+            _, arrays, judgements = _read(path)
+            record_to_parameters(model, ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+            return model, judgements
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
             log.warning("reward model %s cannot be used (%s): kept as .corrupt, starting again", path, error)
             shutil.copyfile(path, path.with_suffix(".corrupt"))

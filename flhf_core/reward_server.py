@@ -18,6 +18,9 @@ delegates here:
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from .protocol import (
@@ -99,3 +102,29 @@ class RewardModelExchange:
                 if claims[user] > 0  # a user with nothing judged has no fit to report
             },
         )
+
+    # --- checkpoints ----------------------------------------------------------
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What a resume needs: the assignment and rounds taken (JSON), the models (arrays)."""
+        info = {
+            "clusters": self.pool.clusters,
+            "models": len(self.pool.models),
+            "assignment": {str(u): k for u, k in self.pool.assignment.items()},
+            "rounds-taken": {str(u): n for u, n in self.rounds_taken.items()},
+        }
+        arrays = {f"{k}/{name}": a for k, model in enumerate(self.pool.models) for name, a in model.items()}
+        return info, arrays
+
+    def restore(self, info: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """The state :meth:`state` saved (a checkpoint of the same experiment)."""
+        if int(info["clusters"]) != self.pool.clusters:
+            raise ValueError(
+                f"the checkpoint has {info['clusters']} reward models, this run {self.pool.clusters}"
+            )
+        self.pool.assignment = {int(u): int(k) for u, k in info["assignment"].items()}
+        self.rounds_taken = {int(u): int(n) for u, n in info["rounds-taken"].items()}
+        models: list[dict[str, np.ndarray]] = [{} for _ in range(int(info["models"]))]
+        for key, array in arrays.items():
+            k, name = key.split("/", 1)
+            models[int(k)][name] = array
+        self.pool.models = models

@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, Context, RecordDict
 from safetensors.numpy import load_file
 from test_end_to_end import check_feedback_run, flhf_background, processes_mentioning
 
-from flhf_core import cli, personal
+from flhf_core import cli, personal, reward_model
 from flhf_core.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
 from flhf_core.config import RunConfig
 from flhf_core.inprocess import run_in_process
@@ -37,6 +37,9 @@ from flhf_core.tracking import read_metrics
 # saved its adapter, so the resumed round 3 must start that user from its round-2 version.
 RUN = ["feedback-smoke", "num-server-rounds=4", "checkpoint-every=2", "reward-weighting=history"]
 RUN += ["max-client-weight=0.6", "personalization=lora", "lora-rank=4", *SHORT_TEXTS]
+# ... and clustered reward models learned from 6 judgements per user and round: the server's
+# models and assignment are in its checkpoint, each user's model and judgements in its versions
+RUN += ["ratings-per-round=6", "reward-model=clustered"]
 RUN += ["--cpus-per-user", "1", "--quiet"]
 
 
@@ -137,10 +140,14 @@ def test_a_run_killed_after_round_2_of_4_resumes_to_the_uninterrupted_metrics_an
     assert history[0].keys() == history[1].keys() == {"0", "1"}
     for user, rewards in history[1].items():  # every round's reward, the ones before the kill restored
         assert len(rewards) == 4 and history[0][user] == pytest.approx(rewards, rel=1e-6)
-    for user in (0, 1):  # each user's adapter ends where the uninterrupted run's does
-        state = f"users/user-{user}/{personal.STATE_FILE}"
-        got, want = load_file(run_dir / state), load_file(reference / state)
-        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    for user in (0, 1):  # each user's adapter and reward model end where the uninterrupted run's do
+        for name in (personal.STATE_FILE, reward_model.STATE_FILE):
+            state = f"users/user-{user}/{name}"
+            got, want = load_file(run_dir / state), load_file(reference / state)
+            assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want), state
+    saved = [load_checkpoint(d).strategy_arrays for d in (run_dir, reference)]
+    assert saved[1] and saved[0].keys() == saved[1].keys()  # the clusters' reward models
+    assert all(np.array_equal(saved[0][k], saved[1][k]) for k in saved[1])
 
     check_feedback_run(reference, tmp_path)  # what a feedback run with adapters holds
     ports = {

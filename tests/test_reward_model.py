@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from flwr.app import Context, RecordDict
 
 from flhf_core import reward_model as rm
 
@@ -95,7 +96,6 @@ def test_judgement_loss_by_hand(tiny_model, tokenizer):
 
 
 def test_kept_state_is_restored_only_by_a_later_round_and_a_bad_file_is_set_aside(tiny_model, tmp_path):
-    from flwr.app import Context, RecordDict
 
     def context():
         return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
@@ -112,6 +112,32 @@ def test_kept_state_is_restored_only_by_a_later_round_and_a_bad_file_is_set_asid
     (tmp_path / rm.STATE_FILE).write_bytes(b"not a safetensors file")
     fresh, none = rm.restore(context(), tmp_path, tiny_model, server_round=4)
     assert len(none) == 0 and (tmp_path / "reward-model.corrupt").is_file()
+
+
+def test_a_replayed_round_restores_the_reward_model_from_before_it(tiny_model, tmp_path):
+    """Resume: the server replays rounds after its checkpoint; round r restores the newest
+    version from before r, and training r again replaces the killed attempt's version."""
+
+    def context():
+        return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def kept(bias, server_round, rated):
+        model = rm.RewardModel.from_summarizer(tiny_model)
+        torch.nn.init.constant_(model.head.bias, bias)
+        judged = rm.Judgements(rated=[("doc", f"summary {k}", 0.5) for k in range(rated)], chosen=[])
+        rm.keep(context(), tmp_path, model, judged, server_round=server_round, window=2)
+
+    kept(0.1, 2, rated=1)
+    kept(0.2, 3, rated=2)  # the killed attempt's round 3 (the checkpoint was after round 2)
+    model, judged = rm.restore(context(), tmp_path, tiny_model, server_round=3)
+    assert model.head.bias.item() == pytest.approx(0.1) and len(judged) == 1
+    kept(0.3, 3, rated=2)  # the replay's round 3 replaces it
+    assert sorted(rm.saved_rounds(tmp_path)) == [2, 3]
+    model, _ = rm.restore(context(), tmp_path, tiny_model, server_round=4)
+    assert model.head.bias.item() == pytest.approx(0.3)
+    for server_round in (4, 5, 6):
+        kept(0.4, server_round, rated=3)
+    assert sorted(rm.saved_rounds(tmp_path)) == [4, 5, 6]  # what a checkpoint 2 rounds back needs
 
 
 def test_a_shared_reward_model_never_carries_the_users_personal_parameters(tiny_model):
