@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from . import data
+from . import data, reward_server
 from .checkpoint import Checkpoint, CheckpointError, PendingRound, save_checkpoint, set_rng_state
 from .config import ConfigError
 from .model import (
@@ -131,10 +131,10 @@ class Federation:
             self.failures = resume.failures
             history = resume.strategy_state.get("reward-history", {})
             self.strategy.reward_history = {int(u): [float(r) for r in h] for u, h in history.items()}
-            if self.strategy.reward_models is not None and "reward-models" in resume.strategy_state:
-                self.strategy.reward_models.restore(
-                    resume.strategy_state["reward-models"], resume.strategy_arrays
-                )
+            shared = self.strategy.reward_models
+            reward_server.check_resumable(resume.strategy_state, config.reward_model, shared is not None)
+            if shared is not None:
+                shared.restore(resume.strategy_state["reward-models"], resume.strategy_arrays)
             self.resumed_after = [*resume.resumed_after, resume.server_round]
             set_rng_state(resume.rng)
             log(INFO, "resuming after round %d of %d", resume.server_round, config.num_server_rounds)
@@ -211,6 +211,8 @@ class Federation:
         """``checkpoints/latest``: everything a resume after ``server_round`` needs."""
         config = self.state.config
         strategy_state = {"reward-history": {str(u): h for u, h in self.strategy.reward_history.items()}}
+        if config.reward_model != "none":  # the users keep their reward models' versions
+            strategy_state["reward-model-versions"] = 1
         strategy_arrays = {}
         if self.strategy.reward_models is not None:
             strategy_state["reward-models"], strategy_arrays = self.strategy.reward_models.state()

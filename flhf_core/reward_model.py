@@ -362,8 +362,9 @@ def restore(
     """The user's reward model and judgements from before ``server_round``: from Context.state,
     else the newest of ``folder``'s files from an earlier round (a replayed round must not see
     what its killed first attempt left), else a new reward model (the received summarizer's
-    encoder, an indifferent head) with no judgements. A latest file that cannot be used is
-    reported, kept aside as ``*.corrupt``, and the user starts again."""
+    encoder, an indifferent head) with no judgements. A file that cannot be used is reported
+    and kept as ``*.corrupt`` (the first such copy is kept), and the user starts again: an
+    older version is never silently taken in place of the latest (as with personal state)."""
     model = RewardModel.from_summarizer(summarizer)
     saved = context.state.config_records.get(JUDGEMENTS_RECORD)
     if (
@@ -373,19 +374,26 @@ def restore(
     ):
         record_to_parameters(model, context.state.array_records[STATE_RECORD])
         return model, judgements_from_mapping(saved)
+    rounds = saved_rounds(folder)
     latest = folder / STATE_FILE
-    earlier = sorted((r, p) for r, p in saved_rounds(folder).items() if r < server_round)
-    if latest.is_file() and latest not in saved_rounds(folder).values():
-        log.warning("reward model %s cannot be read: kept as .corrupt, starting again", latest)
-        shutil.copyfile(latest, latest.with_suffix(".corrupt"))
+    if latest.is_file() and latest not in rounds.values():
+        _set_aside(latest, "cannot be read")
+        return model, Judgements([], [])
+    earlier = sorted((r, p) for r, p in rounds.items() if r < server_round)
     if earlier:
         path = earlier[-1][1]
         try:
             _, arrays, judgements = _read(path)
+            # checked whole before anything is written: a misfit leaves the new model as it was
             record_to_parameters(model, ArrayRecord({k: Array(v) for k, v in arrays.items()}))
             return model, judgements
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
-            log.warning("reward model %s cannot be used (%s): kept as .corrupt, starting again", path, error)
-            shutil.copyfile(path, path.with_suffix(".corrupt"))
-            model = RewardModel.from_summarizer(summarizer)
+            _set_aside(path, f"cannot be used ({error})")
     return model, Judgements([], [])
+
+
+def _set_aside(path: Path, problem: str) -> None:
+    evidence = path.with_name(path.name + ".corrupt")
+    if not evidence.exists():
+        shutil.copyfile(path, evidence)
+    log.error("reward model %s %s: kept as %s, the user starts again", path, problem, evidence.name)

@@ -12,8 +12,8 @@ delegates here:
   learned from, and at most one loss per cluster model;
 * the valid replies are folded into the pool. The judgements a reply claims weigh its model,
   so the server caps the claim at what the user can have given: ``ratings-per-round`` times
-  the feedback rounds it has taken part in (a client cannot take over the average by claiming
-  a billion judgements, as with examples).
+  the feedback rounds it was sent (a client cannot take over the average by claiming a
+  billion judgements, as with examples).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from .checkpoint import CheckpointError
 from .protocol import (
     CLUSTER,
     CLUSTER_LOSSES,
@@ -43,13 +44,15 @@ class RewardModelExchange:
             raise ValueError(f"a shared reward model needs a judgement budget: got {budget}")
         self.pool = pool
         self.budget = budget  # ratings-per-round
-        self.rounds_taken: dict[int, int] = {}  # user -> feedback rounds it replied in
+        self.rounds_taken: dict[int, int] = {}  # user -> feedback rounds it was sent (so could judge in)
         self.expected: Signature | None = None  # what this round's replies' reward models must match
 
     def messages(self, record: RecordDict, users: dict[int, int]) -> list[Message]:
         """One training message per node (``users``: node -> user): ``record`` (the global model
         and config), every reward model of the pool and the user's cluster."""
         self.pool.assign(list(users.values()))
+        for user in users.values():  # each message may bring back a round's judgements
+            self.rounds_taken[user] = self.rounds_taken.get(user, 0) + 1
         models = {
             f"{REWARD_MODELS}{k}": ArrayRecord({name: Array(a) for name, a in model.items()})
             for k, model in enumerate(self.pool.models)
@@ -88,10 +91,9 @@ class RewardModelExchange:
         """The valid replies' reward models into the pool (see :meth:`RewardModelPool.update`),
         each weighted by its judgements, capped at what the user can have given."""
         claims = {}
-        for user, content in valid:
-            self.rounds_taken[user] = self.rounds_taken.get(user, 0) + 1
+        for user, content in valid:  # a user judges in every round it is sent, replied or not
             claimed = float(metrics_of(content)[REWARD_JUDGEMENTS])
-            claims[user] = min(claimed, float(self.budget * self.rounds_taken[user]))
+            claims[user] = min(claimed, float(self.budget * self.rounds_taken.get(user, 0)))
         return self.pool.update(
             server_round,
             models={user: numpy_arrays(content[REWARD_MODEL]) for user, content in valid},
@@ -116,15 +118,37 @@ class RewardModelExchange:
         return info, arrays
 
     def restore(self, info: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        """The state :meth:`state` saved (a checkpoint of the same experiment)."""
-        if int(info["clusters"]) != self.pool.clusters:
-            raise ValueError(
-                f"the checkpoint has {info['clusters']} reward models, this run {self.pool.clusters}"
-            )
-        self.pool.assignment = {int(u): int(k) for u, k in info["assignment"].items()}
-        self.rounds_taken = {int(u): int(n) for u, n in info["rounds-taken"].items()}
-        models: list[dict[str, np.ndarray]] = [{} for _ in range(int(info["models"]))]
-        for key, array in arrays.items():
-            k, name = key.split("/", 1)
-            models[int(k)][name] = array
-        self.pool.models = models
+        """The state :meth:`state` saved; raises CheckpointError if it is not a whole one."""
+        try:
+            clusters, count = int(info["clusters"]), int(info["models"])
+            assignment = {int(u): int(k) for u, k in info["assignment"].items()}
+            rounds_taken = {int(u): int(n) for u, n in info["rounds-taken"].items()}
+            models: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
+            for key, array in arrays.items():
+                k, name = key.split("/", 1)
+                models[int(k)][name] = array
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
+            raise CheckpointError(f"the checkpoint's reward models are unusable: {error!r}") from None
+        problems = []
+        if clusters != self.pool.clusters:
+            problems.append(f"{clusters} clusters, this run {self.pool.clusters}")
+        if count not in (0, clusters) or any(not m or m.keys() != models[0].keys() for m in models):
+            problems.append(f"{count} models, not all whole and alike")
+        if any(not 0 <= k < clusters for k in assignment.values()):
+            problems.append("a user assigned to a cluster that does not exist")
+        if problems:
+            raise CheckpointError(f"the checkpoint's reward models are unusable: {'; '.join(problems)}")
+        self.pool.assignment, self.rounds_taken, self.pool.models = assignment, rounds_taken, models
+
+
+def check_resumable(strategy_state: dict[str, Any], reward_model: str, shared: bool) -> None:
+    """A checkpoint of a run with a reward model must come from an FLHF that kept what its
+    resume needs: the users' versions (``reward-model-versions``) and, when the reward models
+    are shared, the server's (``reward-models``). An older one would resume silently wrong."""
+    if reward_model == "none":
+        return
+    if "reward-model-versions" not in strategy_state or (shared and "reward-models" not in strategy_state):
+        raise CheckpointError(
+            f"this checkpoint of a reward-model={reward_model!r} run was written before such runs could "
+            "be resumed (it lacks the reward models' state); start the run again."
+        )

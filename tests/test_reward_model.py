@@ -111,7 +111,7 @@ def test_kept_state_is_restored_only_by_a_later_round_and_a_bad_file_is_set_asid
     assert fresh.head.bias.item() == 0.0 and len(none) == 0
     (tmp_path / rm.STATE_FILE).write_bytes(b"not a safetensors file")
     fresh, none = rm.restore(context(), tmp_path, tiny_model, server_round=4)
-    assert len(none) == 0 and (tmp_path / "reward-model.corrupt").is_file()
+    assert len(none) == 0 and (tmp_path / "reward-model.safetensors.corrupt").is_file()
 
 
 def test_a_replayed_round_restores_the_reward_model_from_before_it(tiny_model, tmp_path):
@@ -138,6 +138,10 @@ def test_a_replayed_round_restores_the_reward_model_from_before_it(tiny_model, t
     for server_round in (4, 5, 6):
         kept(0.4, server_round, rated=3)
     assert sorted(rm.saved_rounds(tmp_path)) == [4, 5, 6]  # what a checkpoint 2 rounds back needs
+    # a damaged latest file: reported and started again, never an older version in its place
+    (tmp_path / rm.STATE_FILE).write_bytes(b"damaged")
+    model, judged = rm.restore(context(), tmp_path, tiny_model, server_round=7)
+    assert len(judged) == 0 and model.head.bias.item() == 0.0
 
 
 def test_a_shared_reward_model_never_carries_the_users_personal_parameters(tiny_model):

@@ -9,9 +9,10 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
 from flhf_core.aggregation import client_weights, weighted_average
+from flhf_core.checkpoint import CheckpointError
 from flhf_core.protocol import USER_ID, USER_RECORD
 from flhf_core.reward_federation import RewardModelPool
-from flhf_core.reward_server import RewardModelExchange
+from flhf_core.reward_server import RewardModelExchange, check_resumable
 from flhf_core.strategy import FeedbackFedAvg
 
 SHAPES = {"a": (3, 4), "b": (5,)}
@@ -391,12 +392,30 @@ def test_reward_models_travel_only_in_the_rounds_that_use_them_and_are_screened(
     by_user = {strategy.node_users[m.metadata.dst_node_id]: m for m in sent}
     bad_losses = rm_reply(by_user[0], 0, 1.0, 1, **{"reward-model-cluster-losses": [0.1, 0.2, 0.3]})
     greedy = rm_reply(by_user[1], 1, 2.0, 1e12)  # claims a trillion judgements: capped at 4 x 2 rounds
-    honest = rm_reply(by_user[3], 3, 10.0, 4)  # its first valid feedback round: at most 4
+    # its round-2 reply was rejected, but it judged then too: 8 is what it can have given
+    honest = rm_reply(by_user[3], 3, 10.0, 8)
     strategy.aggregate_train(3, [bad_losses, greedy, honest])
     report = strategy.reports[(3, MessageType.TRAIN)]
     assert "one loss per cluster" in {r.user_id: r.reason for r in report.rejected}[0]
     assert {1, 3} <= set(report.user_metrics)
-    np.testing.assert_allclose(pool.models[1]["head.w"], (8 * 2.0 + 4 * 10.0) / 12)
+    np.testing.assert_allclose(pool.models[1]["head.w"], (8 * 2.0 + 8 * 10.0) / 16)
+    # a resume restores exactly this state, and refuses a damaged one
+    info, arrays = strategy.reward_models.state()
+    again = RewardModelExchange(RewardModelPool(clusters=2, seed=0), budget=4)
+    again.restore(info, arrays)
+    assert (
+        again.pool.assignment == pool.assignment and again.rounds_taken == strategy.reward_models.rounds_taken
+    )
+    for k in (0, 1):
+        assert np.array_equal(again.pool.models[k]["head.w"], pool.models[k]["head.w"])
+    with pytest.raises(CheckpointError, match="not all whole"):
+        again.restore(info, {k: v for k, v in arrays.items() if not k.startswith("1/")})
+    with pytest.raises(CheckpointError, match="clusters"):
+        RewardModelExchange(RewardModelPool(clusters=3, seed=0), budget=4).restore(info, arrays)
+    with pytest.raises(CheckpointError, match="before such runs could be resumed"):
+        check_resumable({"reward-model-versions": 1}, "clustered", shared=True)
+    check_resumable({"reward-model-versions": 1}, "personal", shared=False)
+    check_resumable({}, "none", shared=False)
     np.testing.assert_allclose(pool.models[0]["head.w"], 1.0)  # no valid reply: kept
 
 
