@@ -140,6 +140,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             values = [r[key] for r in mine if r.get(key) is not None]
             if values:  # "<key>-over-seeds": the spread over seeds ("reward-std" is across users)
                 entry[key], entry[f"{key}-over-seeds"] = mean_std(values)
+                entry[f"{key}-seeds"] = len(values)  # fewer than "seeds": some runs lack it
         paired = [r for r in mine if r["seed"] in baseline]
         entry["beats-fedavg-sft"] = sum(r["reward"] > baseline[r["seed"]] for r in paired)
         entry["paired-seeds"] = len(paired)
@@ -262,11 +263,15 @@ def markdown_reward_models(table: dict[str, dict[str, Any]]) -> str:
 
 
 def cell(entry: dict[str, Any], key: str, digits: int) -> str:
-    """``mean ± std over seeds`` of ``key``, or a dash."""
+    """``mean ± std over seeds`` of ``key`` (the number of seeds when it is not every seed's,
+    as a wall time measured beside other work is left out), or a dash."""
     if key not in entry:
         return "–"
-    spread = entry.get(f"{key}-over-seeds", 0.0)
-    return f"{entry[key]:.{digits}f} ± {spread:.{digits}f}"
+    counted = entry.get(f"{key}-seeds", entry["seeds"])
+    if counted == 1 and entry["seeds"] > 1:
+        return f"{entry[key]:.{digits}f} (1 seed)"
+    spread = f"{entry[key]:.{digits}f} ± {entry.get(f'{key}-over-seeds', 0.0):.{digits}f}"
+    return spread if counted == entry["seeds"] else f"{spread} ({counted} seeds)"
 
 
 def markdown(table: dict[str, dict[str, Any]]) -> str:
@@ -280,6 +285,6 @@ def markdown(table: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"| `{method}` | {cell(e, 'reward', 4)} | {cell(e, 'reward-worst', 4)} | {cell(e, 'reward-std', 4)} "
             f"| {cell(e, 'win-rate', 3)} | {cell(e, 'rougeL', 2)} | {megabytes} | {cell(e, 'seconds', 0)} "
-            f"| {e['beats-fedavg-sft']}/{e['paired-seeds']} | {e['seeds']} |"
+            f"| {'–' if method == BASELINE else f'{e["beats-fedavg-sft"]}/{e["paired-seeds"]}'} | {e['seeds']} |"
         )
     return "\n".join(lines)
