@@ -282,9 +282,10 @@ def markdown(table: dict[str, dict[str, Any]]) -> str:
     ]
     for method, e in table.items():
         megabytes = f"{e['bytes'] / 1e6:.1f}" if "bytes" in e else "–"
+        beats = "–" if method == BASELINE else f"{e['beats-fedavg-sft']}/{e['paired-seeds']}"
         lines.append(
             f"| `{method}` | {cell(e, 'reward', 4)} | {cell(e, 'reward-worst', 4)} | {cell(e, 'reward-std', 4)} "
             f"| {cell(e, 'win-rate', 3)} | {cell(e, 'rougeL', 2)} | {megabytes} | {cell(e, 'seconds', 0)} "
-            f"| {'–' if method == BASELINE else f'{e["beats-fedavg-sft"]}/{e["paired-seeds"]}'} | {e['seeds']} |"
+            f"| {beats} | {e['seeds']} |"
         )
     return "\n".join(lines)
