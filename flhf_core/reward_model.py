@@ -21,6 +21,11 @@ Losses, on the judgements a user gave (both kinds may be present):
     pairs   (y_w preferred to y_l):  L_BT   = - mean log sigmoid(r(x, y_w) - r(x, y_l))
     ratings (y rated s in [0, 1]):   L_rate =   mean (sigmoid(r(x, y)) - s)^2
 
+where the pairs are the user's choices *and* the pairs its ratings of one document order
+(higher rating preferred): what the feedback algorithms use of a learned reward is its
+ranking of one document's samples (a leave-one-out advantage, a best of n, a DPO pair), and a
+squared error alone can be met by predicting every sample's mean rating.
+
 (Bradley-Terry reward modelling as in Ouyang et al., 2022, https://arxiv.org/abs/2203.02155;
 the regression keeps the scale of the ratings, which a pairwise loss alone leaves free.)
 
@@ -143,6 +148,21 @@ class Judgements:
     def __len__(self) -> int:
         return len(self.rated) + len(self.chosen)
 
+    def pairs(self) -> list[tuple[str, str, str]]:
+        """(document, preferred, rejected): the user's choices, and the pairs its ratings of one
+        document order (the higher rating wins; equal ratings give none)."""
+        by_document: dict[str, list[tuple[str, float]]] = {}
+        for document, summary, rating in self.rated:
+            by_document.setdefault(document, []).append((summary, rating))
+        induced = [
+            (document, a, b) if ra > rb else (document, b, a)
+            for document, rated in by_document.items()
+            for i, (a, ra) in enumerate(rated)
+            for b, rb in rated[i + 1 :]
+            if ra != rb
+        ]
+        return [*self.chosen, *induced]
+
 
 def fit(
     model: RewardModel,
@@ -161,13 +181,14 @@ def fit(
         return {"rating-loss": 0.0, "pair-loss": 0.0}
     rng = rng or np.random.default_rng(0)
     model.train()
+    pairs = judgements.pairs()
     items = [("rated", i) for i in range(len(judgements.rated))]
-    items += [("chosen", i) for i in range(len(judgements.chosen))]
+    items += [("pair", i) for i in range(len(pairs))]
     losses = {"rating-loss": 0.0, "pair-loss": 0.0}
     for _ in range(steps):
         batch = [items[i] for i in rng.choice(len(items), size=min(batch_size, len(items)), replace=False)]
         rated = [judgements.rated[i] for kind, i in batch if kind == "rated"]
-        chosen = [judgements.chosen[i] for kind, i in batch if kind == "chosen"]
+        chosen = [pairs[i] for kind, i in batch if kind == "pair"]
         loss = torch.zeros((), device=next(model.parameters()).device)
         if rated:
             predicted = scores(
@@ -200,24 +221,26 @@ def judgement_loss(
     batch_size: int = 16,
 ) -> float:
     """How badly ``model`` fits the user's judgements: the loss :func:`fit` minimizes, over all
-    of them (each judgement weighing alike). What a clustered user reports of every cluster's
-    model, so the server can put it where it fits (lower is better; 0 with no judgements)."""
+    of them (each rating and each pair, chosen or ordered by ratings, weighing alike). What a
+    clustered user reports of every cluster's model, so the server can put it where it fits
+    (lower is better; 0 with no judgements)."""
     if not len(judgements):
         return 0.0
     model.eval()
+    pairs = judgements.pairs()
     total = 0.0
     for start in range(0, len(judgements.rated), batch_size):
         rated = judgements.rated[start : start + batch_size]
         predicted = scores(model, tokenizer, [d for d, _, _ in rated], [s for _, s, _ in rated], max_tokens)
         target = torch.tensor([r for _, _, r in rated], device=predicted.device)
         total += rating_loss(predicted, target).item() * len(rated)
-    for start in range(0, len(judgements.chosen), batch_size):
-        chosen = judgements.chosen[start : start + batch_size]
+    for start in range(0, len(pairs), batch_size):
+        chosen = pairs[start : start + batch_size]
         documents = [d for d, _, _ in chosen]
         winners = scores(model, tokenizer, documents, [w for _, w, _ in chosen], max_tokens)
         losers = scores(model, tokenizer, documents, [lo for _, _, lo in chosen], max_tokens)
         total += bradley_terry_loss(winners, losers).item() * len(chosen)
-    return total / len(judgements)
+    return total / (len(judgements.rated) + len(pairs))
 
 
 # --------------------------------------------------------------------------

@@ -160,3 +160,13 @@ def test_a_shared_reward_model_never_carries_the_users_personal_parameters(tiny_
     assert not any(
         n.startswith("head.") for n in rm.shared_names(model, personal_head=True, personal=personal)
     )
+
+
+def test_ratings_of_one_document_also_give_the_pairs_they_order():
+    judged = rm.Judgements(
+        rated=[("a", "one", 0.9), ("a", "two", 0.2), ("a", "three", 0.2), ("b", "four", 0.5)],
+        chosen=[("c", "five", "six")],
+    )
+    # the choice, then a's ordered pairs; the tie (two, three) and lone b give none
+    assert judged.pairs() == [("c", "five", "six"), ("a", "one", "two"), ("a", "one", "three")]
+    assert len(judged) == 5  # the budget counts what the user gave, not the pairs derived
