@@ -1,7 +1,7 @@
 """The user's side of a learned reward model: which model scores this round, what goes back.
 
 * ``personal``: the user's own model and judgements, restored from the previous feedback
-  round (:func:`flhf_core.reward_model.restore`); nothing leaves the client.
+  round (:func:`flhf_core.reward_state.restore`); nothing leaves the client.
 * ``federated`` / ``clustered``: the train message carries the server's reward models
   (``reward-model-0``, ``-1``, ...; none before anyone has judged anything) and the user's
   cluster. The user starts from its cluster's model, fits it to all the judgements it has
@@ -19,7 +19,7 @@ import copy
 
 from flwr.app import ArrayRecord, RecordDict
 
-from . import reward_model
+from . import reward_model, reward_state
 from .algorithms.scorer import LearnedScorer
 from .model import parameters_to_record, record_to_parameters
 from .protocol import (
@@ -53,7 +53,7 @@ def assigned_cluster(content: RecordDict) -> int:
 def learned_scorer(session: UserSession, budget: tuple) -> LearnedScorer:
     """The scorer of a user with a reward model: ``budget`` is :class:`Scorer`'s arguments."""
     config = session.config
-    model, judgements = reward_model.restore(
+    model, judgements = reward_state.restore(
         session.context, session.state_folder, session.model, session.server_round
     )
     shared = received_models(session.received)
@@ -76,7 +76,7 @@ def finish(session: UserSession, scorer: LearnedScorer) -> dict[str, float | lis
     """Keep the user's reward model and judgements; under a shared mode, put the fitted model
     in the reply. Returns the round's reward-model figures."""
     config = session.config
-    reward_model.keep(
+    reward_state.keep(
         session.context,
         session.state_folder,
         scorer.reward_model,

@@ -10,7 +10,7 @@ from conftest import SHORT_TEXTS
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from flhf_core import cli, personal, reward_model
+from flhf_core import cli, personal, reward_state
 from flhf_core.config import RunConfig
 from flhf_core.inprocess import run_in_process
 from flhf_core.reward_federation import RewardModelPool
@@ -59,7 +59,7 @@ def test_the_feedback_budget_is_kept_and_clustered_reward_models_score_the_rest(
             assert "reward-model-gap" not in row
     for user in (0, 1):
         with safe_open(
-            str(runs["federated"] / "users" / f"user-{user}" / reward_model.STATE_FILE), "np"
+            str(runs["federated"] / "users" / f"user-{user}" / reward_state.STATE_FILE), "np"
         ) as kept:
             judged = json.loads(kept.metadata()["judgements"])
         used = [

@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, Context, RecordDict
 from safetensors.numpy import load_file
 from test_end_to_end import check_feedback_run, flhf_background, processes_mentioning
 
-from flhf_core import cli, personal, reward_model
+from flhf_core import cli, personal, reward_state
 from flhf_core.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
 from flhf_core.config import RunConfig
 from flhf_core.inprocess import run_in_process
@@ -141,7 +141,7 @@ def test_a_run_killed_after_round_2_of_4_resumes_to_the_uninterrupted_metrics_an
     for user, rewards in history[1].items():  # every round's reward, the ones before the kill restored
         assert len(rewards) == 4 and history[0][user] == pytest.approx(rewards, rel=1e-6)
     for user in (0, 1):  # each user's adapter and reward model end where the uninterrupted run's do
-        for name in (personal.STATE_FILE, reward_model.STATE_FILE):
+        for name in (personal.STATE_FILE, reward_state.STATE_FILE):
             state = f"users/user-{user}/{name}"
             got, want = load_file(run_dir / state), load_file(reference / state)
             assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want), state

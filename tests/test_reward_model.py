@@ -11,6 +11,7 @@ import torch
 from flwr.app import Context, RecordDict
 
 from flhf_core import reward_model as rm
+from flhf_core import reward_state as rs
 
 SEED = int(os.environ.get("FLHF_TEST_SEED", "0"))  # rerun with other seeds to check robustness
 
@@ -103,14 +104,14 @@ def test_kept_state_is_restored_only_by_a_later_round_and_a_bad_file_is_set_asid
     model = rm.RewardModel.from_summarizer(tiny_model)
     torch.nn.init.constant_(model.head.bias, 0.25)
     judged = rm.Judgements(rated=[("doc", "a summary", 0.7)], chosen=[("doc", "good", "bad")])
-    rm.keep(context(), tmp_path, model, judged, server_round=3)
+    rs.keep(context(), tmp_path, model, judged, server_round=3)
     # a new process (a fresh Context) reads the file; round 3 itself (a replay) does not
-    found, again = rm.restore(context(), tmp_path, tiny_model, server_round=4)
+    found, again = rs.restore(context(), tmp_path, tiny_model, server_round=4)
     assert found.head.bias.item() == pytest.approx(0.25) and again == judged
-    fresh, none = rm.restore(context(), tmp_path, tiny_model, server_round=3)
+    fresh, none = rs.restore(context(), tmp_path, tiny_model, server_round=3)
     assert fresh.head.bias.item() == 0.0 and len(none) == 0
-    (tmp_path / rm.STATE_FILE).write_bytes(b"not a safetensors file")
-    fresh, none = rm.restore(context(), tmp_path, tiny_model, server_round=4)
+    (tmp_path / rs.STATE_FILE).write_bytes(b"not a safetensors file")
+    fresh, none = rs.restore(context(), tmp_path, tiny_model, server_round=4)
     assert len(none) == 0 and (tmp_path / "reward-model.safetensors.corrupt").is_file()
 
 
@@ -125,22 +126,22 @@ def test_a_replayed_round_restores_the_reward_model_from_before_it(tiny_model, t
         model = rm.RewardModel.from_summarizer(tiny_model)
         torch.nn.init.constant_(model.head.bias, bias)
         judged = rm.Judgements(rated=[("doc", f"summary {k}", 0.5) for k in range(rated)], chosen=[])
-        rm.keep(context(), tmp_path, model, judged, server_round=server_round, window=2)
+        rs.keep(context(), tmp_path, model, judged, server_round=server_round, window=2)
 
     kept(0.1, 2, rated=1)
     kept(0.2, 3, rated=2)  # the killed attempt's round 3 (the checkpoint was after round 2)
-    model, judged = rm.restore(context(), tmp_path, tiny_model, server_round=3)
+    model, judged = rs.restore(context(), tmp_path, tiny_model, server_round=3)
     assert model.head.bias.item() == pytest.approx(0.1) and len(judged) == 1
     kept(0.3, 3, rated=2)  # the replay's round 3 replaces it
-    assert sorted(rm.saved_rounds(tmp_path)) == [2, 3]
-    model, _ = rm.restore(context(), tmp_path, tiny_model, server_round=4)
+    assert sorted(rs.saved_rounds(tmp_path)) == [2, 3]
+    model, _ = rs.restore(context(), tmp_path, tiny_model, server_round=4)
     assert model.head.bias.item() == pytest.approx(0.3)
     for server_round in (4, 5, 6):
         kept(0.4, server_round, rated=3)
-    assert sorted(rm.saved_rounds(tmp_path)) == [4, 5, 6]  # what a checkpoint 2 rounds back needs
+    assert sorted(rs.saved_rounds(tmp_path)) == [4, 5, 6]  # what a checkpoint 2 rounds back needs
     # a damaged latest file: reported and started again, never an older version in its place
-    (tmp_path / rm.STATE_FILE).write_bytes(b"damaged")
-    model, judged = rm.restore(context(), tmp_path, tiny_model, server_round=7)
+    (tmp_path / rs.STATE_FILE).write_bytes(b"damaged")
+    model, judged = rs.restore(context(), tmp_path, tiny_model, server_round=7)
     assert len(judged) == 0 and model.head.bias.item() == 0.0
 
 
