@@ -1,7 +1,7 @@
 """Over-optimization made visible: the reward the policy is trained on against what the users get.
 
     python bench/overoptimization.py                 # run it (~15 min on 2 cores), then plot
-    python bench/overoptimization.py --plot-only     # plot the run already in --results-dir
+    python bench/overoptimization.py --plot-only     # plot the run in --results-dir again (PNG only)
 
 One run of the ``reinforce`` preset with PPO, a budget of 8 judgements per user and round and a
 personal learned reward model (issue 13), with 12 feedback rounds after the 5 supervised ones:
@@ -47,10 +47,13 @@ SERIES = (
 def series(rows: list[dict]) -> dict[str, list]:
     """Per feedback round: the learned reward, the true utility, and the held-out reward of the
     round's model (from the row of that round; None where a figure is missing)."""
-    feedback = [r for r in rows if r["scope"] == "server" and r["phase"] == "feedback"]
+    server = [r for r in rows if r["scope"] == "server"]
+    feedback = [r for r in server if r["phase"] == "feedback"]
     out: dict[str, list] = {"round": [r["round"] for r in feedback]}
     for key in (*SERIES, "reward", "reward-worst"):
         out[key] = [r.get(key) for r in feedback]
+    supervised = [r for r in server if r["phase"] == "sft" and "reward" in r]
+    out["reward-before-feedback"] = [supervised[-1]["reward"]] if supervised else []
     return out
 
 
@@ -59,6 +62,7 @@ def plot(figures: dict[str, list], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = figures["round"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
@@ -70,6 +74,13 @@ def plot(figures: dict[str, list], path: Path) -> None:
         points = [(x, y) for x, y in zip(rounds, figures[key], strict=True) if y is not None]
         if points:
             top.plot(*zip(*points, strict=True), marker="o", label=label)
+    if figures["reward-before-feedback"]:
+        top.axhline(
+            figures["reward-before-feedback"][0],
+            color="grey",
+            linestyle=":",
+            label="held-out, after the supervised rounds",
+        )
     top.set_ylabel("reward")
     top.legend(fontsize=8)
     top.set_title("PPO on a personal learned reward model, 8 judgements per user and round")
@@ -78,6 +89,7 @@ def plot(figures: dict[str, list], path: Path) -> None:
         if points:
             bottom.plot(*zip(*points, strict=True), marker="o", label=key)
     bottom.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.set_xlabel("round (feedback rounds; 1-5 were supervised)")
     bottom.set_ylabel("against the true utility")
     bottom.legend(fontsize=8)
@@ -99,10 +111,11 @@ def main() -> None:
     figures = series(rows)
     for values in zip(figures["round"], *(figures[k] for k in SERIES), strict=True):
         print("round {}: score {} utility {} gap {} accuracy {} correlation {}".format(*values))
-    write_result(
-        "overoptimization",
-        {"command": "flhf run " + " ".join(ITEMS), "seconds": seconds, "series": figures},
-    )
+    if not args.plot_only:  # the figures belong with the run that made them
+        write_result(
+            "overoptimization",
+            {"command": "flhf run " + " ".join(ITEMS), "seconds": seconds, "series": figures},
+        )
     plot(figures, RESULTS_DIR / "overoptimization.png")
     print(f"wrote {RESULTS_DIR / 'overoptimization.png'}")
 
