@@ -1,11 +1,12 @@
 """Over-optimization made visible: the reward the policy is trained on against what the users get.
 
-    python bench/overoptimization.py                 # run it (~15 min on 2 cores), then plot
+    python bench/overoptimization.py                 # run it (about an hour on 2 cores), then plot
     python bench/overoptimization.py --plot-only     # plot the run in --results-dir again (PNG only)
 
 One run of the ``reinforce`` preset with PPO, a budget of 8 judgements per user and round and a
-personal learned reward model (issue 13), with 12 feedback rounds after the 5 supervised ones:
-long enough for the policy to find what the reward model overrates. Per feedback round, from
+personal learned reward model (issue 13), always used (``reward-model-trust = 0``; the
+committed run predates the gate, which is the same), with 12 feedback rounds after the 5
+supervised ones: long enough for the policy to find what the reward model overrates. Per feedback round, from
 the server's rows (means over users):
 
 * ``reward-model-score``: the learned reward (sigmoid r) of the policy's samples it scored;
@@ -33,6 +34,7 @@ ITEMS = [
     "feedback-algorithm=ppo",
     "ratings-per-round=8",
     "reward-model=personal",
+    "reward-model-trust=0",  # the gate off: what a reward model does to the policy when always used
     "num-server-rounds=17",
 ]
 SERIES = (

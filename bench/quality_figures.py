@@ -26,6 +26,8 @@ REWARD_MODEL_FIGURES = (
     "reward-model-accuracy",
     "reward-model-correlation",
     "reward-model-gap",
+    "reward-model-heldout-accuracy",  # on the user's own judgements, before it learned them
+    "reward-model-trusted",  # share of feedback steps it scored for the user (over the whole run)
     "reward-model-queried-spread",  # active queries: what the user was asked about ...
     "reward-model-unqueried-spread",  # ... against what it was not
 )
@@ -101,8 +103,9 @@ def run_figures(run_dir: Path, baseline_dir: Path | None) -> dict[str, float]:
 
 
 def reward_model_figures(run_dir: Path) -> dict[str, float]:
-    """A learned reward model's diagnostics in the run's last feedback round (server row), and
-    the judgements users gave per feedback round; {} without metrics.jsonl or a reward model."""
+    """A learned reward model's diagnostics in the run's last feedback round (server row), the
+    share of feedback steps it scored for the users over the run (the gate), and the
+    judgements users gave per feedback round; {} without metrics.jsonl or a reward model."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return {}
@@ -111,6 +114,9 @@ def reward_model_figures(run_dir: Path) -> dict[str, float]:
         return {}
     figures = {"ratings-used": float(np.mean([r["train-ratings-used"] for r in rows]))}
     figures.update({key: float(rows[-1][key]) for key in REWARD_MODEL_FIGURES if key in rows[-1]})
+    trusted = [r["reward-model-trusted"] for r in rows if "reward-model-trusted" in r]
+    if trusted:
+        figures["reward-model-trusted"] = float(np.mean(trusted))
     return figures
 
 
@@ -247,8 +253,8 @@ def markdown_reward_models(table: dict[str, dict[str, Any]]) -> str:
     models did in the last feedback round (on the samples they scored)."""
     lines = [
         "| method | reward | worst user | win rate vs fedavg-sft | judgements per user and round "
-        "| RM accuracy | RM correlation | RM gap | MB per round | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| RM accuracy | RM correlation | RM gap | RM held-out accuracy | RM used | MB per round | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, e in table.items():
         if "ratings-used" not in e or ("+" not in method and "@" not in method):
@@ -257,6 +263,7 @@ def markdown_reward_models(table: dict[str, dict[str, Any]]) -> str:
             f"| `{method}` | {cell(e, 'reward', 4)} | {cell(e, 'reward-worst', 4)} | {cell(e, 'win-rate', 3)} "
             f"| {e['ratings-used']:.1f} | {cell(e, 'reward-model-accuracy', 3)} "
             f"| {cell(e, 'reward-model-correlation', 3)} | {cell(e, 'reward-model-gap', 3)} "
+            f"| {cell(e, 'reward-model-heldout-accuracy', 3)} | {cell(e, 'reward-model-trusted', 2)} "
             f"| {e['bytes'] / 1e6:.1f} | {e['seeds']} |"
         )
     return "\n".join(lines)

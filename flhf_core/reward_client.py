@@ -69,6 +69,7 @@ def learned_scorer(session: UserSession, budget: tuple) -> LearnedScorer:
         config.reward_model_learning_rate,
         config.max_source_tokens,
         active=config.reward_queries == "active",
+        trust=config.reward_model_trust,
     )
 
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -135,6 +135,9 @@ class Judgements:
 
     rated: list[tuple[str, str, float]]  # (document, summary, rating)
     chosen: list[tuple[str, str, str]]  # (document, preferred summary, rejected summary)
+    # how the reward model, before it learned them, ordered the pairs of each new judgement:
+    # 1 agreed, 0.5 tie, 0 disagreed, oldest first (what :func:`trusted` reads)
+    checks: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rated) + len(self.chosen)
@@ -153,6 +156,45 @@ class Judgements:
             if ra != rb
         ]
         return [*self.chosen, *induced]
+
+
+@torch.no_grad()
+def agreement(
+    model: RewardModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str, str]],
+    max_tokens: int,
+) -> list[float]:
+    """For each (document, preferred, rejected): 1 if ``model`` scores the preferred summary
+    higher, 0.5 on a tie, else 0. Taken on judgements the model has not learned from, this is
+    its held-out ranking accuracy on what the user really said (the user's own noise included)."""
+    if not pairs:
+        return []
+    model.eval()
+    documents = [d for d, _, _ in pairs]
+    winners = scores(model, tokenizer, documents, [w for _, w, _ in pairs], max_tokens)
+    losers = scores(model, tokenizer, documents, [lo for _, _, lo in pairs], max_tokens)
+    margin = (winners - losers).tolist()
+    return [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margin]
+
+
+# Over how many of the latest checked pairs the gate judges a reward model: recent enough to
+# follow a model that improves each step, enough pairs that chance alone rarely passes
+# (with 32 pairs at a true accuracy of 0.5, an agreement >= 0.6 has a probability of ~0.1).
+TRUST_WINDOW = 32
+TRUST_MINIMUM = 8  # fewer checked pairs than this are no evidence either way
+
+
+def trusted(checks: Sequence[float], threshold: float) -> bool:
+    """Whether a reward model may score for the user: its agreement with the user's latest
+    ``TRUST_WINDOW`` judged pairs, each taken before the model learned it, is at least
+    ``threshold`` (``reward-model-trust``; 0 trusts it always), over at least ``TRUST_MINIMUM``
+    pairs. A model no better than chance must not steer the policy: the policy would follow
+    its confident but arbitrary rankings (``bench/overoptimization.py`` measured exactly that)."""
+    if threshold == 0.0:
+        return True
+    recent = checks[-TRUST_WINDOW:]
+    return len(recent) >= TRUST_MINIMUM and float(np.mean(recent)) >= threshold
 
 
 def fit(

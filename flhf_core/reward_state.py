@@ -41,6 +41,7 @@ def judgements_to_mapping(judgements: Judgements) -> dict[str, list]:
         "chosen-documents": [d for d, _, _ in judgements.chosen],
         "winners": [w for _, w, _ in judgements.chosen],
         "losers": [lo for _, _, lo in judgements.chosen],
+        "checks": [float(c) for c in judgements.checks],
     }
 
 
@@ -55,6 +56,7 @@ def judgements_from_mapping(mapping) -> Judgements:
             )
         ),
         chosen=list(zip(mapping["chosen-documents"], mapping["winners"], mapping["losers"], strict=True)),
+        checks=list(map(float, mapping["checks"])),
     )
 
 

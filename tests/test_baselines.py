@@ -22,8 +22,14 @@ COMPARED = ("reward", "reward-worst", "reward-std", "win-rate", "bytes-up", "byt
 
 BUDGET = 6  # the federated run's ratings-per-round: a document's 4 samples and half of another's
 # ... with clustered reward models (2 clusters) and active queries, for 2 feedback rounds (the
-# second is the first in which users receive the clusters' models and score them)
-REWARD_MODELS = (f"ratings-per-round={BUDGET}", "reward-model=clustered", "reward-queries=active")
+# second is the first in which users receive the clusters' models and score them), the gate
+# off so that the learned rewards reach PPO (tests/test_resume.py runs with the gate on)
+REWARD_MODELS = (
+    f"ratings-per-round={BUDGET}",
+    "reward-model=clustered",
+    "reward-queries=active",
+    "reward-model-trust=0",
+)
 
 
 def smoke_run(results, mode: str, *extra: str):
@@ -84,6 +90,10 @@ def test_the_feedback_budget_is_kept_and_clustered_reward_models_score_the_rest(
     # in round 3 both had, and reported both clusters' losses: a balanced move swaps both or none
     assert server[3]["reward-model-clusters-changed"] in (0.0, 2.0)
     assert "reward-model-queried-spread" in server[3]
+    # the gate off: the models scored at every step once their users had judged something
+    assert all(
+        r["reward-model-trusted"] == 1.0 for r in trained if r["round"] == 3 and r["scope"] == "client"
+    )
 
 
 def summary(run_dir):

@@ -186,6 +186,7 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
             "phase": "feedback",
             "train-ratings-used": 8.0,
             "reward-model-accuracy": 0.4,
+            "reward-model-trusted": 0.2,
         },
         {
             "round": 2,
@@ -200,10 +201,15 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
             "phase": "feedback",
             "train-ratings-used": 6.0,
             "reward-model-accuracy": 0.6,
+            "reward-model-trusted": 0.8,
         },
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert quality_figures.reward_model_figures(run) == {"ratings-used": 7.0, "reward-model-accuracy": 0.6}
+    assert quality_figures.reward_model_figures(run) == {  # the last round's; the gate over the run
+        "ratings-used": 7.0,
+        "reward-model-accuracy": 0.6,
+        "reward-model-trusted": pytest.approx(0.5),
+    }
     assert quality_figures.reward_model_figures(tmp_path) == {}  # older evidence: no metrics.jsonl
 
     def entry(reward, worst):

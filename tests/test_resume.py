@@ -38,7 +38,8 @@ from flhf_core.tracking import read_metrics
 RUN = ["feedback-smoke", "num-server-rounds=4", "checkpoint-every=2", "reward-weighting=history"]
 RUN += ["max-client-weight=0.6", "personalization=lora", "lora-rank=4", *SHORT_TEXTS]
 # ... and clustered reward models learned from 6 judgements per user and round: the server's
-# models and assignment are in its checkpoint, each user's model and judgements in its versions
+# models and assignment are in its checkpoint, each user's model and judgements (with the
+# gate's checks of the model, reward-model-trust at its default) in its versions
 RUN += ["ratings-per-round=6", "reward-model=clustered"]
 RUN += ["--cpus-per-user", "1", "--quiet"]
 

@@ -103,7 +103,9 @@ def test_kept_state_is_restored_only_by_a_later_round_and_a_bad_file_is_set_asid
 
     model = rm.RewardModel.from_summarizer(tiny_model)
     torch.nn.init.constant_(model.head.bias, 0.25)
-    judged = rm.Judgements(rated=[("doc", "a summary", 0.7)], chosen=[("doc", "good", "bad")])
+    judged = rm.Judgements(
+        rated=[("doc", "a summary", 0.7)], chosen=[("doc", "good", "bad")], checks=[1.0, 0.5]
+    )
     rs.keep(context(), tmp_path, model, judged, server_round=3)
     # a new process (a fresh Context) reads the file; round 3 itself (a replay) does not
     found, again = rs.restore(context(), tmp_path, tiny_model, server_round=4)
@@ -171,3 +173,25 @@ def test_ratings_of_one_document_also_give_the_pairs_they_order():
     # the choice, then a's ordered pairs; the tie (two, three) and lone b give none
     assert judged.pairs() == [("c", "five", "six"), ("a", "one", "two"), ("a", "one", "three")]
     assert len(judged) == 5  # the budget counts what the user gave, not the pairs derived
+
+
+def test_agreement_orders_the_users_pairs_as_the_model_scores_them(tiny_model, tokenizer, monkeypatch):
+    def by_length(model, tokenizer, documents, summaries, max_tokens):
+        return torch.tensor([float(len(s)) for s in summaries])
+
+    monkeypatch.setattr(rm, "scores", by_length)
+    model = rm.RewardModel.from_summarizer(tiny_model)
+    pairs = [("d", "longer", "short"), ("d", "short", "longer"), ("d", "ab", "cd")]
+    assert rm.agreement(model, tokenizer, pairs, 64) == [1.0, 0.0, 0.5]
+    assert rm.agreement(model, tokenizer, [], 64) == []
+
+
+def test_the_gate_trusts_a_model_only_on_enough_recent_agreement():
+    assert rm.trusted([], 0.0)  # the gate off: always
+    assert not rm.trusted([1.0] * (rm.TRUST_MINIMUM - 1), 0.6)  # too few checks: no evidence
+    assert rm.trusted([1.0] * rm.TRUST_MINIMUM, 0.6)
+    window = rm.TRUST_WINDOW
+    assert not rm.trusted([1.0] * 20 + [0.0] * window, 0.6)  # old successes do not count
+    assert rm.trusted([0.0] * 20 + [1.0] * 20 + [0.0] * (window - 20), 0.6)  # 20 of 32 = 0.625
+    assert not rm.trusted([1.0] * 19 + [0.0] * (window - 19), 0.6)  # 19 of 32 < 0.6
+    assert rm.trusted([0.5] * window, 0.5) and not rm.trusted([0.5] * window, 0.6)  # ties: chance

@@ -139,7 +139,10 @@ def test_a_learned_scorer_scores_only_the_documents_the_user_did_not_judge(tiny_
                 assert feedback.scores[i].item() == pytest.approx(
                     judge(CAREFUL, text, "cats win big prizes").utility
                 )
+    assert len(scorer.judgements.checks) == len(rm.Judgements(scorer.judgements.rated, []).pairs())
     assert set(scorer.diagnostics()) == {
+        "reward-model-trusted",
+        "reward-model-heldout-accuracy",
         "reward-model-accuracy",
         "reward-model-correlation",
         "reward-model-gap",
@@ -206,3 +209,29 @@ def test_active_queries_ask_first_about_the_documents_the_model_can_least_tell_a
         scorer.spreads["unqueried"]
     ) == [3.0, 7.0]
     assert len({frozenset(asked(False, seed)) for seed in range(8)}) > 1  # uniform: by chance
+
+
+def test_the_gate_keeps_an_untrusted_model_from_scoring(tiny_model, tokenizer):
+    """``reward-model-trust``: the model is checked against the user's new judgements before
+    it learns them; with too little agreement among the latest checks it scores nothing (the
+    unjudged documents stay unjudged, as without a reward model), with enough it scores them."""
+    from flhf_core import reward_model as rm
+    from flhf_core.algorithms.scorer import LearnedScorer
+
+    def rated_documents(history: list[float]) -> tuple[list[float], LearnedScorer]:
+        torch.manual_seed(SEED)
+        known = rm.Judgements([("text 9", "earlier", 0.5)], [], checks=list(history))
+        model = rm.RewardModel.from_summarizer(tiny_model)
+        scorer = LearnedScorer(CAREFUL, 4, 1, 4, model, tokenizer, known, 1, 1e-3, 64, trust=0.6)
+        feedback = scorer.rate(rollout_of(3, 4), np.random.default_rng(SEED))
+        return feedback.rated.view(3, 4).sum(dim=1).tolist(), scorer
+
+    distrusted, scorer = rated_documents([0.0] * rm.TRUST_WINDOW)
+    assert sorted(distrusted) == [0, 0, 4]  # the user's document alone
+    found = scorer.diagnostics()
+    assert found["reward-model-trusted"] == 0.0
+    new_checks = scorer.judgements.checks[rm.TRUST_WINDOW :]  # the fresh model checked on the new pairs
+    assert new_checks and set(new_checks) == {0.5}  # an indifferent head ties every pair
+    assert "reward-model-accuracy" in found  # still measured while not trusted: the curve stays visible
+    trusted, scorer = rated_documents([1.0] * rm.TRUST_WINDOW)
+    assert trusted == [4, 4, 4] and scorer.diagnostics()["reward-model-trusted"] == 1.0

@@ -156,9 +156,19 @@ class LearnedScorer(Scorer):
     ratings alone: the model's calibration error must not become a leave-one-out advantage.
     Until the user has judged anything, the model knows nothing and scores nothing.
 
-    ``diagnostics``: over the samples the model scored this round, its ratings against the
-    true utility (:func:`~flhf_core.reward_model.diagnostics`); the gap only when it learned
-    from ratings (pairs leave the scale of r free).
+    **The gate** (``trust``, ``reward-model-trust``): before the model learns a step's new
+    judgements, it is checked against them (the pairs they order: held out, and what the
+    user really said); it scores for the user only while it agreed with at least ``trust`` of
+    the latest checked pairs (:func:`~flhf_core.reward_model.trusted`). Until then the
+    unjudged samples stay unjudged, as without a reward model: a model no better than chance
+    would steer the policy with confident but arbitrary rankings. ``trust = 0``: always.
+
+    ``diagnostics``: over the samples the model scored this round (whether or not they were
+    used), its ratings against the true utility (:func:`~flhf_core.reward_model.diagnostics`);
+    the gap only when it learned from ratings (pairs leave the scale of r free);
+    ``reward-model-heldout-accuracy`` (its agreement with the latest checked pairs, what a real
+    deployment can see) and ``reward-model-trusted`` (the share of the round's steps in which
+    it scored for the user).
 
     ``active`` (``reward-queries = active``): once the model has learned something, the user
     is asked first about the documents whose samples the model can least tell apart, the
@@ -184,9 +194,12 @@ class LearnedScorer(Scorer):
         learning_rate: float,
         max_tokens: int,
         active: bool = False,
+        trust: float = 0.0,
     ) -> None:
         super().__init__(profile, budget, steps, group_size)
         self.active = active
+        self.trust = trust
+        self.trusted_steps: list[bool] = []  # per step: did the model score for the user
         self.spreads: dict[str, list[float]] = {"queried": [], "unqueried": []}
         self._step_spreads: dict[tuple[int, ...], float] = {}  # this step's, by group
         self.reward_model = reward_model
@@ -200,9 +213,15 @@ class LearnedScorer(Scorer):
         self._groups: list[str] = []
         self.losses: dict[str, float] = {}
 
-    def _refit(self, new_judgements: int, rng: np.random.Generator) -> None:
-        if new_judgements:
-            generator = np.random.default_rng(int(rng.integers(2**31)))
+    def _learn(self, new: rm.Judgements, rng: np.random.Generator) -> bool:
+        """Check the model against the user's new judgements, then learn them; returns
+        whether the model may score this step's unjudged samples (the gate)."""
+        self.judgements.checks += rm.agreement(
+            self.reward_model, self.tokenizer, new.pairs(), self.max_tokens
+        )
+        self.judgements.rated += new.rated
+        self.judgements.chosen += new.chosen
+        if len(new):  # one optimizer per round: its moments carry over between steps
             self.losses = rm.fit(
                 self.reward_model,
                 self.tokenizer,
@@ -210,8 +229,11 @@ class LearnedScorer(Scorer):
                 self.fit_steps,
                 self.optimizer,
                 self.max_tokens,
-                rng=generator,
+                rng=np.random.default_rng(int(rng.integers(2**31))),
             )
+        use = bool(len(self.judgements)) and rm.trusted(self.judgements.checks, self.trust)
+        self.trusted_steps.append(use)
+        return use
 
     @torch.no_grad()
     def _ratings(self, documents: list[str], texts: list[str]) -> torch.Tensor:
@@ -255,11 +277,15 @@ class LearnedScorer(Scorer):
         asked = super().rate(rollout, rng)
         judged = asked.rated.bool().tolist()
         self._record_spreads({i for i, was in enumerate(judged) if was})
-        for i in (i for i, was in enumerate(judged) if was):
-            self.judgements.rated.append(
+        new = rm.Judgements(
+            [
                 (rollout.examples[i].document, rollout.texts[i], float(asked.scores[i]))
-            )
-        self._refit(sum(judged), rng)
+                for i, was in enumerate(judged)
+                if was
+            ],
+            [],
+        )
+        use = self._learn(new, rng)
         if not len(self.judgements):
             return asked
         scores, rated = asked.scores.clone(), asked.rated.clone()
@@ -270,8 +296,9 @@ class LearnedScorer(Scorer):
             predicted = self._ratings(
                 [rollout.examples[i].document for i in members], [rollout.texts[i] for i in members]
             )
-            scores[members] = predicted.to(scores.device, scores.dtype)
-            rated[members] = 1.0
+            if use:
+                scores[members] = predicted.to(scores.device, scores.dtype)
+                rated[members] = 1.0
             for g in unjudged:
                 group = [k for k, i in enumerate(members) if g <= i < g + n]
                 self._note(
@@ -286,9 +313,8 @@ class LearnedScorer(Scorer):
     ) -> list[tuple[int, int]]:
         answered = super().choose(texts, examples, rng)
         self._record_spreads({i for pair in answered for i in pair})
-        for winner, loser in answered:
-            self.judgements.chosen.append((examples[winner].document, texts[winner], texts[loser]))
-        self._refit(len(answered), rng)
+        new = rm.Judgements([], [(examples[w].document, texts[w], texts[lo]) for w, lo in answered])
+        use = self._learn(new, rng)
         if not len(self.judgements):
             return answered
         asked = {min(pair) for pair in answered}
@@ -305,15 +331,21 @@ class LearnedScorer(Scorer):
                 for i in (a, a + 1)
             ]
             self._note([score_a, score_b], utilities, f"{self.step}/{a}")
-            if score_a != score_b:  # a tie (nothing learned to tell them apart) is no pair
+            if use and score_a != score_b:  # a tie (nothing learned to tell them apart) is no pair
                 pairs.append((a, a + 1) if score_a > score_b else (a + 1, a))
         return sorted(pairs, key=min)
 
     def diagnostics(self) -> dict[str, float]:
         """The reward model against the true utility, over the samples it scored this round."""
+        found: dict[str, float] = {}
+        if self.trusted_steps:
+            found["reward-model-trusted"] = float(np.mean(self.trusted_steps))
+        if self.judgements.checks:
+            recent = self.judgements.checks[-rm.TRUST_WINDOW :]
+            found["reward-model-heldout-accuracy"] = float(np.mean(recent))
         if not self._predicted:
-            return {}
-        found = rm.diagnostics(self._predicted, self._utility, self._groups)
+            return found
+        found |= rm.diagnostics(self._predicted, self._utility, self._groups)
         for kind, spreads in self.spreads.items():
             if spreads:
                 found[f"reward-model-{kind}-spread"] = float(np.mean(spreads))
