@@ -111,7 +111,7 @@ def user_summaries(
 
     from .generate import summarize
     from .model import load_pretrained
-    from .session import corpus_documents
+    from .user_documents import corpus_documents
 
     config = RunConfig.from_mapping(read_json(Path(run_dirs[0]) / "config.json"))
     docs = corpus_documents(config, user, num_users)

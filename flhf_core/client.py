@@ -52,7 +52,8 @@ from .protocol import (
     USER_ID,
     USER_RECORD,
 )
-from .session import UserSession, initial_model, open_session, own_data_file, user_identity
+from .session import UserSession, initial_model, open_session, user_identity
+from .user_documents import own_data_file
 
 
 def reply(

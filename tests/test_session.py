@@ -8,7 +8,7 @@ import json
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from flhf_core import data, session
+from flhf_core import data, session, user_documents
 from flhf_core.config import ConfigError
 from flhf_core.model import parameters_to_record, tokenizer_fingerprint
 
@@ -38,7 +38,7 @@ def message(model, tokenizer):
 def counted(monkeypatch):
     """Counts of the expensive builds: corpus loads, partitions and model initializations."""
     calls = {"corpus": 0, "model": 0}
-    real_corpus, real_model = session.corpus_documents, session.build_model
+    real_corpus, real_model = user_documents.corpus_documents, session.build_model
 
     def corpus_documents(*args):
         calls["corpus"] += 1
@@ -48,9 +48,9 @@ def counted(monkeypatch):
         calls["model"] += 1
         return real_model(*args)
 
-    monkeypatch.setattr(session, "corpus_documents", corpus_documents)
+    monkeypatch.setattr(user_documents, "corpus_documents", corpus_documents)
     monkeypatch.setattr(session, "build_model", build_model)
-    session._user_cache.clear()
+    user_documents._user_cache.clear()
     session._initial_models.clear()
     return calls
 
@@ -74,7 +74,7 @@ def test_a_fresh_process_on_a_node_reads_the_users_data_and_model_from_the_disk_
 ):
     ctx = context(smoke_config, **{"state-dir": str(tmp_path)})
     built = session.open_session(message(tiny_model, tokenizer), ctx)
-    session._user_cache.clear()  # what a new process starts with
+    user_documents._user_cache.clear()  # what a new process starts with
     session._initial_models.clear()
     loaded = session.open_session(message(tiny_model, tokenizer), ctx)
     assert counted == {"corpus": 1, "model": 1}  # the second process built nothing
@@ -86,7 +86,7 @@ def test_a_fresh_process_on_a_node_reads_the_users_data_and_model_from_the_disk_
     cached = list((tmp_path / "cache").glob("user-0-*.json"))
     assert len(cached) == 1 and json.loads(cached[0].read_text())["user"] == 0
     cached[0].write_text("{not json")  # a torn or corrupt cache file is rebuilt, never trusted
-    session._user_cache.clear()
+    user_documents._user_cache.clear()
     assert session.open_session(message(tiny_model, tokenizer), ctx).data == built.data
 
 
@@ -97,7 +97,7 @@ def test_a_user_with_its_own_data_file_reads_only_its_own_documents(
     corpus = data.load_corpus(config)
     path = tmp_path / "user-1.jsonl"
     written = data.export_user_documents(corpus, 1, 2, config, path)
-    own = session.file_documents(config, 1, path)
+    own = user_documents.file_documents(config, 1, path)
     file_ids = {json.loads(line)["id"] for line in path.read_text().splitlines()}
     assert written == len(file_ids) and own.own_data
     for kind in ("train", "validation", "feedback", "reward", "report"):
@@ -108,9 +108,9 @@ def test_a_user_with_its_own_data_file_reads_only_its_own_documents(
     tiny = tmp_path / "tiny.jsonl"
     tiny.write_text("".join(path.read_text().splitlines(keepends=True)[:3]))
     with pytest.raises(ConfigError, match="too few"):
-        session.file_documents(config, 1, tiny)
+        user_documents.file_documents(config, 1, tiny)
     with pytest.raises(ConfigError, match="highlight-supervision"):  # a file carries no highlights
-        session.file_documents(config.replace(**{"highlight-supervision": True}), 1, path)
+        user_documents.file_documents(config.replace(**{"highlight-supervision": True}), 1, path)
 
 
 def test_thread_budget_comes_from_the_node_then_the_engine(monkeypatch, smoke_config):
