@@ -17,7 +17,7 @@ combination of the clients but a step from the global model (:func:`qffl_shares`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -160,3 +160,37 @@ def weighted_average(
             else:
                 average[key] = client[key] * weight
     return average
+
+
+def trusted_counts(claims: Sequence[float], counted: Sequence[float | None]) -> list[float]:
+    """The example count that weights each client: the server's own count where it has one
+    (``counted``); else the client's claim, capped at the largest count the server made in the
+    same average (a user whose data the server cannot see, such as one with its own data file,
+    weighs no more than the largest user it can); with no count at all, the claims (FedAvg)."""
+    known = [float(c) for c in counted if c is not None and c > 0]
+    cap = max(known) if known else math.inf
+    return [
+        float(c) if c is not None and c > 0 else min(float(claim), cap)
+        for c, claim in zip(counted, claims, strict=True)
+    ]
+
+
+def average_metrics(
+    records: Sequence[Mapping[str, float | list[float]]],
+    counts: Sequence[float],
+    partial_prefix: str | None = None,
+) -> dict[str, float]:
+    """The ``counts``-weighted mean of every scalar metric that all records carry; a key that
+    starts with ``partial_prefix`` is averaged over the records that carry it (figures that
+    some clients cannot give yet, such as a learned reward model's diagnostics). Lists are
+    per-document figures, never averaged."""
+    keys = sorted(set().union(*(r.keys() for r in records)))
+    averaged = {}
+    for key in keys:
+        having = [(r[key], n) for r, n in zip(records, counts, strict=True) if key in r]
+        if any(isinstance(value, list) for value, _ in having):
+            continue
+        partial = partial_prefix is not None and key.startswith(partial_prefix)
+        if len(having) == len(records) or partial:
+            averaged[key] = sum(float(value) * n for value, n in having) / sum(n for _, n in having)
+    return averaged

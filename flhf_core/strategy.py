@@ -35,7 +35,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from .aggregation import client_weights, qffl_shares, reward_history_means, squared_distance, weighted_average
+from .aggregation import (
+    average_metrics,
+    client_weights,
+    qffl_shares,
+    reward_history_means,
+    squared_distance,
+    trusted_counts,
+    weighted_average,
+)
 from .protocol import CLUSTER_OF_USER, EVALUATION, SERVER_ROUND, USER_ID, USER_RECORD
 from .replies import (
     Rejection,
@@ -462,21 +470,11 @@ class FeedbackFedAvg(FedAvg):
         return report, (self._average_metrics(metrics) if metrics else None)
 
     def _trusted_counts(self, valid: list[tuple[int, RecordDict]]) -> list[float]:
-        """The example count that weights each valid reply.
-
-        The owner's count where it has one (:attr:`example_counts`); else the reply's claim,
-        capped at the largest count the owner made for a user in the same average (a user
-        whose data the server cannot see, such as one with its own data file, weighs no
-        more than the largest user it can); with no count at all, the claims (FedAvg).
-        """
+        """The example count that weights each valid reply: :attr:`example_counts` where the
+        owner has one, else the reply's claim (:func:`~flhf_core.aggregation.trusted_counts`)."""
         claims = [float(own_metrics(c)[self.weighted_by_key]) for _, c in valid]
         counted = [self.example_counts(u) if self.example_counts is not None else None for u, _ in valid]
-        known = [float(c) for c in counted if c is not None and c > 0]
-        cap = max(known) if known else math.inf
-        return [
-            float(c) if c is not None and c > 0 else min(claim, cap)
-            for c, claim in zip(counted, claims, strict=True)
-        ]
+        return trusted_counts(claims, counted)
 
     @staticmethod
     def _metric(content: RecordDict, key: str) -> float:
@@ -485,16 +483,9 @@ class FeedbackFedAvg(FedAvg):
     def _average_metrics(
         self, records: list[MetricRecord], counts: list[float] | None = None
     ) -> MetricRecord:
-        """Example-weighted mean of every scalar metric that all records carry; a learned reward
-        model's diagnostics (``reward-model-*``), which a user who has judged nothing yet (or
-        whose samples all tie) cannot give, over the records that carry them."""
-        keys = set.union(*(set(r.keys()) for r in records)) - {self.weighted_by_key}
+        """Example-weighted means (:func:`~flhf_core.aggregation.average_metrics`); a learned
+        reward model's diagnostics, which a user who has judged nothing yet cannot give, over
+        the records that carry them."""
         counts = counts or [float(r[self.weighted_by_key]) for r in records]
-        averaged = MetricRecord()
-        for key in sorted(keys):
-            having = [(r[key], n) for r, n in zip(records, counts, strict=True) if key in r]
-            if any(isinstance(value, list) for value, _ in having):
-                continue
-            if len(having) == len(records) or key.startswith(REWARD_MODEL_FIGURES):
-                averaged[key] = sum(float(value) * n for value, n in having) / sum(n for _, n in having)
-        return averaged
+        figures = [{k: v for k, v in r.items() if k != self.weighted_by_key} for r in records]
+        return MetricRecord(average_metrics(figures, counts, partial_prefix=REWARD_MODEL_FIGURES))

@@ -7,7 +7,7 @@ import pytest
 from flwr.app import MessageType, MetricRecord
 from test_strategy import FakeGrid, global_arrays, reply_to
 
-from flhf_core.aggregation import cap_shares, client_weights
+from flhf_core.aggregation import average_metrics, cap_shares, client_weights, trusted_counts
 from flhf_core.strategy import FeedbackFedAvg
 
 COUNTS = [10, 40, 25, 25]
@@ -137,3 +137,23 @@ def test_history_weighting_favours_the_users_served_worst_so_far():
     assert client_weights([10, 10, 10], "history", rewards=means, temperature=-0.1) == pytest.approx(weights)
     with pytest.raises(ValueError, match="no reward history"):
         reward_history_means(history, [3])
+
+
+def test_trusted_counts_take_the_servers_count_and_cap_a_claim_it_cannot_check():
+    # user 0 counted by the server (its claim ignored), user 1 unknown to it: its claim, capped
+    # at the largest count the server made; no counts at all: the claims, as FedAvg
+    assert trusted_counts([1e9, 1e9], [40.0, None]) == [40.0, 40.0]
+    assert trusted_counts([10.0, 30.0], [40.0, None]) == [40.0, 30.0]
+    assert trusted_counts([10.0, 30.0], [None, None]) == [10.0, 30.0]
+
+
+def test_average_metrics_by_hand():
+    records = [
+        {"loss": 1.0, "reward": 0.2, "reward-model-accuracy": 0.5, "scores": [1.0]},
+        {"loss": 3.0, "reward": 0.4},
+        {"loss": 5.0, "reward-model-accuracy": 0.8},
+    ]
+    found = average_metrics(records, [1.0, 1.0, 2.0], partial_prefix="reward-model-")
+    # loss: all carry it; reward: not all, left out; the reward model's: over the two that have it
+    assert found == pytest.approx({"loss": 3.5, "reward-model-accuracy": 0.7})
+    assert "reward-model-accuracy" not in average_metrics(records, [1.0, 1.0, 2.0])
