@@ -22,7 +22,8 @@ from common import PROJECT_DIR, write_result
 from transformers import PreTrainedTokenizerFast
 
 from flhf_core.config import RunConfig
-from flhf_core.data import heldout_examples, load_corpus, user_partition
+from flhf_core.corpus import load_corpus
+from flhf_core.data import heldout_examples, user_partition
 from flhf_core.generate import DecodingConfig, generate_summaries
 from flhf_core.metrics import by_aspect, rouge
 from flhf_core.model import load_pretrained

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from common import PROJECT_DIR, mean, server_rows, write_result
 
+from flhf_core.corpus import load_corpus
 from flhf_core.tracking import read_metrics
 
 
@@ -53,10 +54,9 @@ def scaled_corpus(documents: int, path: Path) -> Path:
     """The aclsum documents, repeated under new ids up to ``documents`` documents, as JSONL."""
     import json
 
-    from flhf_core import data
     from flhf_core.config import RunConfig
 
-    corpus = data.load_corpus(RunConfig())
+    corpus = load_corpus(RunConfig())
     with path.open("w") as f:
         for i in range(documents):
             doc = corpus.documents[i % len(corpus.documents)]

@@ -25,6 +25,7 @@ from flhf_core.algorithms.sft import SFTConfig, autocast, train_sft
 from flhf_core.batches import batches_of, encode
 from flhf_core.cli import merged_config, split_items
 from flhf_core.config import RunConfig
+from flhf_core.corpus import load_corpus
 from flhf_core.model import build_model, shipped_tokenizer
 
 
@@ -87,7 +88,7 @@ def main() -> None:
     preset, overrides = split_items(args.items)
     config = RunConfig.from_mapping(merged_config(preset or "/dev/null", overrides))
     tokenizer = shipped_tokenizer()
-    corpus = data.load_corpus(config)
+    corpus = load_corpus(config)
     examples = data.user_partition(corpus, 0, 2, config).train
     sft = replace(SFTConfig.from_run_config(config, config.learning_rate, seed=0), epochs=args.epochs)
     encoded = encode(tokenizer, examples, config.max_source_tokens, config.max_target_tokens)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import Example
+from .corpus import Example
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, load_preset, pyproject_defaults
+from .corpus import load_corpus
 from .deploy import CONNECTION, Loopback
 from .launcher import PROJECT_DIR, launch_simulation, report, submit_and_follow
 
@@ -167,7 +168,7 @@ def command_export_data(args: argparse.Namespace) -> int:
 
     preset, overrides = split_items(args.items)
     config = RunConfig.from_mapping(merged_config(preset, overrides))
-    corpus = data.load_corpus(config)
+    corpus = load_corpus(config)
     count = data.export_user_documents(corpus, args.user, args.users, config, Path(args.out))
     print(f"flhf: wrote user {args.user}'s {count} documents (of {args.users} users) to {args.out}")
     return 0
@@ -180,11 +181,9 @@ def split_items(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def command_build_tokenizer(args: argparse.Namespace) -> int:
-    from . import data, model
+    from . import model
 
-    corpus = data.load_corpus(
-        RunConfig.from_mapping({"document-sections": "abstract,introduction,conclusion"})
-    )
+    corpus = load_corpus(RunConfig.from_mapping({"document-sections": "abstract,introduction,conclusion"}))
     tokenizer = model.train_tokenizer(model.corpus_texts(corpus), args.vocab_size)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

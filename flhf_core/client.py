@@ -30,11 +30,12 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from transformers import PreTrainedModel
 
-from . import data, personal, reward_client
+from . import personal, reward_client
 from .algorithms import FEEDBACK_ALGORITHMS
 from .algorithms.rollout import FeedbackConfig
 from .algorithms.scorer import LearnedScorer, Scorer
 from .algorithms.sft import SFTConfig, train_sft
+from .corpus import Example
 from .feedback import Judgement, judge, preference_probability
 from .generate import summarize
 from .metrics import evaluate_model
@@ -85,7 +86,7 @@ def state_metrics(session: UserSession) -> dict[str, float]:
 
 
 def summaries(
-    session: UserSession, model: PreTrainedModel, *example_sets: Sequence[data.Example]
+    session: UserSession, model: PreTrainedModel, *example_sets: Sequence[Example]
 ) -> list[list[str]]:
     """``model``'s greedy summaries of several sets of examples, decoded in one pass."""
     sources = [e.source for examples in example_sets for e in examples]
@@ -97,9 +98,7 @@ def summaries(
     return out
 
 
-def judgements_of(
-    session: UserSession, texts: list[str], documents: Sequence[data.Example]
-) -> list[Judgement]:
+def judgements_of(session: UserSession, texts: list[str], documents: Sequence[Example]) -> list[Judgement]:
     """The user's true judgement of summaries of ``documents``.
 
     Two sets are ever judged, and never mixed: the user's fresh reward documents, whose
@@ -110,7 +109,7 @@ def judgements_of(
 
 
 def user_judgements(
-    session: UserSession, model: PreTrainedModel, documents: Sequence[data.Example]
+    session: UserSession, model: PreTrainedModel, documents: Sequence[Example]
 ) -> list[Judgement]:
     (texts,) = summaries(session, model, documents)
     return judgements_of(session, texts, documents)
@@ -354,7 +353,7 @@ def round0_utilities(session: UserSession) -> list[float]:
 
 
 def evaluation_metrics(
-    session: UserSession, also_judge: Sequence[data.Example] = ()
+    session: UserSession, also_judge: Sequence[Example] = ()
 ) -> tuple[dict[str, float], list[Judgement] | None]:
     """The received global model on the user's data, as the user sees it.
 

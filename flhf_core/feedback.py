@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import Example
+from .corpus import Example
 from .metrics import rouge_pair
 from .profiles import UserProfile, build_profile
 

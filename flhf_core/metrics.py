@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .batches import Batch, make_batches
 from .config import RunConfig
-from .data import Example
+from .corpus import Example
 from .generate import summarize
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")

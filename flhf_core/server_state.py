@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import data
 from .batches import Batch, make_batches
 from .config import ConfigError, RunConfig
+from .corpus import Corpus, Example, load_corpus
 from .metrics import baseline_scores, evaluate_model
 from .model import (
     TokenizerSpec,
@@ -63,11 +64,11 @@ PLOTTED = (
 @dataclass
 class ServerState:
     config: RunConfig
-    corpus: data.Corpus
+    corpus: Corpus
     tokenizer: PreTrainedTokenizerBase
     tokenizer_spec: TokenizerSpec
     model: PreTrainedModel  # holds the global parameters between rounds
-    heldout: tuple[data.Example, ...]
+    heldout: tuple[Example, ...]
     baselines: dict[str, float]
     shared_names: frozenset[str]  # what travels: everything but the clients' personal parameters
 
@@ -85,7 +86,7 @@ def prepare(config: RunConfig) -> ServerState:
         from .mlflow_sink import require_mlflow
 
         require_mlflow()
-    corpus = data.load_corpus(config)
+    corpus = load_corpus(config)
     tokenizer, spec = server_tokenizer(config, corpus)
     model = build_model(config, tokenizer).to(select_device(config.device))
     heldout = data.heldout_examples(corpus, config)

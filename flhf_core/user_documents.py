@@ -29,6 +29,7 @@ from flwr.app import Context
 from . import data
 from .batches import Encoded, encode
 from .config import ConfigError, RunConfig
+from .corpus import Document, Example, load_corpus, load_table
 from .feedback import PooledExample
 from .profiles import UserProfile, build_profile
 from .tracking import atomic_write_json
@@ -57,11 +58,11 @@ class UserDocuments:
 
     user: int
     profile: UserProfile
-    train: tuple[data.Example, ...]  # (document, summary) examples the user trains on
-    validation: tuple[data.Example, ...]  # the user's validation examples
-    feedback: tuple[data.Example, ...]  # its training documents, neutrally prompted
-    reward: tuple[data.Example, ...]  # fresh documents: the reward that steers aggregation
-    report: tuple[data.Example, ...]  # held-out documents, for reporting only
+    train: tuple[Example, ...]  # (document, summary) examples the user trains on
+    validation: tuple[Example, ...]  # the user's validation examples
+    feedback: tuple[Example, ...]  # its training documents, neutrally prompted
+    reward: tuple[Example, ...]  # fresh documents: the reward that steers aggregation
+    report: tuple[Example, ...]  # held-out documents, for reporting only
     own_data: bool = False  # from the node's data-file rather than the shared corpus
 
     def to_json(self) -> dict:
@@ -74,8 +75,8 @@ class UserDocuments:
 
     @classmethod
     def from_json(cls, payload: dict, profile: UserProfile) -> UserDocuments:
-        def examples(kind: str) -> tuple[data.Example, ...]:
-            return tuple(data.Example(*row) for row in payload[kind])
+        def examples(kind: str) -> tuple[Example, ...]:
+            return tuple(Example(*row) for row in payload[kind])
 
         kinds = ("train", "validation", "feedback", "reward", "report")
         return cls(int(payload["user"]), profile, *(examples(k) for k in kinds), bool(payload["own-data"]))
@@ -83,7 +84,7 @@ class UserDocuments:
 
 def corpus_documents(config: RunConfig, user: int, num_users: int) -> UserDocuments:
     """User ``user``'s documents in the shared corpus (its partition, by ``seed``)."""
-    corpus = data.load_corpus(config)
+    corpus = load_corpus(config)
     partition = data.user_partition(corpus, user, num_users, config)
     profile = build_profile(user, config.user_profiles, config.aspects, config.seed)
     return UserDocuments(
@@ -121,22 +122,22 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
             f"highlight-supervision: user {user}'s data file {path} has no highlight labels (aclsum's "
             "are not exported); use highlight-supervision=false with data files."
         )
-    own = data.load_table(str(path), config.document_field, config.aspects)
+    own = load_table(str(path), config.document_field, config.aspects)
     profile = build_profile(user, config.user_profiles, config.aspects, config.seed)
-    roles: dict[str, list[data.Document]] = {}
+    roles: dict[str, list[Document]] = {}
     for doc in own.documents:
         roles.setdefault(own_document_role(doc.doc_id, config), []).append(doc)
     aspects = (profile.aspect,) if config.partitioning == "preference" else config.aspects
 
-    def examples(role: str) -> tuple[data.Example, ...]:
+    def examples(role: str) -> tuple[Example, ...]:
         return tuple(
-            data.Example(d.doc_id, a, d.text, d.summary(a), data.instruction_for(config, a))
+            Example(d.doc_id, a, d.text, d.summary(a), data.instruction_for(config, a))
             for d in roles.get(role, [])
             for a in aspects
             if d.summary(a)
         )
 
-    def judged(role: str) -> tuple[data.Example, ...]:
+    def judged(role: str) -> tuple[Example, ...]:
         ids = [d.doc_id for d in roles.get(role, [])]
         return data.aspect_examples(own, ids, profile.aspect)
 

@@ -28,6 +28,7 @@ from flhf_core.algorithms.rollout import (
 from flhf_core.algorithms.scorer import Scorer
 from flhf_core.algorithms.sft import SFTConfig, train_sft
 from flhf_core.config import RunConfig
+from flhf_core.corpus import Example, load_corpus
 from flhf_core.feedback import UserProfile, judge
 from flhf_core.generate import DecodingConfig, generate_summaries
 from flhf_core.model import build_model
@@ -44,7 +45,7 @@ ALGORITHM_SETTINGS = {  # learning rates as in the presets
 @pytest.fixture(scope="module")
 def setting(tokenizer):
     config = RunConfig(tiny_t5_size="s", max_source_tokens=128)
-    corpus = data.load_corpus(config)
+    corpus = load_corpus(config)
     heldout_ids = sorted({e.doc_id for e in data.heldout_examples(corpus, config)})
     train_ids = [d.doc_id for d in corpus.documents if d.doc_id not in set(heldout_ids)]
     blend = [e for aspect in corpus.aspects for e in data.aspect_examples(corpus, train_ids, aspect)]
@@ -149,7 +150,7 @@ def test_k3_penalty_gradient_is_that_of_kl_from_the_reference():
 def test_ratings_live_on_the_rollouts_device():
     """Advantages must be where the log-probabilities are (CUDA crashed with them on the CPU);
     the meta device stands in for an accelerator here."""
-    examples = [data.Example("d", "outcome", "a document", "a summary")] * 2
+    examples = [Example("d", "outcome", "a document", "a summary")] * 2
     rollout = Rollout(
         examples=examples,
         input_ids=torch.zeros(2, 3, dtype=torch.long, device="meta"),
@@ -171,7 +172,7 @@ def test_sampling_is_on_policy_whatever_the_checkpoint_asks_for(tokenizer, tiny_
     for key, value in hostile.items():
         setattr(tiny_model.generation_config, key, value)
     torch.manual_seed(0)
-    examples = [data.Example("d", "outcome", "we propose a parser for long sentences", "a parser")] * 2
+    examples = [Example("d", "outcome", "we propose a parser for long sentences", "a parser")] * 2
     config = FeedbackConfig(samples_per_prompt=3, max_new_tokens=16, temperature=0.7, bf16=False)
     rollout = sample(tiny_model, tokenizer, examples, config)
     teacher_forced = token_logprobs(tiny_model, rollout, bf16=False, temperature=0.7)

@@ -7,6 +7,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 import client_app
+from flhf_core.corpus import load_corpus
 from flhf_core.model import parameters_to_record, tokenizer_fingerprint
 from flhf_core.strategy import USER_ID, USER_RECORD
 
@@ -85,7 +86,7 @@ def test_training_judges_only_the_users_fresh_documents_never_the_servers_heldou
 
     monkeypatch.setattr(client, "summarize", spy)
     config = smoke_config
-    corpus = data.load_corpus(config)
+    corpus = load_corpus(config)
     texts = {d.doc_id: d.text for d in corpus.documents}
     heldout = {texts[d] for d in data.heldout_doc_ids(corpus, config)}
     reward = {texts[d] for d in data.user_partition(corpus, 1, 3, config).reward_doc_ids}

@@ -7,12 +7,13 @@ import pytest
 from flhf_core import data
 from flhf_core.batches import encode, make_batches
 from flhf_core.config import ConfigError, RunConfig
+from flhf_core.corpus import Example, load_corpus
 from flhf_core.metrics import sentences_of
 
 
 @pytest.fixture(scope="module")
 def corpus():
-    return data.load_corpus(RunConfig())
+    return load_corpus(RunConfig())
 
 
 def examples_of(corpus, users, config):
@@ -32,8 +33,8 @@ def test_aclsum_has_250_papers_with_three_aspect_summaries(corpus):
 
 
 def test_sections_extend_the_document():
-    short = data.load_corpus(RunConfig()).documents[0].text
-    long = data.load_corpus(RunConfig(document_sections="abstract,introduction")).documents[0].text
+    short = load_corpus(RunConfig()).documents[0].text
+    long = load_corpus(RunConfig(document_sections="abstract,introduction")).documents[0].text
     assert long.startswith(short) and len(long) > 2 * len(short)
 
 
@@ -181,7 +182,7 @@ def local_config(dataset, **extra):
 
 
 def test_local_jsonl_with_field_names(tmp_path):
-    corpus = data.load_corpus(local_config(write_jsonl(tmp_path / "d.jsonl", ROWS)))
+    corpus = load_corpus(local_config(write_jsonl(tmp_path / "d.jsonl", ROWS)))
     assert len(corpus.documents) == 12 and corpus.aspects == ("tldr", "key")
     assert corpus.documents[3].summary("key") == "k3"
 
@@ -189,7 +190,7 @@ def test_local_jsonl_with_field_names(tmp_path):
 def test_local_csv(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("paper,tldr,key\n" + "".join(f'"{r["paper"]}",{r["tldr"]},{r["key"]}\n' for r in ROWS))
-    corpus = data.load_corpus(local_config(path))
+    corpus = load_corpus(local_config(path))
     assert [d.summary("tldr") for d in corpus.documents] == [r["tldr"] for r in ROWS]
 
 
@@ -198,26 +199,26 @@ def test_hub_code_path_with_a_local_dataset_folder(tmp_path):
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", ROWS[:8])
     write_jsonl(folder / "test.jsonl", ROWS[8:])
-    corpus = data.load_corpus(local_config(f"hf:{folder}"))
+    corpus = load_corpus(local_config(f"hf:{folder}"))
     assert len(corpus.documents) == 12
 
 
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"dataset: file .*absent.jsonl does not exist"):
-        data.load_corpus(local_config(tmp_path / "absent.jsonl"))
+        load_corpus(local_config(tmp_path / "absent.jsonl"))
 
 
 def test_malformed_file_is_named(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"paper": "a", "tldr": "b"\nnot json\n')
     with pytest.raises(ConfigError, match=r"could not read .*broken.jsonl"):
-        data.load_corpus(local_config(path))
+        load_corpus(local_config(path))
 
 
 def test_absent_field_names_the_field_and_the_available_ones(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     with pytest.raises(ConfigError, match=r"summary-fields: field 'abstract' is not in .*key, paper, tldr"):
-        data.load_corpus(
+        load_corpus(
             RunConfig.from_mapping(
                 {"dataset": str(path), "document-field": "paper", "summary-fields": "abstract"}
             )
@@ -226,7 +227,7 @@ def test_absent_field_names_the_field_and_the_available_ones(tmp_path):
 
 def test_missing_hub_dataset_is_reported(tmp_path):
     with pytest.raises(ConfigError, match="could not read 'hf:"):
-        data.load_corpus(RunConfig(dataset=f"hf:{tmp_path}/nothing-here"))
+        load_corpus(RunConfig(dataset=f"hf:{tmp_path}/nothing-here"))
 
 
 def test_extractive_baselines_per_aspect_and_the_best_of_them():
@@ -234,9 +235,9 @@ def test_extractive_baselines_per_aspect_and_the_best_of_them():
 
     abstract = "We study cats. We use dogs. Cats win."
     examples = [
-        data.Example("d1", "challenge", abstract, "we study cats"),
-        data.Example("d1", "outcome", abstract, "cats win"),
-        data.Example("d2", "outcome", "Birds fly. Fish swim.", "fish swim"),
+        Example("d1", "challenge", abstract, "we study cats"),
+        Example("d1", "outcome", abstract, "cats win"),
+        Example("d2", "outcome", "Birds fly. Fish swim.", "fish swim"),
     ]
     abstracts = {"d1": abstract, "d2": "Birds fly. Fish swim."}
     assert first_sentence(abstract) == "We study cats."
@@ -273,7 +274,7 @@ def test_highlight_supervision_adds_the_marked_sentences_of_training_documents_o
     # highlights come from the sections the model reads: the first paper marks its challenge
     # in the introduction only
     assert corpus.documents[0].highlight("challenge") == ""
-    longer = data.load_corpus(RunConfig(document_sections="abstract,introduction")).documents[0]
+    longer = load_corpus(RunConfig(document_sections="abstract,introduction")).documents[0]
     assert longer.highlight("challenge")[:60] in longer.text[len(longer.abstract) :]
 
 

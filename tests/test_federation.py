@@ -9,6 +9,7 @@ import pytest
 from flwr.app import Context, MessageType, RecordDict
 
 from flhf_core import data
+from flhf_core.corpus import load_corpus
 from flhf_core.server import run_federation
 from flhf_core.tracking import read_metrics
 
@@ -93,7 +94,7 @@ def test_a_user_with_its_own_data_file_trains_on_it_and_weighs_no_more_than_a_co
     flower_identity, smoke_config, tmp_path, in_process_grid
 ):
     config = smoke(smoke_config, tmp_path, "own", **{"num-server-rounds": 1})
-    corpus = data.load_corpus(config)
+    corpus = load_corpus(config)
     path = tmp_path / "user-1.jsonl"
     data.export_user_documents(corpus, 1, 2, config, path)
 

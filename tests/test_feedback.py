@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from flhf_core import data
 from flhf_core.config import ConfigError, RunConfig
+from flhf_core.corpus import Example, load_corpus
 from flhf_core.feedback import (
     UserProfile,
     build_profile,
@@ -64,7 +64,7 @@ def test_bad_profile_files_are_named(tmp_path, text, message):
 
 
 def test_the_preferred_aspect_scores_higher():
-    corpus = data.load_corpus(RunConfig())
+    corpus = load_corpus(RunConfig())
     for aspect in ASPECTS:
         profile = UserProfile(0, aspect, length_words=25, length_tolerance=1000)
         wins = 0
@@ -149,7 +149,7 @@ def test_a_pooled_example_is_judged_by_the_user_it_came_from():
 
     likes_short = UserProfile(0, "outcome", length_words=3, length_tolerance=1.0, rating_noise=0.0)
     likes_long = UserProfile(1, "outcome", length_words=30, length_tolerance=1.0, rating_noise=0.0)
-    plain = data.Example("d", "outcome", "text", "cats win big")
+    plain = Example("d", "outcome", "text", "cats win big")
     pooled = PooledExample("d", "outcome", "text", "cats win big", profile=likes_long)
     zeros = torch.zeros(2, 3)
     rollout = Rollout([plain, pooled], zeros, zeros, zeros.long(), zeros, ["cats win big"] * 2, zeros)

@@ -42,7 +42,7 @@ def test_server_trains_and_sends_a_tokenizer_for_other_data(tmp_path):
         )
     )
     config = RunConfig(dataset=str(path))
-    from flhf_core.data import load_corpus
+    from flhf_core.corpus import load_corpus
 
     tokenizer, spec = M.server_tokenizer(config, load_corpus(config))
     assert spec.payload and spec.sha256 == M.tokenizer_fingerprint(tokenizer)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from flhf_core import data
 from flhf_core.algorithms.rollout import Rollout
 from flhf_core.algorithms.scorer import Scorer
 from flhf_core.config import ConfigError, RunConfig
+from flhf_core.corpus import Example
 from flhf_core.feedback import PooledExample, UserProfile, judge, judging_profile, prefers_first, score
 
 SEED = int(os.environ.get("FLHF_TEST_SEED", "0"))  # rerun with other seeds to check robustness
@@ -21,9 +21,7 @@ CAREFUL = UserProfile(0, "outcome", length_words=4, length_tolerance=2.0, rating
 
 def rollout_of(documents: int, group: int) -> Rollout:
     """``group`` samples of each of ``documents`` documents, as ``sample`` lays them out."""
-    examples = [
-        data.Example(f"d{k}", "outcome", f"text {k}", "cats win big prizes") for k in range(documents)
-    ]
+    examples = [Example(f"d{k}", "outcome", f"text {k}", "cats win big prizes") for k in range(documents)]
     texts = ["cats win", "cats win big prizes", "dogs", "cats win big prizes today"]
     size = documents * group
     zeros = torch.zeros(size, 3)

@@ -11,6 +11,7 @@ from flwr.app import Error, Message, MessageType
 
 from flhf_core import cli, data
 from flhf_core.config import RunConfig
+from flhf_core.corpus import load_corpus
 from flhf_core.model import load_pretrained
 from flhf_core.reporting import reward_summary, user_spread
 from flhf_core.server import RoundFailed, round_learning_rate, run_federation
@@ -93,7 +94,7 @@ def test_a_federation_identifies_its_users_writes_splits_and_weighs_by_counted_e
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     weights = {r["client"]: r["aggregation-weight"] for r in rows if "aggregation-weight" in r}
-    corpus = data.load_corpus(config)
+    corpus = load_corpus(config)
     counts = [len(data.user_partition(corpus, u, 3, config).train) for u in range(3)]
     assert weights[0] == pytest.approx(counts[0] / sum(counts))  # the lie bought nothing
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -10,6 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from flhf_core import data, session, user_documents
 from flhf_core.config import ConfigError
+from flhf_core.corpus import load_corpus
 from flhf_core.model import parameters_to_record, tokenizer_fingerprint
 
 
@@ -94,7 +95,7 @@ def test_a_user_with_its_own_data_file_reads_only_its_own_documents(
     smoke_config, tmp_path, corpus_config=None
 ):
     config = smoke_config
-    corpus = data.load_corpus(config)
+    corpus = load_corpus(config)
     path = tmp_path / "user-1.jsonl"
     written = data.export_user_documents(corpus, 1, 2, config, path)
     own = user_documents.file_documents(config, 1, path)
