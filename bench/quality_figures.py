@@ -4,7 +4,9 @@ over methods and seeds. Pure functions of the evidence files, so tests need no r
 Row figures: see bench/quality.py's docstring. Rows of a learned reward model
 (``<algorithm>/none/none+<reward-model>@<budget>``, issue 13) also carry the reward model's
 diagnostics from the last feedback round (``reward-model-accuracy``, ``-correlation``,
-``-gap``, on the samples it scored) and the judgements the users gave per round.
+``-gap``, on the samples it scored; ``-heldout-accuracy``, its agreement with the users' own
+latest judgements), the share of feedback steps it scored for the users over the run
+(``reward-model-trusted``: the gate) and the judgements the users gave per round.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ REWARD_MODEL_FIGURES = (
     "reward-model-correlation",
     "reward-model-gap",
     "reward-model-heldout-accuracy",  # on the user's own judgements, before it learned them
-    "reward-model-trusted",  # share of feedback steps it scored for the user (over the whole run)
     "reward-model-queried-spread",  # active queries: what the user was asked about ...
     "reward-model-unqueried-spread",  # ... against what it was not
 )
+GATE = "reward-model-trusted"  # share of feedback steps it scored for the users, over the whole run
 
 
 # --------------------------------------------------------------------------
@@ -114,9 +116,9 @@ def reward_model_figures(run_dir: Path) -> dict[str, float]:
         return {}
     figures = {"ratings-used": float(np.mean([r["train-ratings-used"] for r in rows]))}
     figures.update({key: float(rows[-1][key]) for key in REWARD_MODEL_FIGURES if key in rows[-1]})
-    trusted = [r["reward-model-trusted"] for r in rows if "reward-model-trusted" in r]
+    trusted = [r[GATE] for r in rows if GATE in r]
     if trusted:
-        figures["reward-model-trusted"] = float(np.mean(trusted))
+        figures[GATE] = float(np.mean(trusted))
     return figures
 
 
@@ -142,6 +144,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "reward-global",
             "ratings-used",
             *REWARD_MODEL_FIGURES,
+            GATE,
         ):
             values = [r[key] for r in mine if r.get(key) is not None]
             if values:  # "<key>-over-seeds": the spread over seeds ("reward-std" is across users)
@@ -263,7 +266,7 @@ def markdown_reward_models(table: dict[str, dict[str, Any]]) -> str:
             f"| `{method}` | {cell(e, 'reward', 4)} | {cell(e, 'reward-worst', 4)} | {cell(e, 'win-rate', 3)} "
             f"| {e['ratings-used']:.1f} | {cell(e, 'reward-model-accuracy', 3)} "
             f"| {cell(e, 'reward-model-correlation', 3)} | {cell(e, 'reward-model-gap', 3)} "
-            f"| {cell(e, 'reward-model-heldout-accuracy', 3)} | {cell(e, 'reward-model-trusted', 2)} "
+            f"| {cell(e, 'reward-model-heldout-accuracy', 3)} | {cell(e, GATE, 2)} "
             f"| {e['bytes'] / 1e6:.1f} | {e['seeds']} |"
         )
     return "\n".join(lines)

@@ -162,7 +162,7 @@ def weighted_average(
     return average
 
 
-def trusted_counts(claims: Sequence[float], counted: Sequence[float | None]) -> list[float]:
+def weighting_counts(claims: Sequence[float], counted: Sequence[float | None]) -> list[float]:
     """The example count that weights each client: the server's own count where it has one
     (``counted``); else the client's claim, capped at the largest count the server made in the
     same average (a user whose data the server cannot see, such as one with its own data file,

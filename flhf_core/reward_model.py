@@ -179,10 +179,10 @@ def agreement(
 
 
 # Over how many of the latest checked pairs the gate judges a reward model: recent enough to
-# follow a model that improves each step, enough pairs that chance alone rarely passes
-# (with 32 pairs at a true accuracy of 0.5, an agreement >= 0.6 has a probability of ~0.1).
+# follow a model that improves each step, enough pairs that chance alone rarely passes. A
+# model at chance agrees with >= 60% of 32 pairs with probability ~0.11, of 16 with ~0.23.
 TRUST_WINDOW = 32
-TRUST_MINIMUM = 8  # fewer checked pairs than this are no evidence either way
+TRUST_MINIMUM = 16  # fewer checked pairs than this are no evidence either way
 
 
 def trusted(checks: Sequence[float], threshold: float) -> bool:

@@ -56,7 +56,7 @@ def judgements_from_mapping(mapping) -> Judgements:
             )
         ),
         chosen=list(zip(mapping["chosen-documents"], mapping["winners"], mapping["losers"], strict=True)),
-        checks=list(map(float, mapping["checks"])),
+        checks=list(map(float, mapping.get("checks", []))),  # none kept before the gate existed
     )
 
 

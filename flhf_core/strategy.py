@@ -41,8 +41,8 @@ from .aggregation import (
     qffl_shares,
     reward_history_means,
     squared_distance,
-    trusted_counts,
     weighted_average,
+    weighting_counts,
 )
 from .protocol import CLUSTER_OF_USER, EVALUATION, SERVER_ROUND, USER_ID, USER_RECORD
 from .replies import (
@@ -384,7 +384,7 @@ class FeedbackFedAvg(FedAvg):
         if not valid:
             return None, None
         contents = [content for _, content in valid]
-        counts = self._trusted_counts(valid)
+        counts = self._weighting_counts(valid)
         rewards = [self._metric(c, self.reward_key) for c in contents]
         for user_id, content in valid:  # every round: how well the federation has served each user
             before = own_metrics(content).get(f"{self.reward_key}-before")
@@ -469,12 +469,12 @@ class FeedbackFedAvg(FedAvg):
         metrics = [MetricRecord(m) for m in report.user_metrics.values()]
         return report, (self._average_metrics(metrics) if metrics else None)
 
-    def _trusted_counts(self, valid: list[tuple[int, RecordDict]]) -> list[float]:
+    def _weighting_counts(self, valid: list[tuple[int, RecordDict]]) -> list[float]:
         """The example count that weights each valid reply: :attr:`example_counts` where the
-        owner has one, else the reply's claim (:func:`~flhf_core.aggregation.trusted_counts`)."""
+        owner has one, else the reply's claim (:func:`~flhf_core.aggregation.weighting_counts`)."""
         claims = [float(own_metrics(c)[self.weighted_by_key]) for _, c in valid]
         counted = [self.example_counts(u) if self.example_counts is not None else None for u, _ in valid]
-        return trusted_counts(claims, counted)
+        return weighting_counts(claims, counted)
 
     @staticmethod
     def _metric(content: RecordDict, key: str) -> float:

@@ -7,7 +7,7 @@ import pytest
 from flwr.app import MessageType, MetricRecord
 from test_strategy import FakeGrid, global_arrays, reply_to
 
-from flhf_core.aggregation import average_metrics, cap_shares, client_weights, trusted_counts
+from flhf_core.aggregation import average_metrics, cap_shares, client_weights, weighting_counts
 from flhf_core.strategy import FeedbackFedAvg
 
 COUNTS = [10, 40, 25, 25]
@@ -142,9 +142,9 @@ def test_history_weighting_favours_the_users_served_worst_so_far():
 def test_trusted_counts_take_the_servers_count_and_cap_a_claim_it_cannot_check():
     # user 0 counted by the server (its claim ignored), user 1 unknown to it: its claim, capped
     # at the largest count the server made; no counts at all: the claims, as FedAvg
-    assert trusted_counts([1e9, 1e9], [40.0, None]) == [40.0, 40.0]
-    assert trusted_counts([10.0, 30.0], [40.0, None]) == [40.0, 30.0]
-    assert trusted_counts([10.0, 30.0], [None, None]) == [10.0, 30.0]
+    assert weighting_counts([1e9, 1e9], [40.0, None]) == [40.0, 40.0]
+    assert weighting_counts([10.0, 30.0], [40.0, None]) == [40.0, 30.0]
+    assert weighting_counts([10.0, 30.0], [None, None]) == [10.0, 30.0]
 
 
 def test_average_metrics_by_hand():

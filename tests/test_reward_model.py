@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, RecordDict
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from flhf_core import reward_model as rm
 from flhf_core import reward_state as rs
@@ -112,6 +115,15 @@ def test_kept_state_is_restored_only_by_a_later_round_and_a_bad_file_is_set_asid
     assert found.head.bias.item() == pytest.approx(0.25) and again == judged
     fresh, none = rs.restore(context(), tmp_path, tiny_model, server_round=3)
     assert fresh.head.bias.item() == 0.0 and len(none) == 0
+    # a file written before the gate kept no checks: read with none, not set aside
+    before_the_gate = rs.judgements_to_mapping(judged)
+    del before_the_gate["checks"]
+    metadata = {"judgements": json.dumps(before_the_gate), "round": "3"}
+    with safe_open(str(tmp_path / rs.STATE_FILE), "np") as kept:
+        arrays = {key: kept.get_tensor(key) for key in kept.keys()}  # noqa: SIM118
+    save_file(arrays, str(tmp_path / rs.STATE_FILE), metadata=metadata)
+    _, older = rs.restore(context(), tmp_path, tiny_model, server_round=4)
+    assert older.rated == judged.rated and older.checks == []
     (tmp_path / rs.STATE_FILE).write_bytes(b"not a safetensors file")
     fresh, none = rs.restore(context(), tmp_path, tiny_model, server_round=4)
     assert len(none) == 0 and (tmp_path / "reward-model.safetensors.corrupt").is_file()

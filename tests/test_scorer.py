@@ -117,7 +117,17 @@ def test_a_learned_scorer_scores_only_the_documents_the_user_did_not_judge(tiny_
     def learned(budget, steps, group, judgements=None):
         model = rm.RewardModel.from_summarizer(tiny_model)
         return LearnedScorer(
-            CAREFUL, budget, steps, group, model, tokenizer, judgements or rm.Judgements([], []), 3, 1e-2, 64
+            CAREFUL,
+            budget,
+            steps,
+            group,
+            model,
+            tokenizer,
+            judgements or rm.Judgements([], []),
+            3,
+            1e-2,
+            64,
+            trust=0.0,
         )
 
     torch.manual_seed(SEED)
@@ -141,6 +151,7 @@ def test_a_learned_scorer_scores_only_the_documents_the_user_did_not_judge(tiny_
     assert set(scorer.diagnostics()) == {
         "reward-model-trusted",
         "reward-model-heldout-accuracy",
+        "reward-model-checks",
         "reward-model-accuracy",
         "reward-model-correlation",
         "reward-model-gap",
@@ -186,7 +197,9 @@ def test_active_queries_ask_first_about_the_documents_the_model_can_least_tell_a
     def asked(active: bool, seed: int) -> set[str]:
         model = rm.RewardModel.from_summarizer(tiny_model)
         known = rm.Judgements([("text 9", "earlier", 0.5)], [])  # it has learned something
-        scorer = LearnedScorer(CAREFUL, 4, 1, 4, model, tokenizer, known, 1, 1e-3, 64, active=active)
+        scorer = LearnedScorer(
+            CAREFUL, 4, 1, 4, model, tokenizer, known, 1, 1e-3, 64, trust=0.0, active=active
+        )
         scorer.rate(rollout, np.random.default_rng(seed))
         if active:
             found = scorer.diagnostics()
@@ -199,7 +212,7 @@ def test_active_queries_ask_first_about_the_documents_the_model_can_least_tell_a
     # nothing and counts no spread: "unqueried" means passed over, not out of budget
     model = rm.RewardModel.from_summarizer(tiny_model)
     known = rm.Judgements([("text 9", "earlier", 0.5)], [])
-    scorer = LearnedScorer(CAREFUL, 4, 2, 4, model, tokenizer, known, 1, 1e-3, 64, active=True)
+    scorer = LearnedScorer(CAREFUL, 4, 2, 4, model, tokenizer, known, 1, 1e-3, 64, trust=0.0, active=True)
     scorer.rate(rollout, np.random.default_rng(0))
     assert scorer.spreads == {"queried": [], "unqueried": []}
     scorer.rate(rollout, np.random.default_rng(1))
@@ -212,24 +225,40 @@ def test_active_queries_ask_first_about_the_documents_the_model_can_least_tell_a
 def test_the_gate_keeps_an_untrusted_model_from_scoring(tiny_model, tokenizer):
     """``reward-model-trust``: the model is checked against the user's new judgements before
     it learns them; with too little agreement among the latest checks it scores nothing (the
-    unjudged documents stay unjudged, as without a reward model), with enough it scores them."""
+    unjudged documents stay unjudged, as without a reward model; DPO's unanswered pairs stay
+    open), with enough it scores them. The gate draws no random number: trust 0 (the code
+    before the gate) and an untrusted model leave the generator in the same state."""
     from flhf_core import reward_model as rm
     from flhf_core.algorithms.scorer import LearnedScorer
 
-    def rated_documents(history: list[float]) -> tuple[list[float], LearnedScorer]:
+    def scorer_with(history: list[float], trust: float = 0.6) -> LearnedScorer:
         torch.manual_seed(SEED)
         known = rm.Judgements([("text 9", "earlier", 0.5)], [], checks=list(history))
         model = rm.RewardModel.from_summarizer(tiny_model)
-        scorer = LearnedScorer(CAREFUL, 4, 1, 4, model, tokenizer, known, 1, 1e-3, 64, trust=0.6)
-        feedback = scorer.rate(rollout_of(3, 4), np.random.default_rng(SEED))
-        return feedback.rated.view(3, 4).sum(dim=1).tolist(), scorer
+        return LearnedScorer(CAREFUL, 4, 1, 4, model, tokenizer, known, 1, 1e-3, 64, trust=trust)
 
-    distrusted, scorer = rated_documents([0.0] * rm.TRUST_WINDOW)
-    assert sorted(distrusted) == [0, 0, 4]  # the user's document alone
-    found = scorer.diagnostics()
+    def rated_documents(scorer: LearnedScorer, rng: np.random.Generator) -> list[float]:
+        return scorer.rate(rollout_of(3, 4), rng).rated.view(3, 4).sum(dim=1).tolist()
+
+    distrusted = scorer_with([0.0] * rm.TRUST_WINDOW)
+    gated_rng = np.random.default_rng(SEED)
+    assert sorted(rated_documents(distrusted, gated_rng)) == [0, 0, 4]  # the user's document alone
+    found = distrusted.diagnostics()
     assert found["reward-model-trusted"] == 0.0
-    new_checks = scorer.judgements.checks[rm.TRUST_WINDOW :]  # the fresh model checked on the new pairs
-    assert new_checks and set(new_checks) == {0.5}  # an indifferent head ties every pair
+    new_pairs = len(rm.Judgements(distrusted.judgements.rated[1:], []).pairs())
+    assert new_pairs > 0 and distrusted.judgements.checks[-new_pairs:] == [0.5] * new_pairs  # ties
+    assert len(distrusted.judgements.checks) == rm.TRUST_WINDOW  # only what the gate reads is kept
     assert "reward-model-accuracy" in found  # still measured while not trusted: the curve stays visible
-    trusted, scorer = rated_documents([1.0] * rm.TRUST_WINDOW)
-    assert trusted == [4, 4, 4] and scorer.diagnostics()["reward-model-trusted"] == 1.0
+    always_rng = np.random.default_rng(SEED)
+    assert rated_documents(scorer_with([], trust=0.0), always_rng) == [4, 4, 4]
+    assert gated_rng.random() == always_rng.random()
+    trusted = scorer_with([1.0] * rm.TRUST_WINDOW)
+    assert rated_documents(trusted, np.random.default_rng(SEED)) == [4, 4, 4]
+    assert trusted.diagnostics()["reward-model-trusted"] == 1.0
+
+    rollout = rollout_of(4, 2)  # DPO: 4 pairs, the user answers 2
+    pairs = scorer_with([0.0] * rm.TRUST_WINDOW)
+    pairs.budget = 2
+    answered = pairs.choose(rollout.texts, rollout.examples, np.random.default_rng(SEED))
+    assert len(answered) == 2 and pairs.diagnostics()["reward-model-trusted"] == 0.0
+    assert len(pairs._predicted) == 4  # the open pairs were scored for the diagnostics, not used

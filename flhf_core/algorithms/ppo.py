@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..data import Example
+from ..corpus import Example
 from .rollout import (
     FeedbackConfig,
     StatsMeter,

@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import RunConfig
-from ..data import Example
+from ..corpus import Example
 from ..generate import run_defaults_only
 from .sft import autocast
 

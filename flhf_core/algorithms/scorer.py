@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .. import reward_model as rm
-from ..data import Example
+from ..corpus import Example
 from ..feedback import UserProfile, judge, judging_profile, prefers_first, score
 from .rollout import Rollout, RolloutFeedback
 
@@ -158,10 +158,13 @@ class LearnedScorer(Scorer):
 
     **The gate** (``trust``, ``reward-model-trust``): before the model learns a step's new
     judgements, it is checked against them (the pairs they order: held out, and what the
-    user really said); it scores for the user only while it agreed with at least ``trust`` of
-    the latest checked pairs (:func:`~flhf_core.reward_model.trusted`). Until then the
-    unjudged samples stay unjudged, as without a reward model: a model no better than chance
-    would steer the policy with confident but arbitrary rankings. ``trust = 0``: always.
+    user really said); it scores for the user only while it agrees with at least ``trust`` of
+    the latest 32 checked pairs, over at least 16 (:func:`~flhf_core.reward_model.trusted`),
+    decided again every step. Otherwise the unjudged samples stay unjudged, as without a
+    reward model: a model no better than chance would steer the policy with confident but
+    arbitrary rankings. ``trust = 0``: always. With ``active`` queries the checked pairs are
+    the ones the model found hardest to tell apart, so its agreement understates its accuracy
+    on the rest and the gate opens later.
 
     ``diagnostics``: over the samples the model scored this round (whether or not they were
     used), its ratings against the true utility (:func:`~flhf_core.reward_model.diagnostics`);
@@ -193,8 +196,9 @@ class LearnedScorer(Scorer):
         fit_steps: int,
         learning_rate: float,
         max_tokens: int,
+        *,
+        trust: float,
         active: bool = False,
-        trust: float = 0.0,
     ) -> None:
         super().__init__(profile, budget, steps, group_size)
         self.active = active
@@ -213,12 +217,13 @@ class LearnedScorer(Scorer):
         self._groups: list[str] = []
         self.losses: dict[str, float] = {}
 
-    def _learn(self, new: rm.Judgements, rng: np.random.Generator) -> bool:
+    def _check_and_learn(self, new: rm.Judgements, rng: np.random.Generator) -> bool:
         """Check the model against the user's new judgements, then learn them; returns
         whether the model may score this step's unjudged samples (the gate)."""
-        self.judgements.checks += rm.agreement(
+        checks = self.judgements.checks + rm.agreement(
             self.reward_model, self.tokenizer, new.pairs(), self.max_tokens
         )
+        self.judgements.checks = checks[-rm.TRUST_WINDOW :]  # all the gate reads
         self.judgements.rated += new.rated
         self.judgements.chosen += new.chosen
         if len(new):  # one optimizer per round: its moments carry over between steps
@@ -231,9 +236,9 @@ class LearnedScorer(Scorer):
                 self.max_tokens,
                 rng=np.random.default_rng(int(rng.integers(2**31))),
             )
-        use = bool(len(self.judgements)) and rm.trusted(self.judgements.checks, self.trust)
-        self.trusted_steps.append(use)
-        return use
+        trusted = bool(len(self.judgements)) and rm.trusted(self.judgements.checks, self.trust)
+        self.trusted_steps.append(trusted)
+        return trusted
 
     @torch.no_grad()
     def _ratings(self, documents: list[str], texts: list[str]) -> torch.Tensor:
@@ -285,7 +290,7 @@ class LearnedScorer(Scorer):
             ],
             [],
         )
-        use = self._learn(new, rng)
+        trusted = self._check_and_learn(new, rng)
         if not len(self.judgements):
             return asked
         scores, rated = asked.scores.clone(), asked.rated.clone()
@@ -296,7 +301,7 @@ class LearnedScorer(Scorer):
             predicted = self._ratings(
                 [rollout.examples[i].document for i in members], [rollout.texts[i] for i in members]
             )
-            if use:
+            if trusted:
                 scores[members] = predicted.to(scores.device, scores.dtype)
                 rated[members] = 1.0
             for g in unjudged:
@@ -314,7 +319,7 @@ class LearnedScorer(Scorer):
         answered = super().choose(texts, examples, rng)
         self._record_spreads({i for pair in answered for i in pair})
         new = rm.Judgements([], [(examples[w].document, texts[w], texts[lo]) for w, lo in answered])
-        use = self._learn(new, rng)
+        trusted = self._check_and_learn(new, rng)
         if not len(self.judgements):
             return answered
         asked = {min(pair) for pair in answered}
@@ -331,18 +336,20 @@ class LearnedScorer(Scorer):
                 for i in (a, a + 1)
             ]
             self._note([score_a, score_b], utilities, f"{self.step}/{a}")
-            if use and score_a != score_b:  # a tie (nothing learned to tell them apart) is no pair
+            if trusted and score_a != score_b:  # a tie (nothing learned to tell them apart) is no pair
                 pairs.append((a, a + 1) if score_a > score_b else (a + 1, a))
         return sorted(pairs, key=min)
 
     def diagnostics(self) -> dict[str, float]:
-        """The reward model against the true utility, over the samples it scored this round."""
+        """The round's figures of the reward model: against the true utility, over the samples
+        it scored this round (used or not); the gate's share of steps and its held-out
+        agreement with the user's latest checked pairs (``-checks`` of them, over rounds)."""
         found: dict[str, float] = {}
         if self.trusted_steps:
             found["reward-model-trusted"] = float(np.mean(self.trusted_steps))
         if self.judgements.checks:
-            recent = self.judgements.checks[-rm.TRUST_WINDOW :]
-            found["reward-model-heldout-accuracy"] = float(np.mean(recent))
+            found["reward-model-heldout-accuracy"] = float(np.mean(self.judgements.checks))
+            found["reward-model-checks"] = float(len(self.judgements.checks))
         if not self._predicted:
             return found
         found |= rm.diagnostics(self._predicted, self._utility, self._groups)

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..batches import Encoded, batches_of, encode
 from ..config import RunConfig
-from ..data import Example
+from ..corpus import Example
 
 
 @dataclass(frozen=True)
