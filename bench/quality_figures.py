@@ -248,7 +248,34 @@ def reward_model_targets(table: dict[str, dict[str, Any]], best: str) -> list[di
                 "met": None,
             }
         )
+        at_32 = table.get(f"{best}/none/none+personal@32", {}).get("reward-model-accuracy")
+        if at_32 is not None:
+            needed = equivalent_budget(
+                active["reward-model-accuracy"], uniform["reward-model-accuracy"], at_32, 8, 32
+            )
+            found.append(  # how much active queries save: the budget uniform queries would need
+                {
+                    "target": "uniform queries' budget for active@8's reward-model accuracy "
+                    "(log-linear between 8 and 32; > 8 saves judgements)",
+                    "value": needed,
+                    "threshold": 8.0,
+                    "met": None if needed is not None else False,
+                }
+            )
     return found
+
+
+def equivalent_budget(
+    accuracy: float, low_accuracy: float, high_accuracy: float, low: float, high: float
+) -> float | None:
+    """The budget at which uniform queries would reach ``accuracy``, interpolating their
+    accuracy log-linearly in the budget between ``(low, low_accuracy)`` and ``(high,
+    high_accuracy)`` (extrapolated beyond); None when uniform queries do not improve with the
+    budget (then no budget can be read off)."""
+    if high_accuracy <= low_accuracy:
+        return None
+    position = (accuracy - low_accuracy) / (high_accuracy - low_accuracy)
+    return float(low * (high / low) ** position)
 
 
 def markdown_reward_models(table: dict[str, dict[str, Any]]) -> str:

@@ -229,3 +229,17 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
     assert kept["value"] == pytest.approx(0.9) and kept["met"] is None  # decided by the threshold later
     assert found["at 8 judgements, federated beats personal on the mean and the worst user"]["met"] is False
     assert found["at 8 judgements, clustered beats personal on the mean and the worst user"]["met"] is True
+    accuracies = {"personal@8": 0.55, "personal@32": 0.65, "personal-active@8": 0.60}
+    for row, accuracy in accuracies.items():
+        table.setdefault(f"ppo/none/none+{row}", entry(0.12, 0.05))["reward-model-accuracy"] = accuracy
+    found = {t["target"]: t for t in quality_figures.reward_model_targets(table, "ppo")}
+    saved = next(t for name, t in found.items() if name.startswith("uniform queries' budget"))
+    assert saved["value"] == pytest.approx(16.0)
+
+
+def test_the_budget_uniform_queries_would_need_by_hand():
+    # accuracy 0.55 at 8, 0.65 at 32: active's 0.60 sits halfway in log budget, at 16
+    assert quality_figures.equivalent_budget(0.60, 0.55, 0.65, 8, 32) == pytest.approx(16.0)
+    assert quality_figures.equivalent_budget(0.55, 0.55, 0.65, 8, 32) == pytest.approx(8.0)
+    assert quality_figures.equivalent_budget(0.50, 0.55, 0.65, 8, 32) == pytest.approx(4.0)  # worse
+    assert quality_figures.equivalent_budget(0.60, 0.55, 0.55, 8, 32) is None  # nothing to read off
