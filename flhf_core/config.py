@@ -89,6 +89,7 @@ class RunConfig:
     reward_temperature: float = 0.1
     qffl_q: float = field(default=0.1, metadata=_range(0.0))
     max_client_weight: float = field(default=1.0, metadata=_range(1e-6, 1.0))
+    feedback_server_learning_rate: float = field(default=1.0, metadata=_range(0.01, 1.0))
     seed: int = field(default=42, metadata=_range(0))
     # --- data ---------------------------------------------------------------
     dataset: str = "aclsum"
@@ -239,6 +240,11 @@ class RunConfig:
         centralized (one learner trains; every user must still evaluate the model)."""
         return self.separate_evaluation or self.mode == "centralized"
 
+    def server_learning_rate(self, phase: str) -> float:
+        """The server's step towards the users' average in a round of ``phase``: supervised
+        rounds are plain FedAvg (1.0)."""
+        return self.feedback_server_learning_rate if phase == "feedback" else 1.0
+
     def weighting(self, phase: str) -> str:
         """The reward weighting of a round of ``phase``: supervised rounds are plain FedAvg
         unless ``reward-weighting-rounds = all``."""
@@ -354,6 +360,11 @@ class RunConfig:
                 raise ConfigError(
                     f"reward-weighting: {self.reward_weighting!r} needs an average of users' models, and "
                     f"mode={self.mode!r} has none; use 'none'."
+                )
+            if self.feedback_server_learning_rate != 1.0:
+                raise ConfigError(
+                    "feedback-server-learning-rate: the server's step towards the users' average; "
+                    f"mode={self.mode!r} averages no users' models. Use 1.0."
                 )
         if (
             self.reward_weighting != "none"

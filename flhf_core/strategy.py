@@ -91,6 +91,11 @@ class FeedbackFedAvg(FedAvg):
         key to ``reward-shortfall``: F_k = 1 - reward-before, the received model's shortfall
         on the user's fresh documents (bounded in [0, 1], meaningful in feedback rounds,
         where a policy-gradient surrogate "loss" is near 0 or negative).
+    server_learning_rate : float
+        How far the new global model moves from the one sent towards the clients' average:
+        theta <- theta + eta (average - theta) (the server learning rate of FedOpt, Reddi et al.,
+        2021, https://arxiv.org/abs/2003.00295, with plain SGD on the server); 1 is FedAvg. The
+        owner may change it between rounds (FLHF damps feedback rounds only).
     train_users : Collection[int] | None
         Only these users train (centralized mode: one learner); None = sample every user.
     reward_models : RewardModelExchange | None
@@ -125,6 +130,7 @@ class FeedbackFedAvg(FedAvg):
         q: float = 0.1,
         client_learning_rate: float = 1e-3,
         train_loss_key: str = "train-loss",
+        server_learning_rate: float = 1.0,
         train_users: Collection[int] | None = None,
         reward_models: RewardModelExchange | None = None,
         **fedavg_kwargs,
@@ -139,6 +145,7 @@ class FeedbackFedAvg(FedAvg):
         self.q = q
         self.client_learning_rate = client_learning_rate
         self.train_loss_key = train_loss_key
+        self.server_learning_rate = server_learning_rate
         self.train_users = train_users
         self.reward_models = reward_models
         self.reward_models_active = False  # the owner turns it on for feedback rounds
@@ -411,6 +418,10 @@ class FeedbackFedAvg(FedAvg):
             sent = self._sent_arrays(server_round)
             arrays = weighted_average([sent, arrays], [1.0 - float(sum(weights)), 1.0])
             report.step = float(sum(weights))
+        if self.server_learning_rate != 1.0:  # part of the way from the global model to the average
+            eta = self.server_learning_rate
+            arrays = weighted_average([self._sent_arrays(server_round), arrays], [1.0 - eta, eta])
+            report.step *= eta
         aggregated = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         self._global_signature = signature(aggregated)
         metrics = self._average_metrics([own_metrics(c) for c in contents], counts)

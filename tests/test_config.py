@@ -155,6 +155,8 @@ def test_reward_weighting_applies_to_feedback_rounds_unless_all():
     everywhere = softmax.replace(**{"reward-weighting-rounds": "all"})
     assert everywhere.weighting("sft") == "softmax"
     assert RunConfig.from_mapping({**feedback, "reward-weighting": "qfedavg"}).weighting("sft") == "none"
+    damped = RunConfig.from_mapping({**feedback, "feedback-server-learning-rate": 0.5})
+    assert (damped.server_learning_rate("sft"), damped.server_learning_rate("feedback")) == (1.0, 0.5)
     with pytest.raises(ConfigError, match="feedback rounds only"):  # the default sft run has none
         RunConfig.from_mapping({"reward-weighting": "softmax", "feedback-algorithm": "sft"})
 
@@ -165,6 +167,8 @@ def test_baseline_modes_refuse_what_needs_an_average(mode):
         RunConfig.from_mapping({"mode": mode, "personalization": "lora"})
     with pytest.raises(ConfigError, match="reward-weighting"):
         RunConfig.from_mapping({"mode": mode, "reward-weighting": "softmax"})
+    with pytest.raises(ConfigError, match=f"feedback-server-learning-rate: .* mode='{mode}'"):
+        RunConfig.from_mapping({"mode": mode, "feedback-server-learning-rate": 0.5})
     with pytest.raises(ConfigError, match="mode"):
         RunConfig.from_mapping({"mode": "solo"})
     config = RunConfig.from_mapping({"mode": mode})

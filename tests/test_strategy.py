@@ -429,3 +429,23 @@ def test_a_reward_models_diagnostics_average_over_the_users_who_have_them(round_
     _, metrics = strategy.aggregate_train(1, replies)
     assert metrics["reward-model-accuracy"] == pytest.approx(0.8)
     assert "only-here" not in metrics and "train-loss" in metrics
+
+
+def test_a_server_learning_rate_moves_part_of_the_way_to_the_average(flower_identity):
+    """theta <- theta + eta (average - theta): eta = 1 is FedAvg bit for bit; eta = 0.25 lands
+    a quarter of the way from the sent model to FedAvg's average."""
+    grid = FakeGrid([11, 12])
+    start = global_arrays(0.5)
+
+    def aggregate(eta):
+        strategy = FeedbackFedAvg(min_available_nodes=1, server_learning_rate=eta)
+        sent = list(strategy.configure_train(1, start, ConfigRecord(), grid))
+        replies = [reply_to(m, user_id=i, num_examples=10 * (i + 1), seed=i + 1) for i, m in enumerate(sent)]
+        return strategy.aggregate_train(1, replies)[0], strategy.reports[(1, MessageType.TRAIN)].step
+
+    fedavg, step = aggregate(1.0)
+    damped, damped_step = aggregate(0.25)
+    for key in SHAPES:
+        expected = start[key].numpy() + 0.25 * (fedavg[key].numpy() - start[key].numpy())
+        np.testing.assert_allclose(damped[key].numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert (step, damped_step) == (1.0, 0.25)
