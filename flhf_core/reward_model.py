@@ -179,22 +179,39 @@ def agreement(
 
 
 # Over how many of the latest checked pairs the gate judges a reward model: recent enough to
-# follow a model that improves each step, enough pairs that chance alone rarely passes. A
-# model at chance agrees with >= 60% of 32 pairs with probability ~0.11, of 16 with ~0.23.
+# follow a model that improves each step, enough pairs that the bound below can clear chance.
 TRUST_WINDOW = 32
 TRUST_MINIMUM = 16  # fewer checked pairs than this are no evidence either way
+# One-sided 95% confidence (z = 1.645). The gate is asked again every step, so a loose bound
+# would let a useless model through on one lucky window: with the bound at 0.55 over 32 pairs,
+# a model at chance scores in ~1% of steps, one at 55% true accuracy in ~4%, one at 70% in ~50%.
+TRUST_CONFIDENCE_Z = 1.645
+
+
+def agreement_lower_bound(checks: Sequence[float], z: float = TRUST_CONFIDENCE_Z) -> float:
+    """The Wilson score lower bound of the agreement rate behind ``checks`` (each 1, 0.5 for a
+    tie, or 0): the agreement the model reaches with confidence given by ``z``. Wilson rather
+    than the normal bound, which is too optimistic at rates near 1 and few checks
+    (E. B. Wilson, 1927; Brown, Cai and DasGupta, Statistical Science 2001)."""
+    n = len(checks)
+    if n == 0:
+        return 0.0
+    rate = float(np.mean(checks))
+    spread = z * np.sqrt(rate * (1.0 - rate) / n + z * z / (4.0 * n * n))
+    return float((rate + z * z / (2.0 * n) - spread) / (1.0 + z * z / n))
 
 
 def trusted(checks: Sequence[float], threshold: float) -> bool:
-    """Whether a reward model may score for the user: its agreement with the user's latest
-    ``TRUST_WINDOW`` judged pairs, each taken before the model learned it, is at least
-    ``threshold`` (``reward-model-trust``; 0 trusts it always), over at least ``TRUST_MINIMUM``
-    pairs. A model no better than chance must not steer the policy: the policy would follow
-    its confident but arbitrary rankings (``bench/overoptimization.py`` measured exactly that)."""
+    """Whether a reward model may score for the user: the lower confidence bound of its
+    agreement with the user's latest ``TRUST_WINDOW`` judged pairs, each taken before the model
+    learned it, is at least ``threshold`` (``reward-model-trust``; 0 trusts it always), over at
+    least ``TRUST_MINIMUM`` pairs. A model no better than chance must not steer the policy: the
+    policy follows its confident but arbitrary rankings (``bench/overoptimization.py``
+    measured that), and one at 55% true accuracy still cost PPO its gain (BENCHMARKS)."""
     if threshold == 0.0:
         return True
     recent = checks[-TRUST_WINDOW:]
-    return len(recent) >= TRUST_MINIMUM and float(np.mean(recent)) >= threshold
+    return len(recent) >= TRUST_MINIMUM and agreement_lower_bound(recent) >= threshold
 
 
 def fit(

@@ -231,7 +231,7 @@ def test_the_gate_keeps_an_untrusted_model_from_scoring(tiny_model, tokenizer):
     from flhf_core import reward_model as rm
     from flhf_core.algorithms.scorer import LearnedScorer
 
-    def scorer_with(history: list[float], trust: float = 0.6) -> LearnedScorer:
+    def scorer_with(history: list[float], trust: float = 0.55) -> LearnedScorer:
         torch.manual_seed(SEED)
         known = rm.Judgements([("text 9", "earlier", 0.5)], [], checks=list(history))
         model = rm.RewardModel.from_summarizer(tiny_model)
