@@ -320,10 +320,10 @@ class LearnedScorer(Scorer):
         self._record_spreads({i for pair in answered for i in pair})
         new = rm.Judgements([], [(examples[w].document, texts[w], texts[lo]) for w, lo in answered])
         trusted = self._check_and_learn(new, rng)
-        if not len(self.judgements):
-            return answered
         asked = {min(pair) for pair in answered}
         open_pairs = [a for a in range(0, len(texts) - 1, 2) if a not in asked]
+        if not len(self.judgements) or not open_pairs:  # nothing learned, or nothing left to score
+            return answered
         members = [i for a in open_pairs for i in (a, a + 1)]
         predicted = self._ratings(
             [examples[i].document for i in members], [texts[i] for i in members]
