@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from flwr.app import ArrayRecord, RecordDict
 
@@ -59,7 +60,10 @@ def learned_scorer(session: UserSession, budget: tuple) -> LearnedScorer:
     shared = received_models(session.received)
     if config.reward_model in SHARED_MODES and shared:
         names = reward_model.shared_names(model, config.reward_model_personal_head, session.personal_names)
-        record_to_parameters(model, shared[assigned_cluster(session.received)], names=names)
+        cluster = assigned_cluster(session.received)
+        record_to_parameters(model, shared[cluster], names=names)
+        if config.reward_model == "clustered":
+            judgements = checked_by(judgements, cluster)
     return LearnedScorer(
         *budget,
         model,
@@ -71,6 +75,17 @@ def learned_scorer(session: UserSession, budget: tuple) -> LearnedScorer:
         active=config.reward_queries == "active",
         trust=config.reward_model_trust,
     )
+
+
+def checked_by(judgements: reward_model.Judgements, cluster: int) -> reward_model.Judgements:
+    """The judgements, with the gate's record of checks kept only if ``cluster``'s model made
+    it. The user's own first model and the federated average continue the model the checks
+    measured (the user's fitted model is in the average), so their records carry over; a
+    clustered user moved to another cluster scores with another model, which has to earn the
+    gate's trust on the user's judgements anew."""
+    moved = judgements.checked_cluster is not None and judgements.checked_cluster != cluster
+    checks = [] if moved else judgements.checks
+    return dataclasses.replace(judgements, checks=checks, checked_cluster=cluster)
 
 
 def finish(session: UserSession, scorer: LearnedScorer) -> dict[str, float | list[float]]:

@@ -138,6 +138,9 @@ class Judgements:
     # how the reward model, before it learned them, ordered the pairs of each new judgement:
     # 1 agreed, 0.5 tie, 0 disagreed, oldest first (what :func:`trusted` reads)
     checks: list[float] = field(default_factory=list)
+    # ``clustered``: the cluster whose model made the checks (None: the user's own model). A
+    # model of another cluster is another model: its record starts empty.
+    checked_cluster: int | None = None
 
     def __len__(self) -> int:
         return len(self.rated) + len(self.chosen)
@@ -183,8 +186,10 @@ def agreement(
 TRUST_WINDOW = 32
 TRUST_MINIMUM = 16  # fewer checked pairs than this are no evidence either way
 # One-sided 95% confidence (z = 1.645). The gate is asked again every step, so a loose bound
-# would let a useless model through on one lucky window: with the bound at 0.55 over 32 pairs,
-# a model at chance scores in ~1% of steps, one at 55% true accuracy in ~4%, one at 70% in ~50%.
+# would let a useless model through on one lucky window: with the bound at 0.55 over 32
+# independent pairs, a model at chance would score in ~1% of steps, one at 55% true accuracy
+# in ~4%, one at 70% in ~50%. The pairs are not independent (a document's 4 ratings order 6
+# pairs, so 32 pairs are ~5 documents): simulated that way, a model at chance passes in ~3-5%.
 TRUST_CONFIDENCE_Z = 1.645
 
 

@@ -33,7 +33,10 @@ VERSION_FILE = "reward-model.round-{round}.safetensors"  # older rounds a resume
 log = logging.getLogger("flwr")
 
 
-def judgements_to_mapping(judgements: Judgements) -> dict[str, list]:
+NO_CLUSTER = -1  # Judgements.checked_cluster = None, in a record that holds no None
+
+
+def judgements_to_mapping(judgements: Judgements) -> dict[str, list | int]:
     return {
         "rated-documents": [d for d, _, _ in judgements.rated],
         "rated-summaries": [s for _, s, _ in judgements.rated],
@@ -42,10 +45,12 @@ def judgements_to_mapping(judgements: Judgements) -> dict[str, list]:
         "winners": [w for _, w, _ in judgements.chosen],
         "losers": [lo for _, _, lo in judgements.chosen],
         "checks": [float(c) for c in judgements.checks],
+        "checked-cluster": NO_CLUSTER if judgements.checked_cluster is None else judgements.checked_cluster,
     }
 
 
 def judgements_from_mapping(mapping) -> Judgements:
+    cluster = int(mapping.get("checked-cluster", NO_CLUSTER))
     return Judgements(
         rated=list(
             zip(
@@ -57,6 +62,7 @@ def judgements_from_mapping(mapping) -> Judgements:
         ),
         chosen=list(zip(mapping["chosen-documents"], mapping["winners"], mapping["losers"], strict=True)),
         checks=list(map(float, mapping.get("checks", []))),  # none kept before the gate existed
+        checked_cluster=None if cluster == NO_CLUSTER else cluster,
     )
 
 

@@ -103,3 +103,18 @@ def test_a_shared_reward_model_starts_from_the_servers_and_goes_back_fitted(
     assert 2.0 < bias < 3.0  # started from 3.0, moved towards the user's low ratings of a fresh model
     losses = metrics["reward-model-cluster-losses"]
     assert len(losses) == 2 and losses[0] < losses[1]  # sigmoid(-3) fits ratings near 0 better
+
+
+def test_a_user_moved_to_another_cluster_starts_its_gate_record_anew():
+    """The gate's checks measured one model; a clustered user moved to another cluster scores
+    with another one, which must earn trust anew. The user's own first model and a cluster
+    it stays in keep the record."""
+    from flhf_core.reward_client import checked_by
+
+    own = rm.Judgements([("d", "s", 0.5)], [], checks=[1.0] * 20)  # made by the user's own model
+    first = checked_by(own, 1)
+    assert first.checks == [1.0] * 20 and first.checked_cluster == 1
+    assert checked_by(first, 1).checks == [1.0] * 20  # stays: the same cluster's model
+    moved = checked_by(first, 0)
+    assert moved.checks == [] and moved.checked_cluster == 0 and moved.rated == own.rated
+    assert first.checks == [1.0] * 20  # a copy: the restored judgements are not changed in place

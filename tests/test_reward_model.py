@@ -198,6 +198,19 @@ def test_agreement_orders_the_users_pairs_as_the_model_scores_them(tiny_model, t
     assert rm.agreement(model, tokenizer, [], 64) == []
 
 
+def test_the_gates_record_and_its_cluster_survive_a_save():
+    from flhf_core.reward_state import judgements_from_mapping, judgements_to_mapping
+
+    for cluster in (None, 0, 3):
+        judgements = rm.Judgements([("d", "s", 0.5)], [("d", "a", "b")], [1.0, 0.5], cluster)
+        assert (
+            judgements_from_mapping(json.loads(json.dumps(judgements_to_mapping(judgements)))) == judgements
+        )
+    before_clusters = judgements_to_mapping(rm.Judgements([], [], [1.0]))
+    del before_clusters["checked-cluster"]  # state saved before the record knew its cluster
+    assert judgements_from_mapping(before_clusters) == rm.Judgements([], [], [1.0], None)
+
+
 def test_the_agreement_bound_is_wilsons_lower_bound():
     # By hand, 8 of 10 at z = 1.645: z^2 = 2.706; centre 0.8 + 2.706/20 = 0.9353; spread
     # 1.645 * sqrt(0.8 * 0.2/10 + 2.706/400) = 0.2482; (0.9353 - 0.2482) / (1 + 0.2706) = 0.5408.
