@@ -14,6 +14,7 @@ from flhf_core.config import RunConfig
 from flhf_core.profiles import build_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import budget_figure
 import quality
 import quality_figures
 
@@ -243,3 +244,32 @@ def test_the_budget_uniform_queries_would_need_by_hand():
     assert quality_figures.equivalent_budget(0.55, 0.55, 0.65, 8, 32) == pytest.approx(8.0)
     assert quality_figures.equivalent_budget(0.50, 0.55, 0.65, 8, 32) == pytest.approx(4.0)  # worse
     assert quality_figures.equivalent_budget(0.60, 0.55, 0.55, 8, 32) is None  # nothing to read off
+
+
+def test_budget_curves_average_seeds_per_round_from_the_last_supervised_round(tmp_path):
+    def server(round_, phase, reward, **more):
+        return {"round": round_, "phase": phase, "scope": "server", "client": None, "reward": reward, **more}
+
+    def write(method: str, seed: int, rows: list[dict]) -> None:
+        folder = tmp_path / quality.slug(method) / f"seed-{seed}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    client = {"round": 3, "phase": "feedback", "scope": "client", "client": 0, "reward": 0.9}
+    write("ppo/none/none+personal@8", 0, [
+        server(1, "sft", 0.05), server(2, "sft", 0.10),
+        server(3, "feedback", 0.20, **{"reward-model-accuracy": 0.6}), client,
+    ])  # fmt: skip
+    write("ppo/none/none+personal@8", 1, [
+        server(2, "sft", 0.12), server(3, "feedback", 0.10, **{"reward-model-accuracy": 0.5}),
+        server(4, "feedback", 0.30),  # only this seed reached round 4: no mean there
+    ])  # fmt: skip
+    write("ppo/none/none", 0, [server(2, "sft", 0.5)])  # not a reward-model row
+    curves = budget_figure.budget_curves(tmp_path)
+    assert list(curves) == [8] and list(curves[8]) == ["personal"]
+    entry = curves[8]["personal"]
+    assert entry["seeds"] == 2
+    assert entry["reward"] == pytest.approx({2: 0.11, 3: 0.15})  # from round 2; clients left out
+    assert entry["reward-model-accuracy"] == pytest.approx({3: 0.55})
+    rows = [{"method": "fedavg-sft", "reward": 0.1}, {"method": "fedavg-sft", "reward": 0.2}]
+    assert budget_figure.references(rows) == {"fedavg-sft": pytest.approx(0.15)}
