@@ -225,9 +225,14 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
         "ppo/none/none+federated@8": entry(0.125, 0.04),  # better mean, worse worst user
         "ppo/none/none+clustered@8": entry(0.121, 0.051),
     }
+    table["ppo/none/none+none@32"] = entry(0.16, 0.06)  # the budget alone, no model: best
     found = {t["target"]: t for t in quality_figures.reward_model_targets(table, "ppo")}
-    kept = found["at 32 judgements, the best mode (clustered) keeps of the unlimited budget's gain"]
-    assert kept["value"] == pytest.approx(0.9) and kept["met"] is None  # decided by the threshold later
+    kept = found["at 32 judgements, the best mode (none) keeps of the unlimited budget's gain"]
+    assert kept["value"] == pytest.approx(1.2) and kept["met"] is None  # decided by the threshold later
+    kept = found[
+        "at 32 judgements, the best learned reward model (clustered) keeps of the unlimited budget's gain"
+    ]
+    assert kept["value"] == pytest.approx(0.9)
     assert found["at 8 judgements, federated beats personal on the mean and the worst user"]["met"] is False
     assert found["at 8 judgements, clustered beats personal on the mean and the worst user"]["met"] is True
     accuracies = {"personal@8": 0.55, "personal@32": 0.65, "personal-active@8": 0.60}
