@@ -116,13 +116,23 @@ def methods() -> dict[str, list[str]]:
     }
     for variant, items in variants.items():
         table[reward_model_method(BEST, variant, 8)] = [best, "ratings-per-round=8", *items]
+    # the control of every learned row: a personal model the gate never lets score (a bound of
+    # 0.9 needs 32 agreeing pairs in a row). It learns, and its training draws random numbers,
+    # so the run follows other random streams than `none`'s; what differs from it is that alone.
+    table[reward_model_method(BEST, "personal-shut", 32)] = [
+        best,
+        "ratings-per-round=32",
+        "reward-model=personal",
+        "reward-model-trust=0.9",
+    ]
     return table
 
 
 def reward_model_method(algorithm: str, reward_model: str, budget: int) -> str:
     """``ppo/none/none+personal@8``: the algorithm with FedAvg, no personalization, a budget of
     8 judgements per round and a personal reward model (``personal-active``: with active
-    queries; ``federated-head``: a federated encoder with personal heads)."""
+    queries; ``federated-head``: a federated encoder with personal heads; ``personal-shut``: a
+    personal model the gate keeps shut, the control)."""
     return f"{algorithm}/none/none+{reward_model}@{budget}"
 
 
