@@ -9,7 +9,8 @@ model, from the last supervised round on, beside two references from ``quality.j
 final reward of PPO with an unlimited budget and of ``fedavg-sft`` (seed means). Below it, the
 learned reward model's ranking accuracy on the users' true preferences (0.5 = chance) and its
 agreement with their own judgements as the gate saw it. A final figure hides a path: a row
-that ends low may have been best after its first feedback round (BENCHMARKS).
+that ends low may have been best after its first feedback round (BENCHMARKS). In the JSON,
+budgets and rounds are keys, so strings.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from typing import Any
 
 import numpy as np
 from common import RESULTS_DIR
+from quality_figures import BASELINE
 
 from flhf_core.tracking import atomic_write_json, read_metrics
 
 ROW = re.compile(r"^(?P<algorithm>[^+]+)\+(?P<mode>[a-z-]+)@(?P<budget>\d+)$")
 CURVES = ("reward", "reward-worst", "reward-model-accuracy", "reward-model-heldout-accuracy")
-REFERENCES = {"ppo/none/none": "PPO, unlimited budget", "fedavg-sft": "fedavg-sft"}
 
 
 def run_curves(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
@@ -70,10 +71,11 @@ def budget_curves(evidence_dir: Path) -> dict[int, dict[str, dict[str, Any]]]:
     return dict(out)
 
 
-def references(table_rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The final held-out reward of the reference methods, mean over their seeds."""
+def references(table_rows: list[dict[str, Any]], best: str) -> dict[str, float]:
+    """The final held-out reward of the references, mean over their seeds: the best algorithm
+    (issue 13's rows run it) with an unlimited budget, and ``fedavg-sft``."""
     found = {}
-    for method, label in REFERENCES.items():
+    for method, label in ((f"{best}/none/none", f"{best}, unlimited budget"), (BASELINE, BASELINE)):
         rewards = [r["reward"] for r in table_rows if r["method"] == method]
         if rewards:
             found[label] = float(np.mean(rewards))
@@ -132,7 +134,9 @@ def main() -> None:
     curves = budget_curves(args.evidence_dir)
     if not curves:
         raise SystemExit(f"no reward-model rows with metrics in {args.evidence_dir}")
-    lines = references(json.loads(args.table.read_text())) if args.table.is_file() else {}
+    summary = args.table.with_name("quality-summary.json")
+    best = json.loads(summary.read_text()).get("best-algorithm") if summary.is_file() else None
+    lines = references(json.loads(args.table.read_text()), best or "ppo") if args.table.is_file() else {}
     atomic_write_json(args.out.with_suffix(".json"), {"curves": curves, "references": lines})
     plot(curves, lines, args.out.with_suffix(".png"))
     for budget, modes in sorted(curves.items(), reverse=True):

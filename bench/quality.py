@@ -116,8 +116,9 @@ def methods() -> dict[str, list[str]]:
     }
     for variant, items in variants.items():
         table[reward_model_method(BEST, variant, 8)] = [best, "ratings-per-round=8", *items]
-    # the control of every learned row: a personal model the gate never lets score (a bound of
-    # 0.9 needs 32 agreeing pairs in a row). It learns, and its training draws random numbers,
+    # the control of every learned row: a personal model the gate almost never lets score (a
+    # bound of 0.9 needs ~25 agreeing pairs in a row; its row's "RM used" says whether it ever
+    # did). It learns, and its training draws random numbers,
     # so the run follows other random streams than `none`'s; what differs from it is that alone.
     table[reward_model_method(BEST, "personal-shut", 32)] = [
         best,

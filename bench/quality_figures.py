@@ -219,7 +219,7 @@ def reward_model_targets(table: dict[str, dict[str, Any]], best: str) -> list[di
     # ``none`` is one of the modes (the budget alone, no model); the best learned
     # model is reported beside it, so a budget that needs no model cannot hide one that fails
     for label, candidates in (("the best mode", at_32), ("the best learned reward model", learned)):
-        if gain is None or not candidates:
+        if gain is None or not candidates or (candidates is learned and "none" not in at_32):
             continue
         mode, row = max(candidates.items(), key=lambda item: item[1]["reward"])
         kept = (row["reward"] - sft["reward"]) / gain if gain > 0 else None

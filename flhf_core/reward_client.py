@@ -82,7 +82,8 @@ def checked_by(judgements: reward_model.Judgements, cluster: int) -> reward_mode
     it. The user's own first model and the federated average continue the model the checks
     measured (the user's fitted model is in the average), so their records carry over; a
     clustered user moved to another cluster scores with another model, which has to earn the
-    gate's trust on the user's judgements anew."""
+    gate's trust on the user's judgements anew. (A user whose first fitted model never
+    reached the server joins a cluster that lacks it, and keeps its record: an edge case.)"""
     moved = judgements.checked_cluster is not None and judgements.checked_cluster != cluster
     checks = [] if moved else judgements.checks
     return dataclasses.replace(judgements, checks=checks, checked_cluster=cluster)

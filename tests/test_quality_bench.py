@@ -277,4 +277,8 @@ def test_budget_curves_average_seeds_per_round_from_the_last_supervised_round(tm
     assert entry["reward"] == pytest.approx({2: 0.11, 3: 0.15})  # from round 2; clients left out
     assert entry["reward-model-accuracy"] == pytest.approx({3: 0.55})
     rows = [{"method": "fedavg-sft", "reward": 0.1}, {"method": "fedavg-sft", "reward": 0.2}]
-    assert budget_figure.references(rows) == {"fedavg-sft": pytest.approx(0.15)}
+    rows.append({"method": "dpo/none/none", "reward": 0.3})
+    assert budget_figure.references(rows, "dpo") == {
+        "dpo, unlimited budget": pytest.approx(0.3),
+        "fedavg-sft": pytest.approx(0.15),
+    }

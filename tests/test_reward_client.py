@@ -117,4 +117,4 @@ def test_a_user_moved_to_another_cluster_starts_its_gate_record_anew():
     assert checked_by(first, 1).checks == [1.0] * 20  # stays: the same cluster's model
     moved = checked_by(first, 0)
     assert moved.checks == [] and moved.checked_cluster == 0 and moved.rated == own.rated
-    assert first.checks == [1.0] * 20  # a copy: the restored judgements are not changed in place
+    assert first.checks == [1.0] * 20  # the record of the cluster it left is not cleared in place

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -203,9 +203,9 @@ def test_the_gates_record_and_its_cluster_survive_a_save():
 
     for cluster in (None, 0, 3):
         judgements = rm.Judgements([("d", "s", 0.5)], [("d", "a", "b")], [1.0, 0.5], cluster)
-        assert (
-            judgements_from_mapping(json.loads(json.dumps(judgements_to_mapping(judgements)))) == judgements
-        )
+        mapping = judgements_to_mapping(judgements)
+        assert judgements_from_mapping(json.loads(json.dumps(mapping))) == judgements  # the file's metadata
+        assert judgements_from_mapping(ConfigRecord(mapping)) == judgements  # Context.state
     before_clusters = judgements_to_mapping(rm.Judgements([], [], [1.0]))
     del before_clusters["checked-cluster"]  # state saved before the record knew its cluster
     assert judgements_from_mapping(before_clusters) == rm.Judgements([], [], [1.0], None)
