@@ -114,6 +114,11 @@ def methods() -> dict[str, list[str]]:
         "personal-active": ["reward-model=personal", "reward-queries=active"],
         "federated-head": ["reward-model=federated", "reward-model-personal-head=true"],
     }
+    # at 8 the gate stays shut within three feedback rounds (at most ~21 checked pairs), so the
+    # gated modes train the same policy; without the gate, whether sharing the reward model
+    # helps the users is measured where the models are used
+    for mode in REWARD_MODELS:
+        variants[f"{mode}-ungated"] = [f"reward-model={mode}", "reward-model-trust=0"]
     for variant, items in variants.items():
         table[reward_model_method(BEST, variant, 8)] = [best, "ratings-per-round=8", *items]
     # the control of every learned row: a personal model the gate almost never lets score (a
@@ -132,8 +137,8 @@ def methods() -> dict[str, list[str]]:
 def reward_model_method(algorithm: str, reward_model: str, budget: int) -> str:
     """``ppo/none/none+personal@8``: the algorithm with FedAvg, no personalization, a budget of
     8 judgements per round and a personal reward model (``personal-active``: with active
-    queries; ``federated-head``: a federated encoder with personal heads; ``personal-shut``: a
-    personal model the gate keeps shut, the control)."""
+    queries; ``federated-head``: a federated encoder with personal heads; ``-ungated``: the
+    gate off; ``personal-shut``: a personal model the gate keeps shut, the control)."""
     return f"{algorithm}/none/none+{reward_model}@{budget}"
 
 

@@ -232,16 +232,18 @@ def reward_model_targets(table: dict[str, dict[str, Any]], best: str) -> list[di
             }
         )
     personal = table.get(f"{best}/none/none+personal@8")
-    for mode in ("federated", "clustered", "federated-head"):
-        row = table.get(f"{best}/none/none+{mode}@8")
-        if personal and row:
+    comparisons = [(mode, "personal") for mode in ("federated", "clustered", "federated-head")]
+    comparisons += [(f"{mode}-ungated", "personal-ungated") for mode in ("federated", "clustered")]
+    for mode, against in comparisons:
+        row, reference = table.get(f"{best}/none/none+{mode}@8"), table.get(f"{best}/none/none+{against}@8")
+        if reference and row:
             found.append(
                 {
-                    "target": f"at 8 judgements, {mode} beats personal on the mean and the worst user",
-                    "value": row["reward"] - personal["reward"],
+                    "target": f"at 8 judgements, {mode} beats {against} on the mean and the worst user",
+                    "value": row["reward"] - reference["reward"],
                     "threshold": 0.0,
-                    "met": row["reward"] > personal["reward"]
-                    and row["reward-worst"] > personal["reward-worst"],
+                    "met": row["reward"] > reference["reward"]
+                    and row["reward-worst"] > reference["reward-worst"],
                 }
             )
     active, uniform = table.get(f"{best}/none/none+personal-active@8"), personal

@@ -235,6 +235,13 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
     assert kept["value"] == pytest.approx(0.9)
     assert found["at 8 judgements, federated beats personal on the mean and the worst user"]["met"] is False
     assert found["at 8 judgements, clustered beats personal on the mean and the worst user"]["met"] is True
+    table["ppo/none/none+personal-ungated@8"] = entry(0.10, 0.05)  # the gate off: the models are used
+    table["ppo/none/none+clustered-ungated@8"] = entry(0.09, 0.06)
+    found = {t["target"]: t for t in quality_figures.reward_model_targets(table, "ppo")}
+    ungated = found[
+        "at 8 judgements, clustered-ungated beats personal-ungated on the mean and the worst user"
+    ]
+    assert ungated["met"] is False and ungated["value"] == pytest.approx(-0.01)
     accuracies = {"personal@8": 0.55, "personal@32": 0.65, "personal-active@8": 0.60}
     for row, accuracy in accuracies.items():
         table.setdefault(f"ppo/none/none+{row}", entry(0.12, 0.05))["reward-model-accuracy"] = accuracy
