@@ -111,10 +111,13 @@ def reward_model_figures(run_dir: Path) -> dict[str, float]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return {}
-    rows = [r for r in read_metrics(path) if r["scope"] == "server" and r["phase"] == "feedback"]
+    feedback = [r for r in read_metrics(path) if r["phase"] == "feedback"]
+    rows = [r for r in feedback if r["scope"] == "server"]
     if not rows or "train-ratings-used" not in rows[-1]:
         return {}
-    figures = {"ratings-used": float(np.mean([r["train-ratings-used"] for r in rows]))}
+    # per user and round: the users' own rows (the server's average weights users by examples)
+    used = [r["train-ratings-used"] for r in feedback if r["scope"] == "client" and "train-ratings-used" in r]
+    figures = {"ratings-used": float(np.mean(used or [r["train-ratings-used"] for r in rows]))}
     figures.update({key: float(rows[-1][key]) for key in REWARD_MODEL_FIGURES if key in rows[-1]})
     trusted = [r[GATE] for r in rows if GATE in r]
     if trusted:

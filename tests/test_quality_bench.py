@@ -193,7 +193,7 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
             "round": 2,
             "scope": "client",
             "phase": "feedback",
-            "train-ratings-used": 7.0,
+            "train-ratings-used": 5.0,
             "reward-model-accuracy": 0.9,
         },
         {
@@ -207,7 +207,7 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert quality_figures.reward_model_figures(run) == {  # the last round's; the gate over the run
-        "ratings-used": 7.0,
+        "ratings-used": 5.0,  # the users' own rows (the server rows' 8 and 6 average users by examples)
         "reward-model-accuracy": 0.6,
         "reward-model-trusted": pytest.approx(0.5),
     }
