@@ -161,10 +161,11 @@ class LearnedScorer(Scorer):
     user really said); it scores for the user only while its agreement with the latest 32
     checked pairs (over at least 16) is at least ``trust`` with 95% confidence (the Wilson
     lower bound: :func:`~flhf_core.reward_model.trusted`), decided again every step.
-    Otherwise the unjudged samples stay unjudged, as without a reward model: a model no better than chance would steer the policy with confident but
-    arbitrary rankings. ``trust = 0``: always. With ``active`` queries the checked pairs are
-    the ones the model found hardest to tell apart, so its agreement understates its accuracy
-    on the rest and the gate opens later.
+    Otherwise the unjudged samples stay unjudged, as without a reward model: a model no
+    better than chance would steer the policy with confident but arbitrary rankings.
+    ``trust = 0``: always. With ``active`` queries the checked pairs are the ones the model
+    found hardest to tell apart, so its agreement understates its accuracy on the rest and
+    the gate opens later.
 
     ``diagnostics``: over the samples the model scored this round (whether or not they were
     used), its ratings against the true utility (:func:`~flhf_core.reward_model.diagnostics`);
