@@ -132,7 +132,8 @@ class RunConfig:
     ratings_per_round: int = field(default=0, metadata=_range(0))
     reward_model: str = field(default="none", metadata=_choice(*REWARD_MODELS))
     reward_model_steps: int = field(default=4, metadata=_range(1))
-    reward_model_learning_rate: float = field(default=1e-3, metadata=_range(1e-8))
+    reward_model_learning_rate: float = field(default=1e-4, metadata=_range(1e-8))
+    reward_model_length_learning_rate: float = field(default=3e-2, metadata=_range(1e-8))
     reward_model_clusters: int = field(default=2, metadata=_range(2))
     reward_model_personal_head: bool = False
     reward_model_trust: float = field(default=0.55, metadata=_range(0.0, 0.9))  # 32/32's Wilson bound is 0.92

@@ -71,6 +71,7 @@ def learned_scorer(session: UserSession, budget: tuple) -> LearnedScorer:
         judgements,
         config.reward_model_steps,
         config.reward_model_learning_rate,
+        config.reward_model_length_learning_rate,
         config.max_source_tokens,
         active=config.reward_queries == "active",
         trust=config.reward_model_trust,

@@ -82,7 +82,7 @@ def test_a_shared_reward_model_starts_from_the_servers_and_goes_back_fitted(
     servers = []
     for bias in (-3.0, 3.0) if mode == "clustered" else (3.0,):
         model = rm.RewardModel.from_summarizer(summarizer)
-        torch.nn.init.constant_(model.head.bias, bias)
+        torch.nn.init.constant_(model.head.length.bias, bias)
         servers.append(parameters_to_record(model, rm.shared_names(model, personal_head)))
     cluster = len(servers) - 1
     _, reply = train_in_feedback_round(config, tokenizer, servers, cluster)
@@ -99,7 +99,7 @@ def test_a_shared_reward_model_starts_from_the_servers_and_goes_back_fitted(
     if personal_head:
         assert not any(name.startswith("head.") for name in sent_back)  # the head never left
         return
-    bias = float(sent_back["head.bias"].numpy()[0])
+    bias = float(sent_back["head.length.bias"].numpy()[0])
     assert 2.0 < bias < 3.0  # started from 3.0, moved towards the user's low ratings of a fresh model
     losses = metrics["reward-model-cluster-losses"]
     assert len(losses) == 2 and losses[0] < losses[1]  # sigmoid(-3) fits ratings near 0 better

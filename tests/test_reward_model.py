@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 
 import numpy as np
 import pytest
@@ -62,11 +63,12 @@ def test_a_fresh_reward_model_is_indifferent_and_never_shares_the_summarizers_we
 
 def test_fitting_learns_what_the_user_prefers(tiny_model, tokenizer):
     """Ratings and choices that favour summaries naming the parser: after fitting, unseen
-    summaries that do are scored above those that do not, on unseen documents."""
+    summaries that do are scored above those that do not, on unseen documents (every summary
+    five words long, so only the content can tell them apart)."""
     torch.manual_seed(SEED)
     model = rm.RewardModel.from_summarizer(tiny_model)
     documents = [f"we propose a parser for language {k} and test it on treebanks" for k in range(8)]
-    good, bad = "a parser for the language", "results on the weather"
+    good, bad = "a parser for the language", "results on the weather today"
     judged = rm.Judgements(
         rated=[(d, good, 0.8) for d in documents[:4]] + [(d, bad, 0.1) for d in documents[:4]],
         chosen=[(d, good, bad) for d in documents[4:6]],
@@ -78,17 +80,55 @@ def test_fitting_learns_what_the_user_prefers(tiny_model, tokenizer):
     with torch.no_grad():
         unseen = documents[6:]
         better = rm.scores(model, tokenizer, unseen, ["the parser of the language"] * 2, 64)
-        worse = rm.scores(model, tokenizer, unseen, ["the weather results"] * 2, 64)
+        worse = rm.scores(model, tokenizer, unseen, ["the weather results of today"] * 2, 64)
     assert (better > worse).all()
     fresh = rm.RewardModel.from_summarizer(tiny_model)
     assert rm.judgement_loss(model, tokenizer, judged, 64) < rm.judgement_loss(fresh, tokenizer, judged, 64)
+
+
+def test_the_head_learns_a_preferred_length_from_a_few_judgements(tiny_model, tokenizer):
+    """Mean pooling hides a summary's length; the head sees it. A user who likes ~15-word
+    summaries prefers them, in 12 pairs, to shorter or longer ones of the same random words;
+    at the configured rates and the steps a feedback round takes, the model then orders
+    unseen pairs on unseen documents as that user would."""
+    from flhf_core.config import RunConfig
+
+    torch.manual_seed(SEED)
+    rng = random.Random(SEED)
+    words = [
+        "model",
+        "data",
+        "parser",
+        "results",
+        "language",
+        "method",
+        "task",
+        "corpus",
+        "training",
+        "score",
+    ]
+
+    def summary(length: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(length))
+
+    documents = [f"we study document {k} and its parser" for k in range(20)]
+    chosen = [(d, summary(15), summary(rng.choice([5, 30, 40]))) for d in documents[:12]]
+    defaults = RunConfig()
+    model = rm.RewardModel.from_summarizer(tiny_model)
+    optimizer = rm.optimizer(
+        model, defaults.reward_model_learning_rate, defaults.reward_model_length_learning_rate
+    )
+    rm.fit(model, tokenizer, rm.Judgements([], chosen), steps=40, optimizer=optimizer, max_tokens=64)
+    unseen = [(d, summary(16), summary(rng.choice([6, 28, 38]))) for d in documents[12:]]
+    assert rm.agreement(model, tokenizer, unseen, 64) == [1.0] * 8
+    assert rm.length_features(["one two three", ""]).shape == (2, len(rm.LENGTH_CENTERS))
 
 
 def test_judgement_loss_by_hand(tiny_model, tokenizer):
     """With a constant score b: each rating s costs (sigmoid(b) - s)^2, each pair log 2 (it
     cannot tell the two apart); the loss is their mean over judgements, however batched."""
     model = rm.RewardModel.from_summarizer(tiny_model)
-    torch.nn.init.constant_(model.head.bias, 0.7)
+    torch.nn.init.constant_(model.head.length.bias, 0.7)
     judged = rm.Judgements(
         rated=[("doc a", "one", 0.9), ("doc b", "two", 0.2), ("doc c", "three", 0.5)],
         chosen=[("doc a", "one", "two")],
@@ -105,16 +145,16 @@ def test_kept_state_is_restored_only_by_a_later_round_and_a_bad_file_is_set_asid
         return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
 
     model = rm.RewardModel.from_summarizer(tiny_model)
-    torch.nn.init.constant_(model.head.bias, 0.25)
+    torch.nn.init.constant_(model.head.length.bias, 0.25)
     judged = rm.Judgements(
         rated=[("doc", "a summary", 0.7)], chosen=[("doc", "good", "bad")], checks=[1.0, 0.5]
     )
     rs.keep(context(), tmp_path, model, judged, server_round=3)
     # a new process (a fresh Context) reads the file; round 3 itself (a replay) does not
     found, again = rs.restore(context(), tmp_path, tiny_model, server_round=4)
-    assert found.head.bias.item() == pytest.approx(0.25) and again == judged
+    assert found.head.length.bias.item() == pytest.approx(0.25) and again == judged
     fresh, none = rs.restore(context(), tmp_path, tiny_model, server_round=3)
-    assert fresh.head.bias.item() == 0.0 and len(none) == 0
+    assert fresh.head.length.bias.item() == 0.0 and len(none) == 0
     # a file written before the gate kept no checks: read with none, not set aside
     before_the_gate = rs.judgements_to_mapping(judged)
     del before_the_gate["checks"]
@@ -138,25 +178,25 @@ def test_a_replayed_round_restores_the_reward_model_from_before_it(tiny_model, t
 
     def kept(bias, server_round, rated):
         model = rm.RewardModel.from_summarizer(tiny_model)
-        torch.nn.init.constant_(model.head.bias, bias)
+        torch.nn.init.constant_(model.head.length.bias, bias)
         judged = rm.Judgements(rated=[("doc", f"summary {k}", 0.5) for k in range(rated)], chosen=[])
         rs.keep(context(), tmp_path, model, judged, server_round=server_round, window=2)
 
     kept(0.1, 2, rated=1)
     kept(0.2, 3, rated=2)  # the killed attempt's round 3 (the checkpoint was after round 2)
     model, judged = rs.restore(context(), tmp_path, tiny_model, server_round=3)
-    assert model.head.bias.item() == pytest.approx(0.1) and len(judged) == 1
+    assert model.head.length.bias.item() == pytest.approx(0.1) and len(judged) == 1
     kept(0.3, 3, rated=2)  # the replay's round 3 replaces it
     assert sorted(rs.saved_rounds(tmp_path)) == [2, 3]
     model, _ = rs.restore(context(), tmp_path, tiny_model, server_round=4)
-    assert model.head.bias.item() == pytest.approx(0.3)
+    assert model.head.length.bias.item() == pytest.approx(0.3)
     for server_round in (4, 5, 6):
         kept(0.4, server_round, rated=3)
     assert sorted(rs.saved_rounds(tmp_path)) == [4, 5, 6]  # what a checkpoint 2 rounds back needs
     # a damaged latest file: reported and started again, never an older version in its place
     (tmp_path / rs.STATE_FILE).write_bytes(b"damaged")
     model, judged = rs.restore(context(), tmp_path, tiny_model, server_round=7)
-    assert len(judged) == 0 and model.head.bias.item() == 0.0
+    assert len(judged) == 0 and model.head.length.bias.item() == 0.0
 
 
 def test_a_shared_reward_model_never_carries_the_users_personal_parameters(tiny_model):
@@ -171,7 +211,9 @@ def test_a_shared_reward_model_never_carries_the_users_personal_parameters(tiny_
     assert copied and copied <= personal  # the adapter is in the copy, under the same names
     shared = rm.shared_names(model, personal_head=False, personal=personal)
     assert not any("lora" in name for name in shared)
-    assert {"head.weight", "head.bias"} <= shared and any(n.startswith("encoder.block") for n in shared)
+    assert {"head.content.weight", "head.length.weight", "head.length.bias"} <= shared and any(
+        n.startswith("encoder.block") for n in shared
+    )
     assert not any(
         n.startswith("head.") for n in rm.shared_names(model, personal_head=True, personal=personal)
     )

@@ -126,6 +126,7 @@ def test_a_learned_scorer_scores_only_the_documents_the_user_did_not_judge(tiny_
             judgements or rm.Judgements([], []),
             3,
             1e-2,
+            1e-2,
             64,
             trust=0.0,
         )
@@ -172,7 +173,9 @@ def test_a_learned_scorer_lets_a_user_who_answers_every_pair_through(tiny_model,
     from flhf_core.algorithms.scorer import LearnedScorer
 
     model = rm.RewardModel.from_summarizer(tiny_model)
-    scorer = LearnedScorer(CAREFUL, 4, 1, 2, model, tokenizer, rm.Judgements([], []), 1, 1e-3, 64, trust=0.0)
+    scorer = LearnedScorer(
+        CAREFUL, 4, 1, 2, model, tokenizer, rm.Judgements([], []), 1, 1e-3, 1e-2, 64, trust=0.0
+    )
     rollout = rollout_of(4, 2)
     answered = scorer.choose(rollout.texts, rollout.examples, np.random.default_rng(SEED))
     assert len(answered) == 4 and scorer.used == 4 and len(scorer.judgements.chosen) == 4
@@ -203,7 +206,7 @@ def test_active_queries_ask_first_about_the_documents_the_model_can_least_tell_a
     from flhf_core.algorithms.scorer import LearnedScorer
 
     def by_length(model, tokenizer, documents, summaries, max_tokens):
-        return model.head.bias * 0 + torch.tensor([float(len(s)) for s in summaries])
+        return model.head.length.bias * 0 + torch.tensor([float(len(s)) for s in summaries])
 
     monkeypatch.setattr(rm, "scores", by_length)
     texts = ["a", "aaaaaaaa", "aa", "aaa", "bb", "bb", "bbb", "bb", "c", "cccc", "cc", "c"]
@@ -213,7 +216,7 @@ def test_active_queries_ask_first_about_the_documents_the_model_can_least_tell_a
         model = rm.RewardModel.from_summarizer(tiny_model)
         known = rm.Judgements([("text 9", "earlier", 0.5)], [])  # it has learned something
         scorer = LearnedScorer(
-            CAREFUL, 4, 1, 4, model, tokenizer, known, 1, 1e-3, 64, trust=0.0, active=active
+            CAREFUL, 4, 1, 4, model, tokenizer, known, 1, 1e-3, 1e-2, 64, trust=0.0, active=active
         )
         scorer.rate(rollout, np.random.default_rng(seed))
         if active:
@@ -227,7 +230,9 @@ def test_active_queries_ask_first_about_the_documents_the_model_can_least_tell_a
     # nothing and counts no spread: "unqueried" means passed over, not out of budget
     model = rm.RewardModel.from_summarizer(tiny_model)
     known = rm.Judgements([("text 9", "earlier", 0.5)], [])
-    scorer = LearnedScorer(CAREFUL, 4, 2, 4, model, tokenizer, known, 1, 1e-3, 64, trust=0.0, active=True)
+    scorer = LearnedScorer(
+        CAREFUL, 4, 2, 4, model, tokenizer, known, 1, 1e-3, 1e-2, 64, trust=0.0, active=True
+    )
     scorer.rate(rollout, np.random.default_rng(0))
     assert scorer.spreads == {"queried": [], "unqueried": []}
     scorer.rate(rollout, np.random.default_rng(1))
@@ -248,7 +253,7 @@ def test_the_gate_keeps_an_untrusted_model_from_scoring(tiny_model, tokenizer):
         torch.manual_seed(SEED)
         known = rm.Judgements([("text 9", "earlier", 0.5)], [], checks=list(history))
         model = rm.RewardModel.from_summarizer(tiny_model)
-        return LearnedScorer(CAREFUL, 4, 1, 4, model, tokenizer, known, 1, 1e-3, 64, trust=trust)
+        return LearnedScorer(CAREFUL, 4, 1, 4, model, tokenizer, known, 1, 1e-3, 1e-2, 64, trust=trust)
 
     def rated_documents(scorer: LearnedScorer, rng: np.random.Generator) -> list[float]:
         return scorer.rate(rollout_of(3, 4), rng).rated.view(3, 4).sum(dim=1).tolist()

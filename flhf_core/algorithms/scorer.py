@@ -196,6 +196,7 @@ class LearnedScorer(Scorer):
         judgements: rm.Judgements,
         fit_steps: int,
         learning_rate: float,
+        length_learning_rate: float,
         max_tokens: int,
         *,
         trust: float,
@@ -212,7 +213,7 @@ class LearnedScorer(Scorer):
         self.judgements = judgements
         self.fit_steps = fit_steps
         self.max_tokens = max_tokens
-        self.optimizer = torch.optim.AdamW(reward_model.parameters(), lr=learning_rate)
+        self.optimizer = rm.optimizer(reward_model, learning_rate, length_learning_rate)
         self._predicted: list[float] = []  # the model's ratings of samples the user did not judge
         self._utility: list[float] = []  # their true utilities (diagnostics only)
         self._groups: list[str] = []

@@ -1,0 +1,329 @@
+"""Can a reward model learn a user's taste from a few dozen judgements? An offline probe.
+
+    python bench/reward_model_probe.py results/quality/ppo_none_none+personal@32/seed-0
+
+Reads a finished run with learned reward models (issue 13): each user's judgements, as the
+user kept them (``users/user-<k>/reward-model.safetensors``), and the run's final summarizer.
+Splits each user's judgements by document, in the order given: the first ``--train-share`` of
+the documents to learn from, the rest held out (no document on both sides). Then fits, on the
+same judgements and losses as the product (:func:`flhf_core.reward_model.fit`'s Bradley-Terry
+and rating losses), reward models that differ in how much they may learn and whose
+judgements they learn from:
+
+* ``encoder+head``: the product's model (the summarizer's encoder, copied, and a scalar head;
+  everything trained, the product's learning rate, ``--steps`` steps);
+* ``head``: the head alone, on the frozen encoder's mean-pooled states (a linear model with
+  d_model + 1 parameters);
+* ``head, all users``: that head fitted on every user's training judgements (what perfect
+  sharing could give a user: a federated model can do no better than pooling), and
+  ``head, same aspect``: on the judgements of the users who want the same aspect;
+* ``length``: a one-parameter rule, "closer to L words is better", L fitted on the training pairs;
+* ``true utility``: the simulated user's own utility (what nothing here can see): its agreement
+  with the user's held-out pairs is the ceiling the user's noise leaves.
+
+Each is scored on the held-out documents two ways: ``agreement`` with the pairs the user judged
+(noisy, what the product's gate sees), and ``accuracy`` against the user's true utility on the
+same summaries (noise-free; :func:`flhf_core.reward_model.pairwise_accuracy`). Chance is 0.5.
+
+Writes ``bench/results/reward-model-probe.json`` and ``.png``. Runs alone in a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import RESULTS_DIR, write_result
+from safetensors import safe_open
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from flhf_core import reward_model as rm
+from flhf_core.config import RunConfig
+from flhf_core.corpus import load_corpus
+from flhf_core.feedback import build_profile, judge
+from flhf_core.reward_state import STATE_FILE, judgements_from_mapping
+
+Scorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]  # (documents, summaries) -> scores
+_WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+
+
+def split_by_document(judgements: rm.Judgements, train_share: float) -> tuple[rm.Judgements, rm.Judgements]:
+    """The judgements of the first ``train_share`` of the documents (in the order the user first
+    judged them) and those of the rest."""
+    order = list(dict.fromkeys([d for d, _, _ in judgements.rated] + [d for d, _, _ in judgements.chosen]))
+    train_documents = set(order[: round(train_share * len(order))])
+
+    def part(keep: bool) -> rm.Judgements:
+        return rm.Judgements(
+            [j for j in judgements.rated if (j[0] in train_documents) == keep],
+            [j for j in judgements.chosen if (j[0] in train_documents) == keep],
+        )
+
+    return part(True), part(False)
+
+
+def agreement_of(scorer: Scorer, pairs: Sequence[tuple[str, str, str]]) -> float:
+    """Share of (document, preferred, rejected) that ``scorer`` orders as the user did (tie: 1/2)."""
+    if not pairs:
+        return float("nan")
+    documents = [d for d, _, _ in pairs]
+    margin = scorer(documents, [w for _, w, _ in pairs]) - scorer(documents, [lo for _, _, lo in pairs])
+    return float(np.mean(np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))))
+
+
+def summaries_of(judgements: rm.Judgements) -> list[tuple[str, str]]:
+    """Every (document, summary) the judgements name, once."""
+    named = [(d, s) for d, s, _ in judgements.rated]
+    named += [(d, s) for d, w, lo in judgements.chosen for s in (w, lo)]
+    return list(dict.fromkeys(named))
+
+
+# --------------------------------------------------------------------------
+# The reward models
+# --------------------------------------------------------------------------
+def fit_encoder_and_head(
+    summarizer, tokenizer, train: rm.Judgements, steps: int, rates: tuple[float, float], max_tokens: int
+) -> Scorer:
+    """The product's reward model, fitted as a client fits it (minibatches of 16, AdamW)."""
+    model = rm.RewardModel.from_summarizer(summarizer)
+    rm.fit(
+        model, tokenizer, train, steps, rm.optimizer(model, *rates), max_tokens, rng=np.random.default_rng(0)
+    )
+
+    def scorer(documents: Sequence[str], summaries: Sequence[str]) -> np.ndarray:
+        with torch.no_grad():
+            return rm.scores(model, tokenizer, documents, summaries, max_tokens).numpy()
+
+    return scorer
+
+
+class Features:
+    """The frozen encoder's pooled states, computed once per (document, summary)."""
+
+    def __init__(self, summarizer, tokenizer, max_tokens: int) -> None:
+        self.model = rm.RewardModel.from_summarizer(summarizer).eval()
+        self.tokenizer, self.max_tokens, self.cache = tokenizer, max_tokens, {}
+
+    def __call__(self, documents: Sequence[str], summaries: Sequence[str]) -> torch.Tensor:
+        missing = [k for k in dict.fromkeys(zip(documents, summaries, strict=True)) if k not in self.cache]
+        for start in range(0, len(missing), 32):
+            batch = missing[start : start + 32]
+            encoded = self.tokenizer(
+                [rm.reward_input(d, s) for d, s in batch],
+                max_length=self.max_tokens,
+                truncation=True,
+                padding=True,
+                return_tensors="pt",
+            )
+            with torch.no_grad():
+                pooled = self.model.pooled(encoded["input_ids"], encoded["attention_mask"])
+            self.cache.update(zip(batch, pooled, strict=True))
+        return torch.stack([self.cache[k] for k in zip(documents, summaries, strict=True)])
+
+
+def fit_head(
+    features: Features, train: rm.Judgements, steps: int, rates: tuple[float, float], see_length: bool = True
+) -> Scorer:
+    """The product's head alone on the frozen encoder (``see_length=False``: on the pooled
+    states alone, the head before it saw length), full batch, on the losses of
+    :func:`flhf_core.reward_model.fit`."""
+    head = rm.ScoreHead(features.model.head.content.in_features)
+    content_rate, length_rate = rates
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": head.content.parameters(), "lr": content_rate},
+            {"params": head.length.parameters(), "lr": length_rate},
+        ]
+    )
+
+    def forward(documents: Sequence[str], summaries: Sequence[str]) -> torch.Tensor:
+        lengths = rm.length_features(summaries) * (1.0 if see_length else 0.0)
+        return head(features(documents, summaries), lengths)
+
+    pairs = train.pairs()
+    ratings = torch.tensor([r for _, _, r in train.rated])
+    for _ in range(steps):
+        loss = torch.zeros(())
+        if train.rated:
+            rated = forward([d for d, _, _ in train.rated], [s for _, s, _ in train.rated])
+            loss = loss + rm.rating_loss(rated, ratings)
+        if pairs:
+            documents = [d for d, _, _ in pairs]
+            winners = forward(documents, [w for _, w, _ in pairs])
+            loss = loss + rm.bradley_terry_loss(winners, forward(documents, [lo for _, _, lo in pairs]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def scorer(documents: Sequence[str], summaries: Sequence[str]) -> np.ndarray:
+        with torch.no_grad():
+            return forward(documents, summaries).numpy()
+
+    return scorer
+
+
+def fit_length(train: rm.Judgements) -> tuple[Scorer, int]:
+    """The rule "closer to L words is better", with the L in 5..60 that best orders the training pairs."""
+
+    def rule(length: int) -> Scorer:
+        return lambda _, summaries: (
+            -np.abs(np.array([len(_WORD.findall(s.lower())) for s in summaries]) - length)
+        )
+
+    best = max(range(5, 61), key=lambda length: agreement_of(rule(length), train.pairs()))
+    return rule(best), best
+
+
+def merged(parts: Sequence[rm.Judgements]) -> rm.Judgements:
+    return rm.Judgements([j for p in parts for j in p.rated], [j for p in parts for j in p.chosen])
+
+
+# --------------------------------------------------------------------------
+def probe(run_dir: Path, train_share: float, steps: int, head_steps: int, rates: tuple[float, float]) -> dict:
+    config = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
+    corpus = load_corpus(config)
+    by_text = {doc.text: doc for doc in corpus.documents}
+    summarizer = AutoModelForSeq2SeqLM.from_pretrained(run_dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    max_tokens = config.max_source_tokens
+
+    users = {}
+    for path in sorted((run_dir / "users").glob(f"user-*/{STATE_FILE}")):
+        with safe_open(str(path), framework="numpy") as handle:
+            judgements = judgements_from_mapping(json.loads(handle.metadata()["judgements"]))
+        user = int(path.parent.name.removeprefix("user-"))
+        users[user] = (build_profile(user, config.user_profiles, config.aspects, config.seed), judgements)
+    if not users:
+        raise SystemExit(f"{run_dir}: no users/user-*/{STATE_FILE} (was it run with a learned reward model?)")
+    split = {u: split_by_document(j, train_share) for u, (_, j) in users.items()}
+    features = Features(summarizer, tokenizer, max_tokens)
+
+    rows = []
+    for user, (profile, _) in users.items():
+        train, test = split[user]
+
+        def utility(documents, summaries, profile=profile):
+            return np.array(
+                [
+                    judge(profile, s, by_text[d].summary(profile.aspect)).utility
+                    for d, s in zip(documents, summaries, strict=True)
+                ]
+            )
+
+        same_aspect = [split[u][0] for u, (p, _) in users.items() if p.aspect == profile.aspect]
+        length_rule, length = fit_length(train)
+        scorers: dict[str, Scorer] = {
+            "encoder+head": fit_encoder_and_head(
+                copy.deepcopy(summarizer), tokenizer, train, steps, rates, max_tokens
+            ),
+            "head": fit_head(features, train, head_steps, rates),
+            "head, same aspect": fit_head(features, merged(same_aspect), head_steps, rates),
+            "head, all users": fit_head(features, merged([s[0] for s in split.values()]), head_steps, rates),
+            # the pooled states alone, at the fast rate: what they can tell when given a free hand
+            "states only": fit_head(features, train, head_steps, (rates[1], rates[1]), see_length=False),
+            "length": length_rule,
+            "true utility": utility,
+        }
+        held_out = summaries_of(test)
+        documents, summaries = [d for d, _ in held_out], [s for _, s in held_out]
+        true = utility(documents, summaries)
+        row = {
+            "user": user,
+            "aspect": profile.aspect,
+            "length-words": profile.length_words,
+            "train-judgements": len(train),
+            "test-judgements": len(test),
+            "test-pairs": len(test.pairs()),
+            "fitted-length": length,
+        }
+        for name, scorer in scorers.items():
+            row[f"{name} agreement"] = agreement_of(scorer, test.pairs())
+            row[f"{name} train-agreement"] = agreement_of(scorer, train.pairs())
+            row[f"{name} accuracy"] = rm.pairwise_accuracy(
+                scorer(documents, summaries).tolist(), true.tolist(), documents
+            )
+        rows.append(row)
+        print(
+            f"user {user}: "
+            + ", ".join(f"{n} {row[f'{n} agreement']:.2f}/{row[f'{n} accuracy']:.2f}" for n in scorers),
+            flush=True,
+        )
+    names = list(scorers)
+    means = {
+        f"{n} {kind}": float(np.nanmean([r[f"{n} {kind}"] for r in rows]))
+        for n in names
+        for kind in ("agreement", "train-agreement", "accuracy")
+    }
+    return {
+        "run": str(run_dir),
+        "train-share": train_share,
+        "learning-rates": rates,
+        "encoder-steps": steps,
+        "head-steps": head_steps,
+        "models": names,
+        "users": rows,
+        "means": means,
+    }
+
+
+def plot(figures: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = figures["models"]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for offset, kind in ((-0.2, "agreement"), (0.2, "accuracy")):
+        values = [figures["means"][f"{n} {kind}"] for n in names]
+        ax.bar(x + offset, values, width=0.4, label=f"held-out {kind}")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(x, names, rotation=15)
+    ax.set_ylim(0.3, 1.0)
+    ax.set_ylabel("pairs ordered as the user")
+    ax.set_title("Reward models from a user's judgements, held-out documents (mean over users)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a finished run with a learned reward model")
+    parser.add_argument("--train-share", type=float, default=2 / 3, help="share of documents to learn from")
+    parser.add_argument(
+        "--steps", type=int, default=120, help="encoder+head steps (a 32-budget run's 3 rounds take 120)"
+    )
+    parser.add_argument(
+        "--head-steps", type=int, default=120, help="full-batch steps of the head-only models"
+    )
+    defaults = RunConfig()  # the product's rates today, not those the run was made with
+    parser.add_argument("--learning-rate", type=float, default=defaults.reward_model_learning_rate)
+    parser.add_argument(
+        "--length-learning-rate", type=float, default=defaults.reward_model_length_learning_rate
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rates = (args.learning_rate, args.length_learning_rate)
+    figures = probe(args.run_dir, args.train_share, args.steps, args.head_steps, rates)
+    for name in figures["models"]:
+        m = figures["means"]
+        print(
+            f"{name:>18}: held-out agreement {m[f'{name} agreement']:.3f}, accuracy {m[f'{name} accuracy']:.3f}, "
+            f"train agreement {m[f'{name} train-agreement']:.3f}"
+        )
+    write_result("reward-model-probe", figures)
+    plot(figures, RESULTS_DIR / "reward-model-probe.png")
+
+
+if __name__ == "__main__":
+    main()
