@@ -15,11 +15,11 @@ model can be kept, and later averaged or clustered, on its own, apart from the p
 The head sees the length because mean pooling hides it (a mean over tokens barely moves when
 a summary grows by a clause), and length is most of what separates one document's samples
 for a user. ``bench/reward_model_probe.py`` refits reward models on a finished run's
-judgements and tests them on held-out documents: on the judgements of a 32-judgement run,
-the model before this head (pooled states only, encoder at 1e-3) ordered the user's held-out
-pairs as the user did 0.49 of the time, chance, while a one-parameter "closer to L words" rule
-got 0.69 (0.74 by the true utility); this model gets 0.65 (0.69), near the rule (0.65 and 0.72
-on a later run's judgements, ``bench/results/reward-model-probe.json``). Length is also the
+judgements and tests them on held-out documents. On a 32-judgement run's, the model before
+this head (pooled states only, encoder at 1e-3) ordered the user's held-out pairs as the user
+did 0.49 of the time, chance, and a one-parameter "closer to L words" rule 0.69 (0.74 by the
+true utility). On a later run's (``bench/results/reward-model-probe.json``) this model gets
+0.65 (0.69), as the rule does (0.65; 0.72), the pooled states alone 0.59 (0.56). Length is also the
 best-known axis of human preference in RLHF (Singhal et al., 2023,
 https://arxiv.org/abs/2310.03716). Soft length buckets let the head learn any length profile
 (a preferred length, or "shorter is better"); as a linear model on a dozen features it can
