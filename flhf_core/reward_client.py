@@ -35,6 +35,7 @@ from .protocol import (
 from .session import UserSession
 
 SHARED_MODES = ("federated", "clustered")
+REWARD_MODEL_STREAM = 13  # tells the reward model's random stream from the user's others
 
 
 def received_models(content: RecordDict) -> list[ArrayRecord]:
@@ -75,6 +76,7 @@ def learned_scorer(session: UserSession, budget: tuple) -> LearnedScorer:
         config.max_source_tokens,
         active=config.reward_queries == "active",
         trust=config.reward_model_trust,
+        seed=[config.seed, session.user, session.server_round, REWARD_MODEL_STREAM],
     )
 
 
