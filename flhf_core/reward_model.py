@@ -19,8 +19,8 @@ judgements and tests them on held-out documents. On a 32-judgement run's, the mo
 this head (pooled states only, encoder at 1e-3) ordered the user's held-out pairs as the user
 did 0.49 of the time, chance, and a one-parameter "closer to L words" rule 0.69 (0.74 by the
 true utility). On a later run's (``bench/results/reward-model-probe.json``) this model gets
-0.65 (0.69), as the rule does (0.65; 0.72), the pooled states alone 0.59 (0.56). Length is
-also the best-known axis of human preference in RLHF (Singhal et al., 2023,
+0.74 (0.76), about what the rule does (0.76; 0.79), the pooled states alone 0.55 (0.54).
+Length is also the best-known axis of human preference in RLHF (Singhal et al., 2023,
 https://arxiv.org/abs/2310.03716). Soft length buckets let the head learn any length profile
 (a preferred length, or "shorter is better"); as a linear model on a dozen features it can
 learn it from few judgements, so it has its own, larger learning rate
