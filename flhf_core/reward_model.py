@@ -78,7 +78,11 @@ LENGTH_WIDTH = 5.0  # words: neighbouring buckets overlap, so every length is be
 
 def length_features(summaries: Sequence[str]) -> torch.Tensor:
     """Each summary's soft length buckets, ``(len(summaries), len(LENGTH_CENTERS))``."""
-    words = torch.tensor([float(len(s.split())) for s in summaries])
+    # clamped to the buckets' range: a summary longer than the last bucket scores as one at the
+    # last, so it cannot escape a learned "too long" by growing further (none would be near it)
+    words = torch.tensor([float(len(s.split())) for s in summaries]).clamp(
+        LENGTH_CENTERS[0], LENGTH_CENTERS[-1]
+    )
     centers = torch.tensor(LENGTH_CENTERS, dtype=torch.float32)
     return torch.exp(-0.5 * ((words[:, None] - centers) / LENGTH_WIDTH) ** 2)
 
@@ -89,8 +93,11 @@ class ScoreHead(nn.Module):
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.content = nn.Linear(hidden_size, 1, bias=False)
-        self.length = nn.Linear(len(LENGTH_CENTERS), 1)
+        # built without nn.Linear's random initialization, which would draw from torch's
+        # generator, the one the policy samples from on CPU: a run with a reward model must
+        # sample what the same run without one samples (LearnedScorer, "its own random streams")
+        self.content = nn.utils.skip_init(nn.Linear, hidden_size, 1, bias=False)
+        self.length = nn.utils.skip_init(nn.Linear, len(LENGTH_CENTERS), 1)
         for parameter in self.parameters():  # every summary scores 0 (rating 0.5) until judged
             nn.init.zeros_(parameter)
 

@@ -64,7 +64,8 @@ def test_a_fresh_reward_model_is_indifferent_and_never_shares_the_summarizers_we
 def test_fitting_learns_what_the_user_prefers(tiny_model, tokenizer):
     """Ratings and choices that favour summaries naming the parser: after fitting, unseen
     summaries that do are scored above those that do not, on unseen documents (every summary
-    five words long, so only the content can tell them apart)."""
+    five words long, so only the content can tell them apart). What the model can represent,
+    with every parameter at one rate: the configured fit only nudges the content weights."""
     torch.manual_seed(SEED)
     model = rm.RewardModel.from_summarizer(tiny_model)
     documents = [f"we propose a parser for language {k} and test it on treebanks" for k in range(8)]
@@ -122,6 +123,19 @@ def test_the_head_learns_a_preferred_length_from_a_few_judgements(tiny_model, to
     unseen = [(d, summary(16), summary(rng.choice([6, 28, 38]))) for d in documents[12:]]
     assert rm.agreement(model, tokenizer, unseen, 64) == [1.0] * 8
     assert rm.length_features(["one two three", ""]).shape == (2, len(rm.LENGTH_CENTERS))
+
+
+def test_the_optimizer_fits_the_length_profile_fast_and_nudges_the_rest(tiny_model):
+    """Every parameter in exactly one group: the head's length weights and offset at the length
+    rate, the encoder and the content weights at the other."""
+    model = rm.RewardModel.from_summarizer(tiny_model)
+    slow, fast = rm.optimizer(model, 1e-4, 3e-2).param_groups
+    assert (slow["lr"], fast["lr"]) == (1e-4, 3e-2)
+    assert {id(p) for p in fast["params"]} == {id(model.head.length.weight), id(model.head.length.bias)}
+    assert {id(p) for p in slow["params"]} == {id(p) for p in model.parameters()} - {
+        id(p) for p in fast["params"]
+    }
+    assert len(slow["params"]) + len(fast["params"]) == len(list(model.parameters()))
 
 
 def test_judgement_loss_by_hand(tiny_model, tokenizer):

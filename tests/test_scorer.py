@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -283,24 +284,28 @@ def test_the_gate_keeps_an_untrusted_model_from_scoring(tiny_model, tokenizer):
 
 
 def test_a_reward_model_that_never_scores_leaves_the_runs_random_streams_alone(tiny_model, tokenizer):
-    """Fitting the reward model draws from its own generator and gives torch's back, so a user
-    whose model the gate keeps shut samples what a user without one samples: the rows of a
-    matrix then differ by what the model does, not by shifted random streams (paired runs)."""
+    """Building the reward model draws no random number, and fitting it draws from its own
+    generator and gives torch's back, so a user whose model the gate keeps shut samples what a
+    user without one samples: the rows of a matrix then differ by what the model does, not by
+    shifted random streams (paired runs)."""
     from flhf_core import reward_model as rm
     from flhf_core.algorithms.scorer import LearnedScorer, Scorer
 
-    def after_a_step(scorer: Scorer) -> tuple[list[float], float, torch.Tensor]:
+    def after_a_step(make: Callable[[], Scorer]) -> tuple[list[float], float, torch.Tensor, Scorer]:
         torch.manual_seed(SEED)
+        scorer = make()  # as a round does: the reward model is built after the seed is set
         rng = np.random.default_rng(SEED)
         feedback = scorer.rate(rollout_of(3, 4), rng)
-        return feedback.rated.tolist(), rng.random(), torch.rand(3)
+        return feedback.rated.tolist(), rng.random(), torch.rand(3), scorer
 
-    model = rm.RewardModel.from_summarizer(tiny_model)
-    model.train()  # dropout would draw from torch's generator
-    shut = LearnedScorer(
-        CAREFUL, 4, 1, 4, model, tokenizer, rm.Judgements([], []), 2, 1e-3, 1e-2, 64, trust=0.9, seed=7
-    )
-    plain = after_a_step(Scorer(CAREFUL, 4, 1, 4))
-    learned = after_a_step(shut)
-    assert len(shut.judgements) > 0 and shut.losses  # it did learn this step
+    def shut() -> LearnedScorer:
+        model = rm.RewardModel.from_summarizer(tiny_model).train()  # dropout would draw
+        judgements = rm.Judgements([], [])
+        return LearnedScorer(
+            CAREFUL, 4, 1, 4, model, tokenizer, judgements, 2, 1e-3, 1e-2, 64, trust=0.9, seed=7
+        )
+
+    *plain, _ = after_a_step(lambda: Scorer(CAREFUL, 4, 1, 4))
+    *learned, scorer = after_a_step(shut)
+    assert len(scorer.judgements) > 0 and scorer.losses  # it did learn this step
     assert learned[0] == plain[0] and learned[1] == plain[1] and torch.equal(learned[2], plain[2])

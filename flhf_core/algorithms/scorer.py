@@ -34,6 +34,15 @@ from ..feedback import UserProfile, judge, judging_profile, prefers_first, score
 from .rollout import Rollout, RolloutFeedback
 
 
+def model_gpus(model: torch.nn.Module) -> list[int]:
+    """The GPU ``model`` is on, as :func:`torch.random.fork_rng` takes it (none on CPU: forking
+    every visible GPU's generator would start CUDA in a CPU run)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 class Scorer:
     """The simulated user as the feedback algorithms see it, within ``budget`` judgements per
     round of ``steps`` steps (``budget = 0``: unlimited).
@@ -242,7 +251,8 @@ class LearnedScorer(Scorer):
         self.judgements.chosen += new.chosen
         if len(new):  # one optimizer per round: its moments carry over between steps
             fit_seed = int(self._fit_rng.integers(2**31))
-            with torch.random.fork_rng():  # dropout draws from torch's generator: give it back
+            # dropout draws from torch's generator: give it back (the CPU's, and the model's GPU's)
+            with torch.random.fork_rng(devices=model_gpus(self.reward_model)):
                 torch.manual_seed(fit_seed)
                 self.losses = rm.fit(
                     self.reward_model,
