@@ -3,20 +3,27 @@
     python bench/reward_model_probe.py results/quality/ppo_none_none+personal@32/seed-0
 
 Reads a finished run with learned reward models (issue 13): each user's judgements, as the
-user kept them (``users/user-<k>/reward-model.safetensors``), and the run's final summarizer.
-Splits each user's judgements by document, in the order given: the first ``--train-share`` of
-the documents to learn from, the rest held out (no document on both sides). Then fits, on the
+user kept them (``users/user-<k>/reward-model.safetensors``), and the run's final summarizer
+(whose encoder every model here starts from; the product's starts from the summarizer of the
+user's first feedback round and keeps it, nudged). Splits each user's judgements by document:
+the first ``--train-share`` of the documents (ratings' documents first, then choices', each
+in the order given) to learn from, the rest held out (no document on both sides). Then fits, on the
 same judgements and losses as the product (:func:`flhf_core.reward_model.fit`'s Bradley-Terry
 and rating losses), reward models that differ in how much they may learn and whose
 judgements they learn from:
 
-* ``encoder+head``: the product's model (the summarizer's encoder, copied, and a scalar head;
-  everything trained, the product's learning rate, ``--steps`` steps);
-* ``head``: the head alone, on the frozen encoder's mean-pooled states (a linear model with
-  d_model + 1 parameters);
+* ``encoder+head``: the product's model and fit (the summarizer's encoder, copied, and the
+  length-aware head; the encoder and content weights at ``--learning-rate``, the length profile
+  and offset at ``--length-learning-rate``, ``--steps`` minibatch steps);
+* ``first model``: the model before its head saw length (a head on the pooled states alone,
+  every parameter at 1e-3), fitted alike: the before-and-after on the same judgements;
+* ``head``: the head alone on the frozen encoder (d_model + 11 parameters, full batch; its
+  content weights at the slow rate, so mostly a length model);
 * ``head, all users``: that head fitted on every user's training judgements (what perfect
   sharing could give a user: a federated model can do no better than pooling), and
-  ``head, same aspect``: on the judgements of the users who want the same aspect;
+  ``head, same aspect``: on the judgements of the users who want the same aspect (others'
+  judgements of the user's held-out documents left out);
+* ``states only``: the pooled states alone, at the fast rate (what they tell on their own);
 * ``length``: a one-parameter rule, "closer to L words is better", L fitted on the training pairs;
 * ``true utility``: the simulated user's own utility (what nothing here can see): its agreement
   with the user's held-out pairs is the ceiling the user's noise leaves.
@@ -54,8 +61,8 @@ _WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 
 
 def split_by_document(judgements: rm.Judgements, train_share: float) -> tuple[rm.Judgements, rm.Judgements]:
-    """The judgements of the first ``train_share`` of the documents (in the order the user first
-    judged them) and those of the rest."""
+    """The judgements of the first ``train_share`` of the documents (those rated first, then those
+    chosen between, each in the order given: the order judged, for one kind) and those of the rest."""
     order = list(dict.fromkeys([d for d, _, _ in judgements.rated] + [d for d, _, _ in judgements.chosen]))
     train_documents = set(order[: round(train_share * len(order))])
 
@@ -87,11 +94,27 @@ def summaries_of(judgements: rm.Judgements) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------
 # The reward models
 # --------------------------------------------------------------------------
+class LengthBlind(rm.RewardModel):
+    """The reward model before its head saw length: the length buckets always read 0."""
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        return super().forward(input_ids, attention_mask, torch.zeros_like(lengths))
+
+
 def fit_encoder_and_head(
-    summarizer, tokenizer, train: rm.Judgements, steps: int, rates: tuple[float, float], max_tokens: int
+    summarizer,
+    tokenizer,
+    train: rm.Judgements,
+    steps: int,
+    rates: tuple[float, float],
+    max_tokens: int,
+    blind: bool = False,
 ) -> Scorer:
-    """The product's reward model, fitted as a client fits it (minibatches of 16, AdamW)."""
-    model = rm.RewardModel.from_summarizer(summarizer)
+    """The product's reward model (``blind``: the first one), fitted as a client fits it
+    (minibatches of 16, AdamW)."""
+    model = (LengthBlind if blind else rm.RewardModel).from_summarizer(summarizer)
     rm.fit(
         model, tokenizer, train, steps, rm.optimizer(model, *rates), max_tokens, rng=np.random.default_rng(0)
     )
@@ -180,8 +203,14 @@ def fit_length(train: rm.Judgements) -> tuple[Scorer, int]:
     return rule(best), best
 
 
-def merged(parts: Sequence[rm.Judgements]) -> rm.Judgements:
-    return rm.Judgements([j for p in parts for j in p.rated], [j for p in parts for j in p.chosen])
+def merged(parts: Sequence[rm.Judgements], held_out: rm.Judgements) -> rm.Judgements:
+    """Several users' judgements in one, less any of a document ``held_out`` holds (users with
+    other aspects may hold the same document: its judgements would leak the held-out side)."""
+    kept = {d for d, _, _ in held_out.rated} | {d for d, _, _ in held_out.chosen}
+    return rm.Judgements(
+        [j for p in parts for j in p.rated if j[0] not in kept],
+        [j for p in parts for j in p.chosen if j[0] not in kept],
+    )
 
 
 # --------------------------------------------------------------------------
@@ -222,9 +251,14 @@ def probe(run_dir: Path, train_share: float, steps: int, head_steps: int, rates:
             "encoder+head": fit_encoder_and_head(
                 copy.deepcopy(summarizer), tokenizer, train, steps, rates, max_tokens
             ),
+            "first model": fit_encoder_and_head(
+                copy.deepcopy(summarizer), tokenizer, train, steps, (1e-3, 1e-3), max_tokens, blind=True
+            ),
             "head": fit_head(features, train, head_steps, rates),
-            "head, same aspect": fit_head(features, merged(same_aspect), head_steps, rates),
-            "head, all users": fit_head(features, merged([s[0] for s in split.values()]), head_steps, rates),
+            "head, same aspect": fit_head(features, merged(same_aspect, test), head_steps, rates),
+            "head, all users": fit_head(
+                features, merged([s[0] for s in split.values()], test), head_steps, rates
+            ),
             # the pooled states alone, at the fast rate: what they can tell when given a free hand
             "states only": fit_head(features, train, head_steps, (rates[1], rates[1]), see_length=False),
             "length": length_rule,
@@ -280,12 +314,12 @@ def plot(figures: dict, path: Path) -> None:
 
     names = figures["models"]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(10, 4))
     for offset, kind in ((-0.2, "agreement"), (0.2, "accuracy")):
         values = [figures["means"][f"{n} {kind}"] for n in names]
         ax.bar(x + offset, values, width=0.4, label=f"held-out {kind}")
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
-    ax.set_xticks(x, names, rotation=15)
+    ax.set_xticks(x, names, rotation=20, ha="right")
     ax.set_ylim(0.3, 1.0)
     ax.set_ylabel("pairs ordered as the user")
     ax.set_title("Reward models from a user's judgements, held-out documents (mean over users)")
