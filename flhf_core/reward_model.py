@@ -21,9 +21,9 @@ did 0.49 of the time, chance, and a one-parameter "closer to L words" rule 0.69 
 true utility). On a later run's (``bench/results/reward-model-probe.json``) this model gets
 0.73 (0.78), the model before it 0.60 (0.64; 0.95 on what it learned), the rule 0.71 (0.77),
 the pooled states alone 0.59 (0.56). Length is also the best-known axis of human
-preference in RLHF (Singhal et al., 2023, https://arxiv.org/abs/2310.03716). Soft length buckets let the head learn any length profile
-(a preferred length, or "shorter is better"); as a linear model on a dozen features it can
-learn it from few judgements, so it has its own, larger learning rate
+preference in RLHF (Singhal et al., 2023, https://arxiv.org/abs/2310.03716). Soft length
+buckets let the head learn any length profile (a preferred length, or "shorter is better");
+as a linear model on a dozen features it can learn it from few judgements, so it has its own, larger learning rate
 (``reward-model-length-learning-rate``: a few dozen steps at the encoder's rate move it too
 little to matter). The encoder and the content weights, hundreds of thousands of parameters
 fitted to a few dozen noisy judgements, memorize them (at 1e-3: pair agreement 0.95 on what
