@@ -23,9 +23,9 @@ true utility). On a later run's (``bench/results/reward-model-probe.json``) this
 the pooled states alone 0.59 (0.56). Length is also the best-known axis of human
 preference in RLHF (Singhal et al., 2023, https://arxiv.org/abs/2310.03716). Soft length
 buckets let the head learn any length profile (a preferred length, or "shorter is better");
-as a linear model on a dozen features it can learn it from few judgements, so it has its own, larger learning rate
-(``reward-model-length-learning-rate``: a few dozen steps at the encoder's rate move it too
-little to matter). The encoder and the content weights, hundreds of thousands of parameters
+as a linear model on a dozen features it can learn it from few judgements, so it has its
+own, larger learning rate (``reward-model-length-learning-rate``: a few dozen steps at the
+encoder's rate move it too little to matter). The encoder and the content weights, hundreds of thousands of parameters
 fitted to a few dozen noisy judgements, memorize them (at 1e-3: pair agreement 0.95 on what
 they learned, near chance on held-out documents), so they are only nudged
 (``reward-model-learning-rate`` 1e-4).
