@@ -12,20 +12,20 @@ fit a head and nudge the encoder. It is a *copy*, never shared weights: the poli
 not move the reward model (that would let the policy edit its own judge), and the reward
 model can be kept, and later averaged or clustered, on its own, apart from the policy.
 
-The head sees the length because mean pooling hides it (a mean over tokens barely moves when
-a summary grows by a clause), and length is most of what separates one document's samples
-for a user. ``bench/reward_model_probe.py`` refits reward models on a finished run's
-judgements and tests them on held-out documents. On a 32-judgement run's, the model before
-this head (pooled states only, encoder at 1e-3) ordered the user's held-out pairs as the user
-did 0.49 of the time, chance, and a one-parameter "closer to L words" rule 0.69 (0.74 by the
-true utility). On a later run's (``bench/results/reward-model-probe.json``) this model gets
-0.73 (0.78), the model before it 0.60 (0.64; 0.95 on what it learned), the rule 0.71 (0.77),
-the pooled states alone 0.59 (0.56). Length is also the best-known axis of human
-preference in RLHF (Singhal et al., 2023, https://arxiv.org/abs/2310.03716). Soft length
-buckets let the head learn any length profile (a preferred length, or "shorter is better");
-as a linear model on a dozen features it can learn it from few judgements, so it has its
-own, larger learning rate (``reward-model-length-learning-rate``: a few dozen steps at the
-encoder's rate move it too little to matter). The encoder and the content weights, hundreds of thousands of parameters
+The head sees the length because mean pooling hides it (a mean over tokens barely moves when a
+summary grows by a clause), and length is most of what separates one document's samples for a
+user. ``bench/reward_model_probe.py`` refits reward models on a finished run's judgements and
+tests them on held-out documents. On a 32-judgement run's, the model before this head (pooled
+states only, encoder at 1e-3) ordered the user's held-out pairs as the user did 0.49 of the
+time, chance, and a one-parameter "closer to L words" rule 0.69 (0.74 by the true utility). On
+a later run's (``bench/results/reward-model-probe.json``) this model gets 0.73 (0.78), the
+model before it 0.60 (0.64; 0.95 on what it learned), the rule 0.71 (0.77), the pooled states
+alone 0.59 (0.56). Length is also the best-known axis of human preference in RLHF (Singhal et
+al., 2023, https://arxiv.org/abs/2310.03716). Soft length buckets let the head learn any
+length profile (a preferred length, or "shorter is better"); as a linear model on a dozen
+features it can learn it from few judgements, so it has its own, larger learning rate
+(``reward-model-length-learning-rate``: a few dozen steps at the encoder's rate move it too
+little to matter). The encoder and the content weights, hundreds of thousands of parameters
 fitted to a few dozen noisy judgements, memorize them (at 1e-3: pair agreement 0.95 on what
 they learned, near chance on held-out documents), so they are only nudged
 (``reward-model-learning-rate`` 1e-4).
