@@ -20,7 +20,9 @@ from flhf_core.algorithms.reinforce import reinforce_loss
 from flhf_core.algorithms.rollout import (
     FeedbackConfig,
     Rollout,
+    informative_samples,
     kl_k3,
+    policy_token_mask,
     rloo_advantages,
     sample,
     token_logprobs,
@@ -120,11 +122,46 @@ def test_reinforce_and_ppo_put_the_kl_on_the_same_per_token_scale():
     mask = torch.tensor([[1.0] * 6, [1.0] * 3 + [0.0] * 3, [1.0] * 5 + [0.0], [1.0] * 2 + [0.0] * 4])
     advantages = torch.tensor([1.0, -0.5, 0.3, -0.8])
     logp = torch.nn.functional.logsigmoid(logits) * mask
-    pg = reinforce_loss(logp, advantages, mask)
+    informative = torch.ones(4)
+    pg = reinforce_loss(logp, advantages, mask, informative)
     (pg_grad,) = torch.autograd.grad(pg, logits, retain_graph=True)
-    clipped, _ = ppo_clip_loss(logp, logp.detach(), advantages, mask, clip=0.2)
+    clipped, _ = ppo_clip_loss(logp, logp.detach(), advantages, mask, informative, clip=0.2)
     (ppo_grad,) = torch.autograd.grad(clipped, logits)
     torch.testing.assert_close(pg_grad, ppo_grad)
+
+
+def test_unrated_samples_do_not_weaken_the_policy_term():
+    """A budget leaves most documents unrated: their samples carry no advantage and must not
+    enter the policy term's average (they did, so a user rating a tenth of the samples got a
+    tenth of the policy gradient against the same KL penalty). The rated document's step is
+    the same with or without unrated documents beside it; the KL term still sees them all."""
+    torch.manual_seed(0)
+    rated_logits = torch.randn(4, 6, requires_grad=True)
+    unrated_logits = torch.randn(8, 6)
+    rated = torch.tensor([1.0] * 4 + [0.0] * 8)  # one document of 4 samples rated, two not
+    scores = torch.cat([torch.tensor([0.2, 0.5, 0.1, 0.4]), torch.zeros(8)])
+    advantages = rloo_advantages(scores, rated, group_size=4)
+    informative = informative_samples(rated, group_size=4)
+    assert informative.tolist() == [1.0] * 4 + [0.0] * 8
+    mask = torch.ones(12, 6)
+    logp = torch.nn.functional.logsigmoid(torch.cat([rated_logits, unrated_logits]))
+    alone_logp = torch.nn.functional.logsigmoid(rated_logits)
+    ones = torch.ones(4)
+    for batch, alone in (
+        (
+            reinforce_loss(logp, advantages, mask, informative),
+            reinforce_loss(alone_logp, advantages[:4], mask[:4], ones),
+        ),
+        (
+            ppo_clip_loss(logp, logp.detach(), advantages, mask, informative, clip=0.2)[0],
+            ppo_clip_loss(alone_logp, alone_logp.detach(), advantages[:4], mask[:4], ones, clip=0.2)[0],
+        ),
+    ):
+        (batch_grad,) = torch.autograd.grad(batch, rated_logits, retain_graph=True)
+        (alone_grad,) = torch.autograd.grad(alone, rated_logits, retain_graph=True)
+        torch.testing.assert_close(batch_grad, alone_grad)  # was a third of it
+    token_mask = policy_token_mask(mask, informative)
+    assert token_mask.sum() == 24 and token_mask[4:].sum() == 0
 
 
 def test_k3_penalty_gradient_is_that_of_kl_from_the_reference():

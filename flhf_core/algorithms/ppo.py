@@ -5,10 +5,15 @@ reuses each rollout for several epochs while keeping the policy close to the one
 sampled it. Advantages are relative to the document's other samples, as in GRPO (Shao et
 al., 2024, https://arxiv.org/abs/2402.03300), with the leave-one-out baseline of
 reinforce.py (:func:`~flhf_core.algorithms.rollout.rloo_advantages`), so no value network
-is needed. Per token t of sample i, averaged over the N tokens of the batch:
+is needed. Per token t of sample i:
 
     ρ_t   = π_θ(y_t | ...) / π_old(y_t | ...)
-    L(θ)  = - 1/N sum_{i,t} min(ρ_t A_i, clip(ρ_t, 1-ε, 1+ε) A_i)  +  β * 1/N sum_{i,t} k3_i,t
+    L(θ)  = - 1/N_A sum_{i in I,t} min(ρ_t A_i, clip(ρ_t, 1-ε, 1+ε) A_i)  +  β * 1/N sum_{i,t} k3_i,t
+
+the surrogate averaged over the N_A tokens of the informative samples I (rated, with a
+baseline), the penalty over all N tokens of the batch, as in reinforce.py
+(:func:`~flhf_core.algorithms.rollout.policy_token_mask`: unrated samples must not weaken
+the surrogate against the penalty).
 
 π_old is the policy at sampling time, π_ref the model received this round (k3 as in
 reinforce.py: the same per-token scale, so ``kl-coef`` means the same in both; its
@@ -28,10 +33,12 @@ from .rollout import (
     FeedbackConfig,
     StatsMeter,
     frozen_copy,
+    informative_samples,
     kl_k3,
     make_optimizer,
     optimizer_step,
     pick_prompts,
+    policy_token_mask,
     rloo_advantages,
     sample,
     token_logprobs,
@@ -40,13 +47,20 @@ from .scorer import Scorer
 
 
 def ppo_clip_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    informative: torch.Tensor,
+    clip: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clipped surrogate, per token, and the ratio ρ = π_θ / π_old."""
+    """The clipped surrogate, per token of the informative samples (``informative``: 1.0 per
+    sample in I), and the ratio ρ = π_θ / π_old of every response token."""
     ratio = ((logp - old_logp) * mask).exp()
     unclipped = ratio * advantages[:, None]
     clipped = ratio.clamp(1 - clip, 1 + clip) * advantages[:, None]
-    return -(torch.min(unclipped, clipped) * mask).sum() / mask.sum().clamp(min=1), ratio
+    signal = policy_token_mask(mask, informative)
+    return -(torch.min(unclipped, clipped) * signal).sum() / signal.sum().clamp(min=1), ratio
 
 
 def train_ppo(
@@ -64,6 +78,7 @@ def train_ppo(
         rollout = sample(policy, tokenizer, pick_prompts(examples, config.prompts_per_step, rng), config)
         feedback = scorer.rate(rollout, rng)
         advantages = rloo_advantages(feedback.scores, feedback.rated, config.samples_per_prompt)
+        informative = informative_samples(feedback.rated, config.samples_per_prompt)
         mask = rollout.response_mask
         with torch.no_grad():
             old_logp = token_logprobs(policy, rollout, config.bf16, config.temperature)
@@ -71,7 +86,7 @@ def train_ppo(
         meter.add(**feedback.summary())
         for _ in range(config.ppo_epochs):
             logp = token_logprobs(policy, rollout, config.bf16, config.temperature)
-            policy_loss, ratio = ppo_clip_loss(logp, old_logp, advantages, mask, config.ppo_clip)
+            policy_loss, ratio = ppo_clip_loss(logp, old_logp, advantages, mask, informative, config.ppo_clip)
             log_ratio = (logp - old_logp) * mask
             kl = kl_k3(logp, ref_logp, mask)
             loss = policy_loss + config.kl_coef * kl

@@ -8,9 +8,12 @@ scaled to unit spread over the batch (:func:`~flhf_core.algorithms.rollout.rloo_
 The loss is averaged per token, as PPO's is, so that ``kl-coef`` means the same in both:
 
     A_i  = r_i - 1/(k-1) sum_{j != i} r_j
-    L(θ) = - 1/N sum_{i,t} A_i log π_θ(y_i,t | y_i,<t, x)   +   β * 1/N sum_{i,t} k3_i,t
+    L(θ) = - 1/N_A sum_{i in I,t} A_i log π_θ(y_i,t | y_i,<t, x)   +   β * 1/N sum_{i,t} k3_i,t
 
-N is the number of response tokens in the batch; π_θ's log-probabilities are of logits / T,
+I is the informative samples (rated, with another rated sample of the document), N_A their
+response tokens, N all the batch's (:func:`~flhf_core.algorithms.rollout.policy_token_mask`:
+so that a feedback budget that leaves samples unrated does not weaken the policy term
+against the KL term); π_θ's log-probabilities are of logits / T,
 the distribution the tokens were drawn from. π_ref is the model received from the server
 this round, so local updates stay near the federation's model; k3 = exp(q) - q - 1,
 q = log π_ref - log π_θ (Schulman, 2020), whose gradient is that of KL(π_ref || π_θ)
@@ -30,10 +33,12 @@ from .rollout import (
     FeedbackConfig,
     StatsMeter,
     frozen_copy,
+    informative_samples,
     kl_k3,
     make_optimizer,
     optimizer_step,
     pick_prompts,
+    policy_token_mask,
     rloo_advantages,
     sample,
     token_logprobs,
@@ -41,9 +46,13 @@ from .rollout import (
 from .scorer import Scorer
 
 
-def reinforce_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """- 1/N sum_{i,t} A_i log π(y_i,t): the policy-gradient surrogate, per token."""
-    return -(advantages[:, None] * logp * mask).sum() / mask.sum().clamp(min=1)
+def reinforce_loss(
+    logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, informative: torch.Tensor
+) -> torch.Tensor:
+    """- 1/N_A sum_{i in I,t} A_i log π(y_i,t): the policy-gradient surrogate, per token of
+    the informative samples ``I`` (``informative``: 1.0 per sample in I)."""
+    signal = policy_token_mask(mask, informative)
+    return -(advantages[:, None] * logp * signal).sum() / signal.sum().clamp(min=1)
 
 
 def train_reinforce(
@@ -65,7 +74,8 @@ def train_reinforce(
         logp = token_logprobs(policy, rollout, config.bf16, config.temperature)
         with torch.no_grad():
             ref_logp = token_logprobs(reference, rollout, config.bf16, config.temperature)
-        policy_loss = reinforce_loss(logp, advantages, rollout.response_mask)
+        informative = informative_samples(feedback.rated, config.samples_per_prompt)
+        policy_loss = reinforce_loss(logp, advantages, rollout.response_mask, informative)
         kl = kl_k3(logp, ref_logp, rollout.response_mask)
         loss = policy_loss + config.kl_coef * kl
         optimizer_step(policy, optimizer, loss, config.max_grad_norm)

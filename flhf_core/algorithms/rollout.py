@@ -174,6 +174,27 @@ class RolloutFeedback:
         }
 
 
+def informative_samples(rated: torch.Tensor, group_size: int) -> torch.Tensor:
+    """1.0 for each sample that carries a policy-gradient signal: rated, and its document has
+    another rated sample to be its baseline; else 0.0 (flat, one per sample)."""
+    m = rated.view(-1, group_size)
+    return (m * (m.sum(dim=1, keepdim=True) > 1)).view(-1)
+
+
+def policy_token_mask(response_mask: torch.Tensor, informative: torch.Tensor) -> torch.Tensor:
+    """The response tokens the policy term averages over: those of the informative samples.
+
+    A sample without signal (unrated, within a budget or declined, or alone in its document)
+    must not dilute the step: were the policy term averaged over every sampled token, a run
+    whose user rated a tenth of the samples would weigh its KL penalty ten times as heavily
+    as one with every sample rated, and ``kl-coef`` would mean something else at every budget
+    (the KL term still averages over every sampled token: it regularizes all the policy
+    writes). DPO averages over its answered pairs alike; DAPO (Yu et al., 2025,
+    https://arxiv.org/abs/2503.14476) drops zero-advantage groups for the same reason.
+    """
+    return response_mask * informative.to(response_mask.dtype)[:, None]
+
+
 def rloo_advantages(rewards: torch.Tensor, rated: torch.Tensor, group_size: int) -> torch.Tensor:
     """REINFORCE leave-one-out advantages, scaled to unit spread (0 where no signal).
 
@@ -194,7 +215,7 @@ def rloo_advantages(rewards: torch.Tensor, rated: torch.Tensor, group_size: int)
     count = m.sum(dim=1, keepdim=True)
     others = (count - m).clamp(min=1)  # rated samples besides this one
     baseline = ((r * m).sum(dim=1, keepdim=True) - r * m) / others
-    informative = (m * (count > 1)).view(-1)
+    informative = informative_samples(rated, group_size)
     advantages = (r - baseline).view(-1) * informative
     # the spread of the informative advantages, without data-dependent branching (no device sync)
     n = informative.sum()
