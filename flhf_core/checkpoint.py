@@ -45,6 +45,7 @@ from safetensors import SafetensorError
 
 from .config import RESUMABLE_KEYS, ConfigError, RunConfig
 from .replies import Rejection, RoundReport
+from .reward_model import FORMAT as REWARD_MODEL_FORMAT
 from .tracking import atomic_write_text, read_metrics, save_folder_atomically
 
 LATEST = Path("checkpoints") / "latest"
@@ -169,6 +170,7 @@ def save_checkpoint(
             digests[STRATEGY_ARRAYS] = sha256_file(folder / STRATEGY_ARRAYS)
         state = {
             "format": FORMAT,
+            "reward-model-format": REWARD_MODEL_FORMAT,
             "round": server_round,
             "next-learning-rate": next_learning_rate,  # the schedule's position
             "failures": failures,
@@ -223,6 +225,19 @@ def check_resumable(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> None
         )
 
 
+def check_reward_model_format(state: Mapping[str, Any]) -> None:
+    """Refuse a run whose users saved reward models of another layout (checkpoints from before
+    the marker are layout 1): the users' files would not load, and each user would go on
+    without the judgements it gave (its file set aside as unreadable)."""
+    saved = state.get("reward-model-format", 1)
+    if state["config"].get("reward-model", "none") != "none" and saved != REWARD_MODEL_FORMAT:
+        raise CheckpointError(
+            f"cannot resume: the users' reward models were saved in layout {saved}, this FLHF "
+            f"reads layout {REWARD_MODEL_FORMAT} (flhf_core.reward_model.FORMAT). Resume with the "
+            "FLHF that started the run, or start a new run."
+        )
+
+
 def load_checkpoint(run_dir: Path) -> Checkpoint:
     """Read and verify ``run_dir``'s latest checkpoint; raise :class:`CheckpointError` if unusable.
 
@@ -274,6 +289,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         raise CheckpointError(
             f"the checkpoint {folder} is corrupt: {type(error).__name__}: {error}"
         ) from None
+    check_reward_model_format(state)
     return checkpoint
 
 

@@ -71,6 +71,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .model import canonical_parameters
 
+# The layout of the reward model's parameters, kept with every saved reward model and in the
+# server's checkpoint: a resume must not load parameters of another layout (1: a head on the
+# pooled states alone; 2: the head's content and length parts, issue 13's second pass).
+FORMAT = 2
+
 # Length buckets of the head (words): the summaries here run ~10-45 words (max-new-tokens 48).
 LENGTH_CENTERS = tuple(range(5, 55, 5))
 LENGTH_WIDTH = 5.0  # words: neighbouring buckets overlap, so every length is between two

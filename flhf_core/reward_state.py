@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 from transformers import PreTrainedModel
 
 from .model import parameters_to_record, record_to_parameters
-from .reward_model import Judgements, RewardModel
+from .reward_model import FORMAT, Judgements, RewardModel
 
 STATE_RECORD = "reward-model"  # ArrayRecord in Context.state
 JUDGEMENTS_RECORD = "reward-judgements"  # ConfigRecord in Context.state (with the round)
@@ -118,7 +118,7 @@ def keep(
         saved[old_round].unlink(missing_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as handle:
         temporary = Path(handle.name)
-    metadata = {"judgements": json.dumps(mapping), "round": str(server_round)}
+    metadata = {"judgements": json.dumps(mapping), "round": str(server_round), "format": str(FORMAT)}
     save_file({name: array.numpy() for name, array in record.items()}, str(temporary), metadata=metadata)
     os.replace(temporary, folder / STATE_FILE)
     return folder / STATE_FILE

@@ -24,7 +24,13 @@ from safetensors.numpy import load_file
 from test_end_to_end import check_feedback_run, flhf_background, processes_mentioning
 
 from flhf_core import cli, personal, reward_state
-from flhf_core.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
+from flhf_core.checkpoint import (
+    REWARD_MODEL_FORMAT,
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from flhf_core.config import RunConfig
 from flhf_core.inprocess import run_in_process
 from flhf_core.tracking import read_metrics
@@ -208,6 +214,26 @@ def test_a_corrupt_checkpoint_is_refused_and_the_folder_stays_as_it_was(tmp_path
     with pytest.raises(CheckpointError):
         load_checkpoint(run_dir)
     assert snapshot(run_dir) == before
+
+
+def test_a_resume_across_a_change_of_the_reward_models_layout_is_refused(tmp_path, checkpointed):
+    """A checkpoint of a run with a reward model, written before the layout marker (layout 1),
+    or by another layout, is refused: the users' saved models would not load, and each would
+    go on without its judgements. Runs without a reward model are not concerned."""
+    run_dir = shutil.copytree(checkpointed, tmp_path / "run")
+    state_path = run_dir / "checkpoints" / "latest" / "state.json"
+    state = json.loads(state_path.read_text())
+    assert state["reward-model-format"] == REWARD_MODEL_FORMAT  # what this FLHF writes
+    del state["reward-model-format"]
+    state_path.write_text(json.dumps(state))
+    load_checkpoint(run_dir)  # no reward model: nothing to refuse
+    state["config"]["reward-model"] = "personal"
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="saved in layout 1, this FLHF reads layout 2"):
+        load_checkpoint(run_dir)
+    state["reward-model-format"] = REWARD_MODEL_FORMAT
+    state_path.write_text(json.dumps(state))
+    assert load_checkpoint(run_dir).config["reward-model"] == "personal"
 
 
 def test_a_checkpoint_holds_the_pending_round_and_restores_the_rng_states(checkpointed):
