@@ -137,13 +137,8 @@ class Features:
         missing = [k for k in dict.fromkeys(zip(documents, summaries, strict=True)) if k not in self.cache]
         for start in range(0, len(missing), 32):
             batch = missing[start : start + 32]
-            encoded = self.tokenizer(
-                [rm.reward_input(d, s) for d, s in batch],
-                max_length=self.max_tokens,
-                truncation=True,
-                padding=True,
-                return_tensors="pt",
-            )
+            batch_documents, batch_summaries = zip(*batch, strict=True)
+            encoded = rm.encoded_inputs(self.tokenizer, batch_documents, batch_summaries, self.max_tokens)
             with torch.no_grad():
                 pooled = self.model.pooled(encoded["input_ids"], encoded["attention_mask"])
             self.cache.update(zip(batch, pooled, strict=True))

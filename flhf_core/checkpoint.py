@@ -226,10 +226,12 @@ def check_resumable(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> None
 
 
 def check_reward_model_format(state: Mapping[str, Any]) -> None:
-    """Refuse a run whose users saved reward models of another layout (checkpoints from before
-    the marker are layout 1): the users' files would not load, and each user would go on
-    without the judgements it gave (its file set aside as unreadable)."""
-    saved = state.get("reward-model-format", 1)
+    """Refuse a run whose users saved reward models of another layout: the users' files would
+    not load, and each user would go on without the judgements it gave (its file set aside as
+    unreadable). A checkpoint from before the marker has layout 2 if its config has the key
+    that came with layout 2 (``reward-model-length-learning-rate``), else 1."""
+    before_marker = 2 if "reward-model-length-learning-rate" in state["config"] else 1
+    saved = state.get("reward-model-format", before_marker)
     if state["config"].get("reward-model", "none") != "none" and saved != REWARD_MODEL_FORMAT:
         raise CheckpointError(
             f"cannot resume: the users' reward models were saved in layout {saved}, this FLHF "

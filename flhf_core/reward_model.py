@@ -67,13 +67,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
 from .model import canonical_parameters
 
-# The layout of the reward model's parameters, kept with every saved reward model and in the
-# server's checkpoint: a resume must not load parameters of another layout (1: a head on the
-# pooled states alone; 2: the head's content and length parts, issue 13's second pass).
+# The layout of the reward model's parameters, in the server's checkpoint (a resume of another
+# layout is refused: checkpoint.check_reward_model_format) and, for the record, with every
+# user's saved reward model (1: a head on the pooled states alone; 2: the head's content and
+# length parts, issue 13's second pass).
 FORMAT = 2
 
 # Length buckets of the head (words): the summaries here run ~10-45 words (max-new-tokens 48).
@@ -164,6 +165,19 @@ def reward_input(document: str, summary: str) -> str:
     return f"summary: {summary} document: {document}"
 
 
+def encoded_inputs(
+    tokenizer: PreTrainedTokenizerBase, documents: Sequence[str], summaries: Sequence[str], max_tokens: int
+) -> BatchEncoding:
+    """The reward model's input ids and attention mask of each (document, summary), padded."""
+    return tokenizer(
+        [reward_input(x, y) for x, y in zip(documents, summaries, strict=True)],
+        max_length=max_tokens,
+        truncation=True,
+        padding=True,
+        return_tensors="pt",
+    )
+
+
 def scores(
     model: RewardModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -172,13 +186,7 @@ def scores(
     max_tokens: int,
 ) -> torch.Tensor:
     """r(x, y) of each (document, summary), as a 1-d tensor (with gradients if enabled)."""
-    encoded = tokenizer(
-        [reward_input(x, y) for x, y in zip(documents, summaries, strict=True)],
-        max_length=max_tokens,
-        truncation=True,
-        padding=True,
-        return_tensors="pt",
-    ).to(next(model.parameters()).device)
+    encoded = encoded_inputs(tokenizer, documents, summaries, max_tokens).to(next(model.parameters()).device)
     return model(encoded["input_ids"], encoded["attention_mask"], length_features(summaries))
 
 

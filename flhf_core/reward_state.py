@@ -2,8 +2,9 @@
 
 Kept as personal parameters are (:mod:`flhf_core.personal`): in Flower's ``Context.state``
 (memory, survives rounds) and in the user's state folder, one safetensors file whose
-metadata holds the judgements and the round (written atomically: parameters and judgements
-never disagree). For a resume, the user also keeps the older versions a replayed round may
+metadata holds the judgements, the round and the parameters' layout
+(:data:`~flhf_core.reward_model.FORMAT`), written atomically: parameters and judgements
+never disagree. For a resume, the user also keeps the older versions a replayed round may
 need, and a round reads the newest version from before it.
 """
 

@@ -134,12 +134,14 @@ def test_unrated_samples_do_not_weaken_the_policy_term():
     """A budget leaves most documents unrated: their samples carry no advantage and must not
     enter the policy term's average (they did, so a user rating a tenth of the samples got a
     tenth of the policy gradient against the same KL penalty). The rated document's step is
-    the same with or without unrated documents beside it; the KL term still sees them all."""
+    the same with or without documents beside it that carry no signal: unrated, or with a
+    single rating (no baseline)."""
     torch.manual_seed(0)
     rated_logits = torch.randn(4, 6, requires_grad=True)
     unrated_logits = torch.randn(8, 6)
-    rated = torch.tensor([1.0] * 4 + [0.0] * 8)  # one document of 4 samples rated, two not
-    scores = torch.cat([torch.tensor([0.2, 0.5, 0.1, 0.4]), torch.zeros(8)])
+    # one document of 4 samples rated, one with a single rating, one unrated
+    rated = torch.tensor([1.0] * 4 + [1.0, 0.0, 0.0, 0.0] + [0.0] * 4)
+    scores = torch.cat([torch.tensor([0.2, 0.5, 0.1, 0.4, 0.9]), torch.zeros(7)])
     advantages = rloo_advantages(scores, rated, group_size=4)
     informative = informative_samples(rated, group_size=4)
     assert informative.tolist() == [1.0] * 4 + [0.0] * 8

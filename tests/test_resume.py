@@ -224,16 +224,22 @@ def test_a_resume_across_a_change_of_the_reward_models_layout_is_refused(tmp_pat
     state_path = run_dir / "checkpoints" / "latest" / "state.json"
     state = json.loads(state_path.read_text())
     assert state["reward-model-format"] == REWARD_MODEL_FORMAT  # what this FLHF writes
-    del state["reward-model-format"]
+    del state["reward-model-format"], state["config"]["reward-model-length-learning-rate"]  # as before both
     state_path.write_text(json.dumps(state))
     load_checkpoint(run_dir)  # no reward model: nothing to refuse
     state["config"]["reward-model"] = "personal"
     state_path.write_text(json.dumps(state))
-    with pytest.raises(CheckpointError, match="saved in layout 1, this FLHF reads layout 2"):
+    with pytest.raises(
+        CheckpointError, match=f"saved in layout 1, this FLHF reads layout {REWARD_MODEL_FORMAT}"
+    ):
         load_checkpoint(run_dir)
-    state["reward-model-format"] = REWARD_MODEL_FORMAT
+    state["config"]["reward-model-length-learning-rate"] = 0.03  # came with layout 2, before the marker
     state_path.write_text(json.dumps(state))
     assert load_checkpoint(run_dir).config["reward-model"] == "personal"
+    state["reward-model-format"] = REWARD_MODEL_FORMAT + 1  # a later FLHF's
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=f"saved in layout {REWARD_MODEL_FORMAT + 1}"):
+        load_checkpoint(run_dir)
 
 
 def test_a_checkpoint_holds_the_pending_round_and_restores_the_rng_states(checkpointed):

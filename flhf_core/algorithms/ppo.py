@@ -18,8 +18,9 @@ the surrogate against the penalty).
 π_old is the policy at sampling time, π_ref the model received this round (k3 as in
 reinforce.py: the same per-token scale, so ``kl-coef`` means the same in both; its
 gradient is that of KL(π_ref || π_θ)). All log-probabilities are of logits / T, the
-sampling distribution. Logged: the fraction of tokens whose ratio was clipped and the
-approximate KL(π_old || π_θ) (k3 again), the usual PPO health checks.
+sampling distribution. Logged: the fraction of the informative samples' tokens whose ratio
+was clipped and the approximate KL(π_old || π_θ) over every token (k3 again), the usual PPO
+health checks.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def train_ppo(
         advantages = rloo_advantages(feedback.scores, feedback.rated, config.samples_per_prompt)
         informative = informative_samples(feedback.rated, config.samples_per_prompt)
         mask = rollout.response_mask
+        signal = policy_token_mask(mask, informative)  # the tokens the clip acts on
         with torch.no_grad():
             old_logp = token_logprobs(policy, rollout, config.bf16, config.temperature)
             ref_logp = token_logprobs(reference, rollout, config.bf16, config.temperature)
@@ -92,7 +94,8 @@ def train_ppo(
             loss = policy_loss + config.kl_coef * kl
             optimizer_step(policy, optimizer, loss, config.max_grad_norm)
             with torch.no_grad():
-                clip_fraction = (((ratio - 1).abs() > config.ppo_clip).float() * mask).sum() / mask.sum()
+                clipped = ((ratio - 1).abs() > config.ppo_clip).float() * signal
+                clip_fraction = clipped.sum() / signal.sum().clamp(min=1)
                 approx_kl = (((ratio - 1) - log_ratio) * mask).sum() / mask.sum()
             meter.add(
                 loss=loss.item(),

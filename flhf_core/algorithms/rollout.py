@@ -189,8 +189,9 @@ def policy_token_mask(response_mask: torch.Tensor, informative: torch.Tensor) ->
     whose user rated a tenth of the samples would weigh its KL penalty ten times as heavily
     as one with every sample rated, and ``kl-coef`` would mean something else at every budget
     (the KL term still averages over every sampled token: it regularizes all the policy
-    writes). DPO averages over its answered pairs alike; DAPO (Yu et al., 2025,
-    https://arxiv.org/abs/2503.14476) drops zero-advantage groups for the same reason.
+    writes). DPO averages over its answered pairs alike; DAPO's dynamic sampling (Yu et al.,
+    2025, https://arxiv.org/abs/2503.14476) likewise keeps groups without signal out of the
+    batch, there to keep its effective size (DAPO has no KL term).
     """
     return response_mask * informative.to(response_mask.dtype)[:, None]
 
