@@ -223,9 +223,11 @@ def selection_score(rows: list[dict[str, Any]]) -> float:
 
 
 def best_algorithm(evidence_dir: Path, seeds: tuple[int, ...], declared: str | None = None) -> str | None:
-    """The feedback algorithm with the highest mean :func:`selection_score` over seeds, once all
-    its runs are in; until then ``declared`` (``--best``: the choice of an earlier pass whose
-    evidence is not here), which the algorithm rows must confirm once they are in."""
+    """The feedback algorithm with the highest mean :func:`selection_score` over ``seeds``, once
+    all its runs are in; until then ``declared`` (``--best``: the choice of an earlier pass whose
+    evidence is not here), which the algorithm rows must confirm once they are in. The matrix
+    asks over all of :data:`SEEDS`, whatever ``--seeds`` runs now: the choice belongs to the
+    matrix, and a run of one seed must not follow that seed's own choice."""
     means = {}
     for algorithm in ALGORITHMS:
         dirs = [evidence_dir / slug(f"{algorithm}/none/none") / f"seed-{s}" for s in seeds]
@@ -291,7 +293,7 @@ def run_matrix(
     """Every missing run: first those that need no best algorithm (they decide it), then the rest,
     until nothing that can be named is left (a failed run stops the matrix: its error shows)."""
     while True:
-        best = best_algorithm(evidence_dir, seeds, declared)
+        best = best_algorithm(evidence_dir, SEEDS, declared)
         todo, _waiting = missing(evidence_dir, seeds, best, only, retime)
         if not todo:
             return
@@ -301,7 +303,7 @@ def run_matrix(
 
 
 def plan(evidence_dir: Path, seeds: tuple[int, ...], declared: str | None = None) -> None:
-    todo, waiting = missing(evidence_dir, seeds, best_algorithm(evidence_dir, seeds, declared))
+    todo, waiting = missing(evidence_dir, seeds, best_algorithm(evidence_dir, SEEDS, declared))
     for name, overrides, seed in todo:
         print(f"to run: {command_line(overrides, seed)}   ({name})")
     done = [json.loads(p.read_text())["seconds"] for p in evidence_dir.glob("*/seed-*/bench.json")]
@@ -319,7 +321,7 @@ def plan(evidence_dir: Path, seeds: tuple[int, ...], declared: str | None = None
 # --------------------------------------------------------------------------
 def collect(evidence_dir: Path, seeds: tuple[int, ...], declared: str | None = None) -> list[dict[str, Any]]:
     """One row per finished method and seed (quality.json)."""
-    best = best_algorithm(evidence_dir, seeds, declared)
+    best = best_algorithm(evidence_dir, SEEDS, declared)
     rows = []
     for method, items in methods().items():
         resolved = resolve(method, items, best)
@@ -379,7 +381,7 @@ def main() -> None:
     evidence_dir = (PROJECT_DIR / args.evidence_dir).resolve()
     seeds = tuple(args.seeds)
     if args.methods:
-        best = best_algorithm(evidence_dir, seeds, args.best)
+        best = best_algorithm(evidence_dir, SEEDS, args.best)
         known = {resolved[0] for m, i in methods().items() if (resolved := resolve(m, i, best))}
         unknown = [m for m in args.methods if m not in known]
         if unknown:
@@ -391,7 +393,7 @@ def main() -> None:
         run_matrix(results_dir, evidence_dir, seeds, args.best, args.methods, args.retime)
     rows = collect(evidence_dir, seeds, args.best)
     table = aggregate(rows)
-    best = best_algorithm(evidence_dir, seeds, args.best)
+    best = best_algorithm(evidence_dir, SEEDS, args.best)
     RESULTS_DIR.mkdir(exist_ok=True)
     committed = RESULTS_DIR / "quality.json"
     if committed.is_file() and len(json.loads(committed.read_text())) > len(rows) and not args.replace_table:
@@ -412,7 +414,7 @@ def main() -> None:
             "preset": PRESET,
             "best-algorithm": best,
             # False: declared with --best, its algorithm rows are not all in yet to confirm it
-            "best-algorithm-confirmed": best_algorithm(evidence_dir, seeds) is not None,
+            "best-algorithm-confirmed": best_algorithm(evidence_dir, SEEDS) is not None,
             "matrix-seconds": sum(r["seconds"] or 0.0 for r in rows),
             "methods": table,
             "targets": found,

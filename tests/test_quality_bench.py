@@ -96,7 +96,7 @@ def test_the_spread_over_seeds_is_not_the_spread_across_users():
     assert entry["reward-std"] == pytest.approx(0.5)  # the mean spread across users, kept apart
 
 
-def test_the_evidence_outlives_the_scratch_runs_and_decides_the_best_algorithm(tmp_path):
+def test_the_evidence_outlives_the_scratch_runs_and_decides_the_best_algorithm(tmp_path, capsys):
     """The table is computed from the kept evidence alone (a matrix spread over machines lost
     its runs once), and the best algorithm from the kept selection scores."""
     users = {
@@ -128,6 +128,10 @@ def test_the_evidence_outlives_the_scratch_runs_and_decides_the_best_algorithm(t
     with pytest.raises(ValueError, match="choose reinforce"):
         quality.best_algorithm(evidence, (0,), declared="ppo")
     assert quality.best_algorithm(evidence, (0, 1), declared="ppo") == "ppo"  # seed 1's rows are not in
+    # an invocation for seed 0 alone follows the matrix's choice (over all its seeds; not all in
+    # here, so the declared one), not seed 0's own, which refused to run (choose reinforce)
+    quality.plan(evidence, (0,), "ppo")
+    assert "ppo/none/none+personal@32" in capsys.readouterr().out
     todo, _ = quality.missing(evidence, (0,), "reinforce", only=["reinforce/qfedavg/none", "local-only"])
     assert [name for name, _, _ in todo] == ["reinforce/qfedavg/none", "local-only"]
     # a wall time measured beside other work: left out of the table, and run again with --retime
