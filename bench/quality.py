@@ -34,12 +34,14 @@ the model the user uses). Nothing there steers training. Per run (and seed):
 Each run goes to a scratch folder (``--results-dir``: models, checkpoints, logs). What the
 figures are computed from is kept in ``bench/results/quality-runs/<method>/seed-<n>/``, a few
 small JSON files that are committed: ``judgements.json`` (every user's per-document utility and
-ROUGE-L), ``summary.json``, ``config.json`` and ``bench.json`` (wall time, command, commit and
-the selection score). So the table can be recomputed, audited and extended on any clone, and a
+ROUGE-L), ``summary.json``, ``config.json`` and ``bench.json`` (wall time, command, commit, the
+selection score and the version of the algorithm's objective it ran under). So the table can be recomputed, audited and extended on any clone, and a
 matrix spread over several machines loses nothing when one goes away.
 
-Resumable: a run with kept evidence is never run again; an interrupted one is moved aside and
-run again. Run it under ``nohup``: the whole matrix takes hours on 2 cores (``--plan`` says
+Resumable: a run with kept evidence is never run again, unless its algorithm's objective has
+changed since (``flhf_core.algorithms.OBJECTIVE_VERSIONS``: its figures are no longer this
+code's, and comparing them with new runs would compare two losses); an interrupted one is
+moved aside and run again. Run it under ``nohup``: the whole matrix takes hours on 2 cores (``--plan`` says
 how many, from the runs finished so far). Writes ``bench/results/quality.json`` (one object per
 method and seed), ``quality-summary.json`` (means, spreads, targets) and prints the Markdown
 table that BENCHMARKS.md quotes.
@@ -64,11 +66,13 @@ from quality_figures import (
     aggregate,
     markdown,
     markdown_reward_models,
+    on_common_seeds,
     reward_model_figures,
     run_figures,
     targets,
 )
 
+from flhf_core.algorithms import OBJECTIVE_VERSIONS
 from flhf_core.tracking import atomic_write_json, read_metrics
 
 PRESET = "reinforce"
@@ -149,13 +153,25 @@ def slug(method: str) -> str:
     return method.replace("/", "_")
 
 
+def objective_version(run_dir: Path) -> tuple[int, int]:
+    """The version of the run's algorithm's objective it was made under (1 before versions were
+    kept), and the current one (:data:`flhf_core.algorithms.OBJECTIVE_VERSIONS`)."""
+    algorithm = json.loads((run_dir / "config.json").read_text())["feedback-algorithm"]
+    made = json.loads((run_dir / "bench.json").read_text()).get("objective", 1)
+    return made, OBJECTIVE_VERSIONS[algorithm]
+
+
 def completed(run_dir: Path, retime: bool = False) -> bool:
-    """Whether ``run_dir`` (a run's kept evidence) holds a completed run's files; with
-    ``retime``, also that its wall time was measured alone (not marked ``contended``)."""
+    """Whether ``run_dir`` (a run's kept evidence) holds a completed run's files, made under its
+    algorithm's current objective (an older one's figures are not this code's: it runs again);
+    with ``retime``, also that its wall time was measured alone (not marked ``contended``)."""
     needed = ("bench.json", *EVIDENCE_FILES, *(OPTIONAL_EVIDENCE if "+" in run_dir.parent.name else ()))
     if not all((run_dir / name).is_file() for name in needed):  # a reward model's row needs its metrics
         return False  # bench.json is written last: without it the rest may be half-copied
     if retime and json.loads((run_dir / "bench.json").read_text()).get("contended"):
+        return False
+    made, current = objective_version(run_dir)
+    if made != current:
         return False
     return json.loads((run_dir / "summary.json").read_text()).get("status") == "completed"
 
@@ -191,13 +207,15 @@ def run_one(results_dir: Path, evidence_dir: Path, method: str, items: list[str]
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=PROJECT_DIR)
     seconds = time.perf_counter() - started
+    algorithm = json.loads((run_dir / "config.json").read_text())["feedback-algorithm"]
     bench = {
         "seconds": seconds,
         "command": command_line(items, seed),
         "commit": commit(),
         "machine": machine(),
+        "objective": OBJECTIVE_VERSIONS[algorithm],
     }
-    if json.loads((run_dir / "config.json").read_text())["feedback-algorithm"] != "sft":
+    if algorithm != "sft":
         bench["selection-score"] = selection_score(read_metrics(run_dir / "metrics.jsonl"))
     evidence = evidence_dir / slug(method) / f"seed-{seed}"
     kept = evidence / "judgements.json"
@@ -403,7 +421,7 @@ def main() -> None:
             "overwritten (pass --replace-table to replace it)"
         )
     atomic_write_json(committed, rows)
-    found = targets(table, best)
+    found = targets(on_common_seeds(rows), best)
     atomic_write_json(
         RESULTS_DIR / "quality-summary.json",
         {

@@ -12,6 +12,7 @@ latest judgements), the share of feedback steps it scored for the users over the
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,62 +161,98 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return table
 
 
-def targets(table: dict[str, dict[str, Any]], best: str | None) -> list[dict[str, Any]]:
-    """The issue's targets, each with the figures it compares and whether it is met."""
-    if best is None or BASELINE not in table:
+# The entries of the methods a comparison names (and fedavg-sft's), as aggregate() gives them
+Entries = Callable[..., dict[str, dict[str, Any]]]
+
+
+def on_common_seeds(rows: list[dict[str, Any]]) -> Entries:
+    """Entries of the named methods and fedavg-sft computed over the seeds all of those present
+    have: rows of different seeds compared would compare seeds as much as methods (a method
+    with one seed run against one with three)."""
+
+    def entries(*methods: str) -> dict[str, dict[str, Any]]:
+        present = [m for m in (BASELINE, *methods) if any(r["method"] == m for r in rows)]
+        if not present:
+            return {}
+        seeds = set.intersection(*({r["seed"] for r in rows if r["method"] == m} for m in present))
+        return aggregate([r for r in rows if r["method"] in present and r["seed"] in seeds])
+
+    return entries
+
+
+def from_table(table: dict[str, dict[str, Any]]) -> Entries:
+    """Entries read from a table as it is (the seeds are the table's business)."""
+    return lambda *methods: table
+
+
+def targets(entries: Entries, best: str | None) -> list[dict[str, Any]]:
+    """The issue's targets, each with the figures it compares (over the seeds all its methods
+    have: :func:`on_common_seeds`), how many seeds that is, and whether it is met."""
+    if best is None or BASELINE not in entries():
         return []
     found = []
 
-    def check(name: str, value: float | None, threshold: float, met: bool | None) -> None:
-        found.append({"target": name, "value": value, "threshold": threshold, "met": met})
+    def check(name: str, value: float | None, threshold: float, met: bool | None, seeds: int) -> None:
+        found.append({"target": name, "value": value, "threshold": threshold, "met": met, "seeds": seeds})
 
+    table = entries(f"{best}/none/none")
     feedback, sft = table.get(f"{best}/none/none"), table[BASELINE]
     if feedback:
-        check("best algorithm reward / fedavg-sft", feedback["reward"] / sft["reward"], 1.25, None)
-        check("best algorithm win rate vs fedavg-sft", feedback.get("win-rate"), 0.70, None)
+        seeds = feedback["seeds"]
+        check("best algorithm reward / fedavg-sft", feedback["reward"] / sft["reward"], 1.25, None, seeds)
+        check("best algorithm win rate vs fedavg-sft", feedback.get("win-rate"), 0.70, None, seeds)
         check(
             "best algorithm beats fedavg-sft on every seed",
             feedback["beats-fedavg-sft"],
             feedback["paired-seeds"],
             feedback["beats-fedavg-sft"] == feedback["paired-seeds"],
+            seeds,
         )
-        if f"centralized/{best}" in table:
-            check(
-                "vs centralized with the same algorithm",
-                feedback["reward"] / table[f"centralized/{best}"]["reward"],
-                0.95,
-                None,
-            )
-        if "local-only" in table:
-            check("vs local-only", feedback["reward"] / table["local-only"]["reward"], 1.12, None)
-        none = feedback
+        for other, name, threshold in (
+            (f"centralized/{best}", "vs centralized with the same algorithm", 0.95),
+            ("local-only", "vs local-only", 1.12),
+        ):
+            pair = entries(f"{best}/none/none", other)
+            if other in pair:
+                ratio = pair[f"{best}/none/none"]["reward"] / pair[other]["reward"]
+                check(name, ratio, threshold, None, pair[other]["seeds"])
         for weighting in WEIGHTINGS:
-            row = table.get(f"{best}/{weighting}/none")
-            if row:
+            pair = entries(f"{best}/none/none", f"{best}/{weighting}/none")
+            row, none = pair.get(f"{best}/{weighting}/none"), pair.get(f"{best}/none/none")
+            if row and none:
                 check(
                     f"{weighting}: worst-user reward above none's, mean within 2%",
                     row["reward-worst"] - none["reward-worst"],
                     0.0,
                     row["reward-worst"] > none["reward-worst"] and row["reward"] >= 0.98 * none["reward"],
+                    row["seeds"],
                 )
-        lora = table.get(f"{best}/none/lora")
+        lora = entries(f"{best}/none/lora").get(f"{best}/none/lora")
         if lora and "reward-global" in lora:
-            check("lora personalized / global", lora["reward"] / lora["reward-global"], 1.15, None)
-    found += reward_model_targets(table, best)
+            check(
+                "lora personalized / global",
+                lora["reward"] / lora["reward-global"],
+                1.15,
+                None,
+                lora["seeds"],
+            )
+    found += reward_model_targets(entries, best)
     for item in found:
         if item["met"] is None and item["value"] is not None:
             item["met"] = bool(item["value"] >= item["threshold"])
     return found
 
 
-def reward_model_targets(table: dict[str, dict[str, Any]], best: str) -> list[dict[str, Any]]:
+def reward_model_targets(entries: Entries, best: str) -> list[dict[str, Any]]:
     """Issue 13's targets: at 32 judgements, the best reward-model mode (``none`` included; the
     best learned model also on its own) keeps >= 80% of the unlimited budget's reward gain over
-    fedavg-sft; at 8, federated or clustered beats personal
-    on the mean and on the worst user."""
+    fedavg-sft; at 8, federated or clustered beats personal on the mean and on the worst user.
+    Each over the seeds all the rows it compares have."""
+    modes_32 = ("none", "personal", "federated", "clustered")
+    table = entries(f"{best}/none/none", *(f"{best}/none/none+{m}@32" for m in modes_32))
     sft, unlimited = table[BASELINE], table.get(f"{best}/none/none")
     found = []
-    at_32 = {m: table.get(f"{best}/none/none+{m}@32") for m in ("none", "personal", "federated", "clustered")}
+    at_32 = {m: table.get(f"{best}/none/none+{m}@32") for m in modes_32}
     at_32 = {m: row for m, row in at_32.items() if row}
     learned = {m: row for m, row in at_32.items() if m != "none"}
     gain = unlimited["reward"] - sft["reward"] if unlimited else None
@@ -232,13 +269,14 @@ def reward_model_targets(table: dict[str, dict[str, Any]], best: str) -> list[di
                 "value": kept,
                 "threshold": 0.8,
                 "met": None if kept is not None else False,  # no gain to keep: not met
+                "seeds": row["seeds"],
             }
         )
-    personal = table.get(f"{best}/none/none+personal@8")
     comparisons = [(mode, "personal") for mode in ("federated", "clustered", "federated-head")]
     comparisons += [(f"{mode}-ungated", "personal-ungated") for mode in ("federated", "clustered")]
     for mode, against in comparisons:
-        row, reference = table.get(f"{best}/none/none+{mode}@8"), table.get(f"{best}/none/none+{against}@8")
+        pair = entries(f"{best}/none/none+{mode}@8", f"{best}/none/none+{against}@8")
+        row, reference = pair.get(f"{best}/none/none+{mode}@8"), pair.get(f"{best}/none/none+{against}@8")
         if reference and row:
             found.append(
                 {
@@ -247,9 +285,12 @@ def reward_model_targets(table: dict[str, dict[str, Any]], best: str) -> list[di
                     "threshold": 0.0,
                     "met": row["reward"] > reference["reward"]
                     and row["reward-worst"] > reference["reward-worst"],
+                    "seeds": row["seeds"],
                 }
             )
-    active, uniform = table.get(f"{best}/none/none+personal-active@8"), personal
+    rows_8 = [f"{best}/none/none+{m}" for m in ("personal-active@8", "personal@8", "personal@32")]
+    table = entries(*rows_8)
+    active, uniform = table.get(rows_8[0]), table.get(rows_8[1])
     if active and uniform and "reward-model-accuracy" in active and "reward-model-accuracy" in uniform:
         found.append(  # what active queries buy at the same budget (reported, not an issue target)
             {
@@ -257,9 +298,10 @@ def reward_model_targets(table: dict[str, dict[str, Any]], best: str) -> list[di
                 "value": active["reward-model-accuracy"] - uniform["reward-model-accuracy"],
                 "threshold": 0.0,
                 "met": None,
+                "seeds": active["seeds"],
             }
         )
-        at_32 = table.get(f"{best}/none/none+personal@32", {}).get("reward-model-accuracy")
+        at_32 = table.get(rows_8[2], {}).get("reward-model-accuracy")
         if at_32 is not None:
             needed = equivalent_budget(
                 active["reward-model-accuracy"], uniform["reward-model-accuracy"], at_32, 8, 32
@@ -271,6 +313,7 @@ def reward_model_targets(table: dict[str, dict[str, Any]], best: str) -> list[di
                     "value": needed,
                     "threshold": 8.0,
                     "met": None if needed is not None else False,
+                    "seeds": active["seeds"],
                 }
             )
     return found

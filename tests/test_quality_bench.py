@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from flhf_core.algorithms import OBJECTIVE_VERSIONS
 from flhf_core.config import RunConfig
 from flhf_core.profiles import build_profile
 
@@ -218,7 +219,7 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
     assert quality_figures.reward_model_figures(tmp_path) == {}  # older evidence: no metrics.jsonl
 
     def entry(reward, worst):
-        return {"reward": reward, "reward-worst": worst}
+        return {"reward": reward, "reward-worst": worst, "seeds": 1}
 
     table = {
         "fedavg-sft": entry(0.10, 0.05),
@@ -230,7 +231,9 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
         "ppo/none/none+clustered@8": entry(0.121, 0.051),
     }
     table["ppo/none/none+none@32"] = entry(0.16, 0.06)  # the budget alone, no model: best
-    found = {t["target"]: t for t in quality_figures.reward_model_targets(table, "ppo")}
+    found = {
+        t["target"]: t for t in quality_figures.reward_model_targets(quality_figures.from_table(table), "ppo")
+    }
     kept = found["at 32 judgements, the best mode (none) keeps of the unlimited budget's gain"]
     assert kept["value"] == pytest.approx(1.2) and kept["met"] is None  # decided by the threshold later
     kept = found[
@@ -241,7 +244,9 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
     assert found["at 8 judgements, clustered beats personal on the mean and the worst user"]["met"] is True
     table["ppo/none/none+personal-ungated@8"] = entry(0.10, 0.05)  # the gate off: the models are used
     table["ppo/none/none+clustered-ungated@8"] = entry(0.09, 0.06)
-    found = {t["target"]: t for t in quality_figures.reward_model_targets(table, "ppo")}
+    found = {
+        t["target"]: t for t in quality_figures.reward_model_targets(quality_figures.from_table(table), "ppo")
+    }
     ungated = found[
         "at 8 judgements, clustered-ungated beats personal-ungated on the mean and the worst user"
     ]
@@ -249,9 +254,31 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
     accuracies = {"personal@8": 0.55, "personal@32": 0.65, "personal-active@8": 0.60}
     for row, accuracy in accuracies.items():
         table.setdefault(f"ppo/none/none+{row}", entry(0.12, 0.05))["reward-model-accuracy"] = accuracy
-    found = {t["target"]: t for t in quality_figures.reward_model_targets(table, "ppo")}
+    found = {
+        t["target"]: t for t in quality_figures.reward_model_targets(quality_figures.from_table(table), "ppo")
+    }
     saved = next(t for name, t in found.items() if name.startswith("uniform queries' budget"))
     assert saved["value"] == pytest.approx(16.0)
+
+
+def test_targets_compare_methods_on_the_seeds_they_share():
+    """A row run on seed 0 alone is compared with the others' seed 0, not with their mean over
+    three seeds (which compared seeds as much as methods)."""
+    rows = [
+        {"method": method, "seed": seed, "reward": reward, "reward-worst": 0.05}
+        for method, rewards in (
+            ("fedavg-sft", (0.10, 0.20, 0.30)),
+            ("ppo/none/none", (0.15, 0.25, 0.35)),
+            ("ppo/none/none+personal@32", (0.14,)),
+            ("ppo/none/none+none@32", (0.12,)),
+        )
+        for seed, reward in enumerate(rewards)
+    ]
+    found = {t["target"]: t for t in quality_figures.targets(quality_figures.on_common_seeds(rows), "ppo")}
+    kept = found["at 32 judgements, the best mode (personal) keeps of the unlimited budget's gain"]
+    assert kept["value"] == pytest.approx(0.8) and kept["seeds"] == 1  # (0.14 - 0.10) / (0.15 - 0.10)
+    ratio = found["best algorithm reward / fedavg-sft"]
+    assert ratio["value"] == pytest.approx(0.25 / 0.20) and ratio["seeds"] == 3  # its own comparison: all 3
 
 
 def test_the_budget_uniform_queries_would_need_by_hand():
@@ -293,3 +320,30 @@ def test_budget_curves_average_seeds_per_round_from_the_last_supervised_round(tm
         "dpo, unlimited budget": pytest.approx(0.3),
         "fedavg-sft": pytest.approx(0.15),
     }
+
+
+def test_a_run_made_under_an_older_objective_of_its_algorithm_is_run_again(tmp_path):
+    """Evidence of an algorithm whose loss changed since (OBJECTIVE_VERSIONS) is not this
+    code's: the matrix runs it again rather than compare two losses; an algorithm whose
+    objective never changed keeps its runs from before versions were recorded."""
+    users = {"0": {"judged-utility": [0.2], "judged-content": [0.3]}}
+    for algorithm, kept, current in (
+        ("ppo", None, False),
+        ("ppo", 1, False),
+        ("ppo", 2, True),
+        ("sft", None, True),
+    ):
+        scratch = fake_run(
+            tmp_path / "scratch" / f"{algorithm}-{kept}",
+            users,
+            **{"feedback-algorithm": algorithm, "sft-rounds": 1},
+        )
+        summary = json.loads((scratch / "summary.json").read_text())
+        (scratch / "summary.json").write_text(json.dumps({**summary, "status": "completed"}))
+        bench = {"seconds": 5.0, "command": "flhf run", "commit": "abc"}
+        if kept is not None:
+            bench["objective"] = kept
+        evidence = tmp_path / "evidence" / f"{algorithm}-{kept}" / "seed-0"
+        quality.keep_evidence(scratch, evidence, bench)
+        assert quality.completed(evidence) is current, (algorithm, kept)
+    assert OBJECTIVE_VERSIONS["ppo"] == 2  # the version the cases above were written for

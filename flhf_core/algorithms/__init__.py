@@ -12,4 +12,10 @@ FEEDBACK_ALGORITHMS = {
     "dpo": train_dpo,
 }
 
-__all__ = ["FEEDBACK_ALGORITHMS"]
+# The version of each algorithm's objective: bumped when a change to its loss changes what a
+# run computes, so that benchmarks set aside runs made under an older one (bench/quality.py
+# runs them again) instead of comparing them with new ones. reinforce, ppo 2: the policy term
+# averages over the informative samples' tokens (rollout.policy_token_mask).
+OBJECTIVE_VERSIONS = {"sft": 1, "best-of-n": 1, "reinforce": 2, "ppo": 2, "dpo": 1}
+
+__all__ = ["FEEDBACK_ALGORITHMS", "OBJECTIVE_VERSIONS"]
