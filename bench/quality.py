@@ -444,8 +444,10 @@ def main() -> None:
         print(markdown_reward_models(table))
     for item in found:
         value = "n/a" if item["value"] is None else f"{item['value']:.3f}"
+        seeds = f", {item['seeds']} seed{'s' * (item['seeds'] != 1)}" if "seeds" in item else ""
         print(
-            f"- {'met' if item['met'] else 'MISSED'}: {item['target']}: {value} (target {item['threshold']})"
+            f"- {'met' if item['met'] else 'MISSED'}: {item['target']}: {value} "
+            f"(target {item['threshold']}{seeds})"
         )
     print(f"{len(rows)} runs, {sum(r['seconds'] or 0.0 for r in rows) / 3600:.1f} h of wall time here")
 

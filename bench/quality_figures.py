@@ -268,7 +268,7 @@ def reward_model_targets(entries: Entries, best: str) -> list[dict[str, Any]]:
                 "target": f"at 32 judgements, {label} ({mode}) keeps of the unlimited budget's gain",
                 "value": kept,
                 "threshold": 0.8,
-                "met": None if kept is not None else False,  # no gain to keep: not met
+                "met": None if kept is not None else False,  # no gain to keep (n/a): not met
                 "seeds": row["seeds"],
             }
         )
