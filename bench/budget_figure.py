@@ -6,7 +6,8 @@ at each feedback budget, from the matrix's kept evidence (no run).
 One panel per budget (judgements per user and feedback round): for each reward-model mode
 (``ppo/none/none+<mode>@<budget>``), the seed mean of the held-out reward of each round's
 model, from the last supervised round on, beside two references from ``quality.json``: the
-final reward of PPO with an unlimited budget and of ``fedavg-sft`` (seed means). Below it, the
+final reward of PPO with an unlimited budget and of ``fedavg-sft``. A panel is drawn over the
+seeds all its modes have, its references over the same seeds. Below it, the
 learned reward model's ranking accuracy on the users' true preferences (0.5 = chance) and its
 agreement with their own judgements as the gate saw it. A final figure hides a path: a row
 that ends low may have been best after its first feedback round (BENCHMARKS). In the JSON,
@@ -48,17 +49,27 @@ def run_curves(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
 
 
 def budget_curves(evidence_dir: Path) -> dict[int, dict[str, dict[str, Any]]]:
-    """budget -> mode -> {figure: {round: seed mean}, "seeds": n}, over the evidence of every
-    reward-model row (``<algorithm>+<mode>@<budget>``) that kept its metrics."""
-    runs: dict[tuple[int, str], list[dict[str, dict[int, float]]]] = defaultdict(list)
+    """budget -> mode -> {figure: {round: seed mean}, "seeds": n, "seed-list": [...]}, over the
+    evidence of every reward-model row (``<algorithm>+<mode>@<budget>``) that kept its metrics,
+    and over the seeds every mode of the budget has (a mode of one seed beside one of three
+    would compare seeds as much as modes; a mode lacking all of them is left out)."""
+    runs: dict[tuple[int, str], dict[int, dict[str, dict[int, float]]]] = defaultdict(dict)
     for metrics in sorted(evidence_dir.glob("*/seed-*/metrics.jsonl")):
         method = metrics.parent.parent.name.replace("_", "/")
         match = ROW.match(method)
         if match:
-            runs[(int(match["budget"]), match["mode"])].append(run_curves(read_metrics(metrics)))
+            seed = int(metrics.parent.name.removeprefix("seed-"))
+            runs[(int(match["budget"]), match["mode"])][seed] = run_curves(read_metrics(metrics))
+    shared: dict[int, set[int]] = {}
+    for (budget, _), by_seed in runs.items():
+        shared[budget] = shared.get(budget, set(by_seed)) & set(by_seed)
     out: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for (budget, mode), curves in sorted(runs.items()):
-        entry: dict[str, Any] = {"seeds": len(curves)}
+    for (budget, mode), by_seed in sorted(runs.items()):
+        seeds = sorted(shared[budget]) or sorted(by_seed)[:1]  # none shared: each mode's first seed
+        if not set(seeds) <= set(by_seed):
+            continue
+        curves = [by_seed[s] for s in seeds]
+        entry: dict[str, Any] = {"seeds": len(curves), "seed-list": seeds}
         for key in CURVES:
             rounds = sorted({r for c in curves for r in c[key]})
             # a round counts only where every seed has it: a mean over fewer seeds would jump
@@ -71,18 +82,29 @@ def budget_curves(evidence_dir: Path) -> dict[int, dict[str, dict[str, Any]]]:
     return dict(out)
 
 
-def references(table_rows: list[dict[str, Any]], best: str) -> dict[str, float]:
-    """The final held-out reward of the references, mean over their seeds: the best algorithm
-    (issue 13's rows run it) with an unlimited budget, and ``fedavg-sft``."""
+def references(
+    table_rows: list[dict[str, Any]], best: str, seeds: set[int] | None = None
+) -> dict[str, float]:
+    """The final held-out reward of the references, mean over ``seeds`` (default: theirs): the
+    best algorithm (issue 13's rows run it) with an unlimited budget, and ``fedavg-sft``."""
     found = {}
     for method, label in ((f"{best}/none/none", f"{best}, unlimited budget"), (BASELINE, BASELINE)):
-        rewards = [r["reward"] for r in table_rows if r["method"] == method]
+        rewards = [
+            r["reward"] for r in table_rows if r["method"] == method and (seeds is None or r["seed"] in seeds)
+        ]
         if rewards:
             found[label] = float(np.mean(rewards))
     return found
 
 
-def plot(curves: dict[int, dict[str, dict[str, Any]]], lines: dict[str, float], path: Path) -> None:
+def panel_seeds(by_mode: dict[str, dict[str, Any]]) -> set[int]:
+    """The seeds a budget's panel is drawn over."""
+    return {seed for entry in by_mode.values() for seed in entry["seed-list"]}
+
+
+def plot(
+    curves: dict[int, dict[str, dict[str, Any]]], lines: dict[int, dict[str, float]], path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,9 +129,10 @@ def plot(curves: dict[int, dict[str, dict[str, Any]]], lines: dict[str, float], 
             if entry["reward-model-heldout-accuracy"]:
                 checks = sorted(entry["reward-model-heldout-accuracy"].items())
                 bottom.plot(*zip(*checks, strict=True), linestyle="--", color=color)
-        for (label, value), style in zip(lines.items(), (":", "-."), strict=False):
+        for (label, value), style in zip(lines.get(budget, {}).items(), (":", "-."), strict=False):
             top.axhline(value, color="grey", linestyle=style, label=f"{label} (final)")
-        top.set_title(f"{budget} judgements per user and feedback round")
+        seeds = ", ".join(map(str, sorted(panel_seeds(curves[budget]))))
+        top.set_title(f"{budget} judgements per user and feedback round (seeds {seeds})")
         top.set_ylabel("held-out reward (seed mean)")
         top.legend(fontsize=8)
         bottom.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
@@ -136,13 +159,14 @@ def main() -> None:
         raise SystemExit(f"no reward-model rows with metrics in {args.evidence_dir}")
     summary = args.table.with_name("quality-summary.json")
     best = json.loads(summary.read_text()).get("best-algorithm") if summary.is_file() else None
-    lines = references(json.loads(args.table.read_text()), best or "ppo") if args.table.is_file() else {}
+    table = json.loads(args.table.read_text()) if args.table.is_file() else []
+    lines = {b: references(table, best or "ppo", panel_seeds(by_mode)) for b, by_mode in curves.items()}
     atomic_write_json(args.out.with_suffix(".json"), {"curves": curves, "references": lines})
     plot(curves, lines, args.out.with_suffix(".png"))
     for budget, modes in sorted(curves.items(), reverse=True):
         for mode, entry in sorted(modes.items()):
             path = " → ".join(f"{v:.3f}" for _, v in sorted(entry["reward"].items()))
-            print(f"@{budget} {mode:16s} (seeds: {entry['seeds']}): {path}")
+            print(f"@{budget} {mode:16s} (seeds {entry['seed-list']}): {path}")
     print(f"wrote {args.out.with_suffix('.png')} and .json")
 
 

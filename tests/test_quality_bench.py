@@ -311,7 +311,7 @@ def test_budget_curves_average_seeds_per_round_from_the_last_supervised_round(tm
     curves = budget_figure.budget_curves(tmp_path)
     assert list(curves) == [8] and list(curves[8]) == ["personal"]
     entry = curves[8]["personal"]
-    assert entry["seeds"] == 2
+    assert entry["seeds"] == 2 and entry["seed-list"] == [0, 1]
     assert entry["reward"] == pytest.approx({2: 0.11, 3: 0.15})  # from round 2; clients left out
     assert entry["reward-model-accuracy"] == pytest.approx({3: 0.55})
     rows = [{"method": "fedavg-sft", "reward": 0.1}, {"method": "fedavg-sft", "reward": 0.2}]
@@ -320,6 +320,15 @@ def test_budget_curves_average_seeds_per_round_from_the_last_supervised_round(tm
         "dpo, unlimited budget": pytest.approx(0.3),
         "fedavg-sft": pytest.approx(0.15),
     }
+    # a mode run on seed 0 alone: the panel, the other mode and the references keep to seed 0
+    write("ppo/none/none+none@8", 0, [server(2, "sft", 0.10), server(3, "feedback", 0.40)])
+    curves = budget_figure.budget_curves(tmp_path)
+    assert curves[8]["personal"]["seed-list"] == [0] and curves[8]["personal"]["reward"] == pytest.approx(
+        {2: 0.10, 3: 0.20}
+    )
+    rows = [{"method": "fedavg-sft", "seed": s, "reward": r} for s, r in ((0, 0.1), (1, 0.2))]
+    lines = budget_figure.references(rows, "dpo", budget_figure.panel_seeds(curves[8]))
+    assert lines == {"fedavg-sft": pytest.approx(0.1)}
 
 
 def test_a_run_made_under_an_older_objective_of_its_algorithm_is_run_again(tmp_path):
