@@ -131,8 +131,9 @@ def plot(
                 bottom.plot(*zip(*checks, strict=True), linestyle="--", color=color)
         for (label, value), style in zip(lines.get(budget, {}).items(), (":", "-."), strict=False):
             top.axhline(value, color="grey", linestyle=style, label=f"{label} (final)")
-        seeds = ", ".join(map(str, sorted(panel_seeds(curves[budget]))))
-        top.set_title(f"{budget} judgements per user and feedback round (seeds {seeds})")
+        seeds = sorted(panel_seeds(curves[budget]))
+        named = f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+        top.set_title(f"{budget} judgements per user and feedback round ({named})")
         top.set_ylabel("held-out reward (seed mean)")
         top.legend(fontsize=8)
         bottom.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
