@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from common import RESULTS_DIR
+from quality import objective_version
 from quality_figures import BASELINE
 
 from flhf_core.tracking import atomic_write_json, read_metrics
@@ -50,14 +51,16 @@ def run_curves(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
 
 def budget_curves(evidence_dir: Path) -> dict[int, dict[str, dict[str, Any]]]:
     """budget -> mode -> {figure: {round: seed mean}, "seeds": n, "seed-list": [...]}, over the
-    evidence of every reward-model row (``<algorithm>+<mode>@<budget>``) that kept its metrics,
-    and over the seeds every mode of the budget has (a mode of one seed beside one of three
-    would compare seeds as much as modes; a mode lacking all of them is left out)."""
+    evidence of every reward-model row (``<algorithm>+<mode>@<budget>``) that kept its metrics
+    (and was made under its algorithm's current objective), over the seeds every mode of the
+    budget has: a mode of one seed beside one of three would compare seeds as much as modes.
+    When the modes share no seed, each is drawn over its own, and the panel's title says so."""
     runs: dict[tuple[int, str], dict[int, dict[str, dict[int, float]]]] = defaultdict(dict)
     for metrics in sorted(evidence_dir.glob("*/seed-*/metrics.jsonl")):
         method = metrics.parent.parent.name.replace("_", "/")
         match = ROW.match(method)
-        if match:
+        stale = (metrics.parent / "bench.json").is_file() and len(set(objective_version(metrics.parent))) > 1
+        if match and not stale:
             seed = int(metrics.parent.name.removeprefix("seed-"))
             runs[(int(match["budget"]), match["mode"])][seed] = run_curves(read_metrics(metrics))
     shared: dict[int, set[int]] = {}
@@ -65,9 +68,7 @@ def budget_curves(evidence_dir: Path) -> dict[int, dict[str, dict[str, Any]]]:
         shared[budget] = shared.get(budget, set(by_seed)) & set(by_seed)
     out: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
     for (budget, mode), by_seed in sorted(runs.items()):
-        seeds = sorted(shared[budget]) or sorted(by_seed)[:1]  # none shared: each mode's first seed
-        if not set(seeds) <= set(by_seed):
-            continue
+        seeds = sorted(shared[budget]) or sorted(by_seed)  # none shared: each mode over its own
         curves = [by_seed[s] for s in seeds]
         entry: dict[str, Any] = {"seeds": len(curves), "seed-list": seeds}
         for key in CURVES:
@@ -133,6 +134,8 @@ def plot(
             top.axhline(value, color="grey", linestyle=style, label=f"{label} (final)")
         seeds = sorted(panel_seeds(curves[budget]))
         named = f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+        if len({tuple(entry["seed-list"]) for entry in curves[budget].values()}) > 1:
+            named += "; the modes on different seeds"
         top.set_title(f"{budget} judgements per user and feedback round ({named})")
         top.set_ylabel("held-out reward (seed mean)")
         top.legend(fontsize=8)

@@ -35,8 +35,9 @@ Each run goes to a scratch folder (``--results-dir``: models, checkpoints, logs)
 figures are computed from is kept in ``bench/results/quality-runs/<method>/seed-<n>/``, a few
 small JSON files that are committed: ``judgements.json`` (every user's per-document utility and
 ROUGE-L), ``summary.json``, ``config.json`` and ``bench.json`` (wall time, command, commit, the
-selection score and the version of the algorithm's objective it ran under). So the table can be recomputed, audited and extended on any clone, and a
-matrix spread over several machines loses nothing when one goes away.
+selection score and the version of the algorithm's objective it ran under). So the table
+can be recomputed, audited and extended on any clone, and a matrix spread over several
+machines loses nothing when one goes away.
 
 Resumable: a run with kept evidence is never run again, unless its algorithm's objective has
 changed since (``flhf_core.algorithms.OBJECTIVE_VERSIONS``: its figures are no longer this
@@ -219,8 +220,13 @@ def run_one(results_dir: Path, evidence_dir: Path, method: str, items: list[str]
         bench["selection-score"] = selection_score(read_metrics(run_dir / "metrics.jsonl"))
     evidence = evidence_dir / slug(method) / f"seed-{seed}"
     kept = evidence / "judgements.json"
-    if kept.is_file() and json.loads(kept.read_text()) != json.loads(
-        (run_dir / "judgements.json").read_text()
+    # a run of an older objective is replaced (its loss changed); one of the current objective
+    # must be reproduced
+    current = (evidence / "bench.json").is_file() and len(set(objective_version(evidence))) == 1
+    if (
+        current
+        and kept.is_file()
+        and json.loads(kept.read_text()) != json.loads((run_dir / "judgements.json").read_text())
     ):
         raise RuntimeError(  # a retimed run must reproduce its figures: its seed alone decides them
             f"{method} seed {seed} ran again and judged differently from its kept evidence in {evidence}: "
@@ -324,7 +330,11 @@ def plan(evidence_dir: Path, seeds: tuple[int, ...], declared: str | None = None
     todo, waiting = missing(evidence_dir, seeds, best_algorithm(evidence_dir, SEEDS, declared))
     for name, overrides, seed in todo:
         print(f"to run: {command_line(overrides, seed)}   ({name})")
-    done = [json.loads(p.read_text())["seconds"] for p in evidence_dir.glob("*/seed-*/bench.json")]
+    done = [
+        json.loads((p.parent / "bench.json").read_text())["seconds"]
+        for p in evidence_dir.glob("*/seed-*/bench.json")
+        if completed(p.parent)
+    ]
     per_run = float(np.mean(done)) if done else float("nan")
     left = len(todo) + waiting
     print(

@@ -250,7 +250,9 @@ def reward_model_targets(entries: Entries, best: str) -> list[dict[str, Any]]:
     Each over the seeds all the rows it compares have."""
     modes_32 = ("none", "personal", "federated", "clustered")
     table = entries(f"{best}/none/none", *(f"{best}/none/none+{m}@32" for m in modes_32))
-    sft, unlimited = table[BASELINE], table.get(f"{best}/none/none")
+    sft, unlimited = table.get(BASELINE), table.get(f"{best}/none/none")
+    if sft is None:  # the rows share no seed with fedavg-sft: nothing to compare at 32
+        unlimited = None
     found = []
     at_32 = {m: table.get(f"{best}/none/none+{m}@32") for m in modes_32}
     at_32 = {m: row for m, row in at_32.items() if row}

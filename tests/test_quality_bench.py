@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flhf_core.algorithms import OBJECTIVE_VERSIONS
+from flhf_core.algorithms import FEEDBACK_ALGORITHMS, OBJECTIVE_VERSIONS
 from flhf_core.config import RunConfig
 from flhf_core.profiles import build_profile
 
@@ -177,6 +177,12 @@ def test_a_retimed_run_must_judge_as_its_kept_evidence_did(tmp_path, monkeypatch
     assert json.loads((evidence / "fedavg-sft" / "seed-0" / "judgements.json").read_text())["users"] == {
         "0": {"doc-ids": DOCS["0"], **users["0"]}
     }
+    # once its algorithm's objective changed, the kept run is replaced, not expected to reproduce
+    monkeypatch.setitem(quality.OBJECTIVE_VERSIONS, "sft", 2)
+    quality.run_one(tmp_path / "scratch", evidence, "fedavg-sft", ["feedback-algorithm=sft"], 0)
+    assert json.loads(kept.read_text())["objective"] == 2
+    judged = json.loads((evidence / "fedavg-sft" / "seed-0" / "judgements.json").read_text())
+    assert judged["users"]["0"]["judged-utility"] == [0.2, 0.5]
 
 
 def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
@@ -356,3 +362,4 @@ def test_a_run_made_under_an_older_objective_of_its_algorithm_is_run_again(tmp_p
         quality.keep_evidence(scratch, evidence, bench)
         assert quality.completed(evidence) is current, (algorithm, kept)
     assert OBJECTIVE_VERSIONS["ppo"] == 2  # the version the cases above were written for
+    assert set(OBJECTIVE_VERSIONS) == {*FEEDBACK_ALGORITHMS, "sft"}  # every algorithm has one

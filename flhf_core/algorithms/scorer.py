@@ -8,8 +8,9 @@ learned-reward) runs share one code path.
 **The budget** ``B = ratings-per-round`` is the number of judgements the user gives in one
 feedback round; a rating and a pairwise choice count alike; ``B = 0`` is unlimited (the user
 judges every sample, today's simulation). It is spread evenly over the round's S steps, each
-step using its share plus whatever earlier steps left unused, in whole documents' worth of samples for ratings (see :meth:`Scorer._allowance`). A
-request the user declines (a profile's ``rating_rate`` < 1) costs nothing.
+step using its share plus whatever earlier steps left unused, in whole documents' worth of
+samples for ratings (see :meth:`Scorer._allowance`). A request the user declines (a profile's
+``rating_rate`` < 1) costs nothing.
 
 **Which samples** the user judges (``uniform``): the documents of a step in random order, and
 every sample of a document before the next one, so that a document's samples are rated
