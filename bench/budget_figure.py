@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 from common import RESULTS_DIR
-from quality import objective_version
+from quality import current_objective
 from quality_figures import BASELINE
 
 from flhf_core.tracking import atomic_write_json, read_metrics
@@ -59,7 +59,7 @@ def budget_curves(evidence_dir: Path) -> dict[int, dict[str, dict[str, Any]]]:
     for metrics in sorted(evidence_dir.glob("*/seed-*/metrics.jsonl")):
         method = metrics.parent.parent.name.replace("_", "/")
         match = ROW.match(method)
-        stale = (metrics.parent / "bench.json").is_file() and len(set(objective_version(metrics.parent))) > 1
+        stale = (metrics.parent / "bench.json").is_file() and not current_objective(metrics.parent)
         if match and not stale:
             seed = int(metrics.parent.name.removeprefix("seed-"))
             runs[(int(match["budget"]), match["mode"])][seed] = run_curves(read_metrics(metrics))

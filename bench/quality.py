@@ -42,8 +42,8 @@ machines loses nothing when one goes away.
 Resumable: a run with kept evidence is never run again, unless its algorithm's objective has
 changed since (``flhf_core.algorithms.OBJECTIVE_VERSIONS``: its figures are no longer this
 code's, and comparing them with new runs would compare two losses); an interrupted one is
-moved aside and run again. Run it under ``nohup``: the whole matrix takes hours on 2 cores (``--plan`` says
-how many, from the runs finished so far). Writes ``bench/results/quality.json`` (one object per
+moved aside and run again. Run it under ``nohup``: the whole matrix takes hours on 2 cores
+(``--plan`` says how many, from the runs finished so far). Writes ``bench/results/quality.json`` (one object per
 method and seed), ``quality-summary.json`` (means, spreads, targets) and prints the Markdown
 table that BENCHMARKS.md quotes.
 """
@@ -154,12 +154,12 @@ def slug(method: str) -> str:
     return method.replace("/", "_")
 
 
-def objective_version(run_dir: Path) -> tuple[int, int]:
-    """The version of the run's algorithm's objective it was made under (1 before versions were
-    kept), and the current one (:data:`flhf_core.algorithms.OBJECTIVE_VERSIONS`)."""
+def current_objective(run_dir: Path) -> bool:
+    """Whether the kept run was made under its algorithm's current objective
+    (:data:`flhf_core.algorithms.OBJECTIVE_VERSIONS`; version 1 before versions were kept)."""
     algorithm = json.loads((run_dir / "config.json").read_text())["feedback-algorithm"]
     made = json.loads((run_dir / "bench.json").read_text()).get("objective", 1)
-    return made, OBJECTIVE_VERSIONS[algorithm]
+    return made == OBJECTIVE_VERSIONS[algorithm]
 
 
 def completed(run_dir: Path, retime: bool = False) -> bool:
@@ -171,8 +171,7 @@ def completed(run_dir: Path, retime: bool = False) -> bool:
         return False  # bench.json is written last: without it the rest may be half-copied
     if retime and json.loads((run_dir / "bench.json").read_text()).get("contended"):
         return False
-    made, current = objective_version(run_dir)
-    if made != current:
+    if not current_objective(run_dir):
         return False
     return json.loads((run_dir / "summary.json").read_text()).get("status") == "completed"
 
@@ -222,9 +221,9 @@ def run_one(results_dir: Path, evidence_dir: Path, method: str, items: list[str]
     kept = evidence / "judgements.json"
     # a run of an older objective is replaced (its loss changed); one of the current objective
     # must be reproduced
-    current = (evidence / "bench.json").is_file() and len(set(objective_version(evidence))) == 1
     if (
-        current
+        (evidence / "bench.json").is_file()
+        and current_objective(evidence)
         and kept.is_file()
         and json.loads(kept.read_text()) != json.loads((run_dir / "judgements.json").read_text())
     ):
@@ -331,7 +330,7 @@ def plan(evidence_dir: Path, seeds: tuple[int, ...], declared: str | None = None
     for name, overrides, seed in todo:
         print(f"to run: {command_line(overrides, seed)}   ({name})")
     done = [
-        json.loads((p.parent / "bench.json").read_text())["seconds"]
+        json.loads(p.read_text())["seconds"]
         for p in evidence_dir.glob("*/seed-*/bench.json")
         if completed(p.parent)
     ]
