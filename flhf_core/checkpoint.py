@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
+from .algorithms import OBJECTIVE_VERSIONS
 from .config import RESUMABLE_KEYS, ConfigError, RunConfig
 from .replies import Rejection, RoundReport
 from .reward_model import FORMAT as REWARD_MODEL_FORMAT
@@ -171,6 +172,7 @@ def save_checkpoint(
         state = {
             "format": FORMAT,
             "reward-model-format": REWARD_MODEL_FORMAT,
+            "objective": OBJECTIVE_VERSIONS[config.get("feedback-algorithm", "sft")],
             "round": server_round,
             "next-learning-rate": next_learning_rate,  # the schedule's position
             "failures": failures,
@@ -240,6 +242,22 @@ def check_reward_model_format(state: Mapping[str, Any]) -> None:
         )
 
 
+def check_objective_version(state: Mapping[str, Any]) -> None:
+    """Refuse a run whose feedback algorithm's loss has changed since it was checkpointed
+    (:data:`flhf_core.algorithms.OBJECTIVE_VERSIONS`; version 1 before checkpoints kept it): its
+    later rounds would optimize another objective than its first, silently, and its figures
+    would belong to neither."""
+    algorithm = state["config"].get("feedback-algorithm", "sft")
+    saved = state.get("objective", 1)
+    if saved != OBJECTIVE_VERSIONS[algorithm]:
+        raise CheckpointError(
+            f"cannot resume: the run's {algorithm} rounds optimized objective version {saved}, this "
+            f"FLHF's {algorithm} optimizes version {OBJECTIVE_VERSIONS[algorithm]} "
+            "(flhf_core.algorithms.OBJECTIVE_VERSIONS). Resume with the FLHF that started the run, "
+            "or start a new run."
+        )
+
+
 def load_checkpoint(run_dir: Path) -> Checkpoint:
     """Read and verify ``run_dir``'s latest checkpoint; raise :class:`CheckpointError` if unusable.
 
@@ -292,6 +310,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             f"the checkpoint {folder} is corrupt: {type(error).__name__}: {error}"
         ) from None
     check_reward_model_format(state)
+    check_objective_version(state)
     return checkpoint
 
 

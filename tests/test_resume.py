@@ -24,6 +24,7 @@ from safetensors.numpy import load_file
 from test_end_to_end import check_feedback_run, flhf_background, processes_mentioning
 
 from flhf_core import cli, personal, reward_state
+from flhf_core.algorithms import OBJECTIVE_VERSIONS
 from flhf_core.checkpoint import (
     REWARD_MODEL_FORMAT,
     CheckpointError,
@@ -240,6 +241,25 @@ def test_a_resume_across_a_change_of_the_reward_models_layout_is_refused(tmp_pat
     state_path.write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match=f"saved in layout {REWARD_MODEL_FORMAT + 1}"):
         load_checkpoint(run_dir)
+
+
+def test_a_resume_across_a_change_of_the_algorithms_objective_is_refused(tmp_path, checkpointed):
+    """A checkpoint made when the run's feedback algorithm optimized another objective (its
+    version in OBJECTIVE_VERSIONS; 1 before checkpoints kept it) is refused: the resumed rounds
+    would optimize another loss than the first ones, silently."""
+    run_dir = shutil.copytree(checkpointed, tmp_path / "run")
+    state_path = run_dir / "checkpoints" / "latest" / "state.json"
+    state = json.loads(state_path.read_text())
+    algorithm = state["config"]["feedback-algorithm"]
+    assert state["objective"] == OBJECTIVE_VERSIONS[algorithm]  # what this FLHF writes
+    del state["objective"]  # as before the marker: version 1
+    state["config"]["feedback-algorithm"] = "ppo"
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"ppo rounds optimized objective version 1, .* version 2"):
+        load_checkpoint(run_dir)
+    state["config"]["feedback-algorithm"] = "dpo"  # its loss has not changed: version 1 still
+    state_path.write_text(json.dumps(state))
+    assert load_checkpoint(run_dir).config["feedback-algorithm"] == "dpo"
 
 
 def test_a_checkpoint_holds_the_pending_round_and_restores_the_rng_states(checkpointed):
