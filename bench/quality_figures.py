@@ -290,9 +290,11 @@ def reward_model_targets(entries: Entries, best: str) -> list[dict[str, Any]]:
                     "seeds": row["seeds"],
                 }
             )
-    rows_8 = [f"{best}/none/none+{m}" for m in ("personal-active@8", "personal@8", "personal@32")]
-    table = entries(*rows_8)
-    active, uniform = table.get(rows_8[0]), table.get(rows_8[1])
+    active_8, uniform_8, uniform_32 = (
+        f"{best}/none/none+{m}" for m in ("personal-active@8", "personal@8", "personal@32")
+    )
+    pair = entries(active_8, uniform_8)  # the accuracy gap needs only the two rows at 8
+    active, uniform = pair.get(active_8), pair.get(uniform_8)
     if active and uniform and "reward-model-accuracy" in active and "reward-model-accuracy" in uniform:
         found.append(  # what active queries buy at the same budget (reported, not an issue target)
             {
@@ -303,21 +305,22 @@ def reward_model_targets(entries: Entries, best: str) -> list[dict[str, Any]]:
                 "seeds": active["seeds"],
             }
         )
-        at_32 = table.get(rows_8[2], {}).get("reward-model-accuracy")
-        if at_32 is not None:
-            needed = equivalent_budget(
-                active["reward-model-accuracy"], uniform["reward-model-accuracy"], at_32, 8, 32
-            )
-            found.append(  # how much active queries save: the budget uniform queries would need
-                {
-                    "target": "uniform queries' budget for active@8's reward-model accuracy "
-                    "(log-linear between 8 and 32; > 8 saves judgements)",
-                    "value": needed,
-                    "threshold": 8.0,
-                    "met": None if needed is not None else False,
-                    "seeds": active["seeds"],
-                }
-            )
+    triple = entries(active_8, uniform_8, uniform_32)  # the saving reads all three on shared seeds
+    active, uniform, at_32 = (
+        triple.get(row, {}).get("reward-model-accuracy") for row in (active_8, uniform_8, uniform_32)
+    )
+    if active is not None and uniform is not None and at_32 is not None:
+        needed = equivalent_budget(active, uniform, at_32, 8, 32)
+        found.append(  # how much active queries save: the budget uniform queries would need
+            {
+                "target": "uniform queries' budget for active@8's reward-model accuracy "
+                "(log-linear between 8 and 32; > 8 saves judgements)",
+                "value": needed,
+                "threshold": 8.0,
+                "met": None if needed is not None else False,
+                "seeds": triple[active_8]["seeds"],
+            }
+        )
     return found
 
 

@@ -287,6 +287,31 @@ def test_targets_compare_methods_on_the_seeds_they_share():
     assert ratio["value"] == pytest.approx(0.25 / 0.20) and ratio["seeds"] == 3  # its own comparison: all 3
 
 
+def test_active_queries_accuracy_gap_is_read_on_the_seeds_of_the_two_rows_at_8():
+    """The accuracy gap compares active@8 with uniform@8 over the seeds both have; personal@32
+    (needed only for the saving) does not shrink it to its own seeds."""
+    accuracies = {
+        "ppo/none/none+personal-active@8": (0.60, 0.70),
+        "ppo/none/none+personal@8": (0.55, 0.55),
+        "ppo/none/none+personal@32": (0.65,),
+        "fedavg-sft": (None, None),
+    }
+    rows = [
+        {"method": method, "seed": seed, "reward": 0.1, "reward-worst": 0.05}
+        | ({} if accuracy is None else {"reward-model-accuracy": accuracy})
+        for method, values in accuracies.items()
+        for seed, accuracy in enumerate(values)
+    ]
+    found = {
+        t["target"]: t
+        for t in quality_figures.reward_model_targets(quality_figures.on_common_seeds(rows), "ppo")
+    }
+    gap = found["active queries at 8 judgements: reward-model accuracy above uniform's"]
+    assert gap["value"] == pytest.approx(0.10) and gap["seeds"] == 2  # (0.65 - 0.55), both seeds
+    saved = next(t for name, t in found.items() if name.startswith("uniform queries' budget"))
+    assert saved["value"] == pytest.approx(16.0) and saved["seeds"] == 1  # seed 0: 0.60 between 0.55, 0.65
+
+
 def test_the_budget_uniform_queries_would_need_by_hand():
     # accuracy 0.55 at 8, 0.65 at 32: active's 0.60 sits halfway in log budget, at 16
     assert quality_figures.equivalent_budget(0.60, 0.55, 0.65, 8, 32) == pytest.approx(16.0)
