@@ -168,21 +168,24 @@ Entries = Callable[..., dict[str, dict[str, Any]]]
 def on_common_seeds(rows: list[dict[str, Any]]) -> Entries:
     """Entries of the named methods and fedavg-sft computed over the seeds all of those present
     have: rows of different seeds compared would compare seeds as much as methods (a method
-    with one seed run against one with three)."""
+    with one seed run against one with three). ``having``: only the named methods' runs that
+    have that figure count (fedavg-sft is then left out: it has no reward model to compare)."""
 
-    def entries(*methods: str) -> dict[str, dict[str, Any]]:
-        present = [m for m in (BASELINE, *methods) if any(r["method"] == m for r in rows)]
+    def entries(*methods: str, having: str | None = None) -> dict[str, dict[str, Any]]:
+        kept = [r for r in rows if having is None or r.get(having) is not None]
+        compared = methods if having else (BASELINE, *methods)
+        present = [m for m in compared if any(r["method"] == m for r in kept)]
         if not present:
             return {}
-        seeds = set.intersection(*({r["seed"] for r in rows if r["method"] == m} for m in present))
-        return aggregate([r for r in rows if r["method"] in present and r["seed"] in seeds])
+        seeds = set.intersection(*({r["seed"] for r in kept if r["method"] == m} for m in present))
+        return aggregate([r for r in kept if r["method"] in present and r["seed"] in seeds])
 
     return entries
 
 
 def from_table(table: dict[str, dict[str, Any]]) -> Entries:
     """Entries read from a table as it is (the seeds are the table's business)."""
-    return lambda *methods: table
+    return lambda *methods, having=None: table
 
 
 def targets(entries: Entries, best: str | None) -> list[dict[str, Any]]:
@@ -293,22 +296,21 @@ def reward_model_targets(entries: Entries, best: str) -> list[dict[str, Any]]:
     active_8, uniform_8, uniform_32 = (
         f"{best}/none/none+{m}" for m in ("personal-active@8", "personal@8", "personal@32")
     )
-    pair = entries(active_8, uniform_8)  # the accuracy gap needs only the two rows at 8
+    accuracy = "reward-model-accuracy"  # paired over the runs that measured it, rows at 8 only
+    pair = entries(active_8, uniform_8, having=accuracy)
     active, uniform = pair.get(active_8), pair.get(uniform_8)
-    if active and uniform and "reward-model-accuracy" in active and "reward-model-accuracy" in uniform:
+    if active and uniform:
         found.append(  # what active queries buy at the same budget (reported, not an issue target)
             {
                 "target": "active queries at 8 judgements: reward-model accuracy above uniform's",
-                "value": active["reward-model-accuracy"] - uniform["reward-model-accuracy"],
+                "value": active[accuracy] - uniform[accuracy],
                 "threshold": 0.0,
                 "met": None,
                 "seeds": active["seeds"],
             }
         )
-    triple = entries(active_8, uniform_8, uniform_32)  # the saving reads all three on shared seeds
-    active, uniform, at_32 = (
-        triple.get(row, {}).get("reward-model-accuracy") for row in (active_8, uniform_8, uniform_32)
-    )
+    triple = entries(active_8, uniform_8, uniform_32, having=accuracy)  # the saving: all three
+    active, uniform, at_32 = (triple.get(row, {}).get(accuracy) for row in (active_8, uniform_8, uniform_32))
     if active is not None and uniform is not None and at_32 is not None:
         needed = equivalent_budget(active, uniform, at_32, 8, 32)
         found.append(  # how much active queries save: the budget uniform queries would need

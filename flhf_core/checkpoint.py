@@ -242,13 +242,25 @@ def check_reward_model_format(state: Mapping[str, Any]) -> None:
         )
 
 
+# The objectives checkpoints written before the "objective" key (commit 649fe00) were made
+# under: version 2 of ppo and reinforce came (55d71c0) just before "reward-model-format", so a
+# checkpoint with that marker and without "objective" has them at 2. Fixed, unlike
+# OBJECTIVE_VERSIONS: a later bump must not change what those old checkpoints meant.
+_OBJECTIVE_WITH_LAYOUT_MARKER = {"ppo": 2, "reinforce": 2}
+
+
 def check_objective_version(state: Mapping[str, Any]) -> None:
     """Refuse a run whose feedback algorithm's loss has changed since it was checkpointed
-    (:data:`flhf_core.algorithms.OBJECTIVE_VERSIONS`; version 1 before checkpoints kept it): its
-    later rounds would optimize another objective than its first, silently, and its figures
-    would belong to neither."""
-    algorithm = state["config"].get("feedback-algorithm", "sft")
-    saved = state.get("objective", 1)
+    (:data:`flhf_core.algorithms.OBJECTIVE_VERSIONS`): its later rounds would optimize another
+    objective than its first, silently, and its figures would belong to neither. A run
+    checkpointed before its first feedback round has optimized nothing yet and may resume; an
+    unknown algorithm is left to the config's validation, which names what is allowed."""
+    config = state["config"]
+    algorithm = config.get("feedback-algorithm", "sft")
+    if algorithm not in OBJECTIVE_VERSIONS or int(state["round"]) <= int(config.get("sft-rounds", 0)):
+        return
+    before_marker = _OBJECTIVE_WITH_LAYOUT_MARKER.get(algorithm, 1) if "reward-model-format" in state else 1
+    saved = state.get("objective", before_marker)
     if saved != OBJECTIVE_VERSIONS[algorithm]:
         raise CheckpointError(
             f"cannot resume: the run's {algorithm} rounds optimized objective version {saved}, this "

@@ -245,18 +245,27 @@ def test_a_resume_across_a_change_of_the_reward_models_layout_is_refused(tmp_pat
 
 def test_a_resume_across_a_change_of_the_algorithms_objective_is_refused(tmp_path, checkpointed):
     """A checkpoint made when the run's feedback algorithm optimized another objective (its
-    version in OBJECTIVE_VERSIONS; 1 before checkpoints kept it) is refused: the resumed rounds
-    would optimize another loss than the first ones, silently."""
+    version in OBJECTIVE_VERSIONS) is refused: the resumed rounds would optimize another loss
+    than the first ones, silently. Without the "objective" key: version 1 before the layout
+    marker, ppo's 2 with it (55d71c0 came first); before its first feedback round: no refusal."""
     run_dir = shutil.copytree(checkpointed, tmp_path / "run")
     state_path = run_dir / "checkpoints" / "latest" / "state.json"
     state = json.loads(state_path.read_text())
     algorithm = state["config"]["feedback-algorithm"]
     assert state["objective"] == OBJECTIVE_VERSIONS[algorithm]  # what this FLHF writes
-    del state["objective"]  # as before the marker: version 1
-    state["config"]["feedback-algorithm"] = "ppo"
+    del state["objective"], state["reward-model-format"]  # as before both markers: version 1
+    state["config"]["feedback-algorithm"], state["config"]["sft-rounds"] = "ppo", 0
     state_path.write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match=r"ppo rounds optimized objective version 1, .* version 2"):
         load_checkpoint(run_dir)
+    state["config"]["sft-rounds"] = state["round"]  # no feedback round yet: nothing optimized
+    state_path.write_text(json.dumps(state))
+    load_checkpoint(run_dir)
+    state["config"]["sft-rounds"] = 0
+    state["reward-model-format"] = REWARD_MODEL_FORMAT  # after 55d71c0, before "objective"
+    state_path.write_text(json.dumps(state))
+    assert load_checkpoint(run_dir).config["feedback-algorithm"] == "ppo"
+    del state["reward-model-format"]
     state["config"]["feedback-algorithm"] = "dpo"  # its loss has not changed: version 1 still
     state_path.write_text(json.dumps(state))
     assert load_checkpoint(run_dir).config["feedback-algorithm"] == "dpo"
