@@ -456,7 +456,7 @@ def main() -> None:
         seeds = f", {item['seeds']} seed{'s' * (item['seeds'] != 1)}" if "seeds" in item else ""
         print(
             f"- {'met' if item['met'] else 'MISSED'}: {item['target']}: {value} "
-            f"(target {item['threshold']}{seeds})"
+            f"(target {item['threshold']}{seeds})" + (f": {item['note']}" if "note" in item else "")
         )
     print(f"{len(rows)} runs, {sum(r['seconds'] or 0.0 for r in rows) / 3600:.1f} h of wall time here")
 

@@ -287,6 +287,28 @@ def test_targets_compare_methods_on_the_seeds_they_share():
     assert ratio["value"] == pytest.approx(0.25 / 0.20) and ratio["seeds"] == 3  # its own comparison: all 3
 
 
+def test_a_share_of_an_unlimited_gain_that_is_not_a_gain_on_every_seed_is_not_met():
+    """Unlimited PPO below fedavg-sft on one seed and above on the other has a mean gain of
+    0.002: a mode 0.03 above fedavg-sft would 'keep' 15x of it. Not met, and said why."""
+    rows = [
+        {"method": method, "seed": seed, "reward": reward, "reward-worst": 0.05}
+        for method, rewards in (
+            ("fedavg-sft", (0.110, 0.126)),
+            ("ppo/none/none", (0.101, 0.139)),
+            ("ppo/none/none+personal@32", (0.140, 0.156)),
+        )
+        for seed, reward in enumerate(rewards)
+    ]
+    found = quality_figures.targets(quality_figures.on_common_seeds(rows), "ppo")
+    kept = next(t for t in found if t["target"].startswith("at 32 judgements, the best mode"))
+    assert kept["value"] == pytest.approx(15.0) and kept["met"] is False
+    assert "beats fedavg-sft on 1 of 2 seeds" in kept["note"]
+    rows[2]["reward"] = 0.12  # unlimited above fedavg-sft on both seeds now: the share counts
+    found = quality_figures.targets(quality_figures.on_common_seeds(rows), "ppo")
+    kept = next(t for t in found if t["target"].startswith("at 32 judgements, the best mode"))
+    assert kept["value"] == pytest.approx(0.03 / 0.0115) and kept["met"] is True and "note" not in kept
+
+
 def test_active_queries_accuracy_gap_pairs_the_runs_at_8_that_measured_it():
     """The accuracy gap compares active@8 with uniform@8 over the seeds where both measured an
     accuracy: neither personal@32 (needed only for the saving) nor fedavg-sft (no reward model)
