@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 from common import PROJECT_DIR, RESULTS_DIR, commit, machine
+from paired import markdown_pairs, reward_model_pairs
 from quality_figures import (
     BASELINE,
     WEIGHTINGS,
@@ -445,12 +446,15 @@ def main() -> None:
             "matrix-seconds": sum(r["seconds"] or 0.0 for r in rows),
             "methods": table,
             "targets": found,
+            "paired": reward_model_pairs(rows),  # seed by seed: see bench/paired.py
         },
     )
     print(markdown(table))
     if any("+" in method for method in table):
         print()
         print(markdown_reward_models(table))
+        print()
+        print(markdown_pairs(reward_model_pairs(rows)))
     for item in found:
         value = "n/a" if item["value"] is None else f"{item['value']:.3f}"
         seeds = f", {item['seeds']} seed{'s' * (item['seeds'] != 1)}" if "seeds" in item else ""

@@ -16,6 +16,7 @@ from flhf_core.profiles import build_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import budget_figure
+import paired
 import quality
 import quality_figures
 
@@ -411,3 +412,39 @@ def test_a_run_made_under_an_older_objective_of_its_algorithm_is_run_again(tmp_p
         assert quality.completed(evidence) is current, (algorithm, kept)
     assert OBJECTIVE_VERSIONS["ppo"] == 2  # the version the cases above were written for
     assert set(OBJECTIVE_VERSIONS) == {*FEEDBACK_ALGORITHMS, "sft"}  # every algorithm has one
+
+
+def test_paired_differences_are_taken_seed_by_seed_by_hand():
+    """A reward-model row against none at its budget, fedavg-sft and unlimited PPO, on the seeds
+    each pair shares: the seeds' own differences, not a difference of means over other seeds."""
+    rewards = {
+        "fedavg-sft": (0.11, 0.13, 0.12),
+        "ppo/none/none": (0.10, 0.14),
+        "ppo/none/none+none@8": (0.06, 0.10, 0.15),
+        "ppo/none/none+federated@8": (0.08, 0.11),
+    }
+    rows = [
+        {"method": method, "seed": seed, "reward": reward, "reward-worst": reward / 2}
+        for method, values in rewards.items()
+        for seed, reward in enumerate(values)
+    ]
+    pairs = {(p["method"], p["reference"]): p for p in paired.reward_model_pairs(rows)}
+    assert set(pairs) == {
+        ("ppo/none/none+none@8", "fedavg-sft"),
+        ("ppo/none/none+none@8", "ppo/none/none"),
+        ("ppo/none/none+federated@8", "ppo/none/none+none@8"),
+        ("ppo/none/none+federated@8", "fedavg-sft"),
+        ("ppo/none/none+federated@8", "ppo/none/none"),
+    }
+    pair = pairs[("ppo/none/none+federated@8", "ppo/none/none+none@8")]
+    assert pair["seeds"] == [0, 1] and pair["ahead"] == 2
+    assert pair["reward"]["per-seed"] == pytest.approx([0.02, 0.01])
+    assert pair["reward"]["mean"] == pytest.approx(0.015)
+    assert pair["reward"]["stderr"] == pytest.approx(0.005)  # sd 0.00707 over sqrt(2)
+    assert pair["reward-worst"]["mean"] == pytest.approx(0.0075)
+    pair = pairs[("ppo/none/none+none@8", "fedavg-sft")]  # all three seeds: 0.06 - 0.11, ...
+    assert pair["reward"]["per-seed"] == pytest.approx([-0.05, -0.03, 0.03]) and pair["ahead"] == 1
+    assert paired.paired_difference(rows, "ppo/none/none", "ppo/none/none+none@32") is None  # no seed
+    assert "+0.015 ± 0.005 (+0.020, +0.010)" in paired.markdown_pairs(
+        [pairs[("ppo/none/none+federated@8", "ppo/none/none+none@8")]]
+    )
