@@ -432,6 +432,7 @@ def main() -> None:
         )
     atomic_write_json(committed, rows)
     found = targets(on_common_seeds(rows), best)
+    pairs = reward_model_pairs(rows)
     atomic_write_json(
         RESULTS_DIR / "quality-summary.json",
         {
@@ -446,7 +447,7 @@ def main() -> None:
             "matrix-seconds": sum(r["seconds"] or 0.0 for r in rows),
             "methods": table,
             "targets": found,
-            "paired": reward_model_pairs(rows),  # seed by seed: see bench/paired.py
+            "paired": pairs,  # seed by seed: see bench/paired.py
         },
     )
     print(markdown(table))
@@ -454,7 +455,7 @@ def main() -> None:
         print()
         print(markdown_reward_models(table))
         print()
-        print(markdown_pairs(reward_model_pairs(rows)))
+        print(markdown_pairs(pairs))
     for item in found:
         value = "n/a" if item["value"] is None else f"{item['value']:.3f}"
         seeds = f", {item['seeds']} seed{'s' * (item['seeds'] != 1)}" if "seeds" in item else ""
