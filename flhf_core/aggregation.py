@@ -83,6 +83,10 @@ def reward_history_means(history: dict[int, list[float]], users: Sequence[int]) 
     return [float(np.mean(history[u])) for u in users]
 
 
+# qfedavg's loss F_k in FLHF's feedback rounds: 1 - the reply's reward-before (see FeedbackFedAvg)
+REWARD_SHORTFALL = "reward-shortfall"
+
+
 def qffl_shares(
     squared_distances: Sequence[float], losses: Sequence[float], q: float, learning_rate: float
 ) -> list[float]:

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -23,33 +22,14 @@ from flwr.supercore import log
 from . import data, reward_server
 from .checkpoint import Checkpoint, CheckpointError, PendingRound, save_checkpoint, set_rng_state
 from .config import ConfigError
-from .model import (
-    parameters_to_record,
-    record_nbytes,
-    record_to_parameters,
-)
+from .model import parameters_to_record, record_nbytes, record_to_parameters
 from .profiles import build_profile
-from .protocol import (
-    EVALUATE_RECEIVED,
-    NUM_USERS,
-    OWN_DATA,
-    USER_ID,
-    USER_RECORD,
-)
+from .protocol import EVALUATE_RECEIVED, NUM_USERS, OWN_DATA, USER_ID, USER_RECORD
 from .replies import RoundReport
-from .reporting import (
-    add_seconds,
-    client_seconds,
-    eval_columns,
-    record_users,
-    round_line,
-    run_summary,
-    train_columns,
-    user_spread,
-)
+from .reporting import add_seconds, client_seconds, record_users, round_line, train_columns
+from .run_output import RunOutput
 from .server_state import (
     NO_GLOBAL_MODEL,
-    PLOTTED,
     ServerState,
     phase_learning_rate,
     round_config,
@@ -57,13 +37,7 @@ from .server_state import (
     server_evaluate,
 )
 from .strategy import FeedbackFedAvg
-from .tracking import (
-    Tracker,
-    atomic_write_json,
-    plot_metrics,
-    read_metrics,
-    save_folder_atomically,
-)
+from .tracking import Tracker, atomic_write_json
 
 
 class RoundFailed(RuntimeError):
@@ -95,14 +69,15 @@ def exchange(grid: Grid, messages: list[Message], timeout: float | None) -> list
 
 
 @dataclass
-class Federation:
+class Federation(RunOutput):
     """The round loop: configure -> send and receive -> aggregate -> evaluate -> record.
 
     One message per user per round: round r's training messages bring round r-1's global
     model, and the users evaluate it before training (``evaluate-received``); so round r-1's
     rows are written once round r's replies are in, and the last round's model gets one
     round of evaluate messages at the end. With ``separate-evaluation`` every evaluated
-    round sends evaluate messages instead (two messages per user per round).
+    round sends evaluate messages instead (two messages per user per round). Writing a
+    completed round's rows and the run's results is :class:`~flhf_core.run_output.RunOutput`'s job.
     """
 
     grid: Grid
@@ -272,6 +247,22 @@ class Federation:
         if not self.num_users:
             raise RoundFailed("no node said which user it serves (partition-id, num-partitions)")
 
+    def complete(self, pending: PendingRound, evaluation: tuple[RoundReport, dict | None] | None) -> None:
+        """Write a round's rows (see :meth:`~flhf_core.run_output.RunOutput.write_round`); an evaluated
+        round becomes the latest evaluated one, and a pending round is pending no more."""
+        row = self.write_round(pending, evaluation)
+        if evaluation is not None:
+            self.evaluated = (pending.server_round, row)
+        if self.pending is pending:
+            self.pending = None
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The run's results (:meth:`~flhf_core.run_output.RunOutput.write_results`); a round still
+        waiting for its evaluation is written without it first: no round is lost."""
+        if self.pending is not None:
+            self.complete(self.pending, None)
+        self.write_results(error)
+
     def example_counts(self, phase: str) -> Callable[[int], float | None]:
         """The server's own count of a user's examples in ``phase`` (what weights it); None for
         users it cannot count (those with their own data file)."""
@@ -381,85 +372,6 @@ class Federation:
         pending.row["bytes-down"] = pending.row.get("bytes-down", 0) + sent_bytes
         pending.row["seconds"] = pending.row.get("seconds", 0.0) + time.perf_counter() - started
         self.complete(pending, (report, averaged))
-
-    def complete(self, pending: PendingRound, evaluation: tuple[RoundReport, dict | None] | None) -> None:
-        """Write a round's rows: its server row and one row per user, with its model's evaluation."""
-        report, averaged = (
-            evaluation
-            if evaluation is not None
-            else (RoundReport(pending.server_round, MessageType.EVALUATE), None)
-        )
-        record_users(self.tracker, pending.server_round, pending.phase, pending.train, report)
-        row = dict(pending.row)
-        if evaluation is not None:
-            row.update({f"client-{k}": v for k, v in eval_columns(averaged or {}).items()})
-            row.update(user_spread(report.user_metrics))
-            row["eval-failures"] = report.failures
-        self.tracker.log(pending.server_round, pending.phase, "server", None, row)
-        if evaluation is not None:
-            self.evaluated = (pending.server_round, row)
-            if report.user_lists:
-                self.write_judgements(pending.server_round, report)
-        if self.pending is pending:
-            self.pending = None
-
-    def write_judgements(self, server_round: int, report: RoundReport) -> None:
-        """``judgements.json``: the latest evaluated model's per-document figures, per user.
-
-        Each user's held-out documents (``doc-ids``, in the order of its lists; null for a
-        user with its own data file) with the true utility and content of the summary the
-        user's model wrote: enough to compare two runs document by document.
-        """
-        state = self.state
-        users = {}
-        for user, values in sorted(report.user_lists.items()):
-            doc_ids = None
-            if user not in self.own_data_users and 0 <= user < max(self.num_users, 1):
-                profile = build_profile(
-                    user, state.config.user_profiles, state.corpus.aspects, state.config.seed
-                )
-                doc_ids = [e.doc_id for e in data.report_examples(state.corpus, state.config, profile.aspect)]
-            users[str(user)] = {"doc-ids": doc_ids, **values}
-        atomic_write_json(self.tracker.run_dir / "judgements.json", {"round": server_round, "users": users})
-
-    def finish(self, error: BaseException | None = None) -> None:
-        """summary.json, the final model (where there is one) and plots; on failure, marked failed.
-
-        A round still waiting for its evaluation is written without it: no round is lost.
-        """
-        run_dir, state = self.tracker.run_dir, self.state
-        if self.pending is not None:
-            self.complete(self.pending, None)
-
-        def save(folder: Path) -> None:
-            state.model.save_pretrained(folder)
-            state.tokenizer.save_pretrained(folder)
-
-        if state.config.has_global_model:
-            save_folder_atomically(run_dir / "model", save)  # on failure: the last good global model
-        rows = read_metrics(self.tracker.metrics_path)
-        summary = run_summary(rows, state.config.to_mapping(), state.baselines, self.initial)
-        summary["status"] = "completed" if error is None else "failed"
-        if self.resumed_after:
-            summary["resumed-after-rounds"] = self.resumed_after
-        if error is not None:
-            summary["error"] = f"{type(error).__name__}: {error}"
-            summary["failed-in-round"] = self.rounds_done + 1
-        if state.config.has_global_model:
-            summary["model-dir"] = str(run_dir / "model")
-        else:
-            summary["global-model"] = NO_GLOBAL_MODEL
-        self.tracker.write_summary(summary)
-        lead = f"baseline-lead{state.config.lead_words}"
-        baselines = {
-            metric: {
-                f"first {state.config.lead_words} words": state.baselines[f"{lead}-{metric}"],
-                "last sentence of the abstract": state.baselines[f"baseline-last-sentence-{metric}"],
-            }
-            for metric in ("rougeL", "rouge1")
-        }
-        plot_metrics(rows, run_dir / "plots", PLOTTED, baselines)
-        self.tracker.finish(summary["status"])
 
 
 def timed(function: Callable, *args: object) -> tuple:

@@ -24,6 +24,13 @@ def signature(arrays: ArrayRecord) -> Signature:
     return {name: (tuple(array.shape), str(array.dtype)) for name, array in arrays.items()}
 
 
+def arrays_of(content: RecordDict, key: str) -> ArrayRecord:
+    """A reply's model parameters: its ArrayRecord called ``key`` (any FedAvg client's only one)."""
+    if key in content.array_records:
+        return content.array_records[key]
+    return next(iter(content.array_records.values()))
+
+
 def signature_problem(arrays: ArrayRecord, expected: Signature) -> str | None:
     """Why ``arrays`` cannot be averaged with parameters of signature ``expected``."""
     if set(arrays.keys()) != set(expected):

@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import data
+from .aggregation import REWARD_SHORTFALL
 from .batches import Batch, make_batches
 from .config import ConfigError, RunConfig
 from .corpus import Corpus, Example, load_corpus
@@ -37,7 +38,7 @@ from .protocol import (
 )
 from .reward_federation import RewardModelPool
 from .reward_server import RewardModelExchange
-from .strategy import REWARD_SHORTFALL, FeedbackFedAvg
+from .strategy import FeedbackFedAvg
 
 # What every run plots (plots/<key>.png): quality, the users' reward and its factors, time
 PLOTTED = (

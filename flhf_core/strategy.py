@@ -10,11 +10,11 @@ Differences from :class:`flwr.serverapp.strategy.FedAvg`, each for a reason:
 * Replies are screened before aggregation instead of raising
   ``InconsistentMessageReplies`` (which ends the run): error replies, missing
   records or keys, arrays whose names, shapes or dtypes differ from the global
-  model's, and non-finite values are rejected, logged, and counted.
-* Valid replies are sorted by user before averaging, so float sums do not
-  depend on arrival order; each reply's metrics are kept per user (an
-  aggregated MetricRecord would average the user id too). A reply that names
-  no user (any Flower ClientApp) is known by its node id.
+  model's, and non-finite values are rejected, logged, and counted; valid
+  replies are sorted by user before averaging, so float sums do not depend on
+  arrival order; each reply's metrics are kept per user (an aggregated
+  MetricRecord would average the user id too). A reply that names no user (any
+  Flower ClientApp) is known by its node id. (:class:`~flhf_core.screening.ReplyScreening`.)
 * Client weights come from :func:`flhf_core.aggregation.client_weights`;
   with ``reward_weighting="none"`` the result equals FedAvg's bit for bit.
   Where the owner knows how many examples each user holds
@@ -23,11 +23,10 @@ Differences from :class:`flwr.serverapp.strategy.FedAvg`, each for a reason:
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Collection, Iterable
-from logging import INFO, WARNING
+from logging import INFO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -36,6 +35,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from .aggregation import (
+    REWARD_SHORTFALL,
     average_metrics,
     client_weights,
     qffl_shares,
@@ -44,12 +44,11 @@ from .aggregation import (
     weighted_average,
     weighting_counts,
 )
-from .protocol import CLUSTER_OF_USER, EVALUATION, SERVER_ROUND, USER_ID, USER_RECORD
+from .protocol import CLUSTER_OF_USER, EVALUATION, SERVER_ROUND
 from .replies import (
-    Rejection,
     RoundReport,
     Signature,
-    arrays_problem,
+    arrays_of,
     lists,
     majority_signature,
     numpy_arrays,
@@ -58,12 +57,12 @@ from .replies import (
     signature,
 )
 from .reward_server import RewardModelExchange
+from .screening import ReplyScreening, reject
 
-REWARD_SHORTFALL = "reward-shortfall"  # qfedavg's loss: 1 - the reply's reward-before
 REWARD_MODEL_FIGURES = "reward-model-"  # diagnostics averaged over the replies that have them
 
 
-class FeedbackFedAvg(FedAvg):
+class FeedbackFedAvg(ReplyScreening, FedAvg):
     """FedAvg with reward-aware client weights and screened replies.
 
     Parameters (besides FedAvg's)
@@ -152,25 +151,12 @@ class FeedbackFedAvg(FedAvg):
         # user -> the reward-before of each of its valid training replies (all rounds), for "history"
         self.reward_history: dict[int, list[float]] = {}
         self.reports: dict[tuple[int, str], RoundReport] = {}
-        self.received: dict[
-            int, RoundReport
-        ] = {}  # evaluations carried by training replies, by round evaluated
+        # evaluations carried by training replies, by round evaluated
+        self.received: dict[int, RoundReport] = {}
         self.node_users: dict[int, int] = {}  # node id -> user id (to sample users and name failed nodes)
         self.example_counts: Callable[[int], float | None] | None = None
         self._sent: dict[tuple[int, str], list[Message]] = {}
         self._global_signature: Signature | None = None  # of the last arrays sent or aggregated
-
-    @property
-    def required_metrics(self) -> tuple[str, ...]:
-        """What a training reply must carry for the current weighting."""
-        return {
-            "none": (),
-            "gain": (self.reward_key, f"{self.reward_key}-before"),
-            "history": (f"{self.reward_key}-before",),
-            "qfedavg": (f"{self.reward_key}-before",)
-            if self.train_loss_key == REWARD_SHORTFALL
-            else (self.train_loss_key,),
-        }.get(self.reward_weighting, (self.reward_key,))
 
     # ------------------------------------------------------------------
     # Sampling
@@ -233,11 +219,6 @@ class FeedbackFedAvg(FedAvg):
         self.reports[(server_round, phase)] = RoundReport(server_round, phase, list(node_ids))
         return messages
 
-    @property
-    def carries_reward_models(self) -> bool:
-        """Whether this round's training messages and replies carry reward models."""
-        return self.reward_models is not None and self.reward_models_active
-
     def _with_reward_models(self, record: RecordDict, node_ids: list[int]) -> list[Message]:
         """One training message per node, with the reward models (see :mod:`flhf_core.reward_server`)."""
         unknown = [node for node in node_ids if node not in self.node_users]
@@ -254,114 +235,6 @@ class FeedbackFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         return self._configure(server_round, arrays, config, grid, MessageType.EVALUATE)
-
-    # ------------------------------------------------------------------
-    # Screening
-    # ------------------------------------------------------------------
-    def _node_of(self, reply: Message, server_round: int, phase: str) -> int:
-        """The node a reply answers for (error replies come from the SuperLink)."""
-        if not reply.has_error():
-            return reply.metadata.src_node_id
-        for sent in self._sent.get((server_round, phase), []):
-            if sent.metadata.message_id == reply.metadata.reply_to_message_id:
-                return sent.metadata.dst_node_id
-        return reply.metadata.src_node_id
-
-    def screen(
-        self, server_round: int, replies: Iterable[Message], phase: str, expected: Signature | None
-    ) -> list[tuple[int, RecordDict]]:
-        """Valid ``(user_id, content)`` pairs sorted by user id; rejections go to the report.
-
-        ``expected`` is the signature the parameters must have (None: no parameters are
-        expected, as in evaluation replies).
-        """
-        report = self.reports.setdefault((server_round, phase), RoundReport(server_round, phase))
-        valid: dict[int, RecordDict] = {}
-        answered: set[int] = set()
-        for reply in replies:
-            node_id = self._node_of(reply, server_round, phase)
-            answered.add(node_id)
-            user_id, reason = self.node_users.get(node_id), None
-            if reply.has_error():
-                reason = f"error reply: {reply.error.reason}"
-            else:
-                user_id, reason = self._check_content(reply.content, expected, node_id, phase)
-                if reason is None and user_id in valid:
-                    reason = f"duplicate reply for user {user_id}"
-            if reason is None:
-                valid[user_id] = reply.content
-                self.node_users[node_id] = user_id
-            else:
-                self._reject(report, node_id, user_id, reason)
-        for node_id in sorted(set(report.sampled_nodes) - answered):
-            self._reject(report, node_id, self.node_users.get(node_id), "no reply within the round timeout")
-        ordered = sorted(valid.items())
-        for user_id, content in ordered:
-            report.user_metrics[user_id] = scalars(own_metrics(content))
-            report.user_lists[user_id] = lists(own_metrics(content))
-        return ordered
-
-    @staticmethod
-    def _reject(report: RoundReport, node_id: int, user_id: int | None, reason: str) -> None:
-        report.rejected.append(Rejection(node_id, user_id, reason))
-        who = f"node {node_id}" + ("" if user_id is None else f" (user {user_id})")
-        log(
-            WARNING, "round %d %s: no valid reply from %s: %s", report.server_round, report.phase, who, reason
-        )
-
-    def _check_content(
-        self, content: RecordDict, expected: Signature | None, node_id: int, phase: str
-    ) -> tuple[int, str | None]:
-        """The reply's user (its user record, else the node's known user, else the node id) and
-        why the reply is unusable (None if it is usable)."""
-        user = content.config_records.get(USER_RECORD)
-        if user is None:
-            user_id = self.node_users.get(node_id, node_id)
-        elif isinstance(user.get(USER_ID), int) and not isinstance(user.get(USER_ID), bool):
-            user_id = int(user[USER_ID])
-        else:
-            return self.node_users.get(node_id, node_id), f"'{USER_RECORD}.{USER_ID}' is not an integer"
-        metrics = own_metrics(content)
-        if metrics is None:
-            others = [k for k in content.metric_records if k != EVALUATION]
-            return user_id, f"expected one MetricRecord (besides '{EVALUATION}'), got {len(others)}"
-        # what the weighting needs is required of training replies only: an evaluation has no update to weigh
-        required = self.required_metrics if phase == MessageType.TRAIN else ()
-        problem = self._metrics_problem(metrics, required)
-        if problem:
-            return user_id, problem
-        if expected is None:
-            return user_id, None
-        if phase == MessageType.TRAIN and self.carries_reward_models:
-            problem = self.reward_models.problem(content, metrics, self.arrayrecord_key)
-            return user_id, problem or arrays_problem(self._arrays(content), expected)
-        if len(content.array_records) != 1:
-            return user_id, f"expected one ArrayRecord, got {len(content.array_records)}"
-        return user_id, arrays_problem(self._arrays(content), expected)
-
-    def _arrays(self, content: RecordDict) -> ArrayRecord:
-        """A reply's model parameters: its ``arrays`` record (any FedAvg client's only one)."""
-        if self.arrayrecord_key in content.array_records:
-            return content.array_records[self.arrayrecord_key]
-        return next(iter(content.array_records.values()))
-
-    def _metrics_problem(self, metrics: MetricRecord, required: Iterable[str] = ()) -> str | None:
-        """Why a MetricRecord is unusable: no positive example count, a non-finite value, a
-        missing required key, a reward outside [0, 1]."""
-        weight = metrics.get(self.weighted_by_key)
-        if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
-            return f"'{self.weighted_by_key}' missing or not a positive number: {weight!r}"
-        for key, value in metrics.items():
-            values = value if isinstance(value, list) else [value]
-            if not all(math.isfinite(v) for v in values):
-                return f"metric '{key}' is not finite"
-        for key in required:
-            if key not in metrics:
-                return f"metric '{key}' is missing"
-        for key in (self.reward_key, f"{self.reward_key}-before"):
-            if key in metrics and not 0.0 <= float(metrics[key]) <= 1.0:
-                return f"metric '{key}' = {metrics[key]} is outside [0, 1]"
-        return None
 
     def _expected_signature(self, server_round: int, replies: list[Message]) -> Signature | None:
         """What a training reply's parameters must look like.
@@ -413,7 +286,9 @@ class FeedbackFedAvg(FedAvg):
         report = self.reports[(server_round, MessageType.TRAIN)]
         report.weights = {user_id: w for (user_id, _), w in zip(valid, weights, strict=True)}
         self._collect_received_evaluations(report, valid)
-        arrays = weighted_average([numpy_arrays(self._arrays(c)) for c in contents], weights)
+        arrays = weighted_average(
+            [numpy_arrays(arrays_of(c, self.arrayrecord_key)) for c in contents], weights
+        )
         if self.reward_weighting == "qfedavg":  # q-FFL's step keeps the rest on the global model
             sent = self._sent_arrays(server_round)
             arrays = weighted_average([sent, arrays], [1.0 - float(sum(weights)), 1.0])
@@ -439,7 +314,9 @@ class FeedbackFedAvg(FedAvg):
     def _qffl_weights(self, server_round: int, contents: list[RecordDict]) -> list[float]:
         """q-FFL's shares of the valid replies (see :func:`flhf_core.aggregation.qffl_shares`)."""
         sent = self._sent_arrays(server_round)
-        distances = [squared_distance(numpy_arrays(self._arrays(c)), sent) for c in contents]
+        distances = [
+            squared_distance(numpy_arrays(arrays_of(c, self.arrayrecord_key)), sent) for c in contents
+        ]
         if self.train_loss_key == REWARD_SHORTFALL:
             losses = [1.0 - self._metric(c, f"{self.reward_key}-before") for c in contents]
         else:
@@ -463,9 +340,9 @@ class FeedbackFedAvg(FedAvg):
         report = RoundReport(train.server_round - 1, MessageType.EVALUATE, list(train.sampled_nodes))
         node_of = {user: node for node, user in self.node_users.items()}
         for user_id, metrics in records:
-            problem = self._metrics_problem(metrics)
+            problem = self.metrics_problem(metrics)
             if problem:
-                self._reject(report, node_of.get(user_id, -1), user_id, f"evaluation: {problem}")
+                reject(report, node_of.get(user_id, -1), user_id, f"evaluation: {problem}")
             else:
                 report.user_metrics[user_id] = scalars(metrics)
                 report.user_lists[user_id] = lists(metrics)

@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 import client_app
 from flhf_core.corpus import load_corpus
 from flhf_core.model import parameters_to_record, tokenizer_fingerprint
-from flhf_core.strategy import USER_ID, USER_RECORD
+from flhf_core.protocol import USER_ID, USER_RECORD
 
 
 def context(config, partition_id=1, num_partitions=3):
@@ -75,16 +75,16 @@ def test_training_judges_only_the_users_fresh_documents_never_the_servers_heldou
 ):
     """The reward that steers aggregation comes from the user's reward documents; the server's
     held-out documents are for reporting only (evaluate replies)."""
-    from flhf_core import client, data
+    from flhf_core import data, user_evaluation
 
     judged: list[str] = []
-    real = client.summarize
+    real = user_evaluation.summarize
 
     def spy(model, tokenizer, sources, *args, **kwargs):
         judged.extend(sources)
         return real(model, tokenizer, sources, *args, **kwargs)
 
-    monkeypatch.setattr(client, "summarize", spy)
+    monkeypatch.setattr(user_evaluation, "summarize", spy)
     config = smoke_config
     corpus = load_corpus(config)
     texts = {d.doc_id: d.text for d in corpus.documents}
