@@ -11,6 +11,11 @@ standard error (sd / sqrt(n)), and on how many seeds the row is ahead. Pure func
 Pairs (issue 13): every reward-model row against ``none`` at its budget (what the learned
 model adds to the budget alone), against ``fedavg-sft`` and against the unlimited budget of
 its algorithm (``<algorithm>/none/none``).
+
+Beside the final model's reward, where both rows kept their metrics.jsonl, the same
+differences of the reward averaged over every feedback round's model
+(``reward-feedback-rounds``): one round's reward moves by ~0.02 from the next on this preset,
+so a lead that holds over the rounds is firmer than one in the last round alone.
 """
 
 from __future__ import annotations
@@ -19,19 +24,22 @@ import math
 from typing import Any
 
 import numpy as np
-from quality_figures import BASELINE
+from quality_figures import BASELINE, OVER_FEEDBACK_ROUNDS
 
 
 def paired_difference(rows: list[dict[str, Any]], method: str, reference: str) -> dict[str, Any] | None:
     """``method`` minus ``reference`` on the seeds both have: per seed, mean and standard error
-    of the users' reward and of the worst user's; None when they share no seed."""
+    of the users' reward and of the worst user's (and of their means over the feedback rounds,
+    where every row compared has them); None when they share no seed."""
     mine = {r["seed"]: r for r in rows if r["method"] == method}
     theirs = {r["seed"]: r for r in rows if r["method"] == reference}
     seeds = sorted(mine.keys() & theirs.keys())
     if not seeds:
         return None
     result: dict[str, Any] = {"method": method, "reference": reference, "seeds": seeds}
-    for key in ("reward", "reward-worst"):
+    both = [mine[s] for s in seeds] + [theirs[s] for s in seeds]
+    keys = ["reward", "reward-worst"] + [k for k in OVER_FEEDBACK_ROUNDS if all(k in r for r in both)]
+    for key in keys:
         differences = [mine[s][key] - theirs[s][key] for s in seeds]
         mean = float(np.mean(differences))
         error = float(np.std(differences, ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else None
@@ -66,13 +74,15 @@ def markdown_pairs(pairs: list[dict[str, Any]]) -> str:
         return f"{figure['mean']:+.3f}{error} ({', '.join(f'{d:+.3f}' for d in figure['per-seed'])})"
 
     lines = [
-        "| row | against | reward, mean ± s.e. (per seed) | worst user | ahead on | seeds |",
-        "|---|---|---|---|---|---|",
+        "| row | against | reward, mean ± s.e. (per seed) | worst user | ahead on | seeds "
+        "| reward over the feedback rounds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for pair in pairs:
         seeds = ", ".join(str(s) for s in pair["seeds"])
+        rounds = cell(pair[OVER_FEEDBACK_ROUNDS[0]]) if OVER_FEEDBACK_ROUNDS[0] in pair else "–"
         lines.append(
             f"| `{pair['method']}` | `{pair['reference']}` | {cell(pair['reward'])} | "
-            f"{cell(pair['reward-worst'])} | {pair['ahead']}/{len(pair['seeds'])} | {seeds} |"
+            f"{cell(pair['reward-worst'])} | {pair['ahead']}/{len(pair['seeds'])} | {seeds} | {rounds} |"
         )
     return "\n".join(lines)

@@ -34,6 +34,9 @@ REWARD_MODEL_FIGURES = (
     "reward-model-unqueried-spread",  # ... against what it was not
 )
 GATE = "reward-model-trusted"  # share of feedback steps it scored for the users, over the whole run
+# the users' held-out reward averaged over every feedback round's model, not the last one alone
+# (a run's reward moves ~0.02 from one round to the next): mean and worst user
+OVER_FEEDBACK_ROUNDS = ("reward-feedback-rounds", "reward-worst-feedback-rounds")
 
 
 # --------------------------------------------------------------------------
@@ -107,8 +110,10 @@ def run_figures(run_dir: Path, baseline_dir: Path | None) -> dict[str, float]:
 
 def reward_model_figures(run_dir: Path) -> dict[str, float]:
     """A learned reward model's diagnostics in the run's last feedback round (server row), the
-    share of feedback steps it scored for the users over the run (the gate), and the
-    judgements users gave per feedback round; {} without metrics.jsonl or a reward model."""
+    share of feedback steps it scored for the users over the run (the gate), the judgements
+    users gave per feedback round, and the reward over the feedback rounds
+    (:data:`OVER_FEEDBACK_ROUNDS`); {} without metrics.jsonl or feedback rounds that count
+    judgements (issue 13 on)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return {}
@@ -123,6 +128,10 @@ def reward_model_figures(run_dir: Path) -> dict[str, float]:
     trusted = [r[GATE] for r in rows if GATE in r]
     if trusted:
         figures[GATE] = float(np.mean(trusted))
+    evaluated = [r for r in rows if "reward" in r and "reward-worst" in r]
+    if evaluated:
+        for key, column in zip(OVER_FEEDBACK_ROUNDS, ("reward", "reward-worst"), strict=True):
+            figures[key] = float(np.mean([r[column] for r in evaluated]))
     return figures
 
 

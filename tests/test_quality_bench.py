@@ -223,6 +223,14 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
         "reward-model-accuracy": 0.6,
         "reward-model-trusted": pytest.approx(0.5),
     }
+    # with each round's held-out reward: its mean over the feedback rounds (not the sft round's)
+    rows[0].update({"reward": 0.9, "reward-worst": 0.9})
+    rows[1].update({"reward": 0.10, "reward-worst": 0.04})
+    rows[3].update({"reward": 0.14, "reward-worst": 0.06})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = quality_figures.reward_model_figures(run)
+    assert figures["reward-feedback-rounds"] == pytest.approx(0.12)
+    assert figures["reward-worst-feedback-rounds"] == pytest.approx(0.05)
     assert quality_figures.reward_model_figures(tmp_path) == {}  # older evidence: no metrics.jsonl
 
     def entry(reward, worst):
@@ -444,7 +452,21 @@ def test_paired_differences_are_taken_seed_by_seed_by_hand():
     assert pair["reward-worst"]["mean"] == pytest.approx(0.0075)
     pair = pairs[("ppo/none/none+none@8", "fedavg-sft")]  # all three seeds: 0.06 - 0.11, ...
     assert pair["reward"]["per-seed"] == pytest.approx([-0.05, -0.03, 0.03]) and pair["ahead"] == 1
+    assert "reward-feedback-rounds" not in pair  # no row has the figure
     assert paired.paired_difference(rows, "ppo/none/none", "ppo/none/none+none@32") is None  # no seed
+    # the reward over the feedback rounds is compared where every row compared has it
+    for row in rows:
+        if row["method"] != "fedavg-sft":
+            row["reward-feedback-rounds"] = row["reward-worst-feedback-rounds"] = row["reward"] / 4
+    pair = paired.paired_difference(rows, "ppo/none/none+federated@8", "ppo/none/none+none@8")
+    assert pair["reward-feedback-rounds"]["per-seed"] == pytest.approx([0.005, 0.0025])
+    assert "reward-feedback-rounds" not in paired.paired_difference(
+        rows, "ppo/none/none+federated@8", "fedavg-sft"
+    )
+    rows[0]["reward-feedback-rounds"] = 0.1  # fedavg-sft on seed 0 alone: not every row compared
+    assert "reward-feedback-rounds" not in paired.paired_difference(
+        rows, "ppo/none/none+none@8", "fedavg-sft"
+    )
     assert "+0.015 ± 0.005 (+0.020, +0.010)" in paired.markdown_pairs(
         [pairs[("ppo/none/none+federated@8", "ppo/none/none+none@8")]]
     )
