@@ -66,13 +66,12 @@ from quality_figures import (
     BASELINE,
     WEIGHTINGS,
     aggregate,
-    markdown,
-    markdown_reward_models,
     on_common_seeds,
     reward_model_figures,
     run_figures,
     targets,
 )
+from quality_markdown import markdown, markdown_reward_models
 
 from flhf_core.algorithms import OBJECTIVE_VERSIONS
 from flhf_core.tracking import atomic_write_json, read_metrics
