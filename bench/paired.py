@@ -24,21 +24,25 @@ import math
 from typing import Any
 
 import numpy as np
-from quality_figures import BASELINE, OVER_FEEDBACK_ROUNDS
+from quality_figures import BASELINE, FEEDBACK_ROUNDS_OF, OVER_FEEDBACK_ROUNDS
 
 
 def paired_difference(rows: list[dict[str, Any]], method: str, reference: str) -> dict[str, Any] | None:
     """``method`` minus ``reference`` on the seeds both have: per seed, mean and standard error
     of the users' reward and of the worst user's (and of their means over the feedback rounds,
-    where every row compared has them); None when they share no seed."""
+    where every row compared has them, over the same rounds); None when they share no seed.
+    ``ahead``: on how many seeds the final reward is ahead."""
     mine = {r["seed"]: r for r in rows if r["method"] == method}
     theirs = {r["seed"]: r for r in rows if r["method"] == reference}
     seeds = sorted(mine.keys() & theirs.keys())
     if not seeds:
         return None
     result: dict[str, Any] = {"method": method, "reference": reference, "seeds": seeds}
-    both = [mine[s] for s in seeds] + [theirs[s] for s in seeds]
-    keys = ["reward", "reward-worst"] + [k for k in OVER_FEEDBACK_ROUNDS if all(k in r for r in both)]
+    compared = [mine[s] for s in seeds] + [theirs[s] for s in seeds]
+    over_rounds = len({str(r.get(FEEDBACK_ROUNDS_OF)) for r in compared}) == 1 and all(
+        k in r for k in OVER_FEEDBACK_ROUNDS for r in compared
+    )  # and the same rounds in every row
+    keys = ["reward", "reward-worst", *(OVER_FEEDBACK_ROUNDS if over_rounds else ())]
     for key in keys:
         differences = [mine[s][key] - theirs[s][key] for s in seeds]
         mean = float(np.mean(differences))
@@ -74,7 +78,7 @@ def markdown_pairs(pairs: list[dict[str, Any]]) -> str:
         return f"{figure['mean']:+.3f}{error} ({', '.join(f'{d:+.3f}' for d in figure['per-seed'])})"
 
     lines = [
-        "| row | against | reward, mean ± s.e. (per seed) | worst user | ahead on | seeds "
+        "| row | against | reward, mean ± s.e. (per seed) | worst user | ahead on (final) | seeds "
         "| reward over the feedback rounds |",
         "|---|---|---|---|---|---|---|",
     ]

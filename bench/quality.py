@@ -66,6 +66,7 @@ from quality_figures import (
     BASELINE,
     WEIGHTINGS,
     aggregate,
+    feedback_rounds_figures,
     on_common_seeds,
     reward_model_figures,
     run_figures,
@@ -363,6 +364,7 @@ def collect(evidence_dir: Path, seeds: tuple[int, ...], declared: str | None = N
             bench = json.loads((run_dir / "bench.json").read_text())
             figures = run_figures(run_dir, baseline if completed(baseline) else None)
             figures.update(reward_model_figures(run_dir))
+            figures.update(feedback_rounds_figures(run_dir, figures["reward"]))
             rows.append(
                 {
                     "method": name,

@@ -6,12 +6,15 @@ Row figures: see bench/quality.py's docstring. Rows of a learned reward model
 diagnostics from the last feedback round (``reward-model-accuracy``, ``-correlation``,
 ``-gap``, on the samples it scored; ``-heldout-accuracy``, its agreement with the users' own
 latest judgements), the share of feedback steps it scored for the users over the run
-(``reward-model-trusted``: the gate) and the judgements the users gave per round.
+(``reward-model-trusted``: the gate) and the judgements the users gave per round. Every
+row with a kept metrics.jsonl also carries its reward averaged over the feedback rounds'
+models (``reward-feedback-rounds``, ``reward-worst-feedback-rounds``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ GATE = "reward-model-trusted"  # share of feedback steps it scored for the users
 # the users' held-out reward averaged over every feedback round's model, not the last one alone
 # (a run's reward moves ~0.02 from one round to the next): mean and worst user
 OVER_FEEDBACK_ROUNDS = ("reward-feedback-rounds", "reward-worst-feedback-rounds")
+FEEDBACK_ROUNDS_OF = "feedback-rounds"  # which rounds those are
 
 
 # --------------------------------------------------------------------------
@@ -110,10 +114,8 @@ def run_figures(run_dir: Path, baseline_dir: Path | None) -> dict[str, float]:
 
 def reward_model_figures(run_dir: Path) -> dict[str, float]:
     """A learned reward model's diagnostics in the run's last feedback round (server row), the
-    share of feedback steps it scored for the users over the run (the gate), the judgements
-    users gave per feedback round, and the reward over the feedback rounds
-    (:data:`OVER_FEEDBACK_ROUNDS`); {} without metrics.jsonl or feedback rounds that count
-    judgements (issue 13 on)."""
+    share of feedback steps it scored for the users over the run (the gate), and the
+    judgements users gave per feedback round; {} without metrics.jsonl or a reward model."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return {}
@@ -128,10 +130,40 @@ def reward_model_figures(run_dir: Path) -> dict[str, float]:
     trusted = [r[GATE] for r in rows if GATE in r]
     if trusted:
         figures[GATE] = float(np.mean(trusted))
-    evaluated = [r for r in rows if "reward" in r and "reward-worst" in r]
-    if evaluated:
-        for key, column in zip(OVER_FEEDBACK_ROUNDS, ("reward", "reward-worst"), strict=True):
-            figures[key] = float(np.mean([r[column] for r in evaluated]))
+    return figures
+
+
+def feedback_rounds_figures(run_dir: Path, final_reward: float) -> dict[str, Any]:
+    """The users' held-out reward averaged over every feedback round's model
+    (:data:`OVER_FEEDBACK_ROUNDS`: mean and worst user), of the model each user uses (its
+    personalized one if any, as :func:`user_lists` takes it), and the rounds counted
+    (:data:`FEEDBACK_ROUNDS_OF`: only runs that counted the same rounds are compared). {}
+    without metrics.jsonl, or unless every feedback round's model was evaluated with no failed
+    reply (a missing user would flatter the worst-user figure). ``final_reward`` (the table's,
+    from judgements.json) must be the last round's: else the two files disagree."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [r for r in read_metrics(path) if r["scope"] == "server"]
+    feedback = [r for r in rows if r["phase"] == "feedback"]
+    personal = bool(feedback) and all("reward-personal" in r for r in feedback)
+    columns = ("reward-personal", "reward-personal-worst") if personal else ("reward", "reward-worst")
+    if not feedback or not all(
+        all(c in r for c in columns) and r.get("eval-failures", 0) == 0 for r in feedback
+    ):
+        return {}
+    if feedback[-1]["round"] == rows[-1]["round"] and not math.isclose(
+        feedback[-1][columns[0]], final_reward, rel_tol=1e-9
+    ):
+        raise ValueError(
+            f"{run_dir}: the last round's {columns[0]} in metrics.jsonl, {feedback[-1][columns[0]]}, "
+            f"is not judgements.json's {final_reward}"
+        )
+    figures: dict[str, Any] = {
+        key: float(np.mean([r[column] for r in feedback]))
+        for key, column in zip(OVER_FEEDBACK_ROUNDS, columns, strict=True)
+    }
+    figures[FEEDBACK_ROUNDS_OF] = [r["round"] for r in feedback]
     return figures
 
 
@@ -158,6 +190,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "ratings-used",
             *REWARD_MODEL_FIGURES,
             GATE,
+            *OVER_FEEDBACK_ROUNDS,
         ):
             values = [r[key] for r in mine if r.get(key) is not None]
             if values:  # "<key>-over-seeds": the spread over seeds ("reward-std" is across users)

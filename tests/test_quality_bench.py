@@ -223,14 +223,35 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
         "reward-model-accuracy": 0.6,
         "reward-model-trusted": pytest.approx(0.5),
     }
-    # with each round's held-out reward: its mean over the feedback rounds (not the sft round's)
+    # each round's held-out reward: its mean over the feedback rounds' server rows (not the
+    # sft round's, not the users' own rows), of the model each user uses
     rows[0].update({"reward": 0.9, "reward-worst": 0.9})
-    rows[1].update({"reward": 0.10, "reward-worst": 0.04})
+    rows[1].update({"reward": 0.10, "reward-worst": 0.04, "eval-failures": 0})
+    rows[2].update({"reward": 0.5, "reward-worst": 0.5})
     rows[3].update({"reward": 0.14, "reward-worst": 0.06})
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    figures = quality_figures.reward_model_figures(run)
-    assert figures["reward-feedback-rounds"] == pytest.approx(0.12)
-    assert figures["reward-worst-feedback-rounds"] == pytest.approx(0.05)
+
+    def over_rounds(final_reward):
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return quality_figures.feedback_rounds_figures(run, final_reward)
+
+    assert over_rounds(0.14) == {
+        "reward-feedback-rounds": pytest.approx(0.12),
+        "reward-worst-feedback-rounds": pytest.approx(0.05),
+        "feedback-rounds": [2, 3],
+    }
+    assert "reward-feedback-rounds" not in quality_figures.reward_model_figures(run)
+    with pytest.raises(ValueError, match=r"judgements\.json"):  # the last round is the table's model
+        over_rounds(0.13)
+    rows[1].update({"reward-personal": 0.2, "reward-personal-worst": 0.1})
+    rows[3].update({"reward-personal": 0.3, "reward-personal-worst": 0.2})
+    assert over_rounds(0.3)["reward-feedback-rounds"] == pytest.approx(0.25)  # personalized models
+    rows[1]["eval-failures"] = 1  # a user missing from a round's figures: no figure
+    assert over_rounds(0.3) == {}
+    rows[1]["eval-failures"] = 0
+    for key in ("reward", "reward-personal"):  # a feedback round whose model was not evaluated
+        del rows[1][key]
+    assert over_rounds(0.3) == {}
+    assert quality_figures.feedback_rounds_figures(tmp_path, 0.1) == {}  # no metrics.jsonl
     assert quality_figures.reward_model_figures(tmp_path) == {}  # older evidence: no metrics.jsonl
 
     def entry(reward, worst):
@@ -458,15 +479,21 @@ def test_paired_differences_are_taken_seed_by_seed_by_hand():
     for row in rows:
         if row["method"] != "fedavg-sft":
             row["reward-feedback-rounds"] = row["reward-worst-feedback-rounds"] = row["reward"] / 4
+            row["feedback-rounds"] = [6, 7, 8]
     pair = paired.paired_difference(rows, "ppo/none/none+federated@8", "ppo/none/none+none@8")
     assert pair["reward-feedback-rounds"]["per-seed"] == pytest.approx([0.005, 0.0025])
-    assert "reward-feedback-rounds" not in paired.paired_difference(
-        rows, "ppo/none/none+federated@8", "fedavg-sft"
+    line = paired.markdown_pairs([pair]).splitlines()[-1]
+    assert line.endswith("| +0.004 ± 0.001 (+0.005, +0.002) |") and line.count("|") == 8
+    sft = paired.paired_difference(rows, "ppo/none/none+federated@8", "fedavg-sft")
+    assert "reward-feedback-rounds" not in sft
+    rows[0].update(
+        {"reward-feedback-rounds": 0.1, "reward-worst-feedback-rounds": 0.1, "feedback-rounds": [6, 7, 8]}
     )
-    rows[0]["reward-feedback-rounds"] = 0.1  # fedavg-sft on seed 0 alone: not every row compared
-    assert "reward-feedback-rounds" not in paired.paired_difference(
-        rows, "ppo/none/none+none@8", "fedavg-sft"
-    )
+    sft = paired.paired_difference(rows, "ppo/none/none+none@8", "fedavg-sft")
+    assert "reward-feedback-rounds" not in sft  # fedavg-sft has it on seed 0 alone: not every row compared
+    rows[-1]["feedback-rounds"] = [7, 8]  # federated@8 seed 1 counted other rounds: not compared
+    pair = paired.paired_difference(rows, "ppo/none/none+federated@8", "ppo/none/none+none@8")
+    assert "reward-feedback-rounds" not in pair and pair["reward"]["mean"] == pytest.approx(0.015)
     assert "+0.015 ± 0.005 (+0.020, +0.010)" in paired.markdown_pairs(
         [pairs[("ppo/none/none+federated@8", "ppo/none/none+none@8")]]
     )
