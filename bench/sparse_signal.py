@@ -7,7 +7,7 @@ round's steps (:class:`flhf_core.algorithms.scorer.Scorer`'s schedule); the othe
 policy term is empty, and only the KL penalty acts. The feedback algorithms build a fresh
 AdamW each round (:func:`flhf_core.algorithms.rollout.make_optimizer`), so the moment
 estimates of a rated step carry into the steps after it. This takes the product's schedule
-for each budget and the preset's optimizer settings, and follows one parameter whose only
+for each budget and the product's optimizer with the preset's settings, and follows one parameter whose only
 gradient is a constant one in the rated steps (the KL's pull ignored: its gradient is zero
 at the round's first step and small after), one optimizer step per PPO epoch:
 
@@ -27,6 +27,7 @@ import sys
 import torch
 from common import write_result
 
+from flhf_core.algorithms.rollout import FeedbackConfig, make_optimizer
 from flhf_core.algorithms.scorer import Scorer
 from flhf_core.cli import merged_config, split_items
 from flhf_core.config import RunConfig
@@ -48,16 +49,20 @@ def rated_steps(budget: int, steps: int, group_size: int) -> list[int]:
     return rated
 
 
-def movement(rated: list[int], steps: int, epochs: int, learning_rate: float) -> dict[str, float]:
-    """One parameter under torch's AdamW (its defaults, as the product builds it): a constant
-    gradient in the rated steps, none in the others; what each kind of step moved it."""
-    parameter = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.AdamW([parameter], lr=learning_rate)
+def movement(rated: list[int], feedback: FeedbackConfig) -> dict[str, float]:
+    """One parameter under the product's optimizer (:func:`make_optimizer`): a constant gradient
+    in the rated steps, none in the others; what each kind of step moved it."""
+    holder = torch.nn.Linear(1, 1, bias=False)  # a module with one parameter, as make_optimizer takes
+    parameter = holder.weight
+    with torch.no_grad():
+        parameter.zero_()
+    optimizer = make_optimizer(holder, feedback)
+    steps, epochs, learning_rate = feedback.steps, feedback.ppo_epochs, feedback.learning_rate
     moved = {"with-signal": 0.0, "without-signal": 0.0}
     for step in range(1, steps + 1):
         for _ in range(epochs):
             before = parameter.item()
-            parameter.grad = torch.full((1,), -1e-3 if step in rated else 0.0)
+            parameter.grad = torch.full_like(parameter, -1e-3 if step in rated else 0.0)
             optimizer.step()
             moved["with-signal" if step in rated else "without-signal"] += parameter.item() - before
     total = moved["with-signal"] + moved["without-signal"]
@@ -74,7 +79,7 @@ def main() -> None:
     figures = {}
     for budget in BUDGETS:
         rated = rated_steps(budget, config.feedback_steps, config.samples_per_prompt)
-        moved = movement(rated, config.feedback_steps, config.ppo_epochs, config.feedback_learning_rate)
+        moved = movement(rated, FeedbackConfig.from_run_config(config))
         figures[f"budget-{budget}"] = {"rated-steps": rated, **moved}
         print(
             f"budget {budget or 'unlimited':>9}: rated at steps {rated}; moved {moved['with-signal-lr']:.1f} lr "
