@@ -1,23 +1,23 @@
-"""FLHF ClientApp: one user. Thin adapters over flhf_core.client."""
+"""FLHF ClientApp: one user. Thin adapters over flhf_core.client.handlers."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flhf_core import client
+from flhf_core.client import handlers
 
 app = ClientApp()
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    return client.train(message, context)
+    return handlers.train(message, context)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    return client.evaluate(message, context)
+    return handlers.evaluate(message, context)
 
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    return client.identify(message, context)
+    return handlers.identify(message, context)

@@ -1,9 +1,9 @@
-"""FLHF ServerApp: reads the run config and runs the federation (see flhf_core.server)."""
+"""FLHF ServerApp: reads the run config and runs the federation (see flhf_core.server.main)."""
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from flhf_core.server import run_federation
+from flhf_core.server.main import run_federation
 
 app = ServerApp()
 

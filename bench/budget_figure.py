@@ -28,7 +28,8 @@ from common import RESULTS_DIR
 from quality import current_objective
 from quality_figures import BASELINE
 
-from flhf_core.tracking import atomic_write_json, read_metrics
+from flhf_core.common import atomic_write_json
+from flhf_core.results.tracking import read_metrics
 
 ROW = re.compile(r"^(?P<algorithm>[^+]+)\+(?P<mode>[a-z-]+)@(?P<budget>\d+)$")
 CURVES = ("reward", "reward-worst", "reward-model-accuracy", "reward-model-heldout-accuracy")

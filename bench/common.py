@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flhf_core.tracking import atomic_write_json, read_metrics
+from flhf_core.common import atomic_write_json
+from flhf_core.results.tracking import read_metrics
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = BENCH_DIR.parent
@@ -67,7 +68,7 @@ def run_flhf(
 ) -> tuple[float, list[dict]]:
     """``flhf MODE ITEMS`` (run or loopback) into ``results/name``: the command's wall time and the
     run's metrics rows. ``cwd`` picks the checkout whose code runs (another commit's worktree)."""
-    command = [sys.executable, "-m", "flhf_core.cli", mode, *items, "--quiet", *extra]
+    command = [sys.executable, "-m", "flhf_core.runs.cli", mode, *items, "--quiet", *extra]
     command += [f"results-dir={results}", f"run-name={name}"]
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(cwd)})

@@ -6,7 +6,7 @@
 #   cuda_check.log       everything printed here
 #   versions.txt         versions, where each module comes from, requirement problems, pip check
 #   feedback.json        every feedback algorithm's feedback round on CUDA: feedback-smoke run in-process
-#                        (flhf_core.inprocess: the real ServerApp loop and ClientApp handlers), one per algorithm
+#                        (flhf_core.runs.inprocess: the real ServerApp loop and ClientApp handlers), one per algorithm
 #   smoke-summary.json   smoke-metrics.jsonl   flhf loopback smoke device=cuda --users 2
 #   lora-summary.json    lora-metrics.jsonl    ... --secure personalization=lora (TLS + SuperNode auth)
 #   logs.tar.gz          both runs' flower.log, flower-run.json, config.json and SuperLink/SuperNode logs
@@ -41,9 +41,9 @@ main() {
   export PYTHONPATH="$SITE:$PWD" PATH="$SITE/bin:$PATH" PYTHONUNBUFFERED=1
   export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_DISABLE_UPDATE_CHECK=1
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=/tmp/hf-home MPLBACKEND=Agg
-  # `flhf` (pyproject's console script flhf = flhf_core.cli:main). The project is not installed into
+  # `flhf` (pyproject's console script flhf = flhf_core.runs.cli:main). The project is not installed into
   # $SITE on purpose: flhf_core finds pyproject.toml and configs/ beside itself, so it must come from $PWD.
-  printf '#!/bin/sh\nexec "%s" -m flhf_core.cli "$@"\n' "$PY" > "$SITE/bin/flhf"
+  printf '#!/bin/sh\nexec "%s" -m flhf_core.runs.cli "$@"\n' "$PY" > "$SITE/bin/flhf"
   chmod +x "$SITE/bin/flhf"
 
   stamp "executables"
@@ -131,9 +131,9 @@ import time
 t0 = time.time()
 import torch
 from flhf_core import data, model
-from flhf_core.algorithms.sft import SFTConfig, train_sft
+from flhf_core.learning.algorithms.sft import SFTConfig, train_sft
 from flhf_core.config import PYPROJECT, RunConfig, load_preset, pyproject_defaults
-from flhf_core.generate import DecodingConfig, generate_summaries
+from flhf_core.learning.generate import DecodingConfig, generate_summaries
 
 print(f"imports {time.time() - t0:.1f}s; torch {torch.__version__}, cuda {torch.version.cuda}, "
       f"{torch.cuda.get_device_name(0)}")
@@ -187,7 +187,7 @@ EOF
   stamp "every feedback algorithm on CUDA: feedback-smoke in-process (1 SFT round, 1 feedback round)"
   local rc_feedback=0 algo
   for algo in best-of-n reinforce ppo dpo; do
-    timeout -k 10 "$(cap 60)" python3 -m flhf_core.inprocess feedback-smoke device=cuda feedback-algorithm="$algo" \
+    timeout -k 10 "$(cap 60)" python3 -m flhf_core.runs.inprocess feedback-smoke device=cuda feedback-algorithm="$algo" \
       results-dir="$RESULTS" run-name="feedback-$algo" --users 2 || { echo "$algo: exit $?"; rc_feedback=1; }
   done
   python3 - "$RESULTS" "$OUT/feedback.json" <<'EOF' || rc_feedback=1

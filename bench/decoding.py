@@ -22,11 +22,12 @@ from common import PROJECT_DIR, write_result
 from transformers import PreTrainedTokenizerFast
 
 from flhf_core.config import RunConfig
-from flhf_core.corpus import load_corpus
-from flhf_core.data import heldout_examples, user_partition
-from flhf_core.generate import DecodingConfig, generate_summaries
-from flhf_core.metrics import by_aspect, rouge
-from flhf_core.model import load_pretrained
+from flhf_core.data.corpus import load_corpus
+from flhf_core.data.partitions import heldout_examples, user_partition
+from flhf_core.learning.generate import DecodingConfig, generate_summaries
+from flhf_core.learning.metrics import by_aspect
+from flhf_core.learning.model import load_pretrained
+from flhf_core.users.rouge import rouge
 
 SETTINGS: dict[str, dict] = {  # name -> DecodingConfig fields changed from the run's own
     "as-run": {},  # the run's own decoding (pyproject's: greedy, 3-grams blocked)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from common import PROJECT_DIR, run_flhf, write_result
 
-from flhf_core.tracking import read_metrics
+from flhf_core.results.tracking import read_metrics
 
 ASPECTS = ("challenge", "approach", "outcome")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from common import PROJECT_DIR, RESULTS_DIR, run_flhf, write_result
 
-from flhf_core.tracking import read_metrics
+from flhf_core.results.tracking import read_metrics
 
 ITEMS = [
     "reinforce",

@@ -40,7 +40,7 @@ can be recomputed, audited and extended on any clone, and a matrix spread over s
 machines loses nothing when one goes away.
 
 Resumable: a run with kept evidence is never run again, unless its algorithm's objective has
-changed since (``flhf_core.algorithms.OBJECTIVE_VERSIONS``: its figures are no longer this
+changed since (``flhf_core.learning.algorithms.OBJECTIVE_VERSIONS``: its figures are no longer this
 code's, and comparing them with new runs would compare two losses); an interrupted one is
 moved aside and run again. Run it under ``nohup``: the whole matrix takes hours on 2 cores
 (``--plan`` says how many, from the runs finished so far). Writes ``bench/results/quality.json`` (one object per
@@ -74,8 +74,9 @@ from quality_figures import (
 )
 from quality_markdown import markdown, markdown_reward_models
 
-from flhf_core.algorithms import OBJECTIVE_VERSIONS
-from flhf_core.tracking import atomic_write_json, read_metrics
+from flhf_core.common import atomic_write_json
+from flhf_core.learning.algorithms import OBJECTIVE_VERSIONS
+from flhf_core.results.tracking import read_metrics
 
 PRESET = "reinforce"
 SEEDS = (0, 1, 2)
@@ -157,7 +158,7 @@ def slug(method: str) -> str:
 
 def current_objective(run_dir: Path) -> bool:
     """Whether the kept run was made under its algorithm's current objective
-    (:data:`flhf_core.algorithms.OBJECTIVE_VERSIONS`; version 1 before versions were kept)."""
+    (:data:`flhf_core.learning.algorithms.OBJECTIVE_VERSIONS`; version 1 before versions were kept)."""
     algorithm = json.loads((run_dir / "config.json").read_text())["feedback-algorithm"]
     made = json.loads((run_dir / "bench.json").read_text()).get("objective", 1)
     return made == OBJECTIVE_VERSIONS[algorithm]
@@ -202,7 +203,7 @@ def run_one(results_dir: Path, evidence_dir: Path, method: str, items: list[str]
         attempts = len(list(run_dir.parent.glob(f"{run_dir.name}.interrupted-*")))
         run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{attempts}"))
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "flhf_core.cli", "run", PRESET, *items, f"seed={seed}", "--quiet"]
+    command = [sys.executable, "-m", "flhf_core.runs.cli", "run", PRESET, *items, f"seed={seed}", "--quiet"]
     command += [f"results-dir={run_dir.parent}", f"run-name={run_dir.name}"]
     print(f"{method} seed {seed}: {command_line(items, seed)}", flush=True)
     started = time.perf_counter()

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from flhf_core.config import RunConfig
-from flhf_core.feedback import paired_win_rate
-from flhf_core.profiles import build_profile
-from flhf_core.tracking import read_metrics
+from flhf_core.results.tracking import read_metrics
+from flhf_core.users.feedback import paired_win_rate
+from flhf_core.users.profiles import build_profile
 
 BASELINE = "fedavg-sft"
 WEIGHTINGS = ("linear", "softmax", "gain", "history", "qfedavg")
@@ -55,7 +55,7 @@ def user_lists(judgements: dict, key: str) -> dict[str, list[float]]:
 
 
 def win_rate(method: dict[str, list[float]], baseline: dict[str, list[float]], config: RunConfig) -> float:
-    """Mean over users of each user's :func:`~flhf_core.feedback.paired_win_rate` against the baseline."""
+    """Mean over users of each user's :func:`~flhf_core.users.feedback.paired_win_rate` against the baseline."""
     return float(
         np.mean(
             [

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flhf_core.tracking import atomic_write_json, read_metrics
+from flhf_core.common import atomic_write_json
+from flhf_core.results.tracking import read_metrics
 
 FEEDBACK_RUNS = {
     "sft": ["sft"],
@@ -52,7 +53,7 @@ def run(results_dir: Path, name: str, items: list[str]) -> dict[str, Any]:
             (results_dir / name).rename(
                 results_dir / f"{name}.interrupted-{len(list(results_dir.glob(name + '.interrupted-*')))}"
             )
-        command = [sys.executable, "-m", "flhf_core.cli", "run", *items, "--quiet"]
+        command = [sys.executable, "-m", "flhf_core.runs.cli", "run", *items, "--quiet"]
         command += [f"results-dir={results_dir}", f"run-name={name}"]
         print(f"{name}: {' '.join(command[3:])}", flush=True)
         subprocess.run(command, check=True)

@@ -8,7 +8,7 @@ user kept them (``users/user-<k>/reward-model.safetensors``), and the run's fina
 user's first feedback round and keeps it, nudged). Splits each user's judgements by document:
 the first ``--train-share`` of the documents (ratings' documents first, then choices', each
 in the order given) to learn from, the rest held out (no document on both sides). Then fits, on the
-same judgements and losses as the product (:func:`flhf_core.reward_model.fit`'s Bradley-Terry
+same judgements and losses as the product (:func:`flhf_core.learning.reward_model.fit`'s Bradley-Terry
 and rating losses), reward models that differ in how much they may learn and whose
 judgements they learn from:
 
@@ -30,7 +30,7 @@ judgements they learn from:
 
 Each is scored on the held-out documents two ways: ``agreement`` with the pairs the user judged
 (noisy, what the product's gate sees), and ``accuracy`` against the user's true utility on the
-same summaries (noise-free; :func:`flhf_core.reward_model.pairwise_accuracy`). Chance is 0.5.
+same summaries (noise-free; :func:`flhf_core.learning.reward_model.pairwise_accuracy`). Chance is 0.5.
 
 Writes ``bench/results/reward-model-probe.json`` and ``.png``. Runs alone in a few minutes.
 """
@@ -50,11 +50,11 @@ from common import RESULTS_DIR, write_result
 from safetensors import safe_open
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from flhf_core import reward_model as rm
+from flhf_core.client.reward_state import STATE_FILE, judgements_from_mapping
 from flhf_core.config import RunConfig
-from flhf_core.corpus import load_corpus
-from flhf_core.feedback import build_profile, judge
-from flhf_core.reward_state import STATE_FILE, judgements_from_mapping
+from flhf_core.data.corpus import load_corpus
+from flhf_core.learning import reward_model as rm
+from flhf_core.users.feedback import build_profile, judge
 
 Scorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]  # (documents, summaries) -> scores
 _WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
@@ -150,7 +150,7 @@ def fit_head(
 ) -> Scorer:
     """The product's head alone on the frozen encoder (``see_length=False``: on the pooled
     states alone, the head before it saw length), full batch, on the losses of
-    :func:`flhf_core.reward_model.fit`."""
+    :func:`flhf_core.learning.reward_model.fit`."""
     head = rm.ScoreHead(features.model.head.content.in_features)
     content_rate, length_rate = rates
     optimizer = torch.optim.AdamW(

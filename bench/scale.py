@@ -27,8 +27,8 @@ from pathlib import Path
 
 from common import PROJECT_DIR, mean, server_rows, write_result
 
-from flhf_core.corpus import load_corpus
-from flhf_core.tracking import read_metrics
+from flhf_core.data.corpus import load_corpus
+from flhf_core.results.tracking import read_metrics
 
 
 def tree_rss(root: int) -> int:
@@ -73,7 +73,7 @@ def saved_model(size: str, folder: Path) -> Path:
     """A tiny-t5 with the shipped aclsum tokenizer, saved as a checkpoint folder: both runs load
     the same model and tokenizer (a corpus of another size would otherwise train another one)."""
     from flhf_core.config import RunConfig
-    from flhf_core.model import build_model, shipped_tokenizer
+    from flhf_core.learning.model import build_model, shipped_tokenizer
 
     tokenizer = shipped_tokenizer()
     build_model(RunConfig(tiny_t5_size=size), tokenizer).save_pretrained(folder)
@@ -85,7 +85,7 @@ def measured_run(
     items: list[str], users: int, fraction: float, results: Path, name: str, per_user: int, model: Path
 ) -> dict:
     corpus = scaled_corpus(users * per_user, results / f"corpus-{users}.jsonl")
-    command = [sys.executable, "-m", "flhf_core.cli", "run", *items, "--quiet", f"--users={users}"]
+    command = [sys.executable, "-m", "flhf_core.runs.cli", "run", *items, "--quiet", f"--users={users}"]
     command += [f"dataset={corpus}", "summary-fields=challenge,approach,outcome", f"model={model}"]
     command += [f"fraction-train={fraction}", f"fraction-evaluate={fraction}", f"min-available-nodes={users}"]
     command += [f"results-dir={results}", f"run-name={name}"]

@@ -3,9 +3,9 @@
     python bench/sparse_signal.py [preset] [key=value ...]     (default: reinforce)
 
 At a budget of B judgements a round, the user rates one document's samples at a few of the
-round's steps (:class:`flhf_core.algorithms.scorer.Scorer`'s schedule); the other steps'
+round's steps (:class:`flhf_core.learning.algorithms.scorer.Scorer`'s schedule); the other steps'
 policy term is empty, and only the KL penalty acts. The feedback algorithms build a fresh
-AdamW each round (:func:`flhf_core.algorithms.rollout.make_optimizer`), so the moment
+AdamW each round (:func:`flhf_core.learning.algorithms.rollout.make_optimizer`), so the moment
 estimates of a rated step carry into the steps after it. This takes the product's schedule
 for each budget and the product's optimizer with the preset's settings, and follows one parameter whose only
 gradient is a constant one in the rated steps (the KL's pull ignored: its gradient is zero
@@ -27,11 +27,11 @@ import sys
 import torch
 from common import write_result
 
-from flhf_core.algorithms.rollout import FeedbackConfig, make_optimizer
-from flhf_core.algorithms.scorer import Scorer
-from flhf_core.cli import merged_config, split_items
 from flhf_core.config import RunConfig
-from flhf_core.feedback import UserProfile
+from flhf_core.learning.algorithms.rollout import FeedbackConfig, make_optimizer
+from flhf_core.learning.algorithms.scorer import Scorer
+from flhf_core.runs.cli import merged_config, split_items
+from flhf_core.users.feedback import UserProfile
 
 BUDGETS = (8, 32, 0)  # judgements per user and round (0: unlimited)
 

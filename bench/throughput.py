@@ -20,13 +20,13 @@ from dataclasses import replace
 import torch
 from common import write_result
 
-from flhf_core import data
-from flhf_core.algorithms.sft import SFTConfig, autocast, train_sft
-from flhf_core.batches import batches_of, encode
-from flhf_core.cli import merged_config, split_items
 from flhf_core.config import RunConfig
-from flhf_core.corpus import load_corpus
-from flhf_core.model import build_model, shipped_tokenizer
+from flhf_core.data import partitions
+from flhf_core.data.corpus import load_corpus
+from flhf_core.learning.algorithms.sft import SFTConfig, autocast, train_sft
+from flhf_core.learning.batches import batches_of, encode
+from flhf_core.learning.model import build_model, shipped_tokenizer
+from flhf_core.runs.cli import merged_config, split_items
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
@@ -89,7 +89,7 @@ def main() -> None:
     config = RunConfig.from_mapping(merged_config(preset or "/dev/null", overrides))
     tokenizer = shipped_tokenizer()
     corpus = load_corpus(config)
-    examples = data.user_partition(corpus, 0, 2, config).train
+    examples = partitions.user_partition(corpus, 0, 2, config).train
     sft = replace(SFTConfig.from_run_config(config, config.learning_rate, seed=0), epochs=args.epochs)
     encoded = encode(tokenizer, examples, config.max_source_tokens, config.max_target_tokens)
     results = {

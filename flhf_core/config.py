@@ -18,6 +18,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from flhf_core.common import ConfigError
+from flhf_core.users.profiles import check_profiles
+
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 ASPECTS_ACLSUM = ("challenge", "approach", "outcome")
@@ -54,10 +57,6 @@ RESUMABLE_KEYS = frozenset(
         "run-name",
     }
 )
-
-
-class ConfigError(ValueError):
-    """A run-config key or value is not allowed; the message says which and why."""
 
 
 def _choice(*allowed: str) -> dict[str, Any]:
@@ -197,8 +196,6 @@ class RunConfig:
 
     def _check_user_profiles(self) -> None:
         """``user-profiles`` is a preset or a TOML file whose every table builds a valid profile."""
-        from .profiles import check_profiles  # profiles imports this module
-
         check_profiles(self.user_profiles, self.aspects)
 
     @property

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flhf_core.config import PYPROJECT, RunConfig, load_preset
-from flhf_core.model import build_model, shipped_tokenizer
+from flhf_core.learning.model import build_model, shipped_tokenizer
 
 SMOKE = PYPROJECT.parent / "configs" / "smoke.toml"
 
@@ -84,6 +84,6 @@ def logits_of(tokenizer):
 
 @pytest.fixture
 def in_process_grid():
-    from flhf_core.inprocess import InProcessGrid
+    from flhf_core.runs.inprocess import InProcessGrid
 
     return InProcessGrid

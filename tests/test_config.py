@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from flhf_core.cli import merged_config, parse_override
 from flhf_core.config import PYPROJECT, ConfigError, RunConfig, load_preset, pyproject_defaults
+from flhf_core.runs.cli import merged_config, parse_override
 
 
 def test_pyproject_declares_every_key_with_the_dataclass_default():

@@ -1,0 +1,271 @@
+"""A user's documents: from the shared corpus, from the node's own data file, or pooled
+(``mode = centralized``), with their token ids, cached once per process and on the node's disk.
+
+In simulation one worker process serves many users: a user's documents, profile and token
+ids are kept in the process, keyed by everything they depend on (run config, user, number of
+users, the user's own data file, the tokenizer). In deployment every message is a fresh
+process, so they are also written to the node's disk cache, ``<state-dir>/cache/`` (the node
+config's ``state-dir``), under a fingerprint of the same things: a fresh process then never
+loads the corpus. (:mod:`flhf_core.client.session` keeps the initial model in the same disk cache.)
+
+A SuperNode may hold its user's own documents: the node config's ``data-file`` (a
+JSONL/JSON/CSV file with ``document-field`` and one column per aspect). That user then
+trains, gives feedback and is judged on its own documents only (split by
+:func:`own_document_role`, its held-out share standing in for the server's); the server
+never reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context
+
+from flhf_core.common import atomic_write_json
+from flhf_core.config import ConfigError, RunConfig
+from flhf_core.data import partitions
+from flhf_core.data.corpus import Document, Example, load_corpus, load_table
+from flhf_core.learning.batches import Encoded, encode
+from flhf_core.users.feedback import PooledExample
+from flhf_core.users.profiles import UserProfile, build_profile
+
+DATA_FILE = "data-file"  # node config: the user's own documents
+CACHE_VERSION = 1  # bump when what the disk cache holds changes
+
+
+def own_data_file(context: Context) -> Path | None:
+    """The node config's ``data-file``, if this user brings its own documents."""
+    value = context.node_config.get(DATA_FILE)
+    if not value:
+        return None
+    path = Path(str(value)).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"node config {DATA_FILE}: {path} does not exist.")
+    return path
+
+
+# --------------------------------------------------------------------------
+# The user's documents
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UserDocuments:
+    """Everything a user reads, by purpose (the four kinds never mix)."""
+
+    user: int
+    profile: UserProfile
+    train: tuple[Example, ...]  # (document, summary) examples the user trains on
+    validation: tuple[Example, ...]  # the user's validation examples
+    feedback: tuple[Example, ...]  # its training documents, neutrally prompted
+    reward: tuple[Example, ...]  # fresh documents: the reward that steers aggregation
+    report: tuple[Example, ...]  # held-out documents, for reporting only
+    own_data: bool = False  # from the node's data-file rather than the shared corpus
+
+    def to_json(self) -> dict:
+        kinds = ("train", "validation", "feedback", "reward", "report")
+        return {
+            "user": self.user,
+            "own-data": self.own_data,
+            **{kind: [list(dataclasses.astuple(e)) for e in getattr(self, kind)] for kind in kinds},
+        }
+
+    @classmethod
+    def from_json(cls, payload: dict, profile: UserProfile) -> UserDocuments:
+        def examples(kind: str) -> tuple[Example, ...]:
+            return tuple(Example(*row) for row in payload[kind])
+
+        kinds = ("train", "validation", "feedback", "reward", "report")
+        return cls(int(payload["user"]), profile, *(examples(k) for k in kinds), bool(payload["own-data"]))
+
+
+def corpus_documents(config: RunConfig, user: int, num_users: int) -> UserDocuments:
+    """User ``user``'s documents in the shared corpus (its partition, by ``seed``)."""
+    corpus = load_corpus(config)
+    partition = partitions.user_partition(corpus, user, num_users, config)
+    profile = build_profile(user, config.user_profiles, config.aspects, config.seed)
+    return UserDocuments(
+        user=user,
+        profile=profile,
+        train=partition.train,
+        validation=partition.validation,
+        feedback=partitions.aspect_examples(corpus, partition.feedback_doc_ids, profile.aspect),
+        reward=partitions.aspect_examples(corpus, partition.reward_doc_ids, profile.aspect),
+        report=partitions.report_examples(corpus, config, profile.aspect),
+    )
+
+
+def own_document_role(doc_id: str, config: RunConfig) -> str:
+    """A document's role in a user's own file: the file is split on its own, with the run's
+    fractions (its held-out share is the user's reporting set, standing in for the server's)."""
+    share = {
+        kind: partitions.unit_hash(config.seed, "own-data", kind, doc_id)
+        for kind in ("heldout", "reward", "val")
+    }
+    if share["heldout"] < config.heldout_fraction:
+        return partitions.HELDOUT
+    if share["reward"] < config.reward_fraction:
+        return partitions.REWARD
+    return partitions.VALIDATION if share["val"] < config.val_fraction else partitions.TRAIN
+
+
+def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
+    """User ``user``'s documents from its own file, split by document as the corpus is.
+
+    Under ``preference`` partitioning the user keeps its preferred aspect's summaries (as it
+    would in the corpus); otherwise every aspect the file has.
+    """
+    if config.highlight_supervision:
+        raise ConfigError(
+            f"highlight-supervision: user {user}'s data file {path} has no highlight labels (aclsum's "
+            "are not exported); use highlight-supervision=false with data files."
+        )
+    own = load_table(str(path), config.document_field, config.aspects)
+    profile = build_profile(user, config.user_profiles, config.aspects, config.seed)
+    roles: dict[str, list[Document]] = {}
+    for doc in own.documents:
+        roles.setdefault(own_document_role(doc.doc_id, config), []).append(doc)
+    aspects = (profile.aspect,) if config.partitioning == "preference" else config.aspects
+
+    def examples(role: str) -> tuple[Example, ...]:
+        return tuple(
+            Example(d.doc_id, a, d.text, d.summary(a), partitions.instruction_for(config, a))
+            for d in roles.get(role, [])
+            for a in aspects
+            if d.summary(a)
+        )
+
+    def judged(role: str) -> tuple[Example, ...]:
+        ids = [d.doc_id for d in roles.get(role, [])]
+        return partitions.aspect_examples(own, ids, profile.aspect)
+
+    documents = UserDocuments(
+        user=user,
+        profile=profile,
+        train=examples(partitions.TRAIN),
+        validation=examples(partitions.VALIDATION),
+        feedback=judged(partitions.TRAIN),
+        reward=judged(partitions.REWARD)[: config.reward_documents],
+        report=judged(partitions.HELDOUT)[: config.eval_max_examples or None],
+        own_data=True,
+    )
+    empty = [k for k in ("train", "validation", "reward", "report") if not getattr(documents, k)]
+    if empty:
+        raise ConfigError(
+            f"node config {DATA_FILE}: {path} has {len(own.documents)} usable documents, too few to give "
+            f"this user {', '.join(empty)} documents (split by heldout-fraction, reward-fraction and "
+            "val-fraction); give it more documents."
+        )
+    return documents
+
+
+def pooled_documents(learner: UserDocuments, config: RunConfig, num_users: int) -> UserDocuments:
+    """``mode = centralized``: the learner holds every user's training examples and feedback
+    documents (each feedback document tagged with the user it came from, who judges its
+    samples), and keeps its own validation, reward and held-out documents to report on."""
+    users = [
+        learner if u == learner.user else corpus_documents(config, u, num_users) for u in range(num_users)
+    ]
+    return dataclasses.replace(
+        learner,
+        train=tuple(e for user in users for e in user.train),
+        feedback=tuple(
+            PooledExample(*dataclasses.astuple(e), profile=user.profile)
+            for user in users
+            for e in user.feedback
+        ),
+    )
+
+
+def file_stamp(path: Path | None) -> str:
+    """What changes when a data file changes (part of the cache keys)."""
+    if path is None:
+        return ""
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+# --------------------------------------------------------------------------
+# Caches: this process's, and the node's disk (deployment: a fresh process per message)
+# --------------------------------------------------------------------------
+PROCESS_CACHE_USERS = 256  # users whose documents a worker process keeps (least recently used go)
+_user_cache: OrderedDict[tuple, tuple[UserDocuments, Encoded]] = OrderedDict()
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_dir(context: Context) -> Path | None:
+    """``<state-dir>/cache`` on a node that has a state directory (deployment), else None."""
+    root = context.node_config.get("state-dir")
+    return Path(str(root)).expanduser().resolve() / "cache" if root else None
+
+
+def cached_documents(
+    context: Context, config: RunConfig, user: int, num_users: int, tokenizer, tokenizer_sha: str
+) -> tuple[UserDocuments, Encoded]:
+    """The user's documents and its training examples' token ids: from this process's cache,
+    else the node's disk cache, else built (and then written to the disk cache)."""
+    own_file = own_data_file(context)
+    key = (config, user, num_users, str(own_file), file_stamp(own_file), tokenizer_sha)
+    if key in _user_cache:
+        _user_cache.move_to_end(key)
+        return _user_cache[key]
+    folder = cache_dir(context)
+    path = (
+        folder / f"user-{user}-{fingerprint(CACHE_VERSION, config.to_mapping(), *key[1:])}.json"
+        if folder
+        else None
+    )
+    found = _read_cached(path, config, user) if path is not None else None
+    if found is None:
+        documents = (
+            corpus_documents(config, user, num_users)
+            if own_file is None
+            else file_documents(config, user, own_file)
+        )
+        found = (
+            documents,
+            encode(tokenizer, documents.train, config.max_source_tokens, config.max_target_tokens),
+        )
+        if path is not None:
+            atomic_write_json(path, {**documents.to_json(), "tokens": found[1].to_json()})
+    _user_cache[key] = found
+    while len(_user_cache) > PROCESS_CACHE_USERS:
+        _user_cache.popitem(last=False)
+    return found
+
+
+def cached_pooled_documents(
+    context: Context, config: RunConfig, user: int, num_users: int, tokenizer, tokenizer_sha: str
+) -> tuple[UserDocuments, Encoded]:
+    """The centralized learner's documents (:func:`pooled_documents`) and token ids, once per process."""
+    if own_data_file(context) is not None:
+        raise ConfigError(
+            f"mode: 'centralized' pools every user's documents from the shared corpus; node {user}'s "
+            f"{DATA_FILE} cannot be pooled. Use mode='federated' with data files."
+        )
+    key = (config, "pooled", user, num_users, tokenizer_sha)
+    if key not in _user_cache:
+        learner, _ = cached_documents(context, config, user, num_users, tokenizer, tokenizer_sha)
+        documents = pooled_documents(learner, config, num_users)
+        encoded = encode(tokenizer, documents.train, config.max_source_tokens, config.max_target_tokens)
+        _user_cache[key] = (documents, encoded)
+    _user_cache.move_to_end(key)
+    return _user_cache[key]
+
+
+def _read_cached(path: Path, config: RunConfig, user: int) -> tuple[UserDocuments, Encoded] | None:
+    """A disk-cached user's documents and token ids; None if absent or unreadable (then rebuilt)."""
+    try:
+        payload = json.loads(path.read_text())
+        profile = build_profile(user, config.user_profiles, config.aspects, config.seed)
+        documents = UserDocuments.from_json(payload, profile)
+        encoded = Encoded.from_json(payload["tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (documents, encoded) if len(encoded) == len(documents.train) else None

@@ -1,0 +1,337 @@
+"""Who holds which document, in which role, and what the model is told.
+
+From the corpus (:mod:`flhf_core.data.corpus`) everything else is derived deterministically
+by ``seed``:
+
+* the server's held-out documents (``heldout-fraction`` of them, by a hash of
+  the document id, so no user ever trains on them);
+* one user's examples out of ``num-partitions``: ``iid`` (every (document,
+  aspect) pair goes to a uniformly chosen user), ``dirichlet`` (per aspect, the
+  users' shares follow Dir(alpha), so users see skewed aspect mixes) or
+  ``preference`` (documents are dealt out and each user keeps the summaries
+  of its preferred aspect, ``aspects[user % len(aspects)]``);
+* each document's role: held out by the server, a reward document (judged, never
+  trained on), a validation document, or a training document (:func:`document_role`).
+
+Who holds what follows from hashes of (seed, document, aspect) alone, the same in every
+process. One pass over the corpus assigns every example (:func:`assignment`, cached per
+process), after which any user's partition is a lookup: a worker serving many of 1000 users
+scans the corpus once, not once per user.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flhf_core.config import ConfigError, RunConfig
+from flhf_core.data.corpus import Corpus, Example
+
+NEUTRAL_INSTRUCTION = "summarize"
+# ``aspect-prompt = question``: each aspect asked for in words (an aspect not named here keeps
+# its name). One token of difference between prompts is a weak signal for a model trained from
+# scratch: the default's model writes the approach template for most challenge prompts.
+ASPECT_QUESTIONS = {
+    "challenge": "what problem or challenge does this paper address",
+    "approach": "what method or approach does this paper propose",
+    "outcome": "what results or findings does this paper report",
+}
+
+
+# --------------------------------------------------------------------------
+# Deterministic assignment
+# --------------------------------------------------------------------------
+def unit_hash(*parts: object) -> float:
+    """A stable pseudo-random number in [0, 1) from its arguments (same in every process)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+# Every document has exactly one role, decided by hashes of (seed, document id) alone, so
+# that the four kinds of documents can never mix, whatever the partitioning:
+HELDOUT, REWARD, VALIDATION, TRAIN = "heldout", "reward", "validation", "train"
+
+
+def is_heldout(doc_id: str, seed: int, heldout_fraction: float) -> bool:
+    return unit_hash(seed, "heldout", doc_id) < heldout_fraction
+
+
+def document_role(doc_id: str, config: RunConfig) -> str:
+    """Which kind of document ``doc_id`` is.
+
+    * ``heldout``: the server's, for reporting only (``heldout-fraction`` of all documents);
+    * ``reward``: fresh documents users judge the model on, to steer aggregation; nobody
+      trains or gives feedback on them (``reward-fraction`` of the rest);
+    * ``validation``: users' validation documents, nobody trains on them (``val-fraction``
+      of the rest), so a user's validation and training documents never share a document;
+    * ``train``: dealt to users by the partitioning; users train and give feedback on them.
+    """
+    if is_heldout(doc_id, config.seed, config.heldout_fraction):
+        return HELDOUT
+    if unit_hash(config.seed, "reward", doc_id) < config.reward_fraction:
+        return REWARD
+    if unit_hash(config.seed, "val", doc_id) < config.val_fraction:
+        return VALIDATION
+    return TRAIN
+
+
+def preferred_aspect(user: int, aspects: Sequence[str]) -> str:
+    """The aspect user ``user`` prefers under ``preference`` partitioning."""
+    return aspects[user % len(aspects)]
+
+
+@functools.lru_cache(maxsize=64)
+def dirichlet_shares(seed: int, aspect: str, num_users: int, alpha: float) -> np.ndarray:
+    """Cumulative user shares of one aspect's examples, drawn from Dir(alpha)."""
+    rng = np.random.default_rng([seed, int(unit_hash("dirichlet", aspect) * 2**32)])
+    return np.cumsum(rng.dirichlet(np.full(num_users, alpha)))
+
+
+def owner(doc_id: str, aspect: str, num_users: int, config: RunConfig, aspects: Sequence[str]) -> int | None:
+    """Which user holds the (document, aspect) example, or None if nobody does."""
+    seed = config.seed
+    if config.partitioning == "iid":
+        return int(unit_hash(seed, "iid", doc_id, aspect) * num_users)
+    if config.partitioning == "dirichlet":
+        shares = dirichlet_shares(seed, aspect, num_users, config.dirichlet_alpha)
+        u = unit_hash(seed, "dirichlet", doc_id, aspect) * shares[-1]
+        return min(int(np.searchsorted(shares, u, side="right")), num_users - 1)
+    # preference: each document goes to one user, who keeps its preferred aspect
+    user = int(unit_hash(seed, "preference", doc_id) * num_users)
+    return user if preferred_aspect(user, aspects) == aspect else None
+
+
+@dataclass(frozen=True)
+class UserData:
+    user: int
+    train: tuple[Example, ...]  # (document, aspect) examples the user trains on
+    validation: tuple[Example, ...]  # the user's examples on validation documents
+    reward_doc_ids: tuple[str, ...]  # fresh documents the user judges the model on
+
+    @property
+    def feedback_doc_ids(self) -> tuple[str, ...]:
+        """The documents the user gives feedback on: its training documents."""
+        return tuple(dict.fromkeys(e.doc_id for e in self.train))
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Every example's holder, from one pass over the corpus (indices into ``corpus.documents``)."""
+
+    train: dict[int, list[tuple[int, str]]]  # user -> (document index, aspect) it trains on
+    validation: dict[int, list[tuple[int, str]]]  # user -> its validation examples
+    reward_pool: tuple[str, ...]  # the reward documents, in corpus order
+
+
+_assignments: dict[tuple, tuple[Corpus, Assignment]] = {}
+
+
+def assignment(corpus: Corpus, num_users: int, config: RunConfig) -> Assignment:
+    """Who holds which example among ``num_users`` users (cached per process and corpus)."""
+    key = (
+        id(corpus),
+        num_users,
+        config.seed,
+        config.partitioning,
+        config.dirichlet_alpha,
+        config.heldout_fraction,
+        config.reward_fraction,
+        config.val_fraction,
+    )
+    cached = _assignments.get(key)
+    if cached is not None and cached[0] is corpus:
+        return cached[1]
+    train: dict[int, list[tuple[int, str]]] = {}
+    validation: dict[int, list[tuple[int, str]]] = {}
+    pool = []
+    for index, doc in enumerate(corpus.documents):
+        role = document_role(doc.doc_id, config)
+        if role == REWARD:
+            pool.append(doc.doc_id)
+        if role not in (TRAIN, VALIDATION):
+            continue
+        holders = validation if role == VALIDATION else train
+        for aspect, summary in doc.summaries:
+            user = owner(doc.doc_id, aspect, num_users, config, corpus.aspects) if summary else None
+            if user is not None:
+                holders.setdefault(user, []).append((index, aspect))
+    if len(_assignments) >= 8:
+        _assignments.clear()
+    result = Assignment(train, validation, tuple(pool))
+    _assignments[key] = (corpus, result)
+    return result
+
+
+def user_partition(corpus: Corpus, user: int, num_users: int, config: RunConfig) -> UserData:
+    """User ``user``'s train and validation examples and reward documents (never held-out ones)."""
+    if not 0 <= user < num_users:
+        raise ConfigError(f"partition-id {user} is outside [0, num-partitions={num_users}).")
+    held = assignment(corpus, num_users, config)
+
+    def examples(pairs: list[tuple[int, str]]) -> tuple[Example, ...]:
+        docs = corpus.documents
+        return tuple(
+            Example(
+                docs[i].doc_id, aspect, docs[i].text, docs[i].summary(aspect), instruction_for(config, aspect)
+            )
+            for i, aspect in pairs
+        )
+
+    train = examples(held.train.get(user, []))
+    if config.highlight_supervision:
+        train += highlight_examples(corpus, held.train.get(user, []), config)
+    return UserData(
+        user,
+        train,
+        examples(held.validation.get(user, [])),
+        reward_doc_ids(corpus, user, config, held.reward_pool),
+    )
+
+
+def highlight_examples(
+    corpus: Corpus, pairs: list[tuple[int, str]], config: RunConfig
+) -> tuple[Example, ...]:
+    """Extra supervision (``highlight-supervision``): for each training (document, aspect), the
+    document's sentences annotators highlighted for that aspect as a second, extractive target
+    under the same prompt. A from-scratch model has too few summaries to learn much content
+    (issue 12); copying the marked sentences is what the best extractive baselines do, and it
+    teaches the model where each aspect lives in a document."""
+    docs = corpus.documents
+    return tuple(
+        Example(
+            docs[i].doc_id, aspect, docs[i].text, docs[i].highlight(aspect), instruction_for(config, aspect)
+        )
+        for i, aspect in pairs
+        if docs[i].highlight(aspect)
+    )
+
+
+def reward_doc_ids(
+    corpus: Corpus, user: int, config: RunConfig, pool: Sequence[str] | None = None
+) -> tuple[str, ...]:
+    """``reward-documents`` of the reward documents, drawn for this user (seeded, in corpus order).
+
+    Each user draws its own; two users may draw the same document, as two people may read
+    the same paper. No user ever trains or gives feedback on any of them. ``pool``: the
+    reward documents, if the caller has them.
+    """
+    if pool is None:
+        pool = [d.doc_id for d in corpus.documents if document_role(d.doc_id, config) == REWARD]
+    drawn = sorted(pool, key=lambda doc_id: unit_hash(config.seed, "reward-draw", user, doc_id))
+    chosen = set(drawn[: config.reward_documents])
+    return tuple(doc_id for doc_id in pool if doc_id in chosen)
+
+
+def splits(corpus: Corpus, config: RunConfig, num_users: int, exclude: Collection[int] = ()) -> dict:
+    """Which documents serve what, for ``splits.json``: anyone can check they never mix.
+
+    Users in ``exclude`` hold their own data file, which the server never sees: they are
+    listed as ``{"own-data": true}``.
+    """
+
+    def ids(examples: Sequence[Example]) -> list[str]:
+        return list(dict.fromkeys(e.doc_id for e in examples))
+
+    users: dict[str, dict] = {}
+    for user in range(num_users):
+        if user in exclude:
+            users[str(user)] = {"own-data": True}
+            continue
+        part = user_partition(corpus, user, num_users, config)
+        users[str(user)] = {
+            "train": ids(part.train),
+            "validation": ids(part.validation),
+            "feedback": list(part.feedback_doc_ids),
+            "reward": list(part.reward_doc_ids),
+        }
+    return {"heldout": heldout_doc_ids(corpus, config), "users": users}
+
+
+def heldout_doc_ids(corpus: Corpus, config: RunConfig) -> list[str]:
+    """The documents no user trains on, in corpus order."""
+    return list(_heldout_ids(corpus, config.seed, config.heldout_fraction))
+
+
+@functools.lru_cache(maxsize=8)
+def _heldout_ids(corpus: Corpus, seed: int, fraction: float) -> tuple[str, ...]:
+    return tuple(d.doc_id for d in corpus.documents if is_heldout(d.doc_id, seed, fraction))
+
+
+def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
+    """The server's held-out (document, aspect) examples, capped at ``heldout-max-examples``."""
+    examples = [
+        Example(doc.doc_id, aspect, doc.text, summary, instruction_for(config, aspect))
+        for doc in corpus.documents
+        if is_heldout(doc.doc_id, config.seed, config.heldout_fraction)
+        for aspect, summary in doc.summaries
+        if summary
+    ]
+    if config.heldout_max_examples and len(examples) > config.heldout_max_examples:
+        examples.sort(key=lambda e: unit_hash(config.seed, "heldout-order", e.doc_id, e.aspect))
+        examples = examples[: config.heldout_max_examples]
+    return tuple(examples)
+
+
+def instruction_for(config: RunConfig, aspect: str) -> str:
+    """What the model is told to write for ``aspect`` ("" = the aspect's name). Under
+    ``preference`` partitioning users never name their aspect: the prompt is neutral."""
+    if config.partitioning == "preference":
+        return NEUTRAL_INSTRUCTION
+    return ASPECT_QUESTIONS.get(aspect, "") if config.aspect_prompt == "question" else ""
+
+
+def aspect_examples(
+    corpus: Corpus, doc_ids: Sequence[str], aspect: str, instruction: str = NEUTRAL_INSTRUCTION
+) -> tuple[Example, ...]:
+    """(document, ``aspect`` summary) examples of the given documents, neutrally prompted.
+
+    What a user asks for feedback on: "summarize this", judged against its own aspect.
+    """
+    by_id = corpus.by_id
+    examples = []
+    for doc_id in dict.fromkeys(doc_ids):  # unique, in order
+        doc = by_id[doc_id]
+        if doc.summary(aspect):
+            examples.append(Example(doc_id, aspect, doc.text, doc.summary(aspect), instruction))
+    return tuple(examples)
+
+
+def report_examples(corpus: Corpus, config: RunConfig, aspect: str) -> tuple[Example, ...]:
+    """The held-out documents a user with ``aspect`` is evaluated on (reporting only), in order."""
+    report = aspect_examples(corpus, heldout_doc_ids(corpus, config), aspect)
+    return report[: config.eval_max_examples or None]
+
+
+def abstracts(corpus: Corpus) -> dict[str, str]:
+    return {doc.doc_id: doc.abstract for doc in corpus.documents}
+
+
+def export_user_documents(corpus: Corpus, user: int, num_users: int, config: RunConfig, path: Path) -> int:
+    """Write user ``user``'s partition as a data file of its own (JSONL: ``id``, ``document``,
+    one column per aspect, empty where the user holds no summary of that aspect).
+
+    What a user's device would hold; a SuperNode given it as ``data-file`` serves that user
+    from it, and the server never reads it. Returns the number of documents written.
+    """
+    part = user_partition(corpus, user, num_users, config)
+    held = {(e.doc_id, e.aspect) for e in part.train + part.validation}
+    rows = [
+        {
+            "id": doc.doc_id,
+            config.document_field: doc.text,
+            **{
+                aspect: (summary if (doc.doc_id, aspect) in held else "") for aspect, summary in doc.summaries
+            },
+        }
+        for doc in corpus.documents
+        if any((doc.doc_id, aspect) in held for aspect in corpus.aspects)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return len(rows)

@@ -1,0 +1,137 @@
+"""Tokenized examples and padded batches.
+
+Examples are tokenized once (:func:`encode`) and collated into padded batches as often as
+needed (:func:`collate`): a user trains on the same examples for several epochs and rounds,
+and in simulation one worker process serves the same user many times, so the token ids are
+cached by the caller (:mod:`flhf_core.client.session`) rather than recomputed per batch. Collating
+pads on the right with the tokenizer's pad id, exactly as ``tokenizer(..., padding=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flhf_core.data.corpus import Example
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # target ids with padding set to -100 (ignored by the loss)
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of examples, unpadded: ``sources[i]`` and ``targets[i]`` of example ``i``.
+
+    Kept as int32 arrays (a Python list of ints costs ~36 bytes a token; a worker process
+    caches the token ids of every user it serves).
+    """
+
+    sources: tuple[np.ndarray, ...]
+    targets: tuple[np.ndarray, ...]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def target_tokens(self) -> int:
+        return sum(len(t) for t in self.targets)
+
+    def to_json(self) -> dict:
+        return {
+            "sources": [r.tolist() for r in self.sources],
+            "targets": [r.tolist() for r in self.targets],
+            "pad-id": self.pad_id,
+        }
+
+    @classmethod
+    def from_json(cls, payload: dict) -> Encoded:
+        def rows(key: str) -> tuple[np.ndarray, ...]:
+            return tuple(np.asarray(r, dtype=np.int32) for r in payload[key])
+
+        return cls(rows("sources"), rows("targets"), int(payload["pad-id"]))
+
+
+def encode(tokenizer, examples: Sequence[Example], max_source_tokens: int, max_target_tokens: int) -> Encoded:
+    """Tokenize every example once (truncated, not padded)."""
+    if not examples:
+        return Encoded((), (), int(tokenizer.pad_token_id))
+    sources = tokenizer([e.source for e in examples], max_length=max_source_tokens, truncation=True)
+    targets = tokenizer(
+        text_target=[e.summary for e in examples], max_length=max_target_tokens, truncation=True
+    )
+    return Encoded(
+        tuple(np.asarray(ids, dtype=np.int32) for ids in sources["input_ids"]),
+        tuple(np.asarray(ids, dtype=np.int32) for ids in targets["input_ids"]),
+        int(tokenizer.pad_token_id),
+    )
+
+
+def _pad(rows: Sequence[np.ndarray], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), value, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def collate(encoded: Encoded, indices: Sequence[int]) -> Batch:
+    """The examples ``indices`` as one right-padded batch; label padding is -100."""
+    input_ids, attention_mask = _pad([encoded.sources[i] for i in indices], encoded.pad_id)
+    labels, label_mask = _pad([encoded.targets[i] for i in indices], encoded.pad_id)
+    return Batch(input_ids, attention_mask, labels.masked_fill(label_mask == 0, -100))
+
+
+def batches_of(
+    encoded: Encoded, batch_size: int, generator: torch.Generator | None = None, group_by_length: bool = False
+) -> list[Batch]:
+    """All examples in batches of ``batch_size``; shuffled when a generator is given.
+
+    ``group_by_length``: examples of similar source length share a batch, so less compute
+    goes to padding (documents run from a few dozen tokens to the truncation length). As
+    Hugging Face's length-grouped sampler does: shuffle, sort each run of
+    :data:`LENGTH_GROUP` batches by length, then shuffle the order of the batches, so
+    batches stay random in content and order.
+    """
+    order = list(range(len(encoded)))
+    if generator is not None:
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+    if group_by_length:
+        group = LENGTH_GROUP * batch_size
+        order = [
+            i
+            for start in range(0, len(order), group)
+            for i in sorted(order[start : start + group], key=lambda i: -len(encoded.sources[i]))
+        ]
+    chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length and generator is not None:
+        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
+    return [collate(encoded, chunk) for chunk in chunks]
+
+
+LENGTH_GROUP = 8  # batches whose examples are sorted by length together
+
+
+def make_batches(
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int,
+    max_source_tokens: int,
+    max_target_tokens: int,
+    generator: torch.Generator | None = None,
+) -> list[Batch]:
+    """Tokenize and pad examples into batches; shuffled when a generator is given."""
+    return batches_of(
+        encode(tokenizer, examples, max_source_tokens, max_target_tokens), batch_size, generator
+    )

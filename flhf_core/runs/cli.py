@@ -1,0 +1,349 @@
+"""The ``flhf`` command: run a preset with overrides, resume, compare, summarize, build the tokenizer.
+
+``flhf run [PRESET] [key=value ...]`` exists because ``flwr run`` refuses a
+preset file together with ``key=value`` overrides, and answers an unknown key
+with a bare "Invalid run configuration". It merges pyproject's defaults, the
+preset and the overrides; validates them with :class:`RunConfig` (an error
+names the key and what is allowed); resolves ``results-dir`` to an absolute
+path; and launches the run (:mod:`flhf_core.runs.launcher`), which exits with the
+run's real status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from flhf_core.config import ConfigError, RunConfig, load_preset, pyproject_defaults
+from flhf_core.data.corpus import load_corpus
+from flhf_core.runs.deploy import CONNECTION, Loopback
+from flhf_core.runs.launcher import PROJECT_DIR, launch_simulation, report, submit_and_follow
+
+PRESETS_DIR = PROJECT_DIR / "configs"
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` with a TOML value; bare words are strings (``dataset=aclsum``)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value.")
+    key, raw = (part.strip() for part in item.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def resolve_preset(name: str | None) -> Path | None:
+    if name is None:
+        return PRESETS_DIR / "default.toml"
+    path = Path(name)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    candidate = PRESETS_DIR / f"{name}.toml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+    raise ConfigError(f"preset {name!r} not found; presets: {', '.join(known)}, or a path to a .toml file.")
+
+
+def merged_config(preset: str | None, overrides: list[str]) -> dict[str, Any]:
+    """Defaults <- preset <- overrides, validated, with an absolute results-dir and a run name."""
+    values = dict(pyproject_defaults())
+    preset_path = resolve_preset(preset)
+    if preset_path is not None:
+        values.update(load_preset(preset_path))
+    values.update(parse_override(item) for item in overrides)
+    config = RunConfig.from_mapping(values)  # names any bad key or value
+    run_name = config.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    candidate, suffix = run_name, 1
+    while (config.results_path / candidate).exists():
+        suffix += 1
+        candidate = f"{run_name}-{suffix}"
+    resolved = {"results-dir": str(config.results_path), "run-name": candidate}
+    if Path(config.user_profiles).expanduser().is_file():  # the apps run in the SuperLink's directory
+        resolved["user-profiles"] = str(Path(config.user_profiles).expanduser().resolve())
+    return config.replace(**resolved).to_mapping()
+
+
+def resumed_config(
+    run_dir: Path, overrides: list[str], users: int | None = None
+) -> tuple[dict[str, Any], int]:
+    """The config that continues ``run_dir`` from its last checkpoint: the checkpoint's own, with
+    ``overrides`` of the keys a resume may change; and its number of users (``users``, if
+    given, must be the checkpoint's). An error names anything else that differs."""
+    from flhf_core.results.checkpoint import CheckpointError, check_resumable, load_checkpoint
+
+    run_dir = run_dir.expanduser().resolve()
+    checkpoint = load_checkpoint(run_dir)
+    values = {**checkpoint.config, **dict(parse_override(item) for item in overrides)}
+    values.update({"results-dir": str(run_dir.parent), "run-name": run_dir.name, "resume": True})
+    check_resumable(checkpoint.config, values)
+    config = RunConfig.from_mapping(values)
+    if config.num_server_rounds < checkpoint.server_round:
+        raise CheckpointError(
+            f"num-server-rounds: {config.num_server_rounds} is below the checkpoint's round "
+            f"({checkpoint.server_round}); a resume can only go on from there."
+        )
+    if users is not None and users != checkpoint.num_users:
+        raise CheckpointError(
+            f"--users {users}: the run has {checkpoint.num_users} users (they define its data partitions)."
+        )
+    print(
+        f"flhf: resuming {run_dir} after round {checkpoint.server_round} of {config.num_server_rounds}",
+        flush=True,
+    )
+    return config.to_mapping(), checkpoint.num_users
+
+
+def keep_earlier_logs(*folders: Path) -> None:
+    """Before a resume writes its logs, rename the earlier attempt's (``flower.log`` ->
+    ``flower.attempt-1.log``, ...): the record of how the killed run died is kept."""
+    for folder in folders:
+        logs = [p for p in (*folder.glob("*.log"), folder / "flower-run.json") if p.is_file()]
+        logs = [p for p in logs if ".attempt-" not in p.name]
+        attempt = 1
+        while any(p.with_name(f"{p.stem}.attempt-{attempt}{p.suffix}").exists() for p in logs):
+            attempt += 1
+        for path in logs:
+            path.rename(path.with_name(f"{path.stem}.attempt-{attempt}{path.suffix}"))
+
+
+def run_config_of(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """``flhf run/loopback``'s config and number of users: a new run's (``--users``, else
+    ``min-available-nodes``, at least 2), or with ``--resume`` the resumed run's."""
+    if args.resume:
+        if args.items and "=" not in args.items[0]:
+            raise ConfigError(f"--resume continues a run with its own config: no preset ({args.items[0]!r}).")
+        config, users = resumed_config(Path(args.resume), args.items, args.users)
+        run_dir = Path(config["results-dir"]) / config["run-name"]
+        keep_earlier_logs(run_dir, run_dir.with_name(f"{run_dir.name}.deployment"))
+        return config, users
+    preset, overrides = split_items(args.items)
+    config = merged_config(preset, overrides)
+    return config, args.users or max(int(config["min-available-nodes"]), 2)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    config, users = run_config_of(args)
+    return launch_simulation(config, users, args.cpus_per_user, not args.quiet)
+
+
+def command_loopback(args: argparse.Namespace) -> int:
+    """The same run in Flower's deployment engine: a SuperLink and N SuperNodes on 127.0.0.1."""
+    config, users = run_config_of(args)
+    run_dir = Path(config["results-dir"]) / config["run-name"]
+    workdir = Path(config["results-dir"]) / f"{config['run-name']}.deployment"
+    print(f"flhf: results will be written to {run_dir}; process logs to {workdir}", flush=True)
+    data_files = parse_data_files(args.data_file, users)
+    with Loopback(
+        workdir, users, state_dir=workdir / "user-state", secure=args.secure, data_files=data_files
+    ) as federation:
+        how = "TLS, authenticated SuperNodes" if args.secure else "insecure"
+        print(f"flhf: SuperLink and {users} SuperNodes up (127.0.0.1:{federation.port}, {how})", flush=True)
+        code = submit_and_follow(config, [CONNECTION], not args.quiet, federation.env(), federation.alive)
+    report(code, config)
+    return code
+
+
+def parse_data_files(items: list[str], users: int) -> dict[int, Path]:
+    """``USER=FILE`` options: which users' SuperNodes hold their own data file."""
+    files = {}
+    for item in items:
+        user, _, path = item.partition("=")
+        if not user.strip().isdigit() or not 0 <= int(user) < users or not path:
+            raise ConfigError(f"--data-file {item!r}: expected USER=FILE with USER in [0, {users}).")
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"--data-file {item!r}: {path} does not exist.")
+        files[int(user)] = Path(path).expanduser().resolve()
+    return files
+
+
+def command_export_data(args: argparse.Namespace) -> int:
+    from flhf_core.data import partitions
+
+    preset, overrides = split_items(args.items)
+    config = RunConfig.from_mapping(merged_config(preset, overrides))
+    corpus = load_corpus(config)
+    count = partitions.export_user_documents(corpus, args.user, args.users, config, Path(args.out))
+    print(f"flhf: wrote user {args.user}'s {count} documents (of {args.users} users) to {args.out}")
+    return 0
+
+
+def split_items(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[PRESET] [key=value ...]``: a first item without ``=`` names the preset."""
+    has_preset = bool(items) and "=" not in items[0]
+    return (items[0], items[1:]) if has_preset else (None, items)
+
+
+def command_build_tokenizer(args: argparse.Namespace) -> int:
+    from flhf_core.learning import model
+
+    corpus = load_corpus(RunConfig.from_mapping({"document-sections": "abstract,introduction,conclusion"}))
+    tokenizer = model.train_tokenizer(model.corpus_texts(corpus), args.vocab_size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(tokenizer.to_str())
+    print(f"wrote {out} ({tokenizer.get_vocab_size()} tokens, sha256 {model.sha256(out.read_bytes())[:12]})")
+    return 0
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    """Runs side by side: a Markdown table and a plot of their reward curves."""
+    from flhf_core.runs.compare import compare
+
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]).resolve().parent
+    table, plot = compare([Path(d) for d in args.run_dirs], out)
+    print(table.read_text(), end="")
+    print(f"flhf: wrote {table} and {plot}")
+    return 0
+
+
+def command_summarize(args: argparse.Namespace) -> int:
+    """Summarize a text file with a finished run's global model, or one user's personalized model."""
+    from flhf_core.client import personal
+    from flhf_core.common import read_json
+    from flhf_core.data.partitions import NEUTRAL_INSTRUCTION, instruction_for
+    from flhf_core.learning.generate import summarize
+    from flhf_core.learning.model import add_lora, load_pretrained
+
+    run_dir = Path(args.run_dir).resolve()
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"{run_dir} is not an FLHF run (no config.json).")
+    config = RunConfig.from_mapping(read_json(run_dir / "config.json"))
+    model_dir = run_dir / "model"
+    if not config.has_global_model:  # local-head: the shared body, completed by a user's own head
+        if args.user is None:
+            raise ConfigError(
+                f"{run_dir} has no global model (personalization=local-head or mode=local-only); use --user K."
+            )
+        model_dir = run_dir / "checkpoints" / "latest"
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"{run_dir} is not a finished FLHF run (no {model_dir.name}/ folder).")
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        raise ConfigError(f"text file {text_path} does not exist.")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_pretrained(model_dir)
+    if args.user is not None:
+        state = (
+            Path(args.state) if args.state else run_dir / "users" / f"user-{args.user}" / personal.STATE_FILE
+        )
+        if config.personal_scope == "none" or not state.is_file():
+            raise ConfigError(
+                f"user {args.user} has no personal state at {state} (personalization: "
+                f"{config.personalization}, mode: {config.mode})."
+            )
+        if config.personalization == "lora":
+            model = add_lora(model, config.lora_rank, seed=0)
+        personal.load_into(model, state)
+    instruction = (
+        (instruction_for(config, args.aspect) or args.aspect) if args.aspect else NEUTRAL_INSTRUCTION
+    )
+    source = f"{instruction}: {' '.join(text_path.read_text().split())}"
+    (summary,) = summarize(model, tokenizer, [source], config)
+    print(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flhf", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a preset in Flower's simulation engine")
+    run.add_argument(
+        "items",
+        nargs="*",
+        metavar="[PRESET] [key=value ...]",
+        help="a preset (a name in configs/, default 'default', or a .toml path), then run-config overrides",
+    )
+    run.add_argument("--users", type=int, help="simulated users (default: the preset's min-available-nodes)")
+    run.add_argument("--quiet", action="store_true", help="do not stream the run's logs")
+    run.add_argument(
+        "--cpus-per-user",
+        type=int,
+        help="CPUs and torch threads per simulated user (default: the cores shared by the users that run at once)",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a killed or finished run from its last checkpoint, in its folder "
+        "(key=value may change only num-server-rounds, round-timeout, tracking, ...: see README)",
+    )
+    run.set_defaults(handler=command_run)
+    loopback = commands.add_parser(
+        "loopback", help="run in Flower's deployment engine: a SuperLink and N SuperNodes on 127.0.0.1"
+    )
+    loopback.add_argument("items", nargs="*", metavar="[PRESET] [key=value ...]", help="as for run")
+    loopback.add_argument("--users", type=int, help="SuperNodes to start (default: min-available-nodes)")
+    loopback.add_argument("--quiet", action="store_true", help="do not stream the run's logs")
+    loopback.add_argument(
+        "--secure",
+        action="store_true",
+        help="TLS with a generated CA, and SuperNode authentication (keys registered before the nodes start)",
+    )
+    loopback.add_argument(
+        "--data-file",
+        action="append",
+        default=[],
+        metavar="USER=FILE",
+        help="user USER's SuperNode serves it from its own data file (see `flhf export-data`); repeatable",
+    )
+    loopback.add_argument(
+        "--resume", metavar="RUN_DIR", help="as for run (the users' state folders are kept)"
+    )
+    loopback.set_defaults(handler=command_loopback)
+    export = commands.add_parser(
+        "export-data",
+        help="write one user's documents as a data file of its own (for a SuperNode's data-file)",
+    )
+    export.add_argument("items", nargs="*", metavar="[PRESET] [key=value ...]", help="as for run")
+    export.add_argument("--user", type=int, required=True, help="the user (partition id)")
+    export.add_argument("--users", type=int, required=True, help="the number of users (num-partitions)")
+    export.add_argument("--out", required=True, help="the JSONL file to write")
+    export.set_defaults(handler=command_export_data)
+    compare = commands.add_parser(
+        "compare", help="runs side by side: a Markdown table and their reward curves"
+    )
+    compare.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, <results-dir>/<run-name>"
+    )
+    compare.add_argument(
+        "--out", help="where comparison.md and comparison.png go (default: the first run's parent)"
+    )
+    compare.set_defaults(handler=command_compare)
+    summarize = commands.add_parser("summarize", help="summarize a text file with a finished run's model")
+    summarize.add_argument("run_dir", help="a run's results folder, <results-dir>/<run-name>")
+    summarize.add_argument("text", help="a plain-text file to summarize")
+    summarize.add_argument("--user", type=int, help="use this user's personalized model")
+    summarize.add_argument("--state", help="the user's personal state file, if not under the run folder")
+    summarize.add_argument("--aspect", help="ask for an aspect (e.g. outcome) instead of a neutral summary")
+    summarize.set_defaults(handler=command_summarize)
+    tok = commands.add_parser("build-tokenizer", help="train the shipped aclsum tokenizer")
+    tok.add_argument("--vocab-size", type=int, default=6000)
+    tok.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets" / "aclsum-tokenizer.json"))
+    tok.set_defaults(handler=command_build_tokenizer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if extra:  # overrides that followed an option, as in `flhf run smoke --quiet seed=1`
+        if args.command not in ("run", "loopback") or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.items += extra
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"flhf: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""What a ClientApp message builds before its work: caches per process and per node, a
+user's own data file, the thread budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from flhf_core.client import documents, session
+from flhf_core.config import ConfigError
+from flhf_core.data import partitions
+from flhf_core.data.corpus import load_corpus
+from flhf_core.learning.model import parameters_to_record, tokenizer_fingerprint
+
+
+def context(config, user=0, users=2, **node_config):
+    return Context(
+        run_id=1,
+        node_id=100 + user,
+        node_config={"partition-id": user, "num-partitions": users, **node_config},
+        state=RecordDict(),
+        run_config=config.to_mapping(),
+    )
+
+
+def message(model, tokenizer):
+    config = ConfigRecord(
+        {"phase": "sft", "server-round": 1, "tokenizer-sha256": tokenizer_fingerprint(tokenizer)}
+    )
+    return Message(
+        content=RecordDict({"arrays": parameters_to_record(model), "config": config}),
+        dst_node_id=100,
+        message_type=MessageType.TRAIN,
+    )
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts of the expensive builds: corpus loads, partitions and model initializations."""
+    calls = {"corpus": 0, "model": 0}
+    real_corpus, real_model = documents.corpus_documents, session.build_model
+
+    def corpus_documents(*args):
+        calls["corpus"] += 1
+        return real_corpus(*args)
+
+    def build_model(*args):
+        calls["model"] += 1
+        return real_model(*args)
+
+    monkeypatch.setattr(documents, "corpus_documents", corpus_documents)
+    monkeypatch.setattr(session, "build_model", build_model)
+    documents._user_cache.clear()
+    session._initial_models.clear()
+    return calls
+
+
+def test_a_worker_process_builds_a_users_data_and_the_model_once(
+    flower_identity, smoke_config, tokenizer, tiny_model, counted
+):
+    ctx = context(smoke_config)
+    first = session.open_session(message(tiny_model, tokenizer), ctx)
+    first.model.lm_head.weight.data.add_(1.0)  # a handler's changes never reach the cache
+    second = session.open_session(message(tiny_model, tokenizer), ctx)
+    assert counted == {"corpus": 1, "model": 1}
+    assert second.data == first.data and second.model is not first.model
+    assert second.model.lm_head.weight.equal(tiny_model.lm_head.weight)
+    session.open_session(message(tiny_model, tokenizer), context(smoke_config, user=1))
+    assert counted["corpus"] == 2  # another user: its own data
+
+
+def test_a_fresh_process_on_a_node_reads_the_users_data_and_model_from_the_disk_cache(
+    flower_identity, smoke_config, tokenizer, tiny_model, counted, tmp_path
+):
+    ctx = context(smoke_config, **{"state-dir": str(tmp_path)})
+    built = session.open_session(message(tiny_model, tokenizer), ctx)
+    documents._user_cache.clear()  # what a new process starts with
+    session._initial_models.clear()
+    loaded = session.open_session(message(tiny_model, tokenizer), ctx)
+    assert counted == {"corpus": 1, "model": 1}  # the second process built nothing
+    assert loaded.data == built.data
+    assert all(
+        a.tolist() == b.tolist()
+        for a, b in zip(loaded.encoded_train.sources, built.encoded_train.sources, strict=True)
+    )
+    cached = list((tmp_path / "cache").glob("user-0-*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["user"] == 0
+    cached[0].write_text("{not json")  # a torn or corrupt cache file is rebuilt, never trusted
+    documents._user_cache.clear()
+    assert session.open_session(message(tiny_model, tokenizer), ctx).data == built.data
+
+
+def test_a_user_with_its_own_data_file_reads_only_its_own_documents(
+    smoke_config, tmp_path, corpus_config=None
+):
+    config = smoke_config
+    corpus = load_corpus(config)
+    path = tmp_path / "user-1.jsonl"
+    written = partitions.export_user_documents(corpus, 1, 2, config, path)
+    own = documents.file_documents(config, 1, path)
+    file_ids = {json.loads(line)["id"] for line in path.read_text().splitlines()}
+    assert written == len(file_ids) and own.own_data
+    for kind in ("train", "validation", "feedback", "reward", "report"):
+        examples = getattr(own, kind)
+        assert examples and {e.doc_id for e in examples} <= file_ids, kind
+    assert not {e.doc_id for e in own.train} & {e.doc_id for e in own.report + own.reward + own.validation}
+    assert not file_ids & set(partitions.heldout_doc_ids(corpus, config))  # never the server's held-out ones
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text("".join(path.read_text().splitlines(keepends=True)[:3]))
+    with pytest.raises(ConfigError, match="too few"):
+        documents.file_documents(config, 1, tiny)
+    with pytest.raises(ConfigError, match="highlight-supervision"):  # a file carries no highlights
+        documents.file_documents(config.replace(**{"highlight-supervision": True}), 1, path)
+
+
+def test_thread_budget_comes_from_the_node_then_the_engine(monkeypatch, smoke_config):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert session.thread_budget(context(smoke_config)) == 3  # what Ray gave the worker
+    assert session.thread_budget(context(smoke_config, **{"torch-threads": 1})) == 1
+    with pytest.raises(ConfigError, match="torch-threads"):
+        session.thread_budget(context(smoke_config, **{"torch-threads": "many"}))
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # OpenMP's nested form: not ours to refuse
+    assert session.thread_budget(context(smoke_config)) >= 1

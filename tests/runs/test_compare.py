@@ -1,0 +1,57 @@
+"""``flhf compare``: runs side by side, and mean ± std over seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flhf_core.config import RunConfig
+from flhf_core.runs import cli
+from flhf_core.runs.compare import load_run, markdown_table
+
+
+def fake_run(root: Path, name: str, seed: int, reward: float, **config) -> Path:
+    """A run folder as the ServerApp writes it (config, summary, metrics)."""
+    folder = root / name
+    folder.mkdir()
+    mapping = RunConfig(seed=seed, run_name=name, **config).to_mapping()
+    (folder / "config.json").write_text(json.dumps(mapping))
+    summary = {
+        "reward": reward,
+        "reward-worst": reward / 2,
+        "win-rate": 0.6,
+        "rougeL": 18.0,
+        "bytes-up": 100,
+        "bytes-down": 200,
+        "seconds": 30.0,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+    rows = [
+        {"round": r, "phase": "sft", "scope": "server", "client": None, "reward": reward * r / 2}
+        for r in (1, 2)
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def test_runs_that_differ_only_in_seed_are_one_row_of_mean_and_spread(tmp_path, capsys):
+    runs = [
+        fake_run(tmp_path, f"s{seed}", seed, reward) for seed, reward in ((1, 0.10), (2, 0.20), (3, 0.30))
+    ]
+    assert cli.main(["compare", *map(str, runs), "--out", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "comparison.md").read_text()
+    assert "3 seeds (1, 2, 3)" in table and "0.200 ± 0.100" in table  # mean ± sample std of the rewards
+    assert "300 ± 0" in table  # bytes: up + down
+    assert (tmp_path / "out" / "comparison.png").stat().st_size > 0
+    assert table in capsys.readouterr().out
+
+
+def test_runs_of_different_experiments_get_a_row_each(tmp_path):
+    a = load_run(fake_run(tmp_path, "none", 1, 0.1))
+    b = load_run(fake_run(tmp_path, "softmax", 1, 0.2, reward_weighting="softmax"))
+    table = markdown_table([a, b])
+    assert "| none | 0.100 |" in table and "| softmax | 0.200 |" in table and "±" not in table
+
+
+def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
+    assert cli.main(["compare", str(tmp_path)]) == 2
