@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 from common import RESULTS_DIR
-from quality import current_objective
 from quality_figures import BASELINE
+from quality_matrix import current_objective
 
 from flhf_core.common import atomic_write_json
 from flhf_core.results.tracking import read_metrics

@@ -19,7 +19,7 @@ from flhf_core.client.session import UserSession, initial_model
 from flhf_core.data.corpus import Example
 from flhf_core.learning.generate import summarize
 from flhf_core.learning.metrics import evaluate_model
-from flhf_core.protocol import JUDGED_CONTENT, JUDGED_UTILITY
+from flhf_core.protocol import EVALUATE_RECEIVED, JUDGED_CONTENT, JUDGED_UTILITY
 from flhf_core.users.feedback import Judgement, judge, preference_probability
 
 
@@ -193,3 +193,24 @@ def evaluation_metrics(
         if "reward" in metrics:
             metrics["personalization-gain"] = metrics["reward-personal"] - metrics["reward"]
     return metrics, (judgements_of(session, also, also_judge) if also_judge else None)
+
+
+def judge_received(session: UserSession) -> tuple[dict[str, float] | None, list[Judgement]]:
+    """Before a local update: the received model's evaluation, when the server asks for it
+    (``evaluate-received``; else None), and the user's judgements of the user's own model (the
+    received one, with its personal parameters) on the fresh reward documents."""
+    evaluation, before = None, None
+    if bool(session.server_config.get(EVALUATE_RECEIVED, False)):
+        evaluation, before = evaluation_metrics(session, also_judge=session.data.reward)
+    if before is None:
+        before = user_judgements(session, session.model, session.data.reward)
+    return evaluation, before
+
+
+def judge_update(session: UserSession, before: list[Judgement]) -> dict[str, float]:
+    """After a local update: the user's reward of the updated model on the same fresh documents
+    (``reward``, which may steer aggregation), against the received one's (``reward-before``)."""
+    after = user_judgements(session, session.model, session.data.reward)
+    metrics = {**reward_metrics(before, "reward-before"), **reward_metrics(after)}
+    metrics["reward-gain"] = metrics["reward"] - metrics["reward-before"]
+    return {**metrics, **text_metrics(after), **state_metrics(session)}

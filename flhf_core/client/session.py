@@ -149,7 +149,7 @@ class UserSession:
     context: Context
     shared_names: frozenset[str]  # parameters that travel
     personal_names: frozenset[str]  # parameters that never leave this client
-    fresh_personal: ArrayRecord  # personal parameters as a new user starts (the "global" view)
+    fresh_personal: dict[str, torch.Tensor]  # personal parameters as a new user starts (the "global" view)
     restored: personal.Restored
     state_folder: Path
     received: RecordDict = field(default_factory=RecordDict)  # the message's content
@@ -166,7 +166,10 @@ class UserSession:
         if not self.personal_names:
             return self.model
         model = copy.deepcopy(self.model)
-        record_to_parameters(model, self.fresh_personal, names=self.personal_names)
+        params = canonical_parameters(model)
+        with torch.no_grad():
+            for name, value in self.fresh_personal.items():
+                params[name].copy_(value)
         return model
 
 
@@ -189,10 +192,10 @@ def open_session(message: Message, context: Context) -> UserSession:
     personal_names = personal_parameter_names(model, config.personal_scope, config.personal_layers)
     shared_names = frozenset(canonical_parameters(model)) - personal_names
     record_to_parameters(model, message.content[ARRAYS], names=shared_names)
-    fresh_personal = parameters_to_record(model, personal_names)
+    params = canonical_parameters(model)
+    fresh_personal = {name: params[name].detach().clone() for name in personal_names}
     run_name = str(server_config.get(RUN_NAME, config.run_name or "run"))
     folder = personal.state_dir(context, config, run_name, user)
-    params = canonical_parameters(model)
     shapes = {name: tuple(params[name].shape) for name in personal_names}
     server_round = int(server_config.get(SERVER_ROUND, 0))
     # a train message of round r builds on the state of an earlier round; an evaluate message
@@ -223,3 +226,16 @@ def open_session(message: Message, context: Context) -> UserSession:
         received=message.content,
         setup_seconds=time.perf_counter() - started,
     )
+
+
+def save_personal(session: UserSession) -> None:
+    """Keep the personal parameters on the device (``Context.state`` and the state folder)."""
+    if session.personal_names:
+        personal.persist(
+            session.context,
+            session.state_folder,
+            parameters_to_record(session.model, session.personal_names),
+            session.config.personal_scope,
+            session.server_round,
+            window=session.config.checkpoint_every,
+        )

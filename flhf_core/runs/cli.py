@@ -326,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.set_defaults(handler=command_summarize)
     tok = commands.add_parser("build-tokenizer", help="train the shipped aclsum tokenizer")
     tok.add_argument("--vocab-size", type=int, default=6000)
-    tok.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets" / "aclsum-tokenizer.json"))
+    tok.add_argument(
+        "--out", default=str(Path(__file__).resolve().parents[1] / "assets" / "aclsum-tokenizer.json")
+    )
     tok.set_defaults(handler=command_build_tokenizer)
     return parser
 

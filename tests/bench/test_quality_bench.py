@@ -19,6 +19,8 @@ import budget_figure
 import paired
 import quality
 import quality_figures
+import quality_matrix
+import quality_targets
 
 DOCS = {"0": ["a", "b"], "1": ["c", "d"]}
 
@@ -108,51 +110,55 @@ def test_the_evidence_outlives_the_scratch_runs_and_decides_the_best_algorithm(t
     evidence = tmp_path / "evidence"
     scores = {"best-of-n": 0.1, "reinforce": 0.3, "ppo": 0.2, "dpo": 0.0}
     for method, score in [("fedavg-sft", None), *((f"{a}/none/none", s) for a, s in scores.items())]:
-        scratch = fake_run(tmp_path / "scratch" / quality.slug(method), users)
+        scratch = fake_run(tmp_path / "scratch" / quality_matrix.slug(method), users)
         summary = json.loads((scratch / "summary.json").read_text())
         (scratch / "summary.json").write_text(json.dumps({**summary, "status": "completed"}))
         bench = {"seconds": 5.0, "command": f"flhf run {method}", "commit": "abc"}
         if score is not None:
             rows = [{"scope": "server", "phase": "feedback", "train-reward": score + d} for d in (-0.1, 0.1)]
-            bench["selection-score"] = quality.selection_score(
+            bench["selection-score"] = quality_matrix.selection_score(
                 [*rows, {"scope": "server", "phase": "sft", "train-reward": 9.0}]
             )
-        quality.keep_evidence(scratch, evidence / quality.slug(method) / "seed-0", bench)
+        quality_matrix.keep_evidence(scratch, evidence / quality_matrix.slug(method) / "seed-0", bench)
     shutil.rmtree(tmp_path / "scratch")
 
-    assert quality.best_algorithm(evidence, (0,)) == "reinforce"
+    assert quality_matrix.best_algorithm(evidence, (0,)) == "reinforce"
     rows = quality.collect(evidence, (0,))
     assert {r["method"] for r in rows} == {"fedavg-sft", *(f"{a}/none/none" for a in scores)}
     assert all(r["reward"] == pytest.approx(0.25) and r["win-rate"] == pytest.approx(0.5) for r in rows)
-    todo, waiting = quality.missing(evidence, (0,), "reinforce")
+    todo, waiting = quality_matrix.missing(evidence, (0,), "reinforce")
     assert ("reinforce/softmax/none", ["feedback-algorithm=reinforce", "reward-weighting=softmax"], 0) in todo
     assert not any(name in {"fedavg-sft", "ppo/none/none"} for name, _, _ in todo) and waiting == 0
     with pytest.raises(ValueError, match="choose reinforce"):
-        quality.best_algorithm(evidence, (0,), declared="ppo")
-    assert quality.best_algorithm(evidence, (0, 1), declared="ppo") == "ppo"  # seed 1's rows are not in
+        quality_matrix.best_algorithm(evidence, (0,), declared="ppo")
+    assert (
+        quality_matrix.best_algorithm(evidence, (0, 1), declared="ppo") == "ppo"
+    )  # seed 1's rows are not in
     # an invocation for seed 0 alone follows the matrix's choice (over all its seeds; not all in
     # here, so the declared one), not seed 0's own, which refused to run (choose reinforce)
-    quality.plan(evidence, (0,), "ppo")
+    quality_matrix.plan(evidence, (0,), "ppo")
     assert "ppo/none/none+personal@32" in capsys.readouterr().out
-    todo, _ = quality.missing(evidence, (0,), "reinforce", only=["reinforce/qfedavg/none", "local-only"])
+    todo, _ = quality_matrix.missing(
+        evidence, (0,), "reinforce", only=["reinforce/qfedavg/none", "local-only"]
+    )
     assert [name for name, _, _ in todo] == ["reinforce/qfedavg/none", "local-only"]
     # a wall time measured beside other work: left out of the table, and run again with --retime
-    marked = evidence / quality.slug("ppo/none/none") / "seed-0" / "bench.json"
+    marked = evidence / quality_matrix.slug("ppo/none/none") / "seed-0" / "bench.json"
     marked.write_text(json.dumps({**json.loads(marked.read_text()), "contended": True}))
     row = next(r for r in quality.collect(evidence, (0,)) if r["method"] == "ppo/none/none")
     assert row["seconds"] is None and row["reward"] == pytest.approx(0.25)
     assert "seconds" not in quality_figures.aggregate([row])["ppo/none/none"]
-    assert not quality.missing(evidence, (0,), "reinforce", only=["ppo/none/none"])[0]
-    retimed, _ = quality.missing(evidence, (0,), "reinforce", only=["ppo/none/none"], retime=True)
+    assert not quality_matrix.missing(evidence, (0,), "reinforce", only=["ppo/none/none"])[0]
+    retimed, _ = quality_matrix.missing(evidence, (0,), "reinforce", only=["ppo/none/none"], retime=True)
     assert [(name, seed) for name, _, seed in retimed] == [("ppo/none/none", 0)]
     with pytest.raises(ValueError, match="no feedback round"):
-        quality.selection_score([{"scope": "server", "phase": "sft", "train-reward": 1.0}])
+        quality_matrix.selection_score([{"scope": "server", "phase": "sft", "train-reward": 1.0}])
 
 
 def test_a_retimed_run_must_judge_as_its_kept_evidence_did(tmp_path, monkeypatch):
     users = {"0": {"judged-utility": [0.2, 0.4], "judged-content": [0.3, 0.3]}}
 
-    real_run = quality.subprocess.run  # the module is shared: git and uname must still run
+    real_run = quality_matrix.subprocess.run  # the module is shared: git and uname must still run
 
     def fake_flhf(utilities):
         def run(command, **kwargs):
@@ -166,21 +172,23 @@ def test_a_retimed_run_must_judge_as_its_kept_evidence_did(tmp_path, monkeypatch
         return run
 
     evidence = tmp_path / "evidence"
-    monkeypatch.setattr(quality.subprocess, "run", fake_flhf([0.2, 0.4]))
-    quality.run_one(tmp_path / "scratch", evidence, "fedavg-sft", ["feedback-algorithm=sft"], 0)
+    monkeypatch.setattr(quality_matrix.subprocess, "run", fake_flhf([0.2, 0.4]))
+    quality_matrix.run_one(tmp_path / "scratch", evidence, "fedavg-sft", ["feedback-algorithm=sft"], 0)
     kept = evidence / "fedavg-sft" / "seed-0" / "bench.json"
     kept.write_text(json.dumps({**json.loads(kept.read_text()), "contended": True}))
-    quality.run_one(tmp_path / "scratch", evidence, "fedavg-sft", ["feedback-algorithm=sft"], 0)  # retimed
+    quality_matrix.run_one(
+        tmp_path / "scratch", evidence, "fedavg-sft", ["feedback-algorithm=sft"], 0
+    )  # retimed
     assert "contended" not in json.loads(kept.read_text())
-    monkeypatch.setattr(quality.subprocess, "run", fake_flhf([0.2, 0.5]))
+    monkeypatch.setattr(quality_matrix.subprocess, "run", fake_flhf([0.2, 0.5]))
     with pytest.raises(RuntimeError, match="judged differently"):
-        quality.run_one(tmp_path / "scratch", evidence, "fedavg-sft", ["feedback-algorithm=sft"], 0)
+        quality_matrix.run_one(tmp_path / "scratch", evidence, "fedavg-sft", ["feedback-algorithm=sft"], 0)
     assert json.loads((evidence / "fedavg-sft" / "seed-0" / "judgements.json").read_text())["users"] == {
         "0": {"doc-ids": DOCS["0"], **users["0"]}
     }
     # once its algorithm's objective changed, the kept run is replaced, not expected to reproduce
-    monkeypatch.setitem(quality.OBJECTIVE_VERSIONS, "sft", 2)
-    quality.run_one(tmp_path / "scratch", evidence, "fedavg-sft", ["feedback-algorithm=sft"], 0)
+    monkeypatch.setitem(quality_matrix.OBJECTIVE_VERSIONS, "sft", 2)
+    quality_matrix.run_one(tmp_path / "scratch", evidence, "fedavg-sft", ["feedback-algorithm=sft"], 0)
     assert json.loads(kept.read_text())["objective"] == 2
     judged = json.loads((evidence / "fedavg-sft" / "seed-0" / "judgements.json").read_text())
     assert judged["users"]["0"]["judged-utility"] == [0.2, 0.5]
@@ -268,7 +276,7 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
     }
     table["ppo/none/none+none@32"] = entry(0.16, 0.06)  # the budget alone, no model: best
     found = {
-        t["target"]: t for t in quality_figures.reward_model_targets(quality_figures.from_table(table), "ppo")
+        t["target"]: t for t in quality_targets.reward_model_targets(quality_figures.from_table(table), "ppo")
     }
     kept = found["at 32 judgements, the best mode (none) keeps of the unlimited budget's gain"]
     assert kept["value"] == pytest.approx(1.2) and kept["met"] is None  # decided by the threshold later
@@ -281,7 +289,7 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
     table["ppo/none/none+personal-ungated@8"] = entry(0.10, 0.05)  # the gate off: the models are used
     table["ppo/none/none+clustered-ungated@8"] = entry(0.09, 0.06)
     found = {
-        t["target"]: t for t in quality_figures.reward_model_targets(quality_figures.from_table(table), "ppo")
+        t["target"]: t for t in quality_targets.reward_model_targets(quality_figures.from_table(table), "ppo")
     }
     ungated = found[
         "at 8 judgements, clustered-ungated beats personal-ungated on the mean and the worst user"
@@ -291,7 +299,7 @@ def test_reward_model_rows_their_diagnostics_and_targets(tmp_path):
     for row, accuracy in accuracies.items():
         table.setdefault(f"ppo/none/none+{row}", entry(0.12, 0.05))["reward-model-accuracy"] = accuracy
     found = {
-        t["target"]: t for t in quality_figures.reward_model_targets(quality_figures.from_table(table), "ppo")
+        t["target"]: t for t in quality_targets.reward_model_targets(quality_figures.from_table(table), "ppo")
     }
     saved = next(t for name, t in found.items() if name.startswith("uniform queries' budget"))
     assert saved["value"] == pytest.approx(16.0)
@@ -310,7 +318,7 @@ def test_targets_compare_methods_on_the_seeds_they_share():
         )
         for seed, reward in enumerate(rewards)
     ]
-    found = {t["target"]: t for t in quality_figures.targets(quality_figures.on_common_seeds(rows), "ppo")}
+    found = {t["target"]: t for t in quality_targets.targets(quality_figures.on_common_seeds(rows), "ppo")}
     kept = found["at 32 judgements, the best mode (personal) keeps of the unlimited budget's gain"]
     assert kept["value"] == pytest.approx(0.8) and kept["seeds"] == 1  # (0.14 - 0.10) / (0.15 - 0.10)
     ratio = found["best algorithm reward / fedavg-sft"]
@@ -329,12 +337,12 @@ def test_a_share_of_an_unlimited_gain_that_is_not_a_gain_on_every_seed_is_not_me
         )
         for seed, reward in enumerate(rewards)
     ]
-    found = quality_figures.targets(quality_figures.on_common_seeds(rows), "ppo")
+    found = quality_targets.targets(quality_figures.on_common_seeds(rows), "ppo")
     kept = next(t for t in found if t["target"].startswith("at 32 judgements, the best mode"))
     assert kept["value"] == pytest.approx(15.0) and kept["met"] is False
     assert "beats fedavg-sft on 1 of 2 seeds" in kept["note"]
     rows[2]["reward"] = 0.12  # unlimited above fedavg-sft on both seeds now: the share counts
-    found = quality_figures.targets(quality_figures.on_common_seeds(rows), "ppo")
+    found = quality_targets.targets(quality_figures.on_common_seeds(rows), "ppo")
     kept = next(t for t in found if t["target"].startswith("at 32 judgements, the best mode"))
     assert kept["value"] == pytest.approx(0.03 / 0.0115) and kept["met"] is True and "note" not in kept
 
@@ -357,7 +365,7 @@ def test_active_queries_accuracy_gap_pairs_the_runs_at_8_that_measured_it():
     ]
     found = {
         t["target"]: t
-        for t in quality_figures.reward_model_targets(quality_figures.on_common_seeds(rows), "ppo")
+        for t in quality_targets.reward_model_targets(quality_figures.on_common_seeds(rows), "ppo")
     }
     gap = found["active queries at 8 judgements: reward-model accuracy above uniform's"]
     assert gap["value"] == pytest.approx(0.20) and gap["seeds"] == 2  # seeds 1, 2: 0.75 - 0.55
@@ -367,10 +375,10 @@ def test_active_queries_accuracy_gap_pairs_the_runs_at_8_that_measured_it():
 
 def test_the_budget_uniform_queries_would_need_by_hand():
     # accuracy 0.55 at 8, 0.65 at 32: active's 0.60 sits halfway in log budget, at 16
-    assert quality_figures.equivalent_budget(0.60, 0.55, 0.65, 8, 32) == pytest.approx(16.0)
-    assert quality_figures.equivalent_budget(0.55, 0.55, 0.65, 8, 32) == pytest.approx(8.0)
-    assert quality_figures.equivalent_budget(0.50, 0.55, 0.65, 8, 32) == pytest.approx(4.0)  # worse
-    assert quality_figures.equivalent_budget(0.60, 0.55, 0.55, 8, 32) is None  # nothing to read off
+    assert quality_targets.equivalent_budget(0.60, 0.55, 0.65, 8, 32) == pytest.approx(16.0)
+    assert quality_targets.equivalent_budget(0.55, 0.55, 0.65, 8, 32) == pytest.approx(8.0)
+    assert quality_targets.equivalent_budget(0.50, 0.55, 0.65, 8, 32) == pytest.approx(4.0)  # worse
+    assert quality_targets.equivalent_budget(0.60, 0.55, 0.55, 8, 32) is None  # nothing to read off
 
 
 def test_budget_curves_average_seeds_per_round_from_the_last_supervised_round(tmp_path):
@@ -378,7 +386,7 @@ def test_budget_curves_average_seeds_per_round_from_the_last_supervised_round(tm
         return {"round": round_, "phase": phase, "scope": "server", "client": None, "reward": reward, **more}
 
     def write(method: str, seed: int, rows: list[dict]) -> None:
-        folder = tmp_path / quality.slug(method) / f"seed-{seed}"
+        folder = tmp_path / quality_matrix.slug(method) / f"seed-{seed}"
         folder.mkdir(parents=True)
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -437,8 +445,8 @@ def test_a_run_made_under_an_older_objective_of_its_algorithm_is_run_again(tmp_p
         if kept is not None:
             bench["objective"] = kept
         evidence = tmp_path / "evidence" / f"{algorithm}-{kept}" / "seed-0"
-        quality.keep_evidence(scratch, evidence, bench)
-        assert quality.completed(evidence) is current, (algorithm, kept)
+        quality_matrix.keep_evidence(scratch, evidence, bench)
+        assert quality_matrix.completed(evidence) is current, (algorithm, kept)
     assert OBJECTIVE_VERSIONS["ppo"] == 2  # the version the cases above were written for
     assert set(OBJECTIVE_VERSIONS) == {*FEEDBACK_ALGORITHMS, "sft"}  # every algorithm has one
 

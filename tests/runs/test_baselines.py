@@ -24,7 +24,7 @@ COMPARED = ("reward", "reward-worst", "reward-std", "win-rate", "bytes-up", "byt
 BUDGET = 6  # the federated run's ratings-per-round: a document's 4 samples and half of another's
 # ... with clustered reward models (2 clusters) and active queries, for 2 feedback rounds (the
 # second is the first in which users receive the clusters' models and score them), the gate
-# off so that the learned rewards reach PPO (tests/test_resume.py runs with the gate on)
+# off so that the learned rewards reach PPO (tests/results/test_resume.py runs with the gate on)
 REWARD_MODELS = (
     f"ratings-per-round={BUDGET}",
     "reward-model=clustered",

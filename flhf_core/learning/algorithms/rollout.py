@@ -237,7 +237,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> tor
     another direction: E_{y~π_θ}[∇k3] = E_{y~π_θ}[(1 - π_ref/π_θ) ∇log π_θ]
     = -E_{y~π_ref}[∇log π_θ] = ∇ KL(π_ref || π_θ), per token given the sampled prefix. So
     the penalty pulls the policy toward covering what the reference model would say
-    (mass-covering), as in GRPO; tests/test_algorithms.py checks this on a categorical.
+    (mass-covering), as in GRPO; tests/learning/test_algorithms.py checks this on a categorical.
     """
     q = (ref_logp - logp) * mask
     return ((q.exp() - q - 1) * mask).sum() / mask.sum().clamp(min=1)

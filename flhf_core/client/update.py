@@ -1,0 +1,148 @@
+"""The user's local update: supervised fine-tuning on the user's own examples, or learning from
+the user's feedback with the run's algorithm. With personal parameters, FedRep's order:
+the personal ones first, then the shared ones.
+
+Everything random in it is keyed by the seed, the user and the round (:func:`round_seed`), so
+a resumed run replays a round exactly.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from flhf_core.client import reward_models
+from flhf_core.client.session import UserSession
+from flhf_core.learning.algorithms import FEEDBACK_ALGORITHMS
+from flhf_core.learning.algorithms.rollout import FeedbackConfig
+from flhf_core.learning.algorithms.scorer import LearnedScorer, Scorer
+from flhf_core.learning.algorithms.sft import SFTConfig, train_sft
+from flhf_core.learning.model import canonical_parameters
+from flhf_core.protocol import LEARNING_RATE
+
+
+def local_update(session: UserSession) -> dict[str, float]:
+    """Update ``session.model`` in place for this round's phase; the update's figures."""
+    torch.manual_seed(round_seed(session, 0))  # dropout masks
+    metrics = local_sft(session) if session.phase == "sft" else local_feedback(session)
+    metrics["learning-rate"] = learning_rate(session)
+    return metrics
+
+
+def learning_rate(session: UserSession) -> float:
+    """This round's supervised learning rate: the server's schedule, else the config's."""
+    return float(session.server_config.get(LEARNING_RATE, session.config.learning_rate))
+
+
+def round_seed(session: UserSession, stream: int) -> int:
+    return session.config.seed * 100_003 + session.user * 1_009 + session.server_round * 17 + stream
+
+
+def interactive() -> bool:
+    """Whether a person watches this process's output: a progress bar for the local update
+    then (an in-process run in a terminal); none in logs (Flower's workers, CI)."""
+    return sys.stderr.isatty()
+
+
+def local_sft(session: UserSession) -> dict[str, float]:
+    """The SFT update; with personal parameters, FedRep's alternating order.
+
+    FedRep (Collins et al., 2021, https://arxiv.org/abs/2102.07078): first the personal
+    parameters alone, for ``personal-epochs``, fitted to the global model just received;
+    then the shared ones alone, for ``local-epochs``, with the personal ones fixed. Trained
+    jointly instead, the personal parameters co-adapt with a local copy of the shared ones
+    that the server's average replaces next round, and the personalized model falls behind
+    the global one for some users (measured: see README). ``personal-epochs = 0`` trains
+    everything together.
+    """
+    config = session.config
+    sft = SFTConfig.from_run_config(config, learning_rate=learning_rate(session), seed=round_seed(session, 1))
+    personal_metrics: dict[str, float] = {}
+    # (local-only: every parameter is the user's own, nothing to alternate with)
+    alternate = bool(session.personal_names) and bool(session.shared_names) and config.personal_epochs > 0
+    if alternate:
+        with only_trainable(session.model, session.personal_names):
+            personal = train_sft(
+                session.model,
+                session.tokenizer,
+                session.data.train,
+                replace(sft, epochs=config.personal_epochs),
+                progress=interactive(),
+                encoded=session.encoded_train,
+            )
+        personal_metrics = {
+            "personal-loss-first": personal.first_loss,
+            "personal-loss-last": personal.last_loss,
+            "personal-seconds": personal.seconds,
+        }
+    with only_trainable(session.model, session.shared_names) if alternate else nullcontext():
+        stats = train_sft(
+            session.model,
+            session.tokenizer,
+            session.data.train,
+            sft,
+            progress=interactive(),
+            encoded=session.encoded_train,
+        )
+    return {
+        **personal_metrics,
+        "num-examples": len(session.data.train),
+        "train-loss": stats.loss,
+        "train-loss-first": stats.first_loss,
+        "train-loss-last": stats.last_loss,
+        "train-steps": stats.steps,
+        "train-ratings-used": 0.0,  # no feedback asked in a supervised round
+        "shared-seconds": stats.seconds,  # the shared update; the personal one is personal-seconds
+        "tokens-per-second": stats.tokens_per_second,
+    }
+
+
+@contextmanager
+def only_trainable(model: PreTrainedModel, names: frozenset[str]) -> Iterator[None]:
+    """Within the block, only the parameters called ``names`` receive gradients."""
+    params = canonical_parameters(model)
+    before = {name: p.requires_grad for name, p in params.items()}
+    for name, p in params.items():
+        p.requires_grad_(before[name] and name in names)
+    try:
+        yield
+    finally:
+        for name, p in params.items():
+            p.requires_grad_(before[name])
+
+
+def local_feedback(session: UserSession) -> dict[str, float]:
+    config = session.config
+    feedback = FeedbackConfig.from_run_config(config)
+    if config.mode == "centralized":
+        # one learner: the steps of every user a federated round samples, one after another
+        sampled = max(1, int(session.num_users * config.fraction_train))
+        feedback = replace(feedback, steps=feedback.steps * sampled)
+        budget_scale = sampled  # and the judgements of every such user
+    else:
+        budget_scale = 1
+    if not session.data.feedback:
+        raise ValueError(f"user {session.user} holds no documents to give feedback on")
+    update = FEEDBACK_ALGORITHMS[config.feedback_algorithm]
+    rng = np.random.default_rng(round_seed(session, 2))
+    ratings = config.ratings_per_round * budget_scale
+    budget = (session.profile, ratings, feedback.steps, feedback.samples_per_prompt)
+    # with a reward model, it scores what the user did not judge (reward_models.py)
+    scorer = (
+        reward_models.learned_scorer(session, budget) if config.reward_model != "none" else Scorer(*budget)
+    )
+    stats = update(session.model, session.tokenizer, list(session.data.feedback), scorer, feedback, rng)
+    metrics = {
+        "num-examples": len(session.data.feedback),
+        **{f"train-{k}": v for k, v in stats.items()},
+        "train-ratings-used": float(scorer.used),
+    }
+    if isinstance(scorer, LearnedScorer):
+        metrics.update(reward_models.finish(session, scorer))
+    return metrics
