@@ -1,8 +1,8 @@
-"""What the strategy reads from a reply, and what it reports of a round: pure helpers.
+"""What the strategy reads from a reply: pure helpers.
 
 A reply's parameters are checked against a *signature* (each array's name, shape and dtype),
-its figures are split into scalars (averaged into rows) and lists (per-document figures,
-kept apart), and a :class:`RoundReport` records who was asked, who counted and why not.
+and its figures are split into scalars (averaged into rows) and lists (per-document figures,
+kept apart). What the round reports is :class:`flhf_core.results.rounds.RoundReport`.
 """
 
 from __future__ import annotations

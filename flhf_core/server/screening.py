@@ -4,7 +4,7 @@ Flower's FedAvg raises ``InconsistentMessageReplies`` on one bad reply, which en
 FLHF screens every reply before aggregation instead: error replies, missing records or keys,
 arrays whose names, shapes or dtypes differ from the global model's, non-finite figures and
 rewards outside [0, 1] are rejected, logged and counted in the round's
-:class:`~flhf_core.server.replies.RoundReport`; what is left is sorted by user, so the average does
+:class:`~flhf_core.results.rounds.RoundReport`; what is left is sorted by user, so the average does
 not depend on the order replies arrived in. The pure checks live in :mod:`flhf_core.server.replies`.
 """
 

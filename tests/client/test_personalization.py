@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 import client_app
 from flhf_core.client import personal
+from flhf_core.client.session import open_session
 from flhf_core.config import ConfigError, RunConfig
 from flhf_core.learning.model import (
     add_lora,
@@ -73,7 +74,7 @@ def test_personal_parameters_never_leave_and_survive_rounds_and_restarts(
     state_file = personal.state_dir(context, config, "run", 0) / personal.STATE_FILE
     saved = {k: v.numpy().copy() for k, v in context.state.array_records[personal.STATE_RECORD].items()}
     restarted = new_context(config, tmp_path / "state")  # a new SuperNode: empty Context.state
-    session = client_app.client.open_session(server_message(config, tokenizer, server_round=3)[0], restarted)
+    session = open_session(server_message(config, tokenizer, server_round=3)[0], restarted)
     assert session.restored.source == "file" and state_file.is_file()
     restored = parameters_to_record(session.model, session.personal_names)
     assert all(np.array_equal(restored[k].numpy(), saved[k]) for k in saved)
