@@ -281,3 +281,16 @@ def test_copy_bias_by_hand():
     assert biased.tolist() == [[1.0, 2.0, -1.0, 6.0, -2.0, 8.0], [1.0, 2.0, -1.0, 3.0, -1.0, 4.0]]
     beams = CopyBias(2.0, source, attention, special_ids=[0, 1])(None, scores.repeat_interleave(2, dim=0))
     assert beams[1].tolist() == biased[0].tolist() and beams[2].tolist() == biased[1].tolist()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_autocast_only_where_the_device_runs_it_natively(monkeypatch, native):
+    """On a CPU without bfloat16 kernels (AVX2 only) autocast emulates it, ~10x slower than fp32:
+    ``bf16 = true`` then trains in fp32."""
+    from flhf_core.learning.algorithms import sft
+
+    monkeypatch.setattr(sft, "native_bf16", lambda device_type: native)
+    with sft.autocast(torch.device("cpu"), enabled=True):
+        assert torch.is_autocast_enabled("cpu") is native
+    with sft.autocast(torch.device("cpu"), enabled=False):
+        assert not torch.is_autocast_enabled("cpu")

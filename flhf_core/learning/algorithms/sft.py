@@ -13,6 +13,7 @@ https://arxiv.org/abs/1602.05629).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -34,7 +35,7 @@ class SFTConfig:
     learning_rate: float = 2e-3  # AdamW step size; small T5s from scratch like 1e-3..3e-3
     weight_decay: float = 0.01  # decoupled L2 (AdamW) on all weights
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables clipping
-    bf16: bool = True  # bfloat16 autocast: 10-25% faster on CPU, same loss curve here
+    bf16: bool = True  # bfloat16 autocast where the device runs it natively (see native_bf16)
     group_by_length: bool = True  # batch documents of similar length: less padding, ~15% faster here
     max_source_tokens: int = 192
     max_target_tokens: int = 64
@@ -71,9 +72,26 @@ class SFTStats:
         return self.target_tokens / max(self.seconds, 1e-9)
 
 
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` runs bfloat16 natively: a CUDA GPU that supports it, or a CPU
+    for which oneDNN has bfloat16 kernels (AVX-512 or AMX). On a CPU without them (AVX2 only)
+    autocast emulates bfloat16 and a small T5's training step is about 10x slower than in fp32
+    (measured: 3.2 s against 0.29 s a step on a 2-core AVX2 EPYC)."""
+    try:
+        if device_type == "cuda":
+            return bool(torch.cuda.is_bf16_supported())
+        if device_type == "cpu":
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an op this torch build lacks
+        return False
+    return False
+
+
 def autocast(device: torch.device, enabled: bool):
-    """bfloat16 autocast where it helps (CPU and CUDA), a no-op otherwise."""
-    if not enabled or device.type not in ("cpu", "cuda"):
+    """bfloat16 autocast where the device runs it natively (:func:`native_bf16`), a no-op
+    otherwise: ``bf16 = true`` asks for speed, and emulated bfloat16 is slower than fp32."""
+    if not enabled or not native_bf16(device.type):
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
