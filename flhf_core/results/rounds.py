@@ -8,12 +8,32 @@ from dataclasses import dataclass, field
 
 METRIC_COLUMNS = ("round", "phase", "scope", "client")
 
+# Why a reply did not count, as a fixed code (its reason says more, in words):
+REJECTION_CODES = (
+    "error",  # an error reply (the ClientApp raised, or Flower could not deliver)
+    "timeout",  # no reply within the round timeout
+    "decode",  # an array whose bytes do not decode as a NumPy array
+    "size",  # an array's bytes larger than the global model's array can take
+    "shape",  # names, shapes or records other than the global model's
+    "dtype",  # an array of another dtype than the global model's
+    "non-finite",  # an array with NaN or infinite values
+    "metrics",  # a figure the weighting or the rows need missing, not a number, not finite, out of range
+    "identity",  # a reply naming another user than its node's, or a user another node holds
+    "duplicate",  # a second reply for a user in the same round
+)
+
 
 @dataclass(frozen=True)
 class Rejection:
     node_id: int
     user_id: int | None
     reason: str
+    code: str = "error"  # one of REJECTION_CODES (a checkpoint written before codes holds none)
+
+
+def rejection_counts(rejected: list[Rejection]) -> dict[str, int]:
+    """``rejected-<code>``: how many replies each code rejected (every code, zeros included)."""
+    return {f"rejected-{code}": sum(r.code == code for r in rejected) for code in REJECTION_CODES}
 
 
 @dataclass

@@ -31,7 +31,7 @@ from flhf_core.results.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from flhf_core.results.rounds import RoundReport
+from flhf_core.results.rounds import RoundReport, rejection_counts
 from flhf_core.results.tracking import Tracker
 from flhf_core.server import reward_models
 from flhf_core.server.reporting import add_seconds, client_seconds, record_users, round_line, train_columns
@@ -100,6 +100,7 @@ class Federation(RunOutput):
     evaluated: tuple[int, dict[str, float]] | None = None  # the latest round the users evaluated, its row
     failures: int = 0  # failed training replies so far
     resumed_after: list[int] = field(default_factory=list)  # rounds this run was resumed after
+    recorded: ArrayRecord | None = None  # the global model of the last round completed (or round 0's)
 
     def run(self, resume: Checkpoint | None = None) -> None:
         """All rounds; with ``resume``, the rounds after the checkpoint's (its model is already
@@ -138,11 +139,11 @@ class Federation(RunOutput):
                 self.tracker.run_dir / "splits.json",
                 partitions.splits(self.state.corpus, config, self.num_users, exclude=self.own_data_users),
             )
-        arrays = parameters_to_record(self.state.model, self.state.shared_names)
+        arrays = self.recorded = parameters_to_record(self.state.model, self.state.shared_names)
         first = self.rounds_done + 1
         for server_round in range(first, config.num_server_rounds + 1):
             arrays, row = self.run_round(server_round, arrays)
-            self.rounds_done = server_round
+            self.rounds_done, self.recorded = server_round, arrays
             self.failures += int(row["failures"])
             if server_round % config.checkpoint_every == 0 or server_round == config.num_server_rounds:
                 self.checkpoint(server_round)
@@ -222,36 +223,52 @@ class Federation(RunOutput):
     def identify_users(self) -> None:
         """Ask every connected node not yet known which user it serves (a QUERY message).
 
-        The strategy then samples users instead of node ids, and the server counts each
-        user's examples itself (except for users holding their own data file). A node that
-        does not answer stays unknown (and unsampled while others are known); all nodes
-        must agree on the number of users.
+        A node's user is bound once, here: the strategy then samples identified users only
+        (never Flower's node ids) and rejects a reply naming another user. A node that does not
+        answer, names a user outside the federation, or claims a user another node already
+        holds serves no user (logged; asked again next round); of two new nodes claiming the
+        same user, the one with the lower node id keeps it. The server counts each user's
+        examples itself (except for users holding their own data file). All nodes must agree
+        on the number of users.
         """
         self.strategy.wait_for_nodes(self.grid)
+        self.strategy.identified_only = True
         unknown = sorted(set(self.grid.get_node_ids()) - set(self.strategy.node_users))
         if not unknown:
             return
         messages = [
             Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in unknown
         ]
-        for reply in self.exchange(messages):
+        replies = self.exchange(messages)
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        claims = {}
+        for reply in replies:
+            node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             user = None if reply.has_error() else reply.content.config_records.get(USER_RECORD)
             if (
                 user is None
                 or not isinstance(user.get(USER_ID), int)
                 or not isinstance(user.get(NUM_USERS), int)
             ):
-                log(WARNING, "node %d did not say which user it serves", reply.metadata.src_node_id)
+                log(WARNING, "node %d did not say which user it serves: asked again next round", node)
                 continue
+            claims[node] = user
+        for node, user in sorted(claims.items()):
             if self.num_users and int(user[NUM_USERS]) != self.num_users:
                 raise RoundFailed(
-                    f"node {reply.metadata.src_node_id} says there are {user[NUM_USERS]} users, others "
+                    f"node {node} says there are {user[NUM_USERS]} users, others "
                     f"{self.num_users}: every SuperNode's num-partitions must be the same"
                 )
             self.num_users = int(user[NUM_USERS])
-            self.strategy.node_users[reply.metadata.src_node_id] = int(user[USER_ID])
+            user_id = int(user[USER_ID])
+            holders = [other for other, held in self.strategy.node_users.items() if held == user_id]
+            if not 0 <= user_id < self.num_users or holders:
+                why = f"held by node {holders[0]}" if holders else f"not one of the {self.num_users} users"
+                log(WARNING, "node %d claims user %d, %s: it serves no user", node, user_id, why)
+                continue
+            self.strategy.node_users[node] = user_id
             if user.get(OWN_DATA):
-                self.own_data_users.add(int(user[USER_ID]))
+                self.own_data_users.add(user_id)
         if not self.num_users:
             raise RoundFailed("no node said which user it serves (partition-id, num-partitions)")
 
@@ -266,7 +283,10 @@ class Federation(RunOutput):
 
     def finish(self, error: BaseException | None = None) -> None:
         """The run's results (:meth:`~flhf_core.server.run_output.RunOutput.write_results`); a round still
-        waiting for its evaluation is written without it first: no round is lost."""
+        waiting for its evaluation is written without it first: no round is lost. After a failure
+        the model saved is the last completed round's, never one aggregated in the failed round."""
+        if error is not None and self.recorded is not None:
+            record_to_parameters(self.state.model, self.recorded, names=self.state.shared_names)
         if self.pending is not None:
             self.complete(self.pending, None)
         self.write_results(error)
@@ -333,6 +353,7 @@ class Federation(RunOutput):
             "clients": len(train_report.user_metrics),
             "aggregation-step": train_report.step,
             "failures": train_report.failures,
+            **rejection_counts(train_report.rejected),
             **traffic,
         }
         if config.evaluates(server_round):

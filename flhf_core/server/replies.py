@@ -7,8 +7,10 @@ kept apart). What the round reports is :class:`flhf_core.results.rounds.RoundRep
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -30,30 +32,62 @@ def arrays_of(content: RecordDict, key: str) -> ArrayRecord:
     return next(iter(content.array_records.values()))
 
 
-def signature_problem(arrays: ArrayRecord, expected: Signature) -> str | None:
-    """Why ``arrays`` cannot be averaged with parameters of signature ``expected``."""
+@dataclass(frozen=True)
+class Problem:
+    """Why a reply cannot count: a code of :data:`~flhf_core.results.rounds.REJECTION_CODES`
+    and the reason in words."""
+
+    code: str
+    reason: str
+
+
+NPY_HEADER_BYTES = 4096  # what a .npy file may hold beyond its array's own bytes (its header)
+
+
+def decode_arrays(
+    arrays: ArrayRecord, expected: Signature, what: str = "parameter"
+) -> tuple[dict[str, np.ndarray], Problem | None]:
+    """Decode ``arrays`` once, checking each against ``expected`` (the global model's
+    signature) before and after: the names; the byte size, before decoding (no reply makes the
+    server allocate more than the global model's array takes); the bytes' own shape and dtype,
+    not only the ones the Array declares; finite values. The decoded arrays, or the problem.
+    ``what`` names the arrays in the reason."""
     if set(arrays.keys()) != set(expected):
         missing = sorted(set(expected) - set(arrays.keys()))[:3]
         extra = sorted(set(arrays.keys()) - set(expected))[:3]
-        return f"parameter names differ from the global model (missing {missing}, extra {extra})"
+        return {}, Problem(
+            "shape", f"{what} names differ from the global model's (missing {missing}, extra {extra})"
+        )
+    decoded = {}
     for name, array in arrays.items():
-        shape, dtype = tuple(array.shape), str(array.dtype)
-        if (shape, dtype) != expected[name]:
-            want_shape, want_dtype = expected[name]
-            return f"parameter '{name}' is {dtype}{list(shape)}, the global model's {want_dtype}{list(want_shape)}"
-    return None
-
-
-def arrays_problem(arrays: ArrayRecord, expected: Signature, what: str = "parameter") -> str | None:
-    """Why ``arrays`` cannot be averaged with arrays of signature ``expected``: another
-    signature, or non-finite values (``what`` names them in the reason)."""
-    problem = signature_problem(arrays, expected)
-    if problem:
-        return problem if what == "parameter" else f"{what}: {problem}"
-    for key, array in arrays.items():
-        if not np.isfinite(array.numpy()).all():
-            return f"{what} '{key}' has non-finite values"
-    return None
+        shape, dtype = expected[name]
+        wanted = f"the global model's {dtype}{list(shape)}"
+        capacity = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize + NPY_HEADER_BYTES
+        data = array.data
+        if not isinstance(data, bytes) or len(data) > capacity:
+            size = len(data) if isinstance(data, bytes) else type(data).__name__
+            return {}, Problem(
+                "size", f"{what} '{name}' holds {size} bytes, {wanted} takes at most {capacity}"
+            )
+        try:
+            value = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as error:  # any malformed bytes, whatever numpy raises on them
+            return {}, Problem("decode", f"{what} '{name}' does not decode: {type(error).__name__}: {error}")
+        if not isinstance(value, np.ndarray):
+            return {}, Problem("decode", f"{what} '{name}' does not decode to one array")
+        declared = (tuple(array.shape), str(array.dtype))
+        if value.shape != shape or declared[0] != shape:
+            return {}, Problem(
+                "shape", f"{what} '{name}' is {list(value.shape)} (declared {list(declared[0])}), {wanted}"
+            )
+        if str(value.dtype) != dtype or declared[1] != dtype:
+            return {}, Problem(
+                "dtype", f"{what} '{name}' is {value.dtype} (declared {declared[1]}), {wanted}"
+            )
+        if not np.isfinite(value).all():
+            return {}, Problem("non-finite", f"{what} '{name}' has non-finite values")
+        decoded[name] = value
+    return decoded, None
 
 
 def majority_signature(replies: Iterable[Message], key: str) -> Signature | None:

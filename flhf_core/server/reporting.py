@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from flhf_core.results.rounds import RoundReport
+from flhf_core.results.rounds import RoundReport, rejection_counts
 from flhf_core.results.tracking import Tracker
 
 
@@ -90,15 +90,23 @@ def record_users(
             phase,
             "client",
             rejection.user_id,
-            {"failed": 1, "node-id": rejection.node_id, "reason": rejection.reason},
+            {"failed": 1, "node-id": rejection.node_id, "code": rejection.code, "reason": rejection.reason},
         )
 
 
+def users_evaluated(row: Mapping[str, Any]) -> bool:
+    """Whether a server row holds the users' evaluation of its round's model (the global one's
+    ``reward``, or only ``reward-personal`` where there is no global model)."""
+    return "reward" in row or "reward-personal" in row
+
+
 def reward_summary(server_rows: list[dict], sft_rounds: int) -> dict[str, float]:
-    """The users' reward at the end (on held-out documents), and when the supervised rounds ended."""
-    if not server_rows:
+    """The users' reward at the end (on held-out documents), and when the supervised rounds ended:
+    each from the last round the users evaluated (a round without evaluation has no reward)."""
+    evaluated = [r for r in server_rows if users_evaluated(r)]
+    if not evaluated:
         return {}
-    final = server_rows[-1]
+    final = evaluated[-1]
     keys = (
         "reward",
         "reward-worst",
@@ -111,10 +119,11 @@ def reward_summary(server_rows: list[dict], sft_rounds: int) -> dict[str, float]
         "users-helped",
     )
     summary = {key: final[key] for key in keys if key in final}
-    supervised = [r for r in server_rows if r["phase"] == "sft" and r["round"] <= sft_rounds]
-    if "reward" in final and supervised and len(supervised) < len(server_rows):
+    supervised = [r for r in evaluated if r["phase"] == "sft" and r["round"] <= sft_rounds and "reward" in r]
+    if supervised and supervised[-1] is not final and "reward" in final:
         summary["reward-after-sft"] = supervised[-1]["reward"]
-        summary["reward-worst-after-sft"] = supervised[-1]["reward-worst"]
+        summary["reward-after-sft-round"] = supervised[-1]["round"]  # the last evaluated supervised round
+        summary["reward-worst-after-sft"] = supervised[-1].get("reward-worst")
         summary["reward-gain-from-feedback"] = final["reward"] - supervised[-1]["reward"]
     return summary
 
@@ -125,14 +134,25 @@ def run_summary(
     baselines: Mapping[str, float],
     initial: Mapping[str, float],
 ) -> dict[str, Any]:
-    """summary.json's figures from the rows of metrics.jsonl (``config`` in kebab-case)."""
+    """summary.json's figures from the rows of metrics.jsonl (``config`` in kebab-case).
+
+    The model's figures are the last evaluated round's (``evaluated-round``); when the last
+    round the run completed was not evaluated (a failure, or ``evaluate-every``), the summary
+    says so (``note``) instead of failing."""
     server_rows = [r for r in rows if r["scope"] == "server" and r["round"] > 0]
-    final = server_rows[-1] if server_rows else {}
+    evaluated = [r for r in server_rows if r.get("rougeL") is not None or users_evaluated(r)]
+    final = evaluated[-1] if evaluated else {}
     lead_key = f"baseline-lead{config['lead-words']}-rougeL"
     summary: dict[str, Any] = {
         "rounds": len(server_rows),
+        "evaluated-round": final.get("round"),
         **{key: final.get(key) for key in ("rougeL", "rouge1", "rouge2", "loss", "perplexity")},
     }
+    if server_rows and final.get("round") != server_rows[-1]["round"]:
+        summary["note"] = (
+            f"round {server_rows[-1]['round']}'s model was not evaluated; the figures are of "
+            + (f"round {final['round']}'s" if final else "no round's")
+        )
     if "rougeL" in initial:  # not under local-head: there is no global model to evaluate
         summary["rougeL-round0"] = initial["rougeL"]
         if final.get("rougeL") is not None:
@@ -145,10 +165,16 @@ def run_summary(
     summary.update(
         {
             "failures": sum(r.get("failures", 0) for r in server_rows),
+            **{
+                key: sum(r.get(key, 0) for r in server_rows)
+                for key in rejection_counts([])  # every code, counted over the rounds
+            },
             "bytes-up": sum(r.get("bytes-up", 0) for r in server_rows),
             "bytes-down": sum(r.get("bytes-down", 0) for r in server_rows),
             "seconds": sum(r.get("seconds", 0.0) for r in server_rows),
-            "train-tokens-per-second": final.get("train-tokens-per-second"),
+            "train-tokens-per-second": server_rows[-1].get("train-tokens-per-second")
+            if server_rows
+            else None,
             **reward_summary(server_rows, int(config["sft-rounds"])),
         }
     )

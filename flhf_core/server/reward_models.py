@@ -32,7 +32,14 @@ from flhf_core.protocol import (
     REWARD_MODELS,
 )
 from flhf_core.results.checkpoint import CheckpointError
-from flhf_core.server.replies import Signature, arrays_problem, majority_signature, numpy_arrays, signature
+from flhf_core.server.replies import (
+    Problem,
+    Signature,
+    decode_arrays,
+    majority_signature,
+    numpy_arrays,
+    signature,
+)
 from flhf_core.server.reward_pool import RewardModelPool
 
 
@@ -72,31 +79,47 @@ class RewardModelExchange:
         else:
             self.expected = majority_signature(replies, REWARD_MODEL)
 
-    def problem(self, content: RecordDict, metrics: MetricRecord, arrays_key: str) -> str | None:
-        """Why a training reply's reward model is unusable (None if it is usable)."""
+    def problem(
+        self, content: RecordDict, metrics: MetricRecord, arrays_key: str
+    ) -> tuple[Problem | None, dict[str, np.ndarray] | None]:
+        """Why a training reply's reward model is unusable (None if it is usable), and the model
+        decoded (None when there is nothing to check it against yet)."""
         wanted = {arrays_key, REWARD_MODEL}
         if set(content.array_records) != wanted:
-            return f"expected the ArrayRecords {sorted(wanted)}, got {sorted(content.array_records)}"
+            reason = f"expected the ArrayRecords {sorted(wanted)}, got {sorted(content.array_records)}"
+            return Problem("shape", reason), None
         judgements = metrics.get(REWARD_JUDGEMENTS)
         if judgements is None or isinstance(judgements, list) or judgements < 0:
-            return f"metric '{REWARD_JUDGEMENTS}' missing or negative"
+            return Problem("metrics", f"metric '{REWARD_JUDGEMENTS}' missing or negative"), None
         losses = metrics.get(CLUSTER_LOSSES, [])
         if not isinstance(losses, list) or len(losses) not in (0, self.pool.clusters):
-            return f"metric '{CLUSTER_LOSSES}' must list one loss per cluster model"
+            return Problem("metrics", f"metric '{CLUSTER_LOSSES}' must list one loss per cluster model"), None
         if self.expected is None:
-            return None
-        return arrays_problem(content[REWARD_MODEL], self.expected, what="reward model")
+            return None, None
+        decoded, problem = decode_arrays(content[REWARD_MODEL], self.expected, what="reward model")
+        return problem, decoded
 
-    def fold(self, server_round: int, valid: list[tuple[int, RecordDict]], metrics_of) -> dict[str, float]:
+    def fold(
+        self,
+        server_round: int,
+        valid: list[tuple[int, RecordDict]],
+        metrics_of,
+        decoded: dict[int, dict[str, np.ndarray]],
+    ) -> dict[str, float]:
         """The valid replies' reward models into the pool (see :meth:`RewardModelPool.update`),
-        each weighted by its judgements, capped at what the user can have given."""
+        each weighted by its judgements, capped at what the user can have given. ``decoded``:
+        each user's model as screening decoded it (decoded here where screening had nothing to
+        check it against: the first round that carries reward models)."""
         claims = {}
         for user, content in valid:  # a user judges in every round it is sent, replied or not
             claimed = float(metrics_of(content)[REWARD_JUDGEMENTS])
             claims[user] = min(claimed, float(self.budget * self.rounds_taken.get(user, 0)))
         return self.pool.update(
             server_round,
-            models={user: numpy_arrays(content[REWARD_MODEL]) for user, content in valid},
+            models={
+                user: decoded[user] if user in decoded else numpy_arrays(content[REWARD_MODEL])
+                for user, content in valid
+            },
             judgements=claims,
             losses={
                 user: [float(x) for x in metrics_of(content).get(CLUSTER_LOSSES, [])]

@@ -95,7 +95,8 @@ class RunOutput:
             summary["resumed-after-rounds"] = self.resumed_after
         if error is not None:
             summary["error"] = f"{type(error).__name__}: {error}"
-            summary["failed-in-round"] = self.rounds_done + 1
+            # the round that was running (a failure after the last round is the last round's)
+            summary["failed-in-round"] = min(self.rounds_done + 1, state.config.num_server_rounds)
         if state.config.has_global_model:
             summary["model-dir"] = str(run_dir / "model")
         else:

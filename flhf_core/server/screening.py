@@ -12,28 +12,54 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from logging import WARNING
 
+import numpy as np
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore import log
 
 from flhf_core.protocol import EVALUATION, USER_ID, USER_RECORD
 from flhf_core.results.rounds import Rejection, RoundReport
 from flhf_core.server.aggregation import REWARD_SHORTFALL
-from flhf_core.server.replies import Signature, arrays_of, arrays_problem, lists, own_metrics, scalars
+from flhf_core.server.replies import Problem, Signature, arrays_of, decode_arrays, lists, own_metrics, scalars
 from flhf_core.server.reward_models import RewardModelExchange
 
 
-def reject(report: RoundReport, node_id: int, user_id: int | None, reason: str) -> None:
+@dataclass
+class Checked:
+    """A reply as screening read it: whose it is, why it cannot count (None: it can), and its
+    decoded parameters (and reward model, in rounds that carry them)."""
+
+    user_id: int
+    problem: Problem | None = None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    reward_model: dict[str, np.ndarray] | None = None
+
+
+def reject(report: RoundReport, node_id: int, user_id: int | None, problem: Problem) -> None:
     """Count a reply out of the round, with why, and say so in the log."""
-    report.rejected.append(Rejection(node_id, user_id, reason))
+    report.rejected.append(Rejection(node_id, user_id, problem.reason, problem.code))
     who = f"node {node_id}" + ("" if user_id is None else f" (user {user_id})")
-    log(WARNING, "round %d %s: no valid reply from %s: %s", report.server_round, report.phase, who, reason)
+    log(
+        WARNING,
+        "round %d %s: no valid reply from %s: [%s] %s",
+        report.server_round,
+        report.phase,
+        who,
+        problem.code,
+        problem.reason,
+    )
 
 
 class ReplyScreening:
     """Screens replies for :class:`~flhf_core.server.strategy.FeedbackFedAvg`, whose ``__init__`` (and
-    FedAvg's) set the attributes declared below."""
+    FedAvg's) set the attributes declared below.
+
+    A node's user is bound once: by the owner's identification (:attr:`node_users`) or by the
+    node's first valid reply. A reply naming another user than its node's, or a user another
+    node holds, is rejected (``identity``). The arrays of a valid training reply are decoded
+    once, here, and the strategy averages those (:attr:`decoded`)."""
 
     reward_key: str
     reward_weighting: str
@@ -44,6 +70,8 @@ class ReplyScreening:
     reward_models_active: bool
     reports: dict[tuple[int, str], RoundReport]
     node_users: dict[int, int]
+    decoded: dict[int, dict[str, np.ndarray]]  # user -> its valid reply's parameters, this phase
+    decoded_reward_models: dict[int, dict[str, np.ndarray]]  # user -> its valid reply's reward model
     _sent: dict[tuple[int, str], list[Message]]
 
     @property
@@ -63,6 +91,17 @@ class ReplyScreening:
             else (self.train_loss_key,),
         }.get(self.reward_weighting, (self.reward_key,))
 
+    @property
+    def scalar_metrics(self) -> tuple[str, ...]:
+        """Figures that must be single finite numbers wherever a reply carries them: what
+        weights a reply, and what the rows and the weighting read as numbers."""
+        return (
+            self.weighted_by_key,
+            self.reward_key,
+            f"{self.reward_key}-before",
+            self.train_loss_key,
+        )
+
     def _node_of(self, reply: Message, server_round: int, phase: str) -> int:
         """The node a reply answers for (error replies come from the SuperLink)."""
         if not reply.has_error():
@@ -72,34 +111,58 @@ class ReplyScreening:
                 return sent.metadata.dst_node_id
         return reply.metadata.src_node_id
 
+    def identity_problem(self, node_id: int, user_id: int) -> Problem | None:
+        """Why node ``node_id`` may not answer for user ``user_id`` (None if it may)."""
+        bound = self.node_users.get(node_id)
+        if bound is not None and bound != user_id:
+            return Problem("identity", f"node {node_id} serves user {bound}; its reply names user {user_id}")
+        if bound is None:
+            holders = [node for node, user in self.node_users.items() if user == user_id]
+            if holders:
+                return Problem("identity", f"user {user_id} is served by node {holders[0]}")
+        return None
+
     def screen(
         self, server_round: int, replies: Iterable[Message], phase: str, expected: Signature | None
     ) -> list[tuple[int, RecordDict]]:
         """Valid ``(user_id, content)`` pairs sorted by user id; rejections go to the report.
 
         ``expected`` is the signature the parameters must have (None: no parameters are
-        expected, as in evaluation replies).
+        expected, as in evaluation replies). No reply, however formed, raises here: each is
+        valid or rejected with a code.
         """
         report = self.reports.setdefault((server_round, phase), RoundReport(server_round, phase))
         valid: dict[int, RecordDict] = {}
         answered: set[int] = set()
+        self.decoded, self.decoded_reward_models = {}, {}
         for reply in replies:
             node_id = self._node_of(reply, server_round, phase)
             answered.add(node_id)
-            user_id, reason = self.node_users.get(node_id), None
             if reply.has_error():
-                reason = f"error reply: {reply.error.reason}"
+                checked = Checked(
+                    self.node_users.get(node_id), Problem("error", f"error reply: {reply.error.reason}")
+                )
             else:
-                user_id, reason = self._check_content(reply.content, expected, node_id, phase)
-                if reason is None and user_id in valid:
-                    reason = f"duplicate reply for user {user_id}"
-            if reason is None:
-                valid[user_id] = reply.content
-                self.node_users[node_id] = user_id
-            else:
-                reject(report, node_id, user_id, reason)
+                checked = self._check_content(reply.content, expected, node_id, phase)
+                if checked.problem is None:
+                    checked.problem = self.identity_problem(node_id, checked.user_id)
+                if checked.problem is None and checked.user_id in valid:
+                    checked.problem = Problem("duplicate", f"a second reply for user {checked.user_id}")
+            if checked.problem is not None:
+                reject(report, node_id, checked.user_id, checked.problem)
+                continue
+            valid[checked.user_id] = reply.content
+            self.node_users[node_id] = checked.user_id
+            self.decoded[checked.user_id] = checked.arrays
+            if checked.reward_model is not None:
+                self.decoded_reward_models[checked.user_id] = checked.reward_model
         for node_id in sorted(set(report.sampled_nodes) - answered):
-            reject(report, node_id, self.node_users.get(node_id), "no reply within the round timeout")
+            reject(
+                report,
+                node_id,
+                self.node_users.get(node_id),
+                Problem("timeout", "no reply within the round timeout"),
+            )
         ordered = sorted(valid.items())
         for user_id, content in ordered:
             report.user_metrics[user_id] = scalars(own_metrics(content))
@@ -108,48 +171,60 @@ class ReplyScreening:
 
     def _check_content(
         self, content: RecordDict, expected: Signature | None, node_id: int, phase: str
-    ) -> tuple[int, str | None]:
-        """The reply's user (its user record, else the node's known user, else the node id) and
-        why the reply is unusable (None if it is usable)."""
+    ) -> Checked:
+        """The reply's user (its user record, else the node's known user, else the node id),
+        why it is unusable, and its decoded arrays."""
         user = content.config_records.get(USER_RECORD)
         if user is None:
-            user_id = self.node_users.get(node_id, node_id)
+            checked = Checked(self.node_users.get(node_id, node_id))
         elif isinstance(user.get(USER_ID), int) and not isinstance(user.get(USER_ID), bool):
-            user_id = int(user[USER_ID])
+            checked = Checked(int(user[USER_ID]))
         else:
-            return self.node_users.get(node_id, node_id), f"'{USER_RECORD}.{USER_ID}' is not an integer"
+            problem = Problem("identity", f"'{USER_RECORD}.{USER_ID}' is not an integer")
+            return Checked(self.node_users.get(node_id, node_id), problem)
         metrics = own_metrics(content)
         if metrics is None:
             others = [k for k in content.metric_records if k != EVALUATION]
-            return user_id, f"expected one MetricRecord (besides '{EVALUATION}'), got {len(others)}"
+            reason = f"expected one MetricRecord (besides '{EVALUATION}'), got {len(others)}"
+            checked.problem = Problem("metrics", reason)
+            return checked
         # what the weighting needs is required of training replies only: an evaluation has no update to weigh
         required = self.required_metrics if phase == MessageType.TRAIN else ()
-        problem = self.metrics_problem(metrics, required)
-        if problem:
-            return user_id, problem
-        if expected is None:
-            return user_id, None
+        checked.problem = self.metrics_problem(metrics, required)
+        if checked.problem or expected is None:
+            return checked
         if phase == MessageType.TRAIN and self.carries_reward_models:
-            problem = self.reward_models.problem(content, metrics, self.arrayrecord_key)
-            return user_id, problem or arrays_problem(arrays_of(content, self.arrayrecord_key), expected)
-        if len(content.array_records) != 1:
-            return user_id, f"expected one ArrayRecord, got {len(content.array_records)}"
-        return user_id, arrays_problem(arrays_of(content, self.arrayrecord_key), expected)
+            checked.problem, checked.reward_model = self.reward_models.problem(
+                content, metrics, self.arrayrecord_key
+            )
+            if checked.problem:
+                return checked
+        elif len(content.array_records) != 1:
+            checked.problem = Problem("shape", f"expected one ArrayRecord, got {len(content.array_records)}")
+            return checked
+        checked.arrays, checked.problem = decode_arrays(arrays_of(content, self.arrayrecord_key), expected)
+        return checked
 
-    def metrics_problem(self, metrics: MetricRecord, required: Iterable[str] = ()) -> str | None:
-        """Why a MetricRecord is unusable: no positive example count, a non-finite value, a
-        missing required key, a reward outside [0, 1]."""
+    def metrics_problem(self, metrics: MetricRecord, required: Iterable[str] = ()) -> Problem | None:
+        """Why a MetricRecord is unusable (code ``metrics``): no positive example count, a
+        figure that must be one number and is a list, a non-finite value, a missing required
+        key, a reward outside [0, 1]."""
         weight = metrics.get(self.weighted_by_key)
         if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
-            return f"'{self.weighted_by_key}' missing or not a positive number: {weight!r}"
+            return Problem(
+                "metrics", f"'{self.weighted_by_key}' missing or not a positive number: {weight!r}"
+            )
+        for key in self.scalar_metrics:
+            if isinstance(metrics.get(key), list):
+                return Problem("metrics", f"metric '{key}' must be one number, got a list")
         for key, value in metrics.items():
             values = value if isinstance(value, list) else [value]
             if not all(math.isfinite(v) for v in values):
-                return f"metric '{key}' is not finite"
+                return Problem("metrics", f"metric '{key}' is not finite")
         for key in required:
             if key not in metrics:
-                return f"metric '{key}' is missing"
+                return Problem("metrics", f"metric '{key}' is missing")
         for key in (self.reward_key, f"{self.reward_key}-before"):
             if key in metrics and not 0.0 <= float(metrics[key]) <= 1.0:
-                return f"metric '{key}' = {metrics[key]} is outside [0, 1]"
+                return Problem("metrics", f"metric '{key}' = {metrics[key]} is outside [0, 1]")
         return None

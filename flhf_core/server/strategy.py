@@ -26,7 +26,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Collection, Iterable
-from logging import INFO
+from dataclasses import replace
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -48,10 +49,8 @@ from flhf_core.server.aggregation import (
 )
 from flhf_core.server.replies import (
     Signature,
-    arrays_of,
     lists,
     majority_signature,
-    numpy_arrays,
     own_metrics,
     scalars,
     signature,
@@ -107,8 +106,12 @@ class FeedbackFedAvg(ReplyScreening, FedAvg):
     Attributes the owner may set
     ----------------------------
     node_users : dict[int, int]
-        Node id -> user id. Learned from valid replies; an owner that asks every node
-        first (as FLHF's ServerApp does) makes sampling choose among users.
+        Node id -> user id, bound once (by the owner, or by a node's first valid reply). An
+        owner that asks every node first (as FLHF's ServerApp does) makes sampling choose
+        among users.
+    identified_only : bool
+        Sample only nodes whose user is known (FLHF's ServerApp, which identifies every node,
+        sets it): an unidentified node is logged and left out, never sampled by its node id.
     reward_models_active : bool
         Whether this round's training messages carry the reward models (FLHF: feedback rounds).
     example_counts : Callable[[int], float | None] | None
@@ -154,8 +157,11 @@ class FeedbackFedAvg(ReplyScreening, FedAvg):
         # evaluations carried by training replies, by round evaluated
         self.received: dict[int, RoundReport] = {}
         self.node_users: dict[int, int] = {}  # node id -> user id (to sample users and name failed nodes)
+        self.identified_only = False  # the owner identifies every node: sample identified users only
         self.example_counts: Callable[[int], float | None] | None = None
         self._sent: dict[tuple[int, str], list[Message]] = {}
+        self.decoded: dict[int, dict[str, np.ndarray]] = {}  # screening's decode of the valid replies
+        self.decoded_reward_models: dict[int, dict[str, np.ndarray]] = {}
         self._global_signature: Signature | None = None  # of the last arrays sent or aggregated
 
     # ------------------------------------------------------------------
@@ -184,6 +190,16 @@ class FeedbackFedAvg(ReplyScreening, FedAvg):
         only those users train (an unidentified learner is an error, never a random node).
         """
         nodes = self.wait_for_nodes(grid, minimum)
+        if self.identified_only:
+            unidentified = [node for node in nodes if node not in self.node_users]
+            if unidentified:
+                log(
+                    WARNING,
+                    "round %d: nodes %s serve no identified user: not sampled",
+                    server_round,
+                    unidentified,
+                )
+            nodes = [node for node in nodes if node in self.node_users]
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
         rng = random.Random(f"{self.sampling_seed}/{phase}/{server_round}")
         if phase == MessageType.TRAIN and self.train_users is not None:
@@ -273,7 +289,7 @@ class FeedbackFedAvg(ReplyScreening, FedAvg):
         if self.reward_weighting == "history":
             rewards = reward_history_means(self.reward_history, [user_id for user_id, _ in valid])
         if self.reward_weighting == "qfedavg":
-            weights = self._qffl_weights(server_round, contents)
+            weights = self._qffl_weights(server_round, valid)
         else:
             weights = client_weights(
                 counts,
@@ -286,9 +302,7 @@ class FeedbackFedAvg(ReplyScreening, FedAvg):
         report = self.reports[(server_round, MessageType.TRAIN)]
         report.weights = {user_id: w for (user_id, _), w in zip(valid, weights, strict=True)}
         self._collect_received_evaluations(report, valid)
-        arrays = weighted_average(
-            [numpy_arrays(arrays_of(c, self.arrayrecord_key)) for c in contents], weights
-        )
+        arrays = weighted_average([self.decoded[user_id] for user_id, _ in valid], weights)
         if self.reward_weighting == "qfedavg":  # q-FFL's step keeps the rest on the global model
             sent = self._sent_arrays(server_round)
             arrays = weighted_average([sent, arrays], [1.0 - float(sum(weights)), 1.0])
@@ -302,7 +316,9 @@ class FeedbackFedAvg(ReplyScreening, FedAvg):
         metrics = self._average_metrics([own_metrics(c) for c in contents], counts)
         if self.carries_reward_models:
             metrics.pop(CLUSTER_OF_USER, None)  # a cluster index is no figure to average
-            metrics.update(self.reward_models.fold(server_round, valid, own_metrics))
+            metrics.update(
+                self.reward_models.fold(server_round, valid, own_metrics, self.decoded_reward_models)
+            )
         return aggregated, metrics
 
     def _sent_arrays(self, server_round: int) -> dict[str, np.ndarray]:
@@ -311,12 +327,11 @@ class FeedbackFedAvg(ReplyScreening, FedAvg):
             raise ValueError("qfedavg steps from the global model: call configure_train first")
         return {k: a.numpy() for k, a in sent[0].content[self.arrayrecord_key].items()}
 
-    def _qffl_weights(self, server_round: int, contents: list[RecordDict]) -> list[float]:
+    def _qffl_weights(self, server_round: int, valid: list[tuple[int, RecordDict]]) -> list[float]:
         """q-FFL's shares of the valid replies (see :func:`flhf_core.server.aggregation.qffl_shares`)."""
         sent = self._sent_arrays(server_round)
-        distances = [
-            squared_distance(numpy_arrays(arrays_of(c, self.arrayrecord_key)), sent) for c in contents
-        ]
+        distances = [squared_distance(self.decoded[user_id], sent) for user_id, _ in valid]
+        contents = [content for _, content in valid]
         if self.train_loss_key == REWARD_SHORTFALL:
             losses = [1.0 - self._metric(c, f"{self.reward_key}-before") for c in contents]
         else:
@@ -342,7 +357,12 @@ class FeedbackFedAvg(ReplyScreening, FedAvg):
         for user_id, metrics in records:
             problem = self.metrics_problem(metrics)
             if problem:
-                reject(report, node_of.get(user_id, -1), user_id, f"evaluation: {problem}")
+                reject(
+                    report,
+                    node_of.get(user_id, -1),
+                    user_id,
+                    replace(problem, reason=f"evaluation: {problem.reason}"),
+                )
             else:
                 report.user_metrics[user_id] = scalars(metrics)
                 report.user_lists[user_id] = lists(metrics)

@@ -16,7 +16,7 @@ from flhf_core.learning.model import load_pretrained
 from flhf_core.results.tracking import read_metrics
 from flhf_core.runs import cli
 from flhf_core.server.main import RoundFailed, round_learning_rate, run_federation
-from flhf_core.server.reporting import reward_summary, user_spread
+from flhf_core.server.reporting import reward_summary, run_summary, user_spread
 
 
 def test_cosine_schedule_decays_to_a_tenth_and_constant_stays():
@@ -144,6 +144,62 @@ def test_an_exception_inside_a_round_is_recorded_and_raised(
         run_in_process(BrokenGrid(config.to_mapping(), users=2), config)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and "ConnectionError: the SuperLink went away" in summary["error"]
+    assert summary["failed-in-round"] == 1  # the final evaluation of a 1-round run: a real round
+
+
+def test_a_failure_after_aggregation_saves_the_last_completed_rounds_model(
+    flower_identity, smoke_config, tmp_path, in_process_grid, monkeypatch
+):
+    """Round 2 aggregates, then its evaluation fails: model/ is round 1's, not round 2's
+    unrecorded average."""
+    from flhf_core.server import federation
+
+    calls = []
+    real = federation.server_evaluate
+
+    def fails_in_round_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # round 0, round 1, then round 2
+            raise RuntimeError("the held-out evaluation broke")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(federation, "server_evaluate", fails_in_round_two)
+    config = in_process_config(smoke_config, tmp_path, **{"num-server-rounds": 2})
+    with pytest.raises(RuntimeError, match="held-out evaluation broke"):
+        run_in_process(in_process_grid(config.to_mapping(), users=2), config)
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["failed-in-round"] == 2
+    assert (run_dir / "checkpoints" / "latest" / "round.txt").read_text().strip() == "1"
+    saved, round_one = load_pretrained(run_dir / "model"), load_pretrained(run_dir / "checkpoints" / "latest")
+    for a, b in zip(saved.parameters(), round_one.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_summary_is_written_when_the_last_rounds_were_not_evaluated():
+    """evaluate-every=2 with 3 supervised rounds of 4: round 3 has no reward; a failed run may
+    end on a round without evaluation. The summary uses the last evaluated rows and says so."""
+    config = {"lead-words": 25, "sft-rounds": 3}
+    baselines = {"baseline-lead25-rougeL": 17.0}
+    rows = [
+        {"round": 1, "phase": "sft", "scope": "server", "failures": 0},
+        {"round": 2, "phase": "sft", "scope": "server", "rougeL": 10.0, "reward": 0.10, "reward-worst": 0.05},
+        {"round": 3, "phase": "sft", "scope": "server", "failures": 0},
+        {
+            "round": 4,
+            "phase": "feedback",
+            "scope": "server",
+            "rougeL": 12.0,
+            "reward": 0.2,
+            "reward-worst": 0.1,
+        },
+    ]
+    summary = run_summary(rows, config, baselines, {"rougeL": 5.0})
+    assert summary["reward-after-sft"] == 0.10 and summary["reward-after-sft-round"] == 2
+    assert summary["evaluated-round"] == 4 and "note" not in summary
+    failed = run_summary(rows[:3], config, baselines, {"rougeL": 5.0})
+    assert failed["evaluated-round"] == 2 and failed["rougeL"] == 10.0
+    assert "round 3's model was not evaluated" in failed["note"]
 
 
 def test_local_head_publishes_and_reports_no_global_model(
