@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -69,3 +70,25 @@ def save_folder_atomically(path: Path, save: Callable[[Path], object]) -> None:
 def read_json(path: Path) -> Any:
     with path.open() as f:
         return json.load(f)
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=-]{0,127}")
+
+
+def plain_name(value: str, what: str) -> str:
+    """``value`` if it is a plain file name (letters, digits, ``. _ - + @ =``; no ``/``, no
+    ``..``, not hidden): names that arrive in messages become folders, and must stay inside
+    the folder they are joined to."""
+    if not _PLAIN_NAME.fullmatch(value) or ".." in value:
+        raise ConfigError(f"{what}: {value!r} is not a plain folder name (letters, digits, . _ - + @ =; no '..')")
+    return value
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret readable by its owner only: the file is created with mode 0600, so it is
+    never readable by others, not even between its creation and a chmod."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT: set it

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from flhf_core.common import ConfigError
+from flhf_core.common import ConfigError, plain_name
 from flhf_core.users.profiles import check_profiles
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
@@ -382,8 +382,8 @@ class RunConfig:
             )
         if self.resume and not self.run_name:
             raise ConfigError("resume: true needs the run-name of the run to continue.")
-        if any(c in self.run_name for c in "/\\") or self.run_name in (".", ".."):
-            raise ConfigError(f"run-name: {self.run_name!r} must be a plain folder name.")
+        if self.run_name:
+            plain_name(self.run_name, "run-name")
 
 
 def _coerce(key: str, value: Any, kind: type, rules: Mapping[str, Any]) -> Any:

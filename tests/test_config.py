@@ -174,3 +174,24 @@ def test_baseline_modes_refuse_what_needs_an_average(mode):
     config = RunConfig.from_mapping({"mode": mode})
     assert config.has_global_model == (mode == "centralized")
     assert config.evaluates_separately == (mode == "centralized")
+
+
+def test_private_files_are_created_owner_only(tmp_path, monkeypatch):
+    """A key is never readable by others, not even for a moment: created with mode 0600."""
+    import os
+
+    from flhf_core.common import write_private
+
+    created = []
+    real_open = os.open
+
+    def spy(path, flags, mode=0o777, *args, **kwargs):
+        created.append(mode)
+        return real_open(path, flags, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    os.umask(0o022)
+    write_private(tmp_path / "node.key", b"secret")
+    assert created == [0o600]
+    assert (tmp_path / "node.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "node.key").read_bytes() == b"secret"

@@ -37,7 +37,7 @@ from flhf_core.client.documents import (
     cached_pooled_documents,
     fingerprint,
 )
-from flhf_core.common import save_folder_atomically
+from flhf_core.common import plain_name, save_folder_atomically
 from flhf_core.config import ConfigError, RunConfig
 from flhf_core.learning.batches import Encoded
 from flhf_core.learning.model import (
@@ -194,7 +194,7 @@ def open_session(message: Message, context: Context) -> UserSession:
     record_to_parameters(model, message.content[ARRAYS], names=shared_names)
     params = canonical_parameters(model)
     fresh_personal = {name: params[name].detach().clone() for name in personal_names}
-    run_name = str(server_config.get(RUN_NAME, config.run_name or "run"))
+    run_name = plain_name(str(server_config.get(RUN_NAME, config.run_name or "run")), "the run name sent")
     folder = personal.state_dir(context, config, run_name, user)
     shapes = {name: tuple(params[name].shape) for name in personal_names}
     server_round = int(server_config.get(SERVER_ROUND, 0))

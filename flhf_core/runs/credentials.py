@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from flhf_core.common import write_private
+
 VALIDITY = dt.timedelta(days=30)
 CURVE = ec.SECP384R1  # P-384: accepted by Flower for node keys, and by TLS
 
@@ -62,11 +64,6 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    path.chmod(0o600)
-
-
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -92,7 +89,7 @@ def certificate_authority(
         .sign(key, hashes.SHA384())
     )
     (folder / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(folder / "ca.key", _pem_key(key))
+    write_private(folder / "ca.key", _pem_key(key))
     return cert, key
 
 
@@ -122,13 +119,13 @@ def server_certificate(
         .sign(ca_key, hashes.SHA384())
     )
     (folder / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(folder / "server.key", _pem_key(key))
+    write_private(folder / "server.key", _pem_key(key))
 
 
 def node_key(path: Path) -> Path:
     """An ECDSA key pair for one SuperNode: ``path`` (private) and ``path.pub``, both OpenSSH."""
     key = ec.generate_private_key(CURVE())
-    _write_private(
+    write_private(
         path,
         key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()

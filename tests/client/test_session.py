@@ -123,3 +123,15 @@ def test_thread_budget_comes_from_the_node_then_the_engine(monkeypatch, smoke_co
         session.thread_budget(context(smoke_config, **{"torch-threads": "many"}))
     monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # OpenMP's nested form: not ours to refuse
     assert session.thread_budget(context(smoke_config)) >= 1
+
+
+@pytest.mark.parametrize("run_name", ["../../elsewhere", "a/b", "..", ".hidden", ""])
+def test_a_run_name_from_the_server_that_is_no_plain_name_is_refused(
+    flower_identity, smoke_config, tokenizer, tiny_model, tmp_path, run_name
+):
+    """The server's run name becomes a folder under the node's state-dir: it may not reach out."""
+    sent = message(tiny_model, tokenizer)
+    sent.content["config"]["run-name"] = run_name
+    with pytest.raises(ConfigError, match="not a plain folder name"):
+        session.open_session(sent, context(smoke_config, **{"state-dir": str(tmp_path / "state")}))
+    assert not (tmp_path / "elsewhere").exists()
