@@ -80,7 +80,9 @@ def plain_name(value: str, what: str) -> str:
     ``..``, not hidden): names that arrive in messages become folders, and must stay inside
     the folder they are joined to."""
     if not _PLAIN_NAME.fullmatch(value) or ".." in value:
-        raise ConfigError(f"{what}: {value!r} is not a plain folder name (letters, digits, . _ - + @ =; no '..')")
+        raise ConfigError(
+            f"{what}: {value!r} is not a plain folder name (letters, digits, . _ - + @ =; no '..')"
+        )
     return value
 
 

@@ -2,9 +2,11 @@
 
 Reads each run's ``config.json``, ``summary.json`` and ``metrics.jsonl`` and writes
 ``comparison.md`` (a Markdown table of the final figures: mean and worst-user reward, win rate,
-ROUGE-L, bytes, seconds) and ``comparison.png`` (the runs' reward curves on one plot). When the
-runs differ only in ``seed``, the table gives each figure as mean ± standard deviation over
-them: what a researcher pastes into a paper or an issue.
+ROUGE-L, bytes, seconds) and ``comparison.png`` (the runs' reward curves on one plot). Runs
+whose configs differ only in where and how they were run (:data:`NOT_THE_EXPERIMENT`: the
+seed, run name, results folder, resume, tracking) are one method over seeds: one row, each
+figure as mean ± standard deviation over them. A failed or unfinished run is listed apart,
+with why, and never averaged in.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ FIGURES = (
     ("bytes", "bytes", "{:.3g}"),
     ("seconds", "seconds", "{:.0f}"),
 )
-# keys that may differ between seeds of one configuration: where a run is, how it was tracked
-# and checkpointed, whether it was resumed
+# keys that may differ between seeds of one method: where a run is, how it was tracked and
+# checkpointed (checkpoints change no figure), whether it was resumed
 NOT_THE_EXPERIMENT = (
     "seed",
     "run-name",
@@ -39,7 +41,6 @@ NOT_THE_EXPERIMENT = (
     "checkpoint-every",
     "tracking",
     "mlflow-tracking-uri",
-    "round-timeout",
 )
 
 
@@ -49,6 +50,16 @@ class Run:
     config: dict[str, Any]
     summary: dict[str, Any]
     rows: list[dict[str, Any]]
+
+    @property
+    def status(self) -> str:
+        """``completed``, ``failed``, or ``incomplete`` (no summary yet: running, or killed)."""
+        return str(self.summary.get("status", "incomplete"))
+
+    @property
+    def experiment(self) -> tuple:
+        """What the run measured: its config without :data:`NOT_THE_EXPERIMENT`."""
+        return tuple(sorted((k, repr(v)) for k, v in self.config.items() if k not in NOT_THE_EXPERIMENT))
 
     def figure(self, key: str) -> float | None:
         if key == "bytes":
@@ -61,23 +72,27 @@ class Run:
 
 
 def load_run(run_dir: Path) -> Run:
-    """A finished (or failed) run's folder; a clear error if it is not one."""
-    missing = [f for f in ("config.json", "summary.json", "metrics.jsonl") if not (run_dir / f).is_file()]
-    if missing:
-        raise ConfigError(f"{run_dir} is not a finished FLHF run: {', '.join(missing)} missing.")
+    """A run's folder, finished or not (an unfinished one has no summary); a clear error if it
+    is no FLHF run folder."""
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"{run_dir} is not an FLHF run folder: config.json missing.")
+    summary = run_dir / "summary.json"
+    metrics = run_dir / "metrics.jsonl"
     return Run(
         run_dir.name,
         read_json(run_dir / "config.json"),
-        read_json(run_dir / "summary.json"),
-        read_metrics(run_dir / "metrics.jsonl"),
+        read_json(summary) if summary.is_file() else {},
+        read_metrics(metrics) if metrics.is_file() else [],
     )
 
 
-def differ_only_in_seed(runs: Sequence[Run]) -> bool:
-    def experiment(run: Run) -> dict[str, Any]:
-        return {k: v for k, v in run.config.items() if k not in NOT_THE_EXPERIMENT}
-
-    return len(runs) > 1 and all(experiment(r) == experiment(runs[0]) for r in runs[1:])
+def methods(runs: Sequence[Run]) -> list[list[Run]]:
+    """The completed runs grouped by experiment (a method over seeds), in the order given."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if run.status == "completed":
+            groups.setdefault(run.experiment, []).append(run)
+    return list(groups.values())
 
 
 def cell(values: Sequence[float | None], form: str) -> str:
@@ -92,18 +107,26 @@ def cell(values: Sequence[float | None], form: str) -> str:
 
 
 def markdown_table(runs: Sequence[Run]) -> str:
-    """The final figures, one row per run, or one row of mean ± std when only the seed differs."""
+    """The final figures, one row per method (mean ± std over its seeds), then the runs left out."""
     header = "| run | " + " | ".join(title for _, title, _ in FIGURES) + " |"
     lines = [header, "|" + " --- |" * (len(FIGURES) + 1)]
-    if differ_only_in_seed(runs):
-        seeds = ", ".join(str(r.config.get("seed")) for r in runs)
-        figures = [cell([r.figure(key) for r in runs], form) for key, _, form in FIGURES]
-        lines.append(f"| {len(runs)} seeds ({seeds}) | " + " | ".join(figures) + " |")
-    else:
-        for run in runs:
-            lines.append(
-                f"| {run.name} | " + " | ".join(cell([run.figure(k)], f) for k, _, f in FIGURES) + " |"
+    for group in methods(runs):
+        if len(group) == 1:
+            name = group[0].name
+        else:
+            name = (
+                f"{group[0].name}: {len(group)} seeds ({', '.join(str(r.config.get('seed')) for r in group)})"
             )
+        figures = [cell([r.figure(key) for r in group], form) for key, _, form in FIGURES]
+        lines.append(f"| {name} | " + " | ".join(figures) + " |")
+    left_out = [run for run in runs if run.status != "completed"]
+    if left_out:
+        lines += ["", "Not compared (never averaged in):", ""]
+        for run in left_out:
+            why = run.summary.get("error") or (
+                "no summary.json: still running, or stopped" if not run.summary else ""
+            )
+            lines.append(f"- {run.name}: {run.status}" + (f": {why}" if why else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -116,7 +139,7 @@ def plot_rewards(runs: Sequence[Run], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run in runs:
+    for run in [run for group in methods(runs) for run in group]:
         curve = run.reward_curve()
         if curve:
             xs, ys = zip(*curve, strict=True)

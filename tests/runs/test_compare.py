@@ -17,6 +17,7 @@ def fake_run(root: Path, name: str, seed: int, reward: float, **config) -> Path:
     mapping = RunConfig(seed=seed, run_name=name, **config).to_mapping()
     (folder / "config.json").write_text(json.dumps(mapping))
     summary = {
+        "status": "completed",
         "reward": reward,
         "reward-worst": reward / 2,
         "win-rate": 0.6,
@@ -40,7 +41,7 @@ def test_runs_that_differ_only_in_seed_are_one_row_of_mean_and_spread(tmp_path, 
     ]
     assert cli.main(["compare", *map(str, runs), "--out", str(tmp_path / "out")]) == 0
     table = (tmp_path / "out" / "comparison.md").read_text()
-    assert "3 seeds (1, 2, 3)" in table and "0.200 ± 0.100" in table  # mean ± sample std of the rewards
+    assert "s1: 3 seeds (1, 2, 3)" in table and "0.200 ± 0.100" in table  # mean ± sample std of the rewards
     assert "300 ± 0" in table  # bytes: up + down
     assert (tmp_path / "out" / "comparison.png").stat().st_size > 0
     assert table in capsys.readouterr().out
@@ -55,3 +56,25 @@ def test_runs_of_different_experiments_get_a_row_each(tmp_path):
 
 def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
     assert cli.main(["compare", str(tmp_path)]) == 2
+
+
+def test_failed_and_unfinished_runs_are_listed_apart_and_never_averaged(tmp_path):
+    done = [fake_run(tmp_path, f"s{seed}", seed, 0.1 * seed) for seed in (1, 2)]
+    failed = fake_run(tmp_path, "s3", 3, 0.9)
+    summary = json.loads((failed / "summary.json").read_text())
+    (failed / "summary.json").write_text(
+        json.dumps({**summary, "status": "failed", "error": "RoundFailed: x"})
+    )
+    running = fake_run(tmp_path, "s4", 4, 0.9)
+    (running / "summary.json").unlink()
+    table = markdown_table([load_run(d) for d in (*done, failed, running)])
+    assert "s1: 2 seeds (1, 2)" in table and "0.150 ± 0.071" in table  # the failed 0.9s are not in it
+    assert "- s3: failed: RoundFailed: x" in table and "- s4: incomplete" in table
+
+
+def test_runs_differing_in_where_and_how_they_ran_group_into_one_method(tmp_path):
+    a = fake_run(tmp_path, "a", 1, 0.1, tracking="none", checkpoint_every=2)
+    b = fake_run(tmp_path, "b", 2, 0.3, tracking="tensorboard", resume=False)
+    c = fake_run(tmp_path, "c", 3, 0.5, reward_weighting="linear")  # another method
+    table = markdown_table([load_run(d) for d in (a, b, c)])
+    assert "| a: 2 seeds (1, 2) | 0.200 ± 0.141 |" in table and "| c | 0.500 |" in table
