@@ -32,6 +32,7 @@ import numpy as np
 
 from flhf_core.config import ConfigError, RunConfig
 from flhf_core.data.corpus import Corpus, Example
+from flhf_core.users.profiles import build_profile
 
 NEUTRAL_INSTRUCTION = "summarize"
 # ``aspect-prompt = question``: each aspect asked for in words (an aspect not named here keeps
@@ -81,9 +82,11 @@ def document_role(doc_id: str, config: RunConfig) -> str:
     return TRAIN
 
 
-def preferred_aspect(user: int, aspects: Sequence[str]) -> str:
-    """The aspect user ``user`` prefers under ``preference`` partitioning."""
-    return aspects[user % len(aspects)]
+@functools.lru_cache(maxsize=1024)
+def preferred_aspect(user: int, config: RunConfig, aspects: tuple[str, ...]) -> str:
+    """The aspect user ``user`` prefers: its profile's (``user-profiles``), so that under
+    ``preference`` partitioning a user trains on the aspect it judges by."""
+    return build_profile(user, config.user_profiles, aspects, config.seed).aspect
 
 
 @functools.lru_cache(maxsize=64)
@@ -104,7 +107,7 @@ def owner(doc_id: str, aspect: str, num_users: int, config: RunConfig, aspects: 
         return min(int(np.searchsorted(shares, u, side="right")), num_users - 1)
     # preference: each document goes to one user, who keeps its preferred aspect
     user = int(unit_hash(seed, "preference", doc_id) * num_users)
-    return user if preferred_aspect(user, aspects) == aspect else None
+    return user if preferred_aspect(user, config, tuple(aspects)) == aspect else None
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,7 @@ def assignment(corpus: Corpus, num_users: int, config: RunConfig) -> Assignment:
         num_users,
         config.seed,
         config.partitioning,
+        config.user_profiles,  # preference partitioning follows each user's profile
         config.dirichlet_alpha,
         config.heldout_fraction,
         config.reward_fraction,

@@ -109,7 +109,19 @@ def test_iid_sizes_are_balanced_and_validation_share_holds(corpus):
 def test_preference_users_hold_only_their_aspect(corpus):
     config = RunConfig(partitioning="preference")
     for user in examples_of(corpus, 6, config):
-        assert {e.aspect for e in user.train} == {partitions.preferred_aspect(user.user, corpus.aspects)}
+        assert {e.aspect for e in user.train} == {
+            partitions.preferred_aspect(user.user, config, corpus.aspects)
+        }
+
+
+def test_preference_partitioning_follows_the_aspect_of_each_users_profile(corpus, tmp_path):
+    """A profile file that gives user 0 the outcome aspect: user 0 trains on outcome summaries,
+    the aspect it judges by (not aspects[0])."""
+    users = tmp_path / "users.toml"
+    users.write_text('[[user]]\naspect = "outcome"\n\n[[user]]\naspect = "challenge"\n')
+    config = RunConfig(partitioning="preference", user_profiles=str(users))
+    held = examples_of(corpus, 4, config)
+    assert [{e.aspect for e in u.train} for u in held] == [{"outcome"}, {"challenge"}] * 2
 
 
 def test_dirichlet_skews_aspect_mix(corpus):
