@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ from flhf_core.data.corpus import Document, Example, load_corpus, load_table
 from flhf_core.learning.batches import Encoded, encode
 from flhf_core.users.feedback import PooledExample
 from flhf_core.users.profiles import UserProfile, build_profile
+
+log = logging.getLogger("flwr")
 
 DATA_FILE = "data-file"  # node config: the user's own documents
 CACHE_VERSION = 1  # bump when what the disk cache holds changes
@@ -112,8 +115,44 @@ def own_document_role(doc_id: str, config: RunConfig) -> str:
     return partitions.VALIDATION if share["val"] < config.val_fraction else partitions.TRAIN
 
 
+def check_export_stamp(config: RunConfig, path: Path) -> None:
+    """A file ``flhf export-data`` wrote records the seed and fractions it was split with
+    (:data:`~flhf_core.data.partitions.EXPORT_FIELD`); under others, its training documents may be
+    the server's held-out ones: refused, naming the key that differs."""
+    stamp = _first_row(path).get(partitions.EXPORT_FIELD)
+    if not stamp:
+        return
+    exported, run = json.loads(stamp), json.loads(partitions.export_stamp(config))
+    for key in partitions.EXPORT_KEYS:
+        if exported.get(key) != run[key]:
+            raise ConfigError(
+                f"node config {DATA_FILE}: {path} was exported with {key}={exported.get(key)}, this run has "
+                f"{key}={run[key]}: its documents may be the server's held-out ones. Export it again with "
+                f"{key}={run[key]} (flhf export-data)."
+            )
+
+
+def _first_row(path: Path) -> dict:
+    """The first record of a JSONL, JSON or CSV data file ({} if it has none)."""
+    import csv
+
+    with path.open(newline="") as f:
+        if path.suffix.lower() == ".csv":
+            return next(csv.DictReader(f), {}) or {}
+        text = f.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        rows = json.loads(stripped)
+        return rows[0] if rows and isinstance(rows[0], dict) else {}
+    first = next((line for line in stripped.splitlines() if line.strip()), "")
+    row = json.loads(first) if first else {}
+    return row if isinstance(row, dict) else {}
+
+
 def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
     """User ``user``'s documents from its own file, split by document as the corpus is.
+    Documents the server holds out (by id, under the run's seed and held-out fraction) are left
+    out: a user never trains on what the server reports on.
 
     Under ``preference`` partitioning the user keeps its preferred aspect's summaries (as it
     would in the corpus); otherwise every aspect the file has.
@@ -123,11 +162,26 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
             f"highlight-supervision: user {user}'s data file {path} has no highlight labels (aclsum's "
             "are not exported); use highlight-supervision=false with data files."
         )
+    check_export_stamp(config, path)
     own = load_table(str(path), config.document_field, config.aspects)
     profile = build_profile(user, config.user_profiles, config.aspects, config.seed)
+    try:
+        server_heldout = set(partitions.heldout_doc_ids(load_corpus(config), config))
+    except ConfigError:  # the run's corpus is not on this node: every id the rule would hold out
+        server_heldout = {
+            d.doc_id for d in own.documents if partitions.is_heldout(d.doc_id, config.seed, config.heldout_fraction)
+        }
     roles: dict[str, list[Document]] = {}
+    refused = 0
     for doc in own.documents:
+        if doc.doc_id in server_heldout:  # the server reports on it: nobody may learn from it
+            refused += 1
+            continue
         roles.setdefault(own_document_role(doc.doc_id, config), []).append(doc)
+    if refused:
+        log.warning(
+            "user %d's data file %s: %d documents the server holds out were left out", user, path, refused
+        )
     aspects = (profile.aspect,) if config.partitioning == "preference" else config.aspects
 
     def examples(role: str) -> tuple[Example, ...]:

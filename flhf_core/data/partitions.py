@@ -316,9 +316,21 @@ def abstracts(corpus: Corpus) -> dict[str, str]:
     return {doc.doc_id: doc.abstract for doc in corpus.documents}
 
 
+EXPORT_FIELD = "flhf-export"  # a data file's column: the split it was exported under (JSON)
+EXPORT_KEYS = ("seed", "heldout-fraction", "reward-fraction", "val-fraction")
+
+
+def export_stamp(config: RunConfig) -> str:
+    """What decides which documents are held out, as an exported file records it."""
+    mapping = config.to_mapping()
+    return json.dumps({key: mapping[key] for key in EXPORT_KEYS}, sort_keys=True)
+
+
 def export_user_documents(corpus: Corpus, user: int, num_users: int, config: RunConfig, path: Path) -> int:
     """Write user ``user``'s partition as a data file of its own (JSONL: ``id``, ``document``,
-    one column per aspect, empty where the user holds no summary of that aspect).
+    one column per aspect, empty where the user holds no summary of that aspect, and
+    :data:`EXPORT_FIELD`: the seed and fractions it was split with, which a run with others
+    refuses).
 
     What a user's device would hold; a SuperNode given it as ``data-file`` serves that user
     from it, and the server never reads it. Returns the number of documents written.
@@ -332,6 +344,7 @@ def export_user_documents(corpus: Corpus, user: int, num_users: int, config: Run
             **{
                 aspect: (summary if (doc.doc_id, aspect) in held else "") for aspect, summary in doc.summaries
             },
+            EXPORT_FIELD: export_stamp(config),
         }
         for doc in corpus.documents
         if any((doc.doc_id, aspect) in held for aspect in corpus.aspects)

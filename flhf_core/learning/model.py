@@ -39,6 +39,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from flhf_core.config import ConfigError, RunConfig
+from flhf_core.data import partitions
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -93,9 +94,10 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def corpus_texts(corpus) -> list[str]:
-    """Every document and summary of a corpus, the tokenizer's training text."""
-    return [d.text for d in corpus.documents] + [s for d in corpus.documents for _, s in d.summaries]
+def corpus_texts(corpus, documents=None) -> list[str]:
+    """The documents' texts and summaries (default: the whole corpus's), a tokenizer's training text."""
+    documents = corpus.documents if documents is None else documents
+    return [d.text for d in documents] + [s for d in documents for _, s in d.summaries]
 
 
 def sha256(data: bytes) -> str:
@@ -143,7 +145,9 @@ def server_tokenizer(config: RunConfig, corpus) -> tuple[PreTrainedTokenizerBase
     if config.dataset == "aclsum":
         tokenizer = shipped_tokenizer()
         return tokenizer, TokenizerSpec(tokenizer_fingerprint(tokenizer))
-    payload = train_tokenizer(corpus_texts(corpus), vocab_size=4000).to_str().encode()
+    # only what users train on: a held-out (or reward) document's words shape no tokenizer
+    training = [d for d in corpus.documents if partitions.document_role(d.doc_id, config) == partitions.TRAIN]
+    payload = train_tokenizer(corpus_texts(corpus, training), vocab_size=4000).to_str().encode()
     tokenizer = wrap_tokenizer(payload)
     return tokenizer, TokenizerSpec(tokenizer_fingerprint(tokenizer), payload)
 

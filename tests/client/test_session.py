@@ -135,3 +135,33 @@ def test_a_run_name_from_the_server_that_is_no_plain_name_is_refused(
     with pytest.raises(ConfigError, match="not a plain folder name"):
         session.open_session(sent, context(smoke_config, **{"state-dir": str(tmp_path / "state")}))
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_data_file_exported_under_another_seed_is_refused_by_name(smoke_config, tmp_path):
+    corpus = load_corpus(smoke_config)
+    path = tmp_path / "user-1.jsonl"
+    partitions.export_user_documents(corpus, 1, 2, smoke_config.replace(seed=7), path)
+    with pytest.raises(ConfigError, match="exported with seed=7, this run has seed=42"):
+        documents.file_documents(smoke_config, 1, path)
+    other = smoke_config.replace(**{"heldout-fraction": 0.3})
+    partitions.export_user_documents(corpus, 1, 2, smoke_config, path)
+    with pytest.raises(ConfigError, match=r"heldout-fraction=0\.2, this run has heldout-fraction=0\.3"):
+        documents.file_documents(other, 1, path)
+
+
+def test_a_users_own_file_never_trains_on_the_servers_heldout_documents(smoke_config, tmp_path):
+    """A hand-made file (no export stamp) that holds documents the server holds out: they are
+    left out, by id, of everything the user learns from or is judged on."""
+    corpus = load_corpus(smoke_config)
+    heldout = set(partitions.heldout_doc_ids(corpus, smoke_config))
+    rows = [{"id": d.doc_id, "document": d.text, **dict(d.summaries)} for d in corpus.documents[:120]]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert heldout & {row["id"] for row in rows}  # the file holds some
+    docs = documents.file_documents(smoke_config, 0, path)
+    used = {
+        e.doc_id
+        for kind in ("train", "validation", "feedback", "reward", "report")
+        for e in getattr(docs, kind)
+    }
+    assert used and not used & heldout

@@ -116,3 +116,27 @@ def test_unknown_model_is_a_config_error(tmp_path):
         M.load_pretrained(tmp_path / "no-such-model")
     with pytest.raises(ConfigError, match="model: cannot load a tokenizer"):
         M.load_hub_tokenizer(str(tmp_path / "no-such-model"))
+
+
+def test_a_tokenizer_trained_for_other_data_never_sees_the_heldout_documents(tmp_path):
+    """A word that only a held-out document holds, however often, gets no token of its own."""
+    import json
+
+    from flhf_core.data import partitions
+    from flhf_core.data.corpus import load_corpus
+
+    ids = [f"doc-{i}" for i in range(60)]
+    config = RunConfig(dataset=str(tmp_path / "d.jsonl"))
+    secret = next(i for i in ids if partitions.is_heldout(i, config.seed, config.heldout_fraction))
+    rows = [
+        {
+            "id": i,
+            "document": ("zyzzyvaquux " * 200 if i == secret else f"text {i} about parsing"),
+            "summary": "s",
+        }
+        for i in ids
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer, _ = M.server_tokenizer(config, load_corpus(config))
+    assert len(tokenizer("zyzzyvaquux", add_special_tokens=False)["input_ids"]) > 1
+    assert len(tokenizer("parsing", add_special_tokens=False)["input_ids"]) == 1  # training text is learned
