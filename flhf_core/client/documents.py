@@ -169,7 +169,9 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
         server_heldout = set(partitions.heldout_doc_ids(load_corpus(config), config))
     except ConfigError:  # the run's corpus is not on this node: every id the rule would hold out
         server_heldout = {
-            d.doc_id for d in own.documents if partitions.is_heldout(d.doc_id, config.seed, config.heldout_fraction)
+            d.doc_id
+            for d in own.documents
+            if partitions.is_heldout(d.doc_id, config.seed, config.heldout_fraction)
         }
     roles: dict[str, list[Document]] = {}
     refused = 0

@@ -21,10 +21,33 @@ from typing import Any, Protocol
 
 from flhf_core.common import atomic_write_json, jsonable
 
+CLAIM = ".claimed"  # a run folder a launcher created for its run, not yet written to
+
+
+def claim_run_dir(results_dir: Path, run_name: str) -> Path:
+    """Create the run's folder for a launcher, before the run starts: ``run_name``, or
+    ``run_name-2``, ... if taken (an atomic ``mkdir``: two launchers started in the same second
+    never share one). The ServerApp then writes into it (:func:`new_run_dir`)."""
+    folder = _unique_dir(results_dir, run_name)
+    (folder / CLAIM).touch()
+    return folder
+
 
 def new_run_dir(results_dir: Path, run_name: str) -> Path:
-    """Create ``results_dir/run_name`` (a timestamped name if empty; never reuses one)."""
+    """Create ``results_dir/run_name`` (a timestamped name if empty; never reuses one), or take
+    over the folder a launcher claimed for this run (:func:`claim_run_dir`)."""
     name = run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    claimed = results_dir / name / CLAIM
+    if claimed.is_file():
+        with contextlib.suppress(FileNotFoundError):  # a second taker finds it gone: a new folder
+            claimed.unlink()
+            return results_dir / name
+    return _unique_dir(results_dir, name)
+
+
+def _unique_dir(results_dir: Path, name: str) -> Path:
+    """``results_dir/name``, or ``name-2``, ``name-3``...: the first that ``mkdir`` can create."""
+    name = name or time.strftime("run-%Y%m%d-%H%M%S")
     results_dir.mkdir(parents=True, exist_ok=True)
     candidate, suffix = results_dir / name, 1
     while True:

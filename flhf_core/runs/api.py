@@ -88,10 +88,12 @@ def run_flhf_simulation(
     (Python names: ``num_server_rounds=4``) in Flower's simulation engine, as ``flhf run``
     does; return its :class:`RunResult`. Raises :class:`RunFailed` if the run did not complete,
     and :class:`flhf_core.config.ConfigError` (naming the key) on a bad key or value."""
+    from flhf_core.results.tracking import claim_run_dir
     from flhf_core.runs.cli import merged_config
     from flhf_core.runs.launcher import launch_simulation
 
     config = merged_config(preset, overrides_to_items(overrides))
+    config["run-name"] = claim_run_dir(Path(config["results-dir"]), config["run-name"]).name
     code = launch_simulation(config, users, cpus_per_user, stream)
     run_dir = Path(config["results-dir"]) / config["run-name"]
     if code != 0:

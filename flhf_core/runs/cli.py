@@ -12,7 +12,9 @@ run's real status.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -20,6 +22,8 @@ from typing import Any
 
 from flhf_core.config import ConfigError, RunConfig, load_preset, pyproject_defaults
 from flhf_core.data.corpus import load_corpus
+from flhf_core.results.tracking import claim_run_dir
+from flhf_core.runs import watchdog
 from flhf_core.runs.deploy import CONNECTION, Loopback
 from flhf_core.runs.launcher import PROJECT_DIR, launch_simulation, report, submit_and_follow
 
@@ -125,7 +129,14 @@ def run_config_of(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         return config, users
     preset, overrides = split_items(args.items)
     config = merged_config(preset, overrides)
-    return config, args.users or max(int(config["min-available-nodes"]), 2)
+    minimum = int(config["min-available-nodes"])
+    if args.users is not None and args.users < minimum:
+        raise ConfigError(
+            f"--users {args.users}: the run waits for min-available-nodes={minimum} users before each "
+            f"round; give --users {minimum} or more, or min-available-nodes={args.users}."
+        )
+    config["run-name"] = claim_run_dir(Path(config["results-dir"]), config["run-name"]).name
+    return config, args.users or max(minimum, 2)
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -333,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the launcher is, so that it stops what it started on its way out."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -340,11 +359,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("run", "loopback") or any(item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.items += extra
+    launches = args.command in ("run", "loopback")
+    if launches and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+        watchdog.start()  # SIGKILL leaves nothing behind either
     try:
         return args.handler(args)
     except ConfigError as error:
         print(f"flhf: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: everything started is stopped by now
+        terminated = isinstance(interrupt, Terminated)
+        print(
+            f"flhf: {'terminated' if terminated else 'interrupted'}; every process it started is stopped",
+            file=sys.stderr,
+        )
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":

@@ -94,17 +94,62 @@ def spawn_logged(command: list[str], log_path: Path, env: dict[str, str]) -> sub
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
+def listening_pids(port: int) -> set[int] | None:
+    """The processes with a socket listening on TCP ``port`` (Linux ``/proc``; None elsewhere)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None if not Path("/proc/net/tcp").exists() else set()
+    pids = set()
+    for fds in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in inodes for fd in fds.iterdir()):
+                pids.add(int(fds.parent.name))
+    return pids
+
+
+def owns_port(process: subprocess.Popen, port: int) -> bool:
+    """Whether the process listening on ``port`` is ``process`` or one of its process group
+    (where that cannot be told, as off Linux, whether the port answers at all)."""
+    pids = listening_pids(port)
+    if pids is None:
+        return True
+    group = set()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == process.pid:
+                group.add(pid)
+    return bool(group)
+
+
 def wait_for_port(
     process: subprocess.Popen, port: int, name: str, log_dir: Path, timeout: float = 60.0
 ) -> None:
-    """Wait until ``process`` listens on 127.0.0.1:``port``; raise if it exits or times out."""
+    """Wait until ``process`` listens on 127.0.0.1:``port``; raise if it exits or times out, or if
+    what answers there is another process (the port was taken between choosing and binding it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with {process.returncode}; see {log_dir}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+                if owns_port(process, port):
+                    return
+                time.sleep(1.0)  # our server may still be binding: it exits if the port is taken
+                if process.poll() is None and owns_port(process, port):
+                    return
+                raise RuntimeError(
+                    f"127.0.0.1:{port} answers, but not the {name} this launcher started (pid "
+                    f"{process.pid}): another process holds the port; see {log_dir}"
+                )
         time.sleep(0.2)
     raise TimeoutError(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
 
