@@ -174,6 +174,58 @@ def parse_data_files(items: list[str], users: int) -> dict[int, Path]:
     return files
 
 
+def command_credentials(args: argparse.Namespace) -> int:
+    """A CA, the SuperLink's certificate and one key pair per SuperNode, for the secure profile."""
+    from flhf_core.runs import credentials
+
+    hosts = tuple(args.host or ("superlink", "localhost", "127.0.0.1"))
+    made = credentials.generate(Path(args.out), args.users, hosts)
+    print(
+        f"flhf: wrote a CA, a SuperLink certificate for {', '.join(hosts)} and {args.users} SuperNode "
+        f"keys to {Path(args.out).resolve()}; keep ca.key off the server once you are done signing"
+    )
+    print(
+        f"flhf: the SuperNodes' public keys, to register once the SuperLink is up: {made.public_key(0).parent}"
+    )
+    return 0
+
+
+def command_register_nodes(args: argparse.Namespace) -> int:
+    """Register every ``supernode-*.key.pub`` of a credentials folder with a secure SuperLink."""
+    import json
+    import subprocess
+    import tempfile
+
+    from flhf_core.runs.deploy import flower_bin, flower_env, write_connection
+
+    folder = Path(args.credentials).expanduser().resolve()
+    keys = sorted(folder.glob("supernode-*.pub"))
+    if not keys or not (folder / "ca.crt").is_file():
+        raise ConfigError(
+            f"register-nodes: {folder} holds no ca.crt and supernode-*.pub (see flhf credentials)."
+        )
+    host, _, port = args.superlink.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--superlink {args.superlink!r}: expected HOST:PORT.")
+    with tempfile.TemporaryDirectory(prefix="flhf-register-") as home:
+        write_connection(Path(home), int(port), f'root-certificates = "{folder / "ca.crt"}"', host=host)
+        for key in keys:
+            result = subprocess.run(
+                [flower_bin("flwr"), "supernode", "register", str(key), CONNECTION, "--format", "json"],
+                capture_output=True,
+                text=True,
+                env=flower_env(FLWR_HOME=home),
+                check=False,
+            )
+            try:
+                node_id = json.loads(result.stdout)["node-id"]
+            except (json.JSONDecodeError, KeyError):
+                print(f"flhf: could not register {key.name}: {result.stdout}{result.stderr}", file=sys.stderr)
+                return 1
+            print(f"flhf: registered {key.name} as node {node_id}")
+    return 0
+
+
 def command_export_data(args: argparse.Namespace) -> int:
     from flhf_core.data import partitions
 
@@ -309,6 +361,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", help="as for run (the users' state folders are kept)"
     )
     loopback.set_defaults(handler=command_loopback)
+    creds = commands.add_parser(
+        "credentials", help="a CA, a SuperLink certificate and SuperNode keys (docker-compose.secure.yml)"
+    )
+    creds.add_argument("--out", default="deploy/credentials", help="the folder to write them to")
+    creds.add_argument("--users", type=int, default=3, help="SuperNode key pairs (supernode-<k>.key)")
+    creds.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help="a name or address the SuperLink's certificate is valid for (repeatable; default: superlink, localhost, 127.0.0.1)",
+    )
+    creds.set_defaults(handler=command_credentials)
+    register = commands.add_parser(
+        "register-nodes",
+        help="register every SuperNode public key of a credentials folder with a secure SuperLink",
+    )
+    register.add_argument("credentials", help="the folder flhf credentials wrote")
+    register.add_argument("--superlink", default="127.0.0.1:9093", help="HOST:PORT of the SuperLink")
+    register.set_defaults(handler=command_register_nodes)
     export = commands.add_parser(
         "export-data",
         help="write one user's documents as a data file of its own (for a SuperNode's data-file)",

@@ -77,12 +77,14 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
     process.wait()
 
 
-def write_connection(flwr_home: Path, port: int, security: str = "insecure = true") -> None:
-    """A private ``FLWR_HOME`` whose default ``flwr`` connection is the SuperLink on ``port``."""
+def write_connection(
+    flwr_home: Path, port: int, security: str = "insecure = true", host: str = "127.0.0.1"
+) -> None:
+    """A private ``FLWR_HOME`` whose default ``flwr`` connection is the SuperLink on ``host:port``."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\n{security}\n'
+        f'address = "{host}:{port}"\n{security}\n'
     )
 
 

@@ -195,3 +195,33 @@ def test_a_secure_superlink_refuses_unregistered_and_insecure_supernodes(tmp_pat
         nodes = json.loads(listing.stdout)["nodes"]
         assert [n["status"] for n in nodes] == ["online"], nodes
         assert federation.processes["supernode-0"].poll() is None
+
+
+@pytest.mark.slow
+def test_flhf_register_nodes_registers_every_key_with_a_secure_superlink(tmp_path, capsys):
+    """The secure profile's two steps, on loopback: credentials, then the keys registered."""
+    from flhf_core.runs.deploy import flower_bin, flower_env, spawn_logged, stop_process_group, wait_for_port
+
+    folder = tmp_path / "credentials"
+    assert cli.main(["credentials", "--out", str(folder), "--users", "2", "--host", "127.0.0.1"]) == 0
+    port = free_port()
+    command = [flower_bin("flower-superlink"), "--ssl-ca-certfile", str(folder / "ca.crt")]
+    command += ["--ssl-certfile", str(folder / "server.pem"), "--ssl-keyfile", str(folder / "server.key")]
+    command += [
+        "--enable-supernode-auth",
+        "--isolation",
+        "subprocess",
+        "--disable-runtime-dependency-installation",
+    ]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    superlink = spawn_logged(
+        command, tmp_path / "superlink.log", flower_env(FLWR_HOME=str(tmp_path / "home"))
+    )
+    try:
+        wait_for_port(superlink, port, "superlink", tmp_path)
+        capsys.readouterr()
+        assert cli.main(["register-nodes", str(folder), "--superlink", f"127.0.0.1:{port}"]) == 0
+        out = capsys.readouterr().out
+        assert out.count("registered supernode-") == 2, out
+    finally:
+        stop_process_group(superlink)

@@ -17,16 +17,67 @@ ROOT = PYPROJECT.parent
 COMPOSE = Path(__import__("compose").__file__).parent / "docker-compose"
 
 
+def compose_services(*files: str) -> dict:
+    command = [str(COMPOSE)]
+    for name in files:
+        command += ["-f", str(ROOT / name)]
+    result = subprocess.run(
+        [*command, "config", "--format", "json"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr  # Compose v2 validates the files offline
+    return json.loads(result.stdout)["services"]
+
+
 @pytest.fixture(scope="module")
 def services() -> dict:
-    result = subprocess.run(
-        [str(COMPOSE), "-f", str(ROOT / "docker-compose.yml"), "config", "--format", "json"],
-        capture_output=True,
-        text=True,
-        check=False,
+    return compose_services("docker-compose.yml")
+
+
+@pytest.fixture(scope="module")
+def secure() -> dict:
+    return compose_services("docker-compose.yml", "docker-compose.secure.yml")
+
+
+def test_the_default_publishes_the_unauthenticated_superlink_on_this_hosts_loopback_only(services):
+    assert [(p.get("host_ip"), str(p["published"])) for p in services["superlink"]["ports"]] == [
+        ("127.0.0.1", "9093")
+    ]
+    assert "--insecure" in services["superlink"]["command"]
+
+
+def test_the_secure_profile_runs_tls_and_authenticated_supernodes(secure):
+    link = superlink_parser().parse_args(secure["superlink"]["command"])
+    assert not link.insecure and link.enable_supernode_auth
+    assert (link.ssl_ca_certfile, link.ssl_certfile, link.ssl_keyfile) == (
+        "/credentials/ca.crt",
+        "/credentials/server.pem",
+        "/credentials/server.key",
     )
-    assert result.returncode == 0, result.stderr  # Compose v2 validates the file offline
-    return json.loads(result.stdout)["services"]
+    mounted = {v["target"] for v in secure["superlink"]["volumes"]}
+    assert {link.ssl_ca_certfile, link.ssl_certfile, link.ssl_keyfile} <= mounted
+    assert [p.get("host_ip") for p in secure["superlink"]["ports"]] == [None]  # published widely: it is safe
+    server = superexec_parser().parse_args(secure["serverapp"]["command"])
+    assert server.root_certificates == "/credentials/ca.crt" and not server.insecure
+    for user in range(3):
+        node = supernode_parser().parse_args(secure[f"supernode-{user}"]["command"])
+        assert not node.insecure and node.root_certificates == "/credentials/ca.crt"
+        assert node.auth_supernode_private_key == f"/credentials/supernode-{user}.key"
+        assert f"partition-id={user} num-partitions=3" in node.node_config
+        keys = {v["target"] for v in secure[f"supernode-{user}"]["volumes"]}
+        assert keys == {"/credentials/ca.crt", f"/credentials/supernode-{user}.key"}  # its own key only
+    assert 'data-file="/data/user-2.jsonl"' in secure["supernode-2"]["command"][-1]
+
+
+def test_flhf_credentials_writes_what_the_secure_profile_mounts(secure, tmp_path):
+    from flhf_core.runs import cli
+
+    assert cli.main(["credentials", "--out", str(tmp_path / "credentials")]) == 0
+    for service in secure.values():
+        for volume in service.get("volumes", []):
+            source = Path(volume["source"])
+            if source.parent.name == "credentials":
+                assert (tmp_path / "credentials" / source.name).is_file(), source.name
+    assert (tmp_path / "credentials" / "supernode-0.key").stat().st_mode & 0o777 == 0o600
 
 
 def test_layout_has_a_superlink_a_serverapp_and_three_users(services):
