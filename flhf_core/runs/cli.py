@@ -180,9 +180,10 @@ def command_credentials(args: argparse.Namespace) -> int:
 
     hosts = tuple(args.host or ("superlink", "localhost", "127.0.0.1"))
     made = credentials.generate(Path(args.out), args.users, hosts)
+    credentials.superexec_secrets(Path(args.out), args.users)
     print(
-        f"flhf: wrote a CA, a SuperLink certificate for {', '.join(hosts)} and {args.users} SuperNode "
-        f"keys to {Path(args.out).resolve()}; keep ca.key off the server once you are done signing"
+        f"flhf: wrote a CA, a SuperLink certificate for {', '.join(hosts)}, {args.users} SuperNode keys and "
+        f"the SuperExecs' secrets to {Path(args.out).resolve()}; keep ca.key off the server once you are done signing"
     )
     print(
         f"flhf: the SuperNodes' public keys, to register once the SuperLink is up: {made.public_key(0).parent}"

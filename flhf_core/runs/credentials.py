@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,3 +145,14 @@ def generate(folder: Path, users: int, hosts: tuple[str, ...] = ("127.0.0.1", "l
     server_certificate(folder, ca, ca_key, hosts)
     keys = tuple(node_key(folder / f"supernode-{user}.key") for user in range(users))
     return Credentials(folder / "ca.crt", folder / "server.pem", folder / "server.key", keys)
+
+
+def superexec_secrets(folder: Path, users: int) -> list[Path]:
+    """Shared secrets with which each SuperExec proves itself to the API it pulls work from:
+    ``superexec-server.secret`` (the ServerApp executor and the SuperLink), and
+    ``superexec-<k>.secret`` (user k's ClientApp executor and its SuperNode): nobody else on
+    the network can pose as an executor and read the app's messages."""
+    paths = [folder / "superexec-server.secret", *(folder / f"superexec-{k}.secret" for k in range(users))]
+    for path in paths:
+        write_private(path, os.urandom(32).hex().encode())
+    return paths

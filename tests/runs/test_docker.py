@@ -58,13 +58,17 @@ def test_the_secure_profile_runs_tls_and_authenticated_supernodes(secure):
     assert [p.get("host_ip") for p in secure["superlink"]["ports"]] == [None]  # published widely: it is safe
     server = superexec_parser().parse_args(secure["serverapp"]["command"])
     assert server.root_certificates == "/credentials/ca.crt" and not server.insecure
+    assert server.superexec_auth_secret_file == link.superexec_auth_secret_file  # the pair shares a secret
     for user in range(3):
         node = supernode_parser().parse_args(secure[f"supernode-{user}"]["command"])
         assert not node.insecure and node.root_certificates == "/credentials/ca.crt"
         assert node.auth_supernode_private_key == f"/credentials/supernode-{user}.key"
         assert f"partition-id={user} num-partitions=3" in node.node_config
+        secret = f"/credentials/superexec-{user}.secret"
         keys = {v["target"] for v in secure[f"supernode-{user}"]["volumes"]}
-        assert keys == {"/credentials/ca.crt", f"/credentials/supernode-{user}.key"}  # its own key only
+        assert keys == {"/credentials/ca.crt", f"/credentials/supernode-{user}.key", secret}  # its own only
+        executor = superexec_parser().parse_args(secure[f"clientapp-{user}"]["command"])
+        assert node.superexec_auth_secret_file == executor.superexec_auth_secret_file == secret
     assert 'data-file="/data/user-2.jsonl"' in secure["supernode-2"]["command"][-1]
 
 

@@ -218,3 +218,29 @@ def test_local_head_publishes_and_reports_no_global_model(
     text.write_text("We propose a parser for long sentences. It improves accuracy by 2 points.")
     assert cli.main(["summarize", str(run_dir), str(text)]) == 2  # no global model to summarize with
     assert cli.main(["summarize", str(run_dir), str(text), "--user", "1"]) == 0  # body + user 1's head
+
+
+def test_a_node_claiming_a_user_another_node_holds_serves_no_user_and_is_never_sampled(
+    flower_identity, smoke_config, tmp_path, in_process_grid
+):
+    """User 2's node says it is user 0 (whose node answered first): it keeps no user, the real
+    user 0 trains, and sampling never falls back to the impostor's node id."""
+
+    def impersonate(sent, reply):
+        query = sent.metadata.message_type == MessageType.QUERY and not reply.has_error()
+        if query and reply.content["user"]["user-id"] == 2:
+            reply.content["user"]["user-id"] = 0
+        return reply
+
+    config = in_process_config(
+        smoke_config,
+        tmp_path,
+        **{"min-available-nodes": 2, "heldout-max-examples": 8, "eval-max-examples": 2},
+    )
+    grid = in_process_grid(config.to_mapping(), users=3, tamper=impersonate)
+    run_dir = run_in_process(grid, config)
+    impostor = grid.get_node_ids()[2]
+    trained = {m.metadata.dst_node_id for m in grid.delivered if m.metadata.message_type == MessageType.TRAIN}
+    assert impostor not in trained and len(trained) == 2
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert {r["client"] for r in rows if r["scope"] == "client" and "train-loss" in r} == {0, 1}
