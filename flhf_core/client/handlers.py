@@ -28,6 +28,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from flhf_core.client.documents import own_data_file
 from flhf_core.client.evaluation import evaluation_metrics, judge_received, judge_update
+from flhf_core.client.faults import misbehave
 from flhf_core.client.session import UserSession, open_session, save_personal, user_identity
 from flhf_core.client.update import local_update
 from flhf_core.learning.model import parameters_to_record
@@ -80,7 +81,10 @@ def train(message: Message, context: Context) -> Message:
     metrics["eval-seconds"] = (judged_before - started) + (time.perf_counter() - updated)
     metrics["setup-seconds"] = session.setup_seconds
     metrics["torch-threads"] = torch.get_num_threads()
-    return reply(message, session, metrics, with_arrays=True, evaluation=evaluation)
+    answer = reply(message, session, metrics, with_arrays=True, evaluation=evaluation)
+    return misbehave(
+        answer, context, session.server_round, session.user, session.num_users
+    )  # fault campaigns only
 
 
 def signal_training(context: Context, server_round: int) -> None:

@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     launches = args.command in ("run", "loopback")
     if launches and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+        # Ctrl-C stops the run even where a shell started us with SIGINT ignored (a background job)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         watchdog.start()  # SIGKILL leaves nothing behind either
     try:
         return args.handler(args)

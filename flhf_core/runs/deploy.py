@@ -253,6 +253,10 @@ class Loopback:
     state_dir: Path
     secure: bool = False
     data_files: dict[int, Path] = field(default_factory=dict)  # users holding their own data file
+    node_config: dict[int, str] = field(default_factory=dict)  # more node config of a user's SuperNode
+    node_env: dict[int, dict[str, str]] = field(
+        default_factory=dict
+    )  # more environment of a user's SuperNode
     # Flower 1.42 serves the Fleet, Control and Runtime APIs on one port
     port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -265,9 +269,11 @@ class Loopback:
     def env(self) -> dict[str, str]:
         return flower_env(FLWR_HOME=str(self.flwr_home))
 
-    def spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+    def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start ``command`` in its own session, logging to ``workdir/<name>.log`` (command first)."""
-        self.processes[name] = spawn_logged(command, self.workdir / f"{name}.log", self.env())
+        self.processes[name] = spawn_logged(
+            command, self.workdir / f"{name}.log", {**self.env(), **(env or {})}
+        )
         return self.processes[name]
 
     def start(self) -> None:
@@ -328,13 +334,15 @@ class Loopback:
         node_config += f' training-marker="{training_marker(self.workdir, user)}"'
         if user in self.data_files:
             node_config += f' data-file="{self.data_files[user].resolve()}"'
+        if user in self.node_config:
+            node_config += f" {self.node_config[user]}"
         command = [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}"]
         command += self.node_security(user) if security is None else security
         command += ["--node-config", node_config, "--isolation", "subprocess"]
         return [*command, "--host", "127.0.0.1", "--port", str(free_port())]
 
     def start_supernode(self, user: int) -> subprocess.Popen:
-        return self.spawn(f"supernode-{user}", self.supernode_command(user))
+        return self.spawn(f"supernode-{user}", self.supernode_command(user), self.node_env.get(user))
 
     def alive(self) -> bool:
         """Whether the SuperLink is still running."""

@@ -227,13 +227,20 @@ class Federation(RunOutput):
         (never Flower's node ids) and rejects a reply naming another user. A node that does not
         answer, names a user outside the federation, or claims a user another node already
         holds serves no user (logged; asked again next round); of two new nodes claiming the
-        same user, the one with the lower node id keeps it. The server counts each user's
+        same user, the one with the lower node id keeps it. A node that left (Flower no longer
+        lists it) frees its user, so a restarted SuperNode serves its user again. The server counts each user's
         examples itself (except for users holding their own data file). All nodes must agree
         on the number of users.
         """
         self.strategy.wait_for_nodes(self.grid)
         self.strategy.identified_only = True
-        unknown = sorted(set(self.grid.get_node_ids()) - set(self.strategy.node_users))
+        connected = set(self.grid.get_node_ids())
+        for node in sorted(set(self.strategy.node_users) - connected):  # gone: its user may come back
+            log(
+                INFO, "node %d left; user %d is free to be served again", node, self.strategy.node_users[node]
+            )
+            del self.strategy.node_users[node]
+        unknown = sorted(connected - set(self.strategy.node_users))
         if not unknown:
             return
         messages = [

@@ -39,7 +39,7 @@ SEED = int(os.environ.get("FLHF_TEST_SEED", "0"))  # rerun with other seeds to c
 ALGORITHM_SETTINGS = {  # learning rates as in the presets
     "best-of-n": dict(learning_rate=1e-4),
     "reinforce": dict(learning_rate=3e-4),
-    "ppo": dict(learning_rate=1e-4, ppo_epochs=2),
+    "ppo": dict(learning_rate=1e-4, ppo_epochs=4),
     "dpo": dict(learning_rate=3e-4),
 }
 

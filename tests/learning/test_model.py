@@ -139,4 +139,6 @@ def test_a_tokenizer_trained_for_other_data_never_sees_the_heldout_documents(tmp
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokenizer, _ = M.server_tokenizer(config, load_corpus(config))
     assert len(tokenizer("zyzzyvaquux", add_special_tokens=False)["input_ids"]) > 1
-    assert len(tokenizer("parsing", add_special_tokens=False)["input_ids"]) == 1  # training text is learned
+    assert (
+        len(tokenizer("wibblewobble", add_special_tokens=False)["input_ids"]) == 1
+    )  # training text is learned

@@ -99,7 +99,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.slow
+@pytest.mark.flower
 def test_a_run_killed_after_round_2_of_4_resumes_to_the_uninterrupted_metrics_and_model(tmp_path):
     """Two runs of one experiment at once, each launcher with its SuperLink: one is killed with
     SIGKILL (SuperLink, ServerApp, simulated users) in round 3, after its round-2 checkpoint,

@@ -79,7 +79,7 @@ def test_stopping_a_server_returns_as_soon_as_its_process_group_is_gone(tmp_path
     assert time.monotonic() - started < 4.0 and server.returncode is not None
 
 
-@pytest.mark.slow
+@pytest.mark.flower
 def test_secure_loopback_federation_survives_a_supernode_killed_during_training(tmp_path):
     """``flhf loopback --secure`` with 3 users and personal LoRA adapters; user 2's SuperNode
     (its ClientApp with it) is SIGKILLed while it trains in round 1 of 1.
@@ -161,7 +161,7 @@ def test_secure_loopback_federation_survives_a_supernode_killed_during_training(
     assert not processes_mentioning(str(deployment)), "a SuperNode was left running"
 
 
-@pytest.mark.slow
+@pytest.mark.flower
 def test_a_secure_superlink_refuses_unregistered_and_insecure_supernodes(tmp_path):
     with Loopback(tmp_path, users=1, state_dir=tmp_path / "state", secure=True) as federation:
         stranger = credentials.node_key(tmp_path / "stranger.key")  # a valid key nobody registered
@@ -197,7 +197,7 @@ def test_a_secure_superlink_refuses_unregistered_and_insecure_supernodes(tmp_pat
         assert federation.processes["supernode-0"].poll() is None
 
 
-@pytest.mark.slow
+@pytest.mark.flower
 def test_flhf_register_nodes_registers_every_key_with_a_secure_superlink(tmp_path, capsys):
     """The secure profile's two steps, on loopback: credentials, then the keys registered."""
     from flhf_core.runs.deploy import flower_bin, flower_env, spawn_logged, stop_process_group, wait_for_port

@@ -28,7 +28,7 @@ def isolated_flower(tmp_path):
     return env, port
 
 
-@pytest.mark.slow
+@pytest.mark.flower
 def test_bad_key_is_refused_before_anything_starts(tmp_path, isolated_flower):
     env, port = isolated_flower
     result = flhf("run", "smoke", "local-epoch=3", f"results-dir={tmp_path}", env=env)

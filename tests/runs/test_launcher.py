@@ -95,7 +95,7 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie is dead, waiting for its parent
 
 
-@pytest.mark.slow
+@pytest.mark.flower
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL])
 def test_a_launcher_stopped_by_ctrl_c_or_killed_leaves_no_flower_process(tmp_path, stop):
     """Ctrl-C: everything it started is stopped, exit 130, no traceback. SIGKILL: its watchdog

@@ -30,7 +30,7 @@ def superlink_ports(text: str) -> list[str]:
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.flower
 def test_the_notebook_runs_two_federations_shows_their_users_and_compares_them(tmp_path, monkeypatch):
     """A reader runs the notebook: a supervised and a feedback federation of the smoke preset,
     their users' summaries, the reward curves and the comparison."""

@@ -150,3 +150,46 @@ def test_a_garbage_reply_record_of_any_kind_never_raises(round_one):
     arrays, _ = strategy.aggregate_train(1, [reply_to(sent[0], user_id=0, num_examples=1, seed=0), *replies])
     assert arrays is not None
     assert len(strategy.reports[(1, MessageType.TRAIN)].rejected) == 3
+
+
+EXPECTED_CODE = {
+    "forged": "shape",
+    "nan": "non-finite",
+    "dtype": "dtype",
+    "oversized": "size",
+    "garbage": "decode",
+    "steal": "identity",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED_CODE))
+def test_every_forgery_of_the_rogue_client_is_rejected_with_its_code(round_one, kind, monkeypatch):
+    from flhf_core.client import faults
+
+    strategy, sent = round_one
+    strategy.node_users = {m.metadata.dst_node_id: i for i, m in enumerate(sent)}
+    honest = [reply_to(m, user_id=i, num_examples=10, seed=i) for i, m in enumerate(sent[:3])]
+    rogue = faults.forge(reply_to(sent[3], user_id=3, num_examples=10, seed=3), kind, num_users=4)
+    arrays, _ = strategy.aggregate_train(1, [rogue, *honest])
+    report = strategy.reports[(1, MessageType.TRAIN)]
+    assert arrays is not None and sorted(report.user_metrics) == [0, 1, 2]
+    assert [r.code for r in report.rejected] == [EXPECTED_CODE[kind]]
+
+
+def test_the_rogue_option_does_nothing_unless_fault_injection_is_enabled(monkeypatch, flower_identity):
+    from flwr.app import Context
+
+    from flhf_core.client import faults
+
+    sent = list(
+        FeedbackFedAvg(min_available_nodes=1).configure_train(
+            1, global_arrays(), ConfigRecord(), FakeGrid([5])
+        )
+    )
+    context = Context(run_id=1, node_id=5, node_config={"rogue": "nan"}, state=RecordDict(), run_config={})
+    reply = reply_to(sent[0], user_id=0, num_examples=1, seed=0)
+    before = reply.content["arrays"]["a"].numpy().copy()
+    monkeypatch.delenv(faults.ENABLE, raising=False)
+    assert np.array_equal(faults.misbehave(reply, context, 1, 0, 2).content["arrays"]["a"].numpy(), before)
+    monkeypatch.setenv(faults.ENABLE, "1")
+    assert np.isnan(faults.misbehave(reply, context, 1, 0, 2).content["arrays"]["a"].numpy()).all()
