@@ -90,7 +90,7 @@ def write_private(path: Path, data: bytes) -> None:
     """Write a secret readable by its owner only: the file is created with mode 0600, so it is
     never readable by others, not even between its creation and a chmod."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: set it before writing
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT: set it

@@ -190,8 +190,15 @@ def test_private_files_are_created_owner_only(tmp_path, monkeypatch):
         return real_open(path, flags, mode, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", spy)
-    os.umask(0o022)
-    write_private(tmp_path / "node.key", b"secret")
+    previous = os.umask(0o022)
+    try:
+        (tmp_path / "node.key").write_bytes(b"old")
+        (tmp_path / "node.key").chmod(
+            0o644
+        )  # an existing, readable file: made private before it holds the secret
+        write_private(tmp_path / "node.key", b"secret")
+    finally:
+        os.umask(previous)
     assert created == [0o600]
     assert (tmp_path / "node.key").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "node.key").read_bytes() == b"secret"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +34,8 @@ from flhf_core.learning.batches import Encoded, encode
 from flhf_core.users.feedback import PooledExample
 from flhf_core.users.profiles import UserProfile, build_profile
 
-log = logging.getLogger("flwr")
-
 DATA_FILE = "data-file"  # node config: the user's own documents
-CACHE_VERSION = 1  # bump when what the disk cache holds changes
+CACHE_VERSION = 2  # bump when what the disk cache holds changes (2: own files leave out held-out ids)
 
 
 def own_data_file(context: Context) -> Path | None:
@@ -104,6 +101,8 @@ def corpus_documents(config: RunConfig, user: int, num_users: int) -> UserDocume
 def own_document_role(doc_id: str, config: RunConfig) -> str:
     """A document's role in a user's own file: the file is split on its own, with the run's
     fractions (its held-out share is the user's reporting set, standing in for the server's)."""
+    if partitions.is_heldout(doc_id, config.seed, config.heldout_fraction):
+        return partitions.HELDOUT  # the server holds it out: the user reports on it, never learns from it
     share = {
         kind: partitions.unit_hash(config.seed, "own-data", kind, doc_id)
         for kind in ("heldout", "reward", "val")
@@ -119,10 +118,14 @@ def check_export_stamp(config: RunConfig, path: Path) -> None:
     """A file ``flhf export-data`` wrote records the seed and fractions it was split with
     (:data:`~flhf_core.data.partitions.EXPORT_FIELD`); under others, its training documents may be
     the server's held-out ones: refused, naming the key that differs."""
-    stamp = _first_row(path).get(partitions.EXPORT_FIELD)
-    if not stamp:
+    try:
+        stamp = _first_row(path).get(partitions.EXPORT_FIELD)
+        exported = json.loads(stamp) if stamp else None
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"node config {DATA_FILE}: {path} cannot be read: {error}") from None
+    if not isinstance(exported, dict):
         return
-    exported, run = json.loads(stamp), json.loads(partitions.export_stamp(config))
+    run = json.loads(partitions.export_stamp(config))
     for key in partitions.EXPORT_KEYS:
         if exported.get(key) != run[key]:
             raise ConfigError(
@@ -151,8 +154,8 @@ def _first_row(path: Path) -> dict:
 
 def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
     """User ``user``'s documents from its own file, split by document as the corpus is.
-    Documents the server holds out (by id, under the run's seed and held-out fraction) are left
-    out: a user never trains on what the server reports on.
+    Documents the server holds out (by id, under the run's seed and held-out fraction) are among
+    the user's held-out ones: a user never trains on, or steers by, what the server reports on.
 
     Under ``preference`` partitioning the user keeps its preferred aspect's summaries (as it
     would in the corpus); otherwise every aspect the file has.
@@ -165,25 +168,9 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
     check_export_stamp(config, path)
     own = load_table(str(path), config.document_field, config.aspects)
     profile = build_profile(user, config.user_profiles, config.aspects, config.seed)
-    try:
-        server_heldout = set(partitions.heldout_doc_ids(load_corpus(config), config))
-    except ConfigError:  # the run's corpus is not on this node: every id the rule would hold out
-        server_heldout = {
-            d.doc_id
-            for d in own.documents
-            if partitions.is_heldout(d.doc_id, config.seed, config.heldout_fraction)
-        }
     roles: dict[str, list[Document]] = {}
-    refused = 0
     for doc in own.documents:
-        if doc.doc_id in server_heldout:  # the server reports on it: nobody may learn from it
-            refused += 1
-            continue
         roles.setdefault(own_document_role(doc.doc_id, config), []).append(doc)
-    if refused:
-        log.warning(
-            "user %d's data file %s: %d documents the server holds out were left out", user, path, refused
-        )
     aspects = (profile.aspect,) if config.partitioning == "preference" else config.aspects
 
     def examples(role: str) -> tuple[Example, ...]:

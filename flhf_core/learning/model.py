@@ -133,11 +133,15 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return sha256(json.dumps(serialized, sort_keys=True).encode())
 
 
-def server_tokenizer(config: RunConfig, corpus) -> tuple[PreTrainedTokenizerBase, TokenizerSpec]:
+def server_tokenizer(
+    config: RunConfig, corpus, trained: bytes | None = None
+) -> tuple[PreTrainedTokenizerBase, TokenizerSpec]:
     """The run's tokenizer, and how clients get it.
 
     tiny-t5 on aclsum uses the shipped file; tiny-t5 on other data trains one
-    here and sends it along; a hub model brings its own (only the hash travels).
+    here and sends it along (``trained``: the one a resumed run trained before, as its
+    checkpoint kept it: training is not deterministic, and the weights need their vocabulary);
+    a hub model brings its own (only the hash travels).
     """
     if config.model != "tiny-t5":
         tokenizer = load_hub_tokenizer(config.model)
@@ -145,9 +149,13 @@ def server_tokenizer(config: RunConfig, corpus) -> tuple[PreTrainedTokenizerBase
     if config.dataset == "aclsum":
         tokenizer = shipped_tokenizer()
         return tokenizer, TokenizerSpec(tokenizer_fingerprint(tokenizer))
-    # only what users train on: a held-out (or reward) document's words shape no tokenizer
-    training = [d for d in corpus.documents if partitions.document_role(d.doc_id, config) == partitions.TRAIN]
-    payload = train_tokenizer(corpus_texts(corpus, training), vocab_size=4000).to_str().encode()
+    if trained is not None:
+        payload = trained
+    else:  # only what users train on: a held-out (or reward) document's words shape no tokenizer
+        training = [
+            d for d in corpus.documents if partitions.document_role(d.doc_id, config) == partitions.TRAIN
+        ]
+        payload = train_tokenizer(corpus_texts(corpus, training), vocab_size=4000).to_str().encode()
     tokenizer = wrap_tokenizer(payload)
     return tokenizer, TokenizerSpec(tokenizer_fingerprint(tokenizer), payload)
 

@@ -139,14 +139,27 @@ def run_config_of(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     return config, args.users or max(minimum, 2)
 
 
+def guard_launch() -> None:
+    """Before a launcher starts anything: SIGTERM and Ctrl-C unwind it (it stops what it started on
+    the way out), and a watchdog stops what a SIGKILLed launcher cannot (:mod:`.watchdog`)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C stops the run even where a shell started us with SIGINT ignored (a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    watchdog.start()
+
+
 def command_run(args: argparse.Namespace) -> int:
     config, users = run_config_of(args)
+    guard_launch()
     return launch_simulation(config, users, args.cpus_per_user, not args.quiet)
 
 
 def command_loopback(args: argparse.Namespace) -> int:
     """The same run in Flower's deployment engine: a SuperLink and N SuperNodes on 127.0.0.1."""
     config, users = run_config_of(args)
+    guard_launch()
     run_dir = Path(config["results-dir"]) / config["run-name"]
     workdir = Path(config["results-dir"]) / f"{config['run-name']}.deployment"
     print(f"flhf: results will be written to {run_dir}; process logs to {workdir}", flush=True)
@@ -192,7 +205,7 @@ def command_credentials(args: argparse.Namespace) -> int:
 
 
 def command_register_nodes(args: argparse.Namespace) -> int:
-    """Register every ``supernode-*.key.pub`` of a credentials folder with a secure SuperLink."""
+    """Register every ``supernode-*.pub`` of a credentials folder with a secure SuperLink."""
     import json
     import subprocess
     import tempfile
@@ -431,12 +444,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("run", "loopback") or any(item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.items += extra
-    launches = args.command in ("run", "loopback")
-    if launches and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
-        # Ctrl-C stops the run even where a shell started us with SIGINT ignored (a background job)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        watchdog.start()  # SIGKILL leaves nothing behind either
     try:
         return args.handler(args)
     except ConfigError as error:

@@ -154,7 +154,7 @@ def weighted_average(
         raise ValueError(f"{len(arrays)} parameter sets for {len(weights)} weights")
     keys = list(arrays[0])
     for index, client in enumerate(arrays[1:], start=1):
-        if list(client) != keys:
+        if set(client) != set(keys):
             raise ValueError(f"client {index} sends different parameter names than client 0")
     average: dict[str, np.ndarray] = {}
     for client, weight in zip(arrays, weights, strict=True):
@@ -166,6 +166,9 @@ def weighted_average(
     return average
 
 
+MAX_CLAIM = 1e12  # examples: beyond it claims are scaled down together (no sum of weights overflows)
+
+
 def weighting_counts(claims: Sequence[float], counted: Sequence[float | None]) -> list[float]:
     """The example count that weights each client: the server's own count where it has one
     (``counted``); else the client's claim, capped at the largest count the server made in the
@@ -173,10 +176,14 @@ def weighting_counts(claims: Sequence[float], counted: Sequence[float | None]) -
     weighs no more than the largest user it can); with no count at all, the claims (FedAvg)."""
     known = [float(c) for c in counted if c is not None and c > 0]
     cap = max(known) if known else math.inf
-    return [
+    counts = [
         float(c) if c is not None and c > 0 else min(float(claim), cap)
         for c, claim in zip(counted, claims, strict=True)
     ]
+    largest = max(counts, default=0.0)
+    if math.isinf(cap) and largest > MAX_CLAIM:  # claims alone, one of them absurd: relative weights,
+        counts = [c / largest * MAX_CLAIM for c in counts]  # scaled so that no sum overflows
+    return counts
 
 
 def average_metrics(

@@ -47,6 +47,13 @@ from flhf_core.server.state import (
 from flhf_core.server.strategy import FeedbackFedAvg
 from flhf_core.users.profiles import build_profile
 
+IDENTIFY_SECONDS = 60.0  # how long identification waits for nodes' answers (at most the round timeout)
+
+
+def is_count(value: object) -> bool:
+    """A non-negative integer (not a bool) as a node's user id or number of users must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
 
 class RoundFailed(RuntimeError):
     """No training reply of a round was valid: the federation cannot go on."""
@@ -246,26 +253,29 @@ class Federation(RunOutput):
         messages = [
             Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in unknown
         ]
-        replies = self.exchange(messages)
+        # a node that never answers must not hold up every round: identification waits briefly
+        timeout = min(self.state.config.round_timeout or IDENTIFY_SECONDS, IDENTIFY_SECONDS)
+        replies = exchange(self.grid, messages, timeout)
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         claims = {}
         for reply in replies:
             node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             user = None if reply.has_error() else reply.content.config_records.get(USER_RECORD)
-            if (
-                user is None
-                or not isinstance(user.get(USER_ID), int)
-                or not isinstance(user.get(NUM_USERS), int)
-            ):
+            if user is None or not all(is_count(user.get(key)) for key in (USER_ID, NUM_USERS)):
                 log(WARNING, "node %d did not say which user it serves: asked again next round", node)
                 continue
             claims[node] = user
         for node, user in sorted(claims.items()):
-            if self.num_users and int(user[NUM_USERS]) != self.num_users:
-                raise RoundFailed(
-                    f"node {node} says there are {user[NUM_USERS]} users, others "
-                    f"{self.num_users}: every SuperNode's num-partitions must be the same"
+            if int(user[NUM_USERS]) < 1 or (self.num_users and int(user[NUM_USERS]) != self.num_users):
+                log(
+                    WARNING,
+                    "node %d says there are %s users, the federation %d: it serves no user (every "
+                    "SuperNode's num-partitions must be the same)",
+                    node,
+                    user[NUM_USERS],
+                    self.num_users,
                 )
+                continue
             self.num_users = int(user[NUM_USERS])
             user_id = int(user[USER_ID])
             holders = [other for other, held in self.strategy.node_users.items() if held == user_id]

@@ -38,7 +38,10 @@ def run_federation(grid: Grid, context: Context) -> Path:
     if config.resume:  # checked before anything is touched: a refused resume leaves the folder as it was
         checkpoint = load_checkpoint(config.run_path)
         check_resumable(checkpoint.config, config.to_mapping())
-    state = prepare(config)  # every bad input fails here, before anything is written
+    trained = None
+    if checkpoint is not None and config.model == "tiny-t5" and config.dataset != "aclsum":
+        trained = (checkpoint.folder / "tokenizer.json").read_bytes()  # the vocabulary its weights use
+    state = prepare(config, trained)  # every bad input fails here, before anything is written
     first_round = 0
     if checkpoint is None:
         run_dir = new_run_dir(config.results_path, config.run_name)

@@ -59,10 +59,14 @@ def decode_arrays(
             "shape", f"{what} names differ from the global model's (missing {missing}, extra {extra})"
         )
     decoded = {}
-    for name, array in arrays.items():
+    for name in expected:  # the global model's order, whatever order the reply used
+        array = arrays[name]
         shape, dtype = expected[name]
         wanted = f"the global model's {dtype}{list(shape)}"
-        capacity = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize + NPY_HEADER_BYTES
+        try:
+            capacity = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize + NPY_HEADER_BYTES
+        except TypeError:  # an expected signature taken from replies may name no dtype
+            return {}, Problem("dtype", f"{what} '{name}': {dtype!r} is no dtype")
         data = array.data
         if not isinstance(data, bytes) or len(data) > capacity:
             size = len(data) if isinstance(data, bytes) else type(data).__name__
@@ -90,16 +94,27 @@ def decode_arrays(
     return decoded, None
 
 
+def _well_formed(candidate: Signature) -> bool:
+    try:
+        return all(np.dtype(d) is not None and all(int(n) >= 0 for n in s) for s, d in candidate.values())
+    except (TypeError, ValueError):
+        return False
+
+
 def majority_signature(replies: Iterable[Message], key: str) -> Signature | None:
-    """The signature most valid replies' ``key`` ArrayRecords share (None: no reply has one):
-    what to expect when nothing better is known."""
+    """The signature that more than half of the replies' ``key`` ArrayRecords declare (None when
+    no signature has a strict majority): what to expect when nothing better is known. A tie, or
+    a malformed declaration, sets nothing: one reply cannot decide what the others must be."""
     candidates = [
-        r.content.array_records[key] for r in replies if not r.has_error() and key in r.content.array_records
+        signature(r.content.array_records[key])
+        for r in replies
+        if not r.has_error() and key in r.content.array_records
     ]
-    if not candidates:
+    votes = Counter(tuple(sorted(c.items())) for c in candidates if _well_formed(c))
+    if not votes:
         return None
-    votes = Counter(tuple(sorted(signature(a).items())) for a in candidates)
-    return dict(votes.most_common(1)[0][0])
+    winner, count = votes.most_common(1)[0]
+    return dict(winner) if count * 2 > len(candidates) else None
 
 
 def numpy_arrays(arrays: ArrayRecord) -> dict[str, np.ndarray]:

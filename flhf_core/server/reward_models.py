@@ -37,7 +37,6 @@ from flhf_core.server.replies import (
     Signature,
     decode_arrays,
     majority_signature,
-    numpy_arrays,
     signature,
 )
 from flhf_core.server.reward_pool import RewardModelPool
@@ -108,18 +107,15 @@ class RewardModelExchange:
     ) -> dict[str, float]:
         """The valid replies' reward models into the pool (see :meth:`RewardModelPool.update`),
         each weighted by its judgements, capped at what the user can have given. ``decoded``:
-        each user's model as screening decoded it (decoded here where screening had nothing to
-        check it against: the first round that carries reward models)."""
+        each user's model as screening decoded it; a round whose replies agreed on no signature
+        (no pool yet, and no majority) folds none."""
         claims = {}
         for user, content in valid:  # a user judges in every round it is sent, replied or not
             claimed = float(metrics_of(content)[REWARD_JUDGEMENTS])
             claims[user] = min(claimed, float(self.budget * self.rounds_taken.get(user, 0)))
         return self.pool.update(
             server_round,
-            models={
-                user: decoded[user] if user in decoded else numpy_arrays(content[REWARD_MODEL])
-                for user, content in valid
-            },
+            models={user: decoded[user] for user, _ in valid if user in decoded},
             judgements=claims,
             losses={
                 user: [float(x) for x in metrics_of(content).get(CLUSTER_LOSSES, [])]

@@ -20,7 +20,7 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore import log
 
 from flhf_core.protocol import EVALUATION, USER_ID, USER_RECORD
-from flhf_core.results.rounds import Rejection, RoundReport
+from flhf_core.results.rounds import METRIC_COLUMNS, Rejection, RoundReport
 from flhf_core.server.aggregation import REWARD_SHORTFALL
 from flhf_core.server.replies import Problem, Signature, arrays_of, decode_arrays, lists, own_metrics, scalars
 from flhf_core.server.reward_models import RewardModelExchange
@@ -224,6 +224,11 @@ class ReplyScreening:
         for key in required:
             if key not in metrics:
                 return Problem("metrics", f"metric '{key}' is missing")
+        reserved = sorted(set(metrics) & set(METRIC_COLUMNS))
+        if reserved:  # would overwrite a row's own columns (its round, its user)
+            return Problem("metrics", f"metrics {reserved} are names of a row's columns")
+        if self.reward_weighting == "qfedavg" and float(metrics.get(self.train_loss_key, 0.0)) < 0:
+            return Problem("metrics", f"metric '{self.train_loss_key}' is negative: q-FFL needs a loss")
         for key in (self.reward_key, f"{self.reward_key}-before"):
             if key in metrics and not 0.0 <= float(metrics[key]) <= 1.0:
                 return Problem("metrics", f"metric '{key}' = {metrics[key]} is outside [0, 1]")

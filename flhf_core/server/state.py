@@ -75,14 +75,15 @@ class ServerState:
         )
 
 
-def prepare(config: RunConfig) -> ServerState:
-    """Load data, tokenizer and the initial model; raises on any bad input."""
+def prepare(config: RunConfig, trained_tokenizer: bytes | None = None) -> ServerState:
+    """Load data, tokenizer and the initial model; raises on any bad input. ``trained_tokenizer``:
+    a resumed run's own (see :func:`~flhf_core.learning.model.server_tokenizer`)."""
     if "mlflow" in config.trackers:
         from flhf_core.results.mlflow_sink import require_mlflow
 
         require_mlflow()
     corpus = load_corpus(config)
-    tokenizer, spec = server_tokenizer(config, corpus)
+    tokenizer, spec = server_tokenizer(config, corpus, trained_tokenizer)
     model = build_model(config, tokenizer).to(select_device(config.device))
     heldout = partitions.heldout_examples(corpus, config)
     if not heldout:

@@ -150,8 +150,9 @@ def test_a_data_file_exported_under_another_seed_is_refused_by_name(smoke_config
 
 
 def test_a_users_own_file_never_trains_on_the_servers_heldout_documents(smoke_config, tmp_path):
-    """A hand-made file (no export stamp) that holds documents the server holds out: they are
-    left out, by id, of everything the user learns from or is judged on."""
+    """A hand-made file (no export stamp) that holds documents the server holds out: by id, they
+    are only ever among the user's held-out (reporting) documents, never learned from or judged on
+    to steer."""
     corpus = load_corpus(smoke_config)
     heldout = set(partitions.heldout_doc_ids(corpus, smoke_config))
     rows = [{"id": d.doc_id, "document": d.text, **dict(d.summaries)} for d in corpus.documents[:120]]
@@ -159,9 +160,5 @@ def test_a_users_own_file_never_trains_on_the_servers_heldout_documents(smoke_co
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert heldout & {row["id"] for row in rows}  # the file holds some
     docs = documents.file_documents(smoke_config, 0, path)
-    used = {
-        e.doc_id
-        for kind in ("train", "validation", "feedback", "reward", "report")
-        for e in getattr(docs, kind)
-    }
+    used = {e.doc_id for kind in ("train", "validation", "feedback", "reward") for e in getattr(docs, kind)}
     assert used and not used & heldout

@@ -118,8 +118,8 @@ def test_unknown_model_is_a_config_error(tmp_path):
         M.load_hub_tokenizer(str(tmp_path / "no-such-model"))
 
 
-def test_a_tokenizer_trained_for_other_data_never_sees_the_heldout_documents(tmp_path):
-    """A word that only a held-out document holds, however often, gets no token of its own."""
+def test_a_tokenizer_trained_for_other_data_never_sees_the_heldout_documents(tmp_path, monkeypatch):
+    """What the tokenizer is trained on holds the training documents' words, never a held-out one's."""
     import json
 
     from flhf_core.data import partitions
@@ -129,16 +129,14 @@ def test_a_tokenizer_trained_for_other_data_never_sees_the_heldout_documents(tmp
     config = RunConfig(dataset=str(tmp_path / "d.jsonl"))
     secret = next(i for i in ids if partitions.is_heldout(i, config.seed, config.heldout_fraction))
     rows = [
-        {
-            "id": i,
-            "document": ("zyzzyvaquux " * 200 if i == secret else f"text {i} about parsing"),
-            "summary": "s",
-        }
+        {"id": i, "document": "zyzzyvaquux" if i == secret else f"text {i} about parsing", "summary": "s"}
         for i in ids
     ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tokenizer, _ = M.server_tokenizer(config, load_corpus(config))
-    assert len(tokenizer("zyzzyvaquux", add_special_tokens=False)["input_ids"]) > 1
-    assert (
-        len(tokenizer("wibblewobble", add_special_tokens=False)["input_ids"]) == 1
-    )  # training text is learned
+    seen: list[str] = []
+    real = M.train_tokenizer
+    monkeypatch.setattr(
+        M, "train_tokenizer", lambda texts, vocab_size: seen.extend(texts) or real(texts, vocab_size)
+    )
+    M.server_tokenizer(config, load_corpus(config))
+    assert any("parsing" in t for t in seen) and not any("zyzzyvaquux" in t for t in seen)

@@ -345,3 +345,48 @@ def test_the_serverapp_itself_refuses_a_resume_that_changes_the_experiment(tmp_p
     with pytest.raises(CheckpointError, match="seed: 42 in the checkpoint, 7 now"):
         run_federation(InProcessGrid(mapping, 2), context)
     assert snapshot(run_dir) == before
+
+
+def test_a_resumed_run_on_other_data_keeps_the_tokenizer_it_trained(
+    flower_identity, smoke_config, tmp_path, in_process_grid
+):
+    """Training a tokenizer is not deterministic: a resume must use the run's own, as its
+    checkpoint kept it, or the weights would read another vocabulary."""
+    from flwr.app import Context, RecordDict
+
+    from flhf_core.learning.model import tokenizer_fingerprint, wrap_tokenizer
+    from flhf_core.server.main import run_federation
+
+    rows = [
+        {
+            "id": f"d{i}",
+            "document": f"we study topic {i % 7} with method {i % 5} and data {i}",
+            "summary": f"topic {i % 7}",
+        }
+        for i in range(80)
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = smoke_config.replace(
+        **{
+            "dataset": str(tmp_path / "d.jsonl"),
+            "results-dir": str(tmp_path),
+            "run-name": "r",
+            "num-server-rounds": 1,
+        }
+    )
+
+    def run(config):
+        context = Context(
+            run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=config.to_mapping()
+        )
+        return run_federation(in_process_grid(config.to_mapping(), users=2), context)
+
+    run_dir = run(config)
+    first = tokenizer_fingerprint(
+        wrap_tokenizer((run_dir / "checkpoints" / "latest" / "tokenizer.json").read_bytes())
+    )
+    run(config.replace(**{"num-server-rounds": 2, "resume": True}))
+    second = tokenizer_fingerprint(
+        wrap_tokenizer((run_dir / "checkpoints" / "latest" / "tokenizer.json").read_bytes())
+    )
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2 and second == first

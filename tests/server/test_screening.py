@@ -182,7 +182,7 @@ def test_the_rogue_option_does_nothing_unless_fault_injection_is_enabled(monkeyp
     from flhf_core.client import faults
 
     sent = list(
-        FeedbackFedAvg(min_available_nodes=1).configure_train(
+        FeedbackFedAvg(min_available_nodes=1, min_train_nodes=1).configure_train(
             1, global_arrays(), ConfigRecord(), FakeGrid([5])
         )
     )
@@ -193,3 +193,47 @@ def test_the_rogue_option_does_nothing_unless_fault_injection_is_enabled(monkeyp
     assert np.array_equal(faults.misbehave(reply, context, 1, 0, 2).content["arrays"]["a"].numpy(), before)
     monkeypatch.setenv(faults.ENABLE, "1")
     assert np.isnan(faults.misbehave(reply, context, 1, 0, 2).content["arrays"]["a"].numpy()).all()
+
+
+def test_a_reply_listing_the_parameters_in_another_order_is_averaged_by_name(round_one):
+    strategy, sent = round_one
+    replies = [reply_to(m, user_id=i, num_examples=10, seed=i) for i, m in enumerate(sent)]
+    reordered = ArrayRecord(dict(reversed(list(replies[3].content["arrays"].items()))))
+    replies[3].content["arrays"] = reordered
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert not strategy.reports[(1, MessageType.TRAIN)].rejected
+    expected = np.mean([r.content["arrays"]["b"].numpy() for r in replies], axis=0)
+    np.testing.assert_allclose(arrays["b"].numpy(), expected, rtol=1e-6)
+
+
+def test_no_signature_is_taken_from_a_tie_or_a_malformed_declaration(round_one):
+    from flwr.app import Message
+
+    from flhf_core.server.replies import majority_signature
+
+    _, sent = round_one
+    honest = reply_to(sent[0], user_id=0, num_examples=1, seed=0)
+    rogue = Message(
+        content=RecordDict({"arrays": ArrayRecord({"a": Array(np.zeros(3, np.float32))})}), reply_to=sent[1]
+    )
+    assert majority_signature([honest, rogue], "arrays") is None  # one against one decides nothing
+    assert majority_signature(
+        [honest, reply_to(sent[2], user_id=2, num_examples=1, seed=2), rogue], "arrays"
+    ) == signature(honest.content["arrays"])
+    odd = ArrayRecord(
+        {"a": Array(dtype="not-a-dtype", shape=(3,), stype="numpy.ndarray", data=npy(np.zeros(3)))}
+    )
+    weird = Message(content=RecordDict({"arrays": odd}), reply_to=sent[3])
+    assert majority_signature([weird], "arrays") is None
+
+
+def test_metrics_named_like_a_rows_columns_are_rejected(round_one):
+    strategy, sent = round_one
+    good = reply_to(sent[0], user_id=0, num_examples=10, seed=0)
+    sly = reply_to(
+        sent[1], user_id=1, num_examples=10, seed=1, metrics=MetricRecord({"num-examples": 10, "client": 0})
+    )
+    strategy.aggregate_train(1, [good, sly])
+    assert [
+        (r.user_id, r.code) for r in strategy.reports[(1, MessageType.TRAIN)].rejected if r.user_id == 1
+    ] == [(1, "metrics")]
