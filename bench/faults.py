@@ -45,16 +45,6 @@ from flhf_core.runs.cli import merged_config
 from flhf_core.runs.deploy import CONNECTION, Loopback, training_marker
 from flhf_core.runs.launcher import submit_and_follow
 
-# the code each rogue fault must be rejected with
-EXPECTED = {
-    "forged": "shape",
-    "nan": "non-finite",
-    "dtype": "dtype",
-    "oversized": "size",
-    "garbage": "decode",
-    "steal": "identity",
-    "slow": "timeout",
-}
 SHORT = ["tiny-t5-size=xs", "max-source-tokens=48", "max-target-tokens=16", "max-new-tokens=12"]
 SHORT += ["eval-max-examples=4", "heldout-max-examples=8", "reward-documents=4", "local-epochs=1"]
 
@@ -149,7 +139,9 @@ def examine(run_dir: Path, rogue_faults: list[dict]) -> dict:
     escaped = [
         f
         for f in rogue_faults
-        if not any(r["round"] == f["round"] and r.get("code") == EXPECTED[f["kind"]] for r in failed)
+        if not any(
+            r["round"] == f["round"] and r.get("code") == faults.REJECTED_AS[f["kind"]] for r in failed
+        )
     ]
     rounds = int(summary.get("rounds", 0))
     train_failed = [r for r in failed if not str(r.get("reason", "")).startswith("evaluation:")]

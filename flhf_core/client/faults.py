@@ -31,6 +31,16 @@ ROGUE = "rogue"  # node config key
 DELAY = "rogue-delay"  # node config: seconds a ``slow`` reply waits (past the round timeout)
 OFFSET = "rogue-offset"  # node config: where ``cycle`` starts
 KINDS = ("forged", "nan", "dtype", "oversized", "garbage", "steal", "slow")
+# the reason code the server's screening must reject each kind with (flhf_core.results.rounds)
+REJECTED_AS = {
+    "forged": "shape",
+    "nan": "non-finite",
+    "dtype": "dtype",
+    "oversized": "size",
+    "garbage": "decode",
+    "steal": "identity",
+    "slow": "timeout",
+}
 
 
 def _npy(value: np.ndarray) -> bytes:
