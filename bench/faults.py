@@ -16,7 +16,8 @@ seed choosing the moments and victims:
 * an honest user's SuperNode is SIGKILLed while it trains, and started again a few seconds later;
 * another honest user's ClientApp process is SIGKILLed while it trains.
 
-Prints and writes ``bench/results/faults.json``: faults injected by kind, rounds completed,
+The runs are kept in ``--dir`` (``results/faults``); ``--report`` recomputes the figures from
+them without running anything. Prints and writes ``bench/results/faults.json``: faults injected by kind, rounds completed,
 rejections by reason code, runs that ended badly, and whether each run's final model and every
 completed round's rows are intact. A rogue fault *escapes* when its round records no rejection
 with the code that fault must get.
@@ -27,8 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -38,9 +39,11 @@ import numpy as np
 from common import write_result
 
 from flhf_core.client import faults
+from flhf_core.common import atomic_write_json, read_json
 from flhf_core.learning.model import load_pretrained
 from flhf_core.results.rounds import REJECTION_CODES
 from flhf_core.results.tracking import read_metrics
+from flhf_core.runs import watchdog
 from flhf_core.runs.cli import merged_config
 from flhf_core.runs.deploy import CONNECTION, Loopback, training_marker
 from flhf_core.runs.launcher import submit_and_follow
@@ -73,7 +76,8 @@ def inject(
 ) -> None:
     """Kill an honest SuperNode (then start it again) and an honest ClientApp, each while it
     trains, in rounds the seed picks."""
-    node_victim, app_victim = (int(u) for u in rng.choice(np.arange(1, federation.users), 2, replace=False))
+    honest = np.arange(federation.users - 1)  # the last user is the rogue
+    node_victim, app_victim = (int(u) for u in rng.choice(honest, 2, replace=False))
     node_round, app_round = (int(r) for r in rng.integers(2, rounds + 1, size=2))
     plan = sorted(
         [(node_round, "supernode-sigkill", node_victim), (app_round, "clientapp-sigkill", app_victim)]
@@ -94,7 +98,7 @@ def inject(
             time.sleep(5.0)
             federation.start_supernode(user)
         else:
-            port = federation.supernode_command(user)[-1]
+            port = federation.processes[f"supernode-{user}"].args[-1]  # the running SuperNode's own port
             pids = clientapp_pids(port)
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
@@ -136,19 +140,27 @@ def examine(run_dir: Path, rogue_faults: list[dict]) -> dict:
     rows = read_metrics(run_dir / "metrics.jsonl")
     server = {r["round"]: r for r in rows if r["scope"] == "server"}
     failed = [r for r in rows if r.get("failed")]
-    escaped = [
-        f
-        for f in rogue_faults
-        if not any(
-            r["round"] == f["round"] and r.get("code") == faults.REJECTED_AS[f["kind"]] for r in failed
-        )
-    ]
+    users = [r for r in rows if r["scope"] == "client" and not r.get("failed")]
+
+    def rejection(fault: dict) -> str | None:
+        """The code the rogue's reply of that round was rejected with (a stolen identity names
+        the victim's user in its row), or None: it escaped."""
+        codes = [
+            r.get("code") for r in failed if r["round"] == fault["round"] and r.get("node-id") is not None
+        ]
+        rogue_rows = [
+            r.get("code") for r in failed if r["round"] == fault["round"] and r["client"] == fault["user"]
+        ]
+        if fault["kind"] == "steal":
+            return "identity" if "identity" in codes else None
+        return rogue_rows[0] if rogue_rows else None
+
+    handled = [{**f, "rejected-as": rejection(f)} for f in rogue_faults]
     rounds = int(summary.get("rounds", 0))
-    train_failed = [r for r in failed if not str(r.get("reason", "")).startswith("evaluation:")]
     rows_intact = sorted(server) == list(range(rounds + 1)) and all(
-        # every valid reply recorded, every missing one with its row and code
-        server[k]["clients"] == sum(1 for r in rows if r["round"] == k and "train-loss" in r)
-        and server[k]["failures"] == sum(1 for r in train_failed if r["round"] == k and r.get("code"))
+        # every valid reply recorded; every missing one has a row with a code (evaluations add rows)
+        server[k]["clients"] == sum(1 for r in users if r["round"] == k and "train-loss" in r)
+        and server[k]["failures"] <= sum(1 for r in failed if r["round"] == k and r.get("code"))
         for k in range(1, rounds + 1)
     )
     try:
@@ -160,9 +172,44 @@ def examine(run_dir: Path, rogue_faults: list[dict]) -> dict:
         "status": summary.get("status", "no summary"),
         "rounds": rounds,
         "rejected": {code: int(summary.get(f"rejected-{code}", 0)) for code in REJECTION_CODES},
-        "escaped": escaped,
+        "rogue-faults": handled,
+        "escaped": [f for f in handled if f["rejected-as"] is None],
+        "rejected-as-expected": sum(f["rejected-as"] == faults.REJECTED_AS[f["kind"]] for f in handled),
         "rows-intact": rows_intact,
         "model-intact": model_intact,
+    }
+
+
+def report(root: Path, campaign: dict) -> dict:
+    """The campaign's figures from its kept runs (``root``) and what it injected (``campaign``)."""
+    runs = []
+    for meta in campaign["runs"]:
+        log = root / f"rogue-{meta['seed']}.jsonl"
+        rogue = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        found = {
+            **meta,
+            "injected": meta["injected"] + rogue,
+            **examine(root / f"faults-{meta['seed']}", rogue),
+        }
+        runs.append(found)
+        print(
+            f"seed {found['seed']}: {found['status']}, {found['rounds']} rounds, rejected "
+            f"{ {k: v for k, v in found['rejected'].items() if v} }, escaped {len(found['escaped'])}, "
+            f"rows {'intact' if found['rows-intact'] else 'BROKEN'}, model {'intact' if found['model-intact'] else 'BROKEN'}",
+            flush=True,
+        )
+    kinds = Counter(f["kind"] for run in runs for f in run["injected"])
+    return {
+        **{k: v for k, v in campaign.items() if k != "runs"},
+        "faults-injected": dict(sorted(kinds.items())),
+        "rounds-completed": sum(r["rounds"] for r in runs),
+        "rejected": {code: sum(r["rejected"][code] for r in runs) for code in REJECTION_CODES},
+        "runs-ended-badly": sum(r["status"] != "completed" for r in runs),
+        "rogue-faults": sum(len(r["rogue-faults"]) for r in runs),
+        "rogue-faults-rejected-as-expected": sum(r["rejected-as-expected"] for r in runs),
+        "faults-escaped": sum(len(r["escaped"]) for r in runs),
+        "all-intact": all(r["rows-intact"] and r["model-intact"] for r in runs),
+        "runs": runs,
     }
 
 
@@ -171,55 +218,34 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs with faults (seeds 0..runs-1)")
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", default="results/faults", help="where the runs are kept (for --report)")
+    parser.add_argument("--report", action="store_true", help="run nothing: the figures of the kept runs")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="flhf-faults-") as scratch:
-        root = Path(scratch)
+    root = Path(args.dir).resolve()
+    if not args.report:
+        root.mkdir(parents=True, exist_ok=True)
+        watchdog.start()  # however this campaign ends, no SuperLink or SuperNode of it runs on
         clean = config_for(root, "fault-free", args.rounds, 100, 0)
         seconds, _, _ = run_once(root / "fault-free.deployment", clean, args.users, None, 0)
-        round_seconds = max(
-            r["seconds"]
-            for r in read_metrics(root / "fault-free" / "metrics.jsonl")
-            if r["round"] > 0 and r["scope"] == "server"
-        )
+        rows = read_metrics(root / "fault-free" / "metrics.jsonl")
+        round_seconds = max(r["seconds"] for r in rows if r["round"] > 0 and r["scope"] == "server")
         timeout = round(2 * round_seconds, 1)
         print(
             f"fault-free: {seconds:.0f} s, slowest round {round_seconds:.1f} s: round-timeout {timeout} s",
             flush=True,
         )
-        runs = []
+        campaign = {"users": args.users, "rounds": args.rounds, "round-timeout": timeout}
+        campaign |= {"fault-free-round-seconds": round_seconds, "runs": []}
         for seed in range(args.runs):
             name = f"faults-{seed}"
             config = config_for(root, name, args.rounds, seed, timeout)
-            seconds, injected, rogue = run_once(
-                root / f"{name}.deployment", config, args.users, seed, timeout
+            seconds, injected, _ = run_once(root / f"{name}.deployment", config, args.users, seed, timeout)
+            shutil.copyfile(
+                root / f"{name}.deployment" / "user-state" / "faults.jsonl", root / f"rogue-{seed}.jsonl"
             )
-            found = {
-                "seed": seed,
-                "seconds": seconds,
-                "injected": injected + rogue,
-                **examine(root / name, rogue),
-            }
-            runs.append(found)
-            print(
-                f"seed {seed}: {found['status']}, {found['rounds']} rounds, rejected { ({k: v for k, v in found['rejected'].items() if v}) }, "
-                f"escaped {len(found['escaped'])}, rows {'intact' if found['rows-intact'] else 'BROKEN'}, "
-                f"model {'intact' if found['model-intact'] else 'BROKEN'}",
-                flush=True,
-            )
-    kinds = Counter(f["kind"] for run in runs for f in run["injected"])
-    figures = {
-        "users": args.users,
-        "rounds": args.rounds,
-        "round-timeout": timeout,
-        "fault-free-round-seconds": round_seconds,
-        "faults-injected": dict(sorted(kinds.items())),
-        "rounds-completed": sum(r["rounds"] for r in runs),
-        "rejected": {code: sum(r["rejected"][code] for r in runs) for code in REJECTION_CODES},
-        "runs-ended-badly": sum(r["status"] != "completed" for r in runs),
-        "faults-escaped": sum(len(r["escaped"]) for r in runs),
-        "all-intact": all(r["rows-intact"] and r["model-intact"] for r in runs),
-        "runs": runs,
-    }
+            campaign["runs"].append({"seed": seed, "seconds": seconds, "injected": injected})
+            atomic_write_json(root / "campaign.json", campaign)
+    figures = report(root, read_json(root / "campaign.json"))
     print(json.dumps({k: v for k, v in figures.items() if k != "runs"}, indent=1))
     write_result("faults", figures)
 

@@ -72,7 +72,8 @@ def forge(reply: Message, kind: str, num_users: int) -> Message:
     forgers = {
         "forged": lambda a: _npy(np.zeros((1,), dtype=np.float32)),  # declares the real shape
         "nan": lambda a: _npy(np.full(a.shape, np.nan, dtype=np.float32)),
-        "dtype": lambda a: _npy(a.numpy().astype(np.float64)),  # declares float32
+        # same shape and byte size, another dtype (a float64 copy would exceed the size check first)
+        "dtype": lambda a: _npy(a.numpy().view(np.int32)),  # declares float32
         "oversized": lambda a: _npy(np.zeros(int(np.prod(a.shape)) * 64 + 1024, dtype=np.float32)),
         "garbage": lambda a: os.urandom(max(64, len(a.data))),
     }
