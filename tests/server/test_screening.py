@@ -224,3 +224,33 @@ def test_metrics_named_like_a_rows_columns_are_rejected(round_one):
     assert [
         (r.user_id, r.code) for r in strategy.reports[(1, MessageType.TRAIN)].rejected if r.user_id == 1
     ] == [(1, "metrics")]
+
+
+def test_a_negative_loss_fails_a_qfedavg_reply_not_the_round(round_one):
+    strategy, sent = round_one
+    strategy.reward_weighting = "qfedavg"
+    replies = [reply_to(m, user_id=i, num_examples=10, seed=i + 1) for i, m in enumerate(sent[:3])]
+    replies.append(
+        reply_to(
+            sent[3],
+            user_id=3,
+            num_examples=10,
+            seed=3,
+            metrics=MetricRecord({"num-examples": 10, "train-loss": -1.0}),
+        )
+    )
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert [(r.user_id, r.code) for r in strategy.reports[(1, MessageType.TRAIN)].rejected] == [
+        (3, "metrics")
+    ]
+
+
+def test_absurd_example_claims_never_overflow_the_weights():
+    import math
+
+    from flhf_core.server.aggregation import client_weights, weighting_counts
+
+    counts = weighting_counts([1e308, 1e308, 10.0], [None, None, None])
+    weights = client_weights(counts, "none")
+    assert all(math.isfinite(w) for w in weights) and sum(weights) == pytest.approx(1.0)
