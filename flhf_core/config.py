@@ -25,6 +25,7 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 ASPECTS_ACLSUM = ("challenge", "approach", "outcome")
 PARTITIONINGS = ("iid", "dirichlet", "preference")
+HELDOUT_SPLITS = ("official", "hash")
 TINY_T5_SIZES = ("xs", "s", "m")
 REWARD_WEIGHTINGS = ("none", "linear", "softmax", "gain", "history", "qfedavg")
 WEIGHTING_ROUNDS = ("feedback", "all")
@@ -99,6 +100,7 @@ class RunConfig:
     aspect_prompt: str = field(default="name", metadata=_choice("name", "question"))
     partitioning: str = field(default="iid", metadata=_choice(*PARTITIONINGS))
     dirichlet_alpha: float = field(default=0.5, metadata=_range(1e-3))
+    heldout_split: str = field(default="official", metadata=_choice(*HELDOUT_SPLITS))
     heldout_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
     reward_fraction: float = field(default=0.1, metadata=_range(0.0, 0.9))
     reward_documents: int = field(default=16, metadata=_range(1))

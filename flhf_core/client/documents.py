@@ -98,16 +98,21 @@ def corpus_documents(config: RunConfig, user: int, num_users: int) -> UserDocume
     )
 
 
-def own_document_role(doc_id: str, config: RunConfig) -> str:
+def own_document_role(doc: Document, config: RunConfig, server_heldout: frozenset[str] = frozenset()) -> str:
     """A document's role in a user's own file: the file is split on its own, with the run's
-    fractions (its held-out share is the user's reporting set, standing in for the server's)."""
-    if partitions.is_heldout(doc_id, config.seed, config.heldout_fraction):
-        return partitions.HELDOUT  # the server holds it out: the user reports on it, never learns from it
+    fractions (its held-out share is the user's reporting set, standing in for the server's).
+
+    A document the server holds out (``server_heldout``, or by the hash of its id) is held out
+    here too: a user never trains on, or steers by, what the server reports on. A file with a
+    ``split`` column keeps its official split under ``heldout-split = official``.
+    """
+    if doc.doc_id in server_heldout or partitions.is_heldout(doc, config):
+        return partitions.HELDOUT
     share = {
-        kind: partitions.unit_hash(config.seed, "own-data", kind, doc_id)
+        kind: partitions.unit_hash(config.seed, "own-data", kind, doc.doc_id)
         for kind in ("heldout", "reward", "val")
     }
-    if share["heldout"] < config.heldout_fraction:
+    if not (config.heldout_split == "official" and doc.split) and share["heldout"] < config.heldout_fraction:
         return partitions.HELDOUT
     if share["reward"] < config.reward_fraction:
         return partitions.REWARD
@@ -168,9 +173,12 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
     check_export_stamp(config, path)
     own = load_table(str(path), config.document_field, config.aspects)
     profile = build_profile(user, config.user_profiles, config.aspects, config.seed)
+    server_heldout: frozenset[str] = frozenset()
+    if config.heldout_split == "official" and config.dataset == "aclsum":  # a small corpus: its test ids
+        server_heldout = frozenset(partitions.heldout_doc_ids(load_corpus(config), config))
     roles: dict[str, list[Document]] = {}
     for doc in own.documents:
-        roles.setdefault(own_document_role(doc.doc_id, config), []).append(doc)
+        roles.setdefault(own_document_role(doc, config, server_heldout), []).append(doc)
     aspects = (profile.aspect,) if config.partitioning == "preference" else config.aspects
 
     def examples(role: str) -> tuple[Example, ...]:

@@ -10,6 +10,7 @@ on: a document, an aspect and its reference summary. Who holds which document is
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ class Document:
     summaries: tuple[tuple[str, str], ...]  # (aspect, reference summary)
     # (aspect, the sentences of ``text`` annotators highlighted for it); aclsum only
     highlights: tuple[tuple[str, str], ...] = ()
+    # the dataset's own split (train, validation or test; "" where it has none): under
+    # ``split = official`` its test documents are the held-out ones
+    split: str = ""
 
     def summary(self, aspect: str) -> str:
         return dict(self.summaries)[aspect]
@@ -121,25 +125,70 @@ def _load_aclsum(sections: tuple[str, ...]) -> Corpus:
                     abstract=detokenize(" ".join(row["sentences"]["abstract"])),
                     summaries=tuple((a, row["summary"][a].strip()) for a in aspects),
                     highlights=tuple((a, detokenize(h)) for a, h in highlighted.items() if h),
+                    split=official_split_name(split),
                 )
             )
     return Corpus("aclsum", tuple(documents), aspects)
 
 
-def load_table(dataset: str, document_field: str, summary_fields: tuple[str, ...]) -> Corpus:
-    """A local JSONL/JSON/CSV file, or ``hf:<name>`` through ``datasets.load_dataset``."""
+# A dataset's own names for its splits, as FLHF's three; anything else is a training split.
+_SPLIT_NAMES = {"val": "validation", "valid": "validation", "validation": "validation", "dev": "validation"}
+_SPLIT_NAMES |= {"test": "test", "train": "train"}
+SPLIT_COLUMN = "split"  # a local file's column naming each row's official split (optional)
+
+
+def official_split_name(name: str) -> str:
+    """``train``, ``validation`` or ``test`` for a dataset's split name (``val``, ``dev``...);
+    a slice such as ``test[:100]`` keeps its split's name."""
+    base = name.split("[", 1)[0].strip().lower()
+    return _SPLIT_NAMES.get(base, "train")
+
+
+def parse_hub_dataset(dataset: str) -> tuple[str, str | None, str | None]:
+    """``hf:NAME[:CONFIG[:SPLIT]]`` -> (name or folder, config or None, split or None).
+
+    ``hf:abisee/cnn_dailymail:3.0.0:test[:500]`` names a configuration and a split (with the
+    ``datasets`` slice syntax); an empty field means the dataset's default.
+    """
+    name, *rest = dataset.removeprefix("hf:").split(":")
+    if not name or len(rest) > 2:
+        raise ConfigError(f"dataset: {dataset!r} is not hf:NAME[:CONFIG[:SPLIT]].")
+    config = rest[0] if rest and rest[0] else None
+    split = rest[1] if len(rest) > 1 and rest[1] else None
+    return name, config, split
+
+
+def _read_table(dataset: str):
+    """(table, each row's official split) of a hub dataset or a local file."""
     import datasets
 
+    if dataset.startswith("hf:"):
+        name, config, split = parse_hub_dataset(dataset)
+        # A hub name and a local folder in the hub's layout take the same path
+        loaded = datasets.load_dataset(name, config, split=split)
+        if isinstance(loaded, datasets.Dataset):  # one split was asked for
+            return loaded, [official_split_name(split or "train")] * len(loaded)
+        names = sorted(loaded)
+        table = datasets.concatenate_datasets([loaded[s] for s in names])
+        return table, [official_split_name(s) for s in names for _ in range(len(loaded[s]))]
+    path = Path(dataset).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"dataset: file {path} does not exist.")
+    builder = "csv" if path.suffix.lower() == ".csv" else "json"
+    table = datasets.load_dataset(builder, data_files=str(path), split="train")
+    if SPLIT_COLUMN in table.column_names:
+        return table, [official_split_name(str(v or "train")) for v in table[SPLIT_COLUMN]]
+    return table, [""] * len(table)
+
+
+def load_table(dataset: str, document_field: str, summary_fields: tuple[str, ...]) -> Corpus:
+    """A local JSONL/JSON/CSV file, or ``hf:NAME[:CONFIG[:SPLIT]]`` through ``datasets.load_dataset``.
+
+    Each document keeps its official split: a hub dataset's split names, a local file's
+    optional ``split`` column (train, validation or test); none for a file without one.
+    """
     try:
-        if dataset.startswith("hf:"):
-            loaded = datasets.load_dataset(dataset[3:])
-            table = datasets.concatenate_datasets([loaded[s] for s in sorted(loaded)])
-        else:
-            path = Path(dataset).expanduser()
-            if not path.is_file():
-                raise ConfigError(f"dataset: file {path} does not exist.")
-            builder = "csv" if path.suffix.lower() == ".csv" else "json"
-            table = datasets.load_dataset(builder, data_files=str(path), split="train")
+        table, split_names = _read_table(dataset)
     except ConfigError:
         raise
     except Exception as error:  # datasets raises many kinds; report the file and the cause
@@ -152,13 +201,15 @@ def load_table(dataset: str, document_field: str, summary_fields: tuple[str, ...
                 f"{key}: field {name!r} is not in {dataset!r}; its fields are {', '.join(sorted(columns))}."
             )
     documents = []
-    for index, row in enumerate(table):
+    for index, (row, split) in enumerate(zip(table, split_names, strict=True)):
         text = str(row[document_field] or "").strip()
         summaries = tuple((f, str(row[f] or "").strip()) for f in summary_fields)
         if not text or not any(s for _, s in summaries):
             continue
         doc_id = str(row["id"]) if "id" in columns else f"row-{index}"
-        documents.append(Document(doc_id, text, text, summaries))
+        documents.append(Document(doc_id, text, text, summaries, split=split))
     if len(documents) < 2:
         raise ConfigError(f"dataset: {dataset!r} has fewer than 2 usable rows.")
+    if not any(d.split == "test" for d in documents):  # no official held-out set: split by hash
+        documents = [dataclasses.replace(d, split="") for d in documents]
     return Corpus(dataset, tuple(documents), summary_fields)

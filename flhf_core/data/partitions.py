@@ -3,8 +3,9 @@
 From the corpus (:mod:`flhf_core.data.corpus`) everything else is derived deterministically
 by ``seed``:
 
-* the server's held-out documents (``heldout-fraction`` of them, by a hash of
-  the document id, so no user ever trains on them);
+* the server's held-out documents, so no user ever trains on them: under
+  ``heldout-split = official`` the dataset's own test split (aclsum's 100 test papers),
+  otherwise ``heldout-fraction`` of them by a hash of the document id;
 * one user's examples out of ``num-partitions``: ``iid`` (every (document,
   aspect) pair goes to a uniformly chosen user), ``dirichlet`` (per aspect, the
   users' shares follow Dir(alpha), so users see skewed aspect mixes) or
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from flhf_core.config import ConfigError, RunConfig
-from flhf_core.data.corpus import Corpus, Example
+from flhf_core.data.corpus import Corpus, Document, Example
 from flhf_core.users.profiles import build_profile
 
 NEUTRAL_INSTRUCTION = "summarize"
@@ -59,25 +60,36 @@ def unit_hash(*parts: object) -> float:
 HELDOUT, REWARD, VALIDATION, TRAIN = "heldout", "reward", "validation", "train"
 
 
-def is_heldout(doc_id: str, seed: int, heldout_fraction: float) -> bool:
-    return unit_hash(seed, "heldout", doc_id) < heldout_fraction
+def is_heldout(doc: Document, config: RunConfig) -> bool:
+    """Whether the server holds ``doc`` out: its official split says test (``heldout-split =
+    official`` and a dataset with a test split), else a hash of its id under ``heldout-fraction``."""
+    if config.heldout_split == "official" and doc.split:
+        return doc.split == "test"
+    return unit_hash(config.seed, "heldout", doc.doc_id) < config.heldout_fraction
 
 
-def document_role(doc_id: str, config: RunConfig) -> str:
-    """Which kind of document ``doc_id`` is.
+def heldout_by(corpus: Corpus, config: RunConfig) -> str:
+    """How this run's held-out documents are chosen: ``official`` (the dataset's test split) or
+    ``hash`` (``heldout-fraction`` of the documents; a dataset without a test split)."""
+    official = config.heldout_split == "official" and any(d.split for d in corpus.documents)
+    return "official" if official else "hash"
 
-    * ``heldout``: the server's, for reporting only (``heldout-fraction`` of all documents);
+
+def document_role(doc: Document, config: RunConfig) -> str:
+    """Which kind of document ``doc`` is.
+
+    * ``heldout``: the server's, for reporting only (:func:`is_heldout`);
     * ``reward``: fresh documents users judge the model on, to steer aggregation; nobody
       trains or gives feedback on them (``reward-fraction`` of the rest);
     * ``validation``: users' validation documents, nobody trains on them (``val-fraction``
       of the rest), so a user's validation and training documents never share a document;
     * ``train``: dealt to users by the partitioning; users train and give feedback on them.
     """
-    if is_heldout(doc_id, config.seed, config.heldout_fraction):
+    if is_heldout(doc, config):
         return HELDOUT
-    if unit_hash(config.seed, "reward", doc_id) < config.reward_fraction:
+    if unit_hash(config.seed, "reward", doc.doc_id) < config.reward_fraction:
         return REWARD
-    if unit_hash(config.seed, "val", doc_id) < config.val_fraction:
+    if unit_hash(config.seed, "val", doc.doc_id) < config.val_fraction:
         return VALIDATION
     return TRAIN
 
@@ -144,6 +156,7 @@ def assignment(corpus: Corpus, num_users: int, config: RunConfig) -> Assignment:
         config.partitioning,
         config.user_profiles,  # preference partitioning follows each user's profile
         config.dirichlet_alpha,
+        config.heldout_split,
         config.heldout_fraction,
         config.reward_fraction,
         config.val_fraction,
@@ -155,7 +168,7 @@ def assignment(corpus: Corpus, num_users: int, config: RunConfig) -> Assignment:
     validation: dict[int, list[tuple[int, str]]] = {}
     pool = []
     for index, doc in enumerate(corpus.documents):
-        role = document_role(doc.doc_id, config)
+        role = document_role(doc, config)
         if role == REWARD:
             pool.append(doc.doc_id)
         if role not in (TRAIN, VALIDATION):
@@ -226,7 +239,7 @@ def reward_doc_ids(
     reward documents, if the caller has them.
     """
     if pool is None:
-        pool = [d.doc_id for d in corpus.documents if document_role(d.doc_id, config) == REWARD]
+        pool = [d.doc_id for d in corpus.documents if document_role(d, config) == REWARD]
     drawn = sorted(pool, key=lambda doc_id: unit_hash(config.seed, "reward-draw", user, doc_id))
     chosen = set(drawn[: config.reward_documents])
     return tuple(doc_id for doc_id in pool if doc_id in chosen)
@@ -254,17 +267,21 @@ def splits(corpus: Corpus, config: RunConfig, num_users: int, exclude: Collectio
             "feedback": list(part.feedback_doc_ids),
             "reward": list(part.reward_doc_ids),
         }
-    return {"heldout": heldout_doc_ids(corpus, config), "users": users}
+    return {
+        "heldout-by": heldout_by(corpus, config),
+        "heldout": heldout_doc_ids(corpus, config),
+        "users": users,
+    }
 
 
 def heldout_doc_ids(corpus: Corpus, config: RunConfig) -> list[str]:
     """The documents no user trains on, in corpus order."""
-    return list(_heldout_ids(corpus, config.seed, config.heldout_fraction))
+    return list(_heldout_ids(corpus, config))
 
 
 @functools.lru_cache(maxsize=8)
-def _heldout_ids(corpus: Corpus, seed: int, fraction: float) -> tuple[str, ...]:
-    return tuple(d.doc_id for d in corpus.documents if is_heldout(d.doc_id, seed, fraction))
+def _heldout_ids(corpus: Corpus, config: RunConfig) -> tuple[str, ...]:
+    return tuple(d.doc_id for d in corpus.documents if is_heldout(d, config))
 
 
 def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
@@ -272,7 +289,7 @@ def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
     examples = [
         Example(doc.doc_id, aspect, doc.text, summary, instruction_for(config, aspect))
         for doc in corpus.documents
-        if is_heldout(doc.doc_id, config.seed, config.heldout_fraction)
+        if is_heldout(doc, config)
         for aspect, summary in doc.summaries
         if summary
     ]
@@ -317,7 +334,7 @@ def abstracts(corpus: Corpus) -> dict[str, str]:
 
 
 EXPORT_FIELD = "flhf-export"  # a data file's column: the split it was exported under (JSON)
-EXPORT_KEYS = ("seed", "heldout-fraction", "reward-fraction", "val-fraction")
+EXPORT_KEYS = ("seed", "heldout-split", "heldout-fraction", "reward-fraction", "val-fraction")
 
 
 def export_stamp(config: RunConfig) -> str:

@@ -138,23 +138,23 @@ def server_tokenizer(
 ) -> tuple[PreTrainedTokenizerBase, TokenizerSpec]:
     """The run's tokenizer, and how clients get it.
 
-    tiny-t5 on aclsum uses the shipped file; tiny-t5 on other data trains one
-    here and sends it along (``trained``: the one a resumed run trained before, as its
+    tiny-t5 on aclsum's official split uses the shipped file (trained on the official train and
+    validation papers); tiny-t5 on other data, or on aclsum split by hash, trains one here on
+    the users' training documents and sends it along (``trained``: the one a resumed run trained before, as its
     checkpoint kept it: training is not deterministic, and the weights need their vocabulary);
     a hub model brings its own (only the hash travels).
     """
     if config.model != "tiny-t5":
         tokenizer = load_hub_tokenizer(config.model)
         return tokenizer, TokenizerSpec(tokenizer_fingerprint(tokenizer))
-    if config.dataset == "aclsum":
+    if config.dataset == "aclsum" and partitions.heldout_by(corpus, config) == "official":
+        # built from the official train and validation papers only (flhf build-tokenizer)
         tokenizer = shipped_tokenizer()
         return tokenizer, TokenizerSpec(tokenizer_fingerprint(tokenizer))
     if trained is not None:
         payload = trained
     else:  # only what users train on: a held-out (or reward) document's words shape no tokenizer
-        training = [
-            d for d in corpus.documents if partitions.document_role(d.doc_id, config) == partitions.TRAIN
-        ]
+        training = [d for d in corpus.documents if partitions.document_role(d, config) == partitions.TRAIN]
         payload = train_tokenizer(corpus_texts(corpus, training), vocab_size=4000).to_str().encode()
     tokenizer = wrap_tokenizer(payload)
     return tokenizer, TokenizerSpec(tokenizer_fingerprint(tokenizer), payload)

@@ -261,7 +261,9 @@ def command_build_tokenizer(args: argparse.Namespace) -> int:
     from flhf_core.learning import model
 
     corpus = load_corpus(RunConfig.from_mapping({"document-sections": "abstract,introduction,conclusion"}))
-    tokenizer = model.train_tokenizer(model.corpus_texts(corpus), args.vocab_size)
+    # the official train and validation papers only: no word of a held-out paper shapes it
+    known = [d for d in corpus.documents if d.split != "test"]
+    tokenizer = model.train_tokenizer(model.corpus_texts(corpus, known), args.vocab_size)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(tokenizer.to_str())

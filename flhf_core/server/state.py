@@ -88,7 +88,7 @@ def prepare(config: RunConfig, trained_tokenizer: bytes | None = None) -> Server
     heldout = partitions.heldout_examples(corpus, config)
     if not heldout:
         raise ValueError("the held-out set is empty: raise heldout-fraction")
-    if not any(partitions.document_role(d.doc_id, config) == partitions.REWARD for d in corpus.documents):
+    if not any(partitions.document_role(d, config) == partitions.REWARD for d in corpus.documents):
         raise ConfigError(
             f"reward-fraction: {config.reward_fraction} leaves no reward documents in {len(corpus.documents)} "
             "documents; raise it (users judge the model on these to steer aggregation)."

@@ -155,7 +155,7 @@ def test_a_users_own_file_never_trains_on_the_servers_heldout_documents(smoke_co
     to steer."""
     corpus = load_corpus(smoke_config)
     heldout = set(partitions.heldout_doc_ids(corpus, smoke_config))
-    rows = [{"id": d.doc_id, "document": d.text, **dict(d.summaries)} for d in corpus.documents[:120]]
+    rows = [{"id": d.doc_id, "document": d.text, **dict(d.summaries)} for d in corpus.documents[100:220]]
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert heldout & {row["id"] for row in rows}  # the file holds some

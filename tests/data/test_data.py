@@ -57,9 +57,7 @@ def test_partitions_are_disjoint_deterministic_and_avoid_heldout(corpus, partiti
     if partitioning != "preference":  # every example of a train or validation document belongs to someone
         held_by_users = (partitions.TRAIN, partitions.VALIDATION)
         total = sum(
-            len(d.summaries)
-            for d in corpus.documents
-            if partitions.document_role(d.doc_id, config) in held_by_users
+            len(d.summaries) for d in corpus.documents if partitions.document_role(d, config) in held_by_users
         )
         assert len(seen) == total
 
@@ -185,6 +183,7 @@ ROWS = [
 
 
 def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -215,6 +214,76 @@ def test_hub_code_path_with_a_local_dataset_folder(tmp_path):
     write_jsonl(folder / "test.jsonl", ROWS[8:])
     corpus = load_corpus(local_config(f"hf:{folder}"))
     assert len(corpus.documents) == 12
+
+
+def test_official_split_holds_out_aclsums_100_test_papers_and_users_share_the_150_others(corpus):
+    config = RunConfig()  # heldout-split = official
+    heldout = set(partitions.heldout_doc_ids(corpus, config))
+    official_test = {d.doc_id for d in corpus.documents if d.split == "test"}
+    assert len(official_test) == 100 and heldout == official_test
+    split = partitions.splits(corpus, config, 4)
+    assert split["heldout-by"] == "official"
+    used = {
+        d for user in split["users"].values() for key in ("train", "validation", "reward") for d in user[key]
+    }
+    assert used and not used & official_test
+    assert {corpus.by_id[d].split for d in used} == {"train", "validation"}
+    # the seed deals the 150 others; it never changes which papers are held out
+    assert set(partitions.heldout_doc_ids(corpus, config.replace(seed=7))) == official_test
+    by_hash = config.replace(**{"heldout-split": "hash"})
+    assert partitions.splits(corpus, by_hash, 4)["heldout-by"] == "hash"
+    assert len(partitions.heldout_doc_ids(corpus, by_hash)) < 100
+
+
+def test_the_shipped_tokenizer_never_saw_a_test_papers_words(tokenizer):
+    """It was rebuilt from the official train and validation papers (every section): no word that
+    only test papers use is a piece of its own."""
+    import re
+
+    corpus = load_corpus(RunConfig(document_sections="abstract,introduction,conclusion"))
+
+    def words(docs):
+        texts = [t for d in docs for t in (d.text, *dict(d.summaries).values())]
+        return {w for t in texts for w in re.findall(r"[a-z]{9,}", t.lower())}
+
+    known = words(d for d in corpus.documents if d.split != "test")
+    test_only = sorted(words(d for d in corpus.documents if d.split == "test") - known)
+    vocab = tokenizer.get_vocab()
+    assert len(test_only) > 50 and not [w for w in test_only if "▁" + w in vocab]
+
+
+def test_hub_dataset_names_its_config_and_split_and_keeps_the_official_test_split(tmp_path):
+    """``hf:NAME:CONFIG:SPLIT`` through a local folder in the hub's layout (a README naming configs)."""
+    folder = tmp_path / "hub_dataset"
+    for config_name, rows in (("small", ROWS[:6]), ("full", ROWS)):
+        write_jsonl(folder / config_name / "train.jsonl", rows[: len(rows) // 2])
+        write_jsonl(folder / config_name / "test.jsonl", rows[len(rows) // 2 :])
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n"
+        + "".join(
+            f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
+            f"  - split: test\n    path: {c}/test.jsonl\n"
+            for c in ("small", "full")
+        )
+        + "---\n"
+    )
+    full = load_corpus(local_config(f"hf:{folder}:full"))
+    assert len(full.documents) == 12
+    assert set(partitions.heldout_doc_ids(full, RunConfig())) == {
+        d.doc_id for d in full.documents if d.split == "test"
+    }
+    assert len(load_corpus(local_config(f"hf:{folder}:small")).documents) == 6
+    train_only = load_corpus(local_config(f"hf:{folder}:full:train"))
+    assert len(train_only.documents) == 6 and not any(d.split for d in train_only.documents)  # split by hash
+    with pytest.raises(ConfigError, match="hf:NAME"):
+        load_corpus(local_config(f"hf:{folder}:full:train:extra"))
+
+
+def test_a_local_files_split_column_is_its_official_split(tmp_path):
+    rows = [dict(r, split="test" if i % 3 == 0 else "train") for i, r in enumerate(ROWS)]
+    corpus = load_corpus(local_config(write_jsonl(tmp_path / "d.jsonl", rows)))
+    heldout = partitions.heldout_doc_ids(corpus, RunConfig())
+    assert heldout == [d.doc_id for i, d in enumerate(corpus.documents) if i % 3 == 0]
 
 
 def test_missing_file_is_named(tmp_path):

@@ -123,11 +123,11 @@ def test_a_tokenizer_trained_for_other_data_never_sees_the_heldout_documents(tmp
     import json
 
     from flhf_core.data import partitions
-    from flhf_core.data.corpus import load_corpus
+    from flhf_core.data.corpus import Document, load_corpus
 
     ids = [f"doc-{i}" for i in range(60)]
     config = RunConfig(dataset=str(tmp_path / "d.jsonl"))
-    secret = next(i for i in ids if partitions.is_heldout(i, config.seed, config.heldout_fraction))
+    secret = next(i for i in ids if partitions.is_heldout(Document(i, "", "", ()), config))
     rows = [
         {"id": i, "document": "zyzzyvaquux" if i == secret else f"text {i} about parsing", "summary": "s"}
         for i in ids
