@@ -87,3 +87,19 @@ def in_process_grid():
     from flhf_core.runs.inprocess import InProcessGrid
 
     return InProcessGrid
+
+
+@pytest.fixture(scope="session")
+def hub_checkpoint(tmp_path_factory):
+    """``hub_checkpoint(family)``: the folder of a tiny stand-in for a hub checkpoint, ``flan-t5``
+    or ``bart`` (``tests/hub_models.py``), saved once per session."""
+    from hub_models import SAVERS
+
+    folders = {}
+
+    def folder(family: str):
+        if family not in folders:
+            folders[family] = SAVERS[family](tmp_path_factory.mktemp(family))
+        return folders[family]
+
+    return folder

@@ -3,8 +3,8 @@
 In simulation one worker process serves many messages, of many users: the immutable,
 expensive things are cached in the process, keyed by everything they depend on:
 
-* the tokenizer (by model and the server's tokenizer hash and payload);
-* the initial model (by model, size, vocabulary and seed): each message gets its own copy;
+* the tokenizer (by model, where this node loads it from, and the server's tokenizer hash and payload);
+* the initial model (by where it is loaded from, size, vocabulary and seed): each message gets its own copy;
 * a user's documents, profile and token ids (:mod:`flhf_core.client.documents`).
 
 In deployment every message is a fresh process, so the same things are cached on the node's
@@ -56,6 +56,7 @@ from flhf_core.protocol import ARRAYS, CONFIG, PHASE, RUN_NAME, SERVER_ROUND, TO
 from flhf_core.users.profiles import UserProfile
 
 THREADS = "torch-threads"  # node config: this node's torch thread budget
+MODEL_PATH = "model-path"  # node config: a local folder holding the run's hub model
 
 
 # --------------------------------------------------------------------------
@@ -93,22 +94,48 @@ def thread_budget(context: Context) -> int:
 # --------------------------------------------------------------------------
 # Tokenizer and the initial model
 # --------------------------------------------------------------------------
+def model_source(context: Context, config: RunConfig) -> str:
+    """Where this node loads the run's ``model`` and its tokenizer from: the node config's
+    ``model-path``, else ``model`` itself (a Hugging Face name or a path).
+
+    ``model-path`` serves a SuperNode without access to the hub: a folder holding the same
+    checkpoint (``save_pretrained`` of model and tokenizer, or a download of the hub's files).
+    Both are read by ``from_pretrained``, the one code path; the server's tokenizer hash still
+    decides whether the folder's tokenizer is the run's. A ``tiny-t5`` is built from the run
+    config, never loaded, so there the key has nothing to say.
+    """
+    path = context.node_config.get(MODEL_PATH)
+    if path is None or config.model == "tiny-t5":
+        return config.model
+    folder = Path(str(path)).expanduser()
+    if not str(path).strip() or not folder.is_dir():
+        raise ConfigError(
+            f"node config {MODEL_PATH}: {str(path)!r} is not a folder; give a folder holding the run's "
+            f"model {config.model!r} (its save_pretrained files), or leave {MODEL_PATH} out to load it "
+            "by name."
+        )
+    return str(folder)
+
+
 @functools.lru_cache(maxsize=8)
-def cached_tokenizer(config: RunConfig, sha256: str, payload: bytes) -> PreTrainedTokenizerBase:
-    return client_tokenizer(config, TokenizerSpec(sha256, payload))
+def cached_tokenizer(config: RunConfig, source: str, sha256: str, payload: bytes) -> PreTrainedTokenizerBase:
+    """The client's tokenizer of the run ``config``, loaded from ``source`` (:func:`model_source`)."""
+    return client_tokenizer(config.replace(model=source), TokenizerSpec(sha256, payload))
 
 
 _initial_models: dict[tuple, PreTrainedModel] = {}
 
 
 def initial_model(context: Context, config: RunConfig, tokenizer) -> PreTrainedModel:
-    """A fresh copy of the run's round-0 model: a tiny-t5 built from its seed, or the checkpoint.
+    """A fresh copy of the run's round-0 model: a tiny-t5 built from its seed, or the checkpoint
+    (from where :func:`model_source` says).
 
     Built (or loaded) once per process. A built tiny-t5 is also saved in the node's disk
     cache, so that a fresh process loads it instead of initializing it; a checkpoint
-    already lives in Hugging Face's own cache.
+    already lives in Hugging Face's own cache, or in the node's ``model-path``.
     """
-    key = (config.model, config.tiny_t5_size, len(tokenizer), config.seed)
+    source = model_source(context, config)
+    key = (source, config.tiny_t5_size, config.copy_attention, len(tokenizer), config.seed)
     if key not in _initial_models:
         folder = cache_dir(context)
         folder = (
@@ -121,7 +148,7 @@ def initial_model(context: Context, config: RunConfig, tokenizer) -> PreTrainedM
             with contextlib.suppress(ConfigError):  # unreadable: built again and saved again
                 model = load_pretrained(folder)
         if model is None:
-            model = build_model(config, tokenizer)
+            model = build_model(config.replace(model=source), tokenizer)
             if folder is not None:
                 save_folder_atomically(folder, model.save_pretrained)
         _initial_models.clear()  # one run at a time per process
@@ -181,7 +208,9 @@ def open_session(message: Message, context: Context) -> UserSession:
     user, num_users = user_identity(context)
     server_config = message.content[CONFIG]
     sha = str(server_config[TOKENIZER_SHA256])
-    tokenizer = cached_tokenizer(config, sha, bytes(server_config.get(TOKENIZER_JSON, b"")))
+    tokenizer = cached_tokenizer(
+        config, model_source(context, config), sha, bytes(server_config.get(TOKENIZER_JSON, b""))
+    )
     is_train = message.metadata.message_type == MessageType.TRAIN
     documents, encoded = (
         cached_pooled_documents if config.mode == "centralized" and is_train else cached_documents
