@@ -110,6 +110,7 @@ class RunConfig:
     # --- model ----------------------------------------------------------------
     model: str = "tiny-t5"
     tiny_t5_size: str = field(default="s", metadata=_choice(*TINY_T5_SIZES))
+    copy_attention: bool = False
     personalization: str = field(default="none", metadata=_choice(*PERSONALIZATIONS))
     personal_layers: int = field(default=1, metadata=_range(0))
     lora_rank: int = field(default=8, metadata=_range(1))

@@ -21,7 +21,6 @@ import json
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -34,12 +33,14 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     T5Config,
-    T5ForConditionalGeneration,
 )
 from transformers.utils import logging as hf_logging
 
 from flhf_core.config import ConfigError, RunConfig
 from flhf_core.data import partitions
+from flhf_core.learning import warm_start
+from flhf_core.learning.copy_t5 import CopyT5ForConditionalGeneration
+from flhf_core.learning.untied_t5 import UntiedT5ForConditionalGeneration
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -58,23 +59,6 @@ TINY_T5_PRESETS = {
 
 class TokenizerMismatch(RuntimeError):
     """The client's tokenizer is not the one the server announced."""
-
-
-class UntiedT5ForConditionalGeneration(T5ForConditionalGeneration):
-    """T5 whose LM head is a parameter of its own (the T5 v1.1 layout).
-
-    Only the encoder and decoder input embeddings share ``shared.weight``. An
-    untied head is not rescaled by d_model^-0.5 before projection (T5 v1.1).
-    """
-
-    _tied_weights_keys: ClassVar[dict[str, str]] = {
-        "encoder.embed_tokens.weight": "shared.weight",
-        "decoder.embed_tokens.weight": "shared.weight",
-    }
-
-    def __init__(self, config: T5Config) -> None:
-        config.scale_decoder_outputs = False
-        super().__init__(config)
 
 
 # --------------------------------------------------------------------------
@@ -184,6 +168,8 @@ def shipped_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def load_hub_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    if name == warm_start.NAME:
+        return warm_start.load_tokenizer()
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
@@ -193,7 +179,10 @@ def load_hub_tokenizer(name: str) -> PreTrainedTokenizerBase:
 # --------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------
-def build_tiny_t5(size: str, vocab_size: int, seed: int) -> UntiedT5ForConditionalGeneration:
+def build_tiny_t5(
+    size: str, vocab_size: int, seed: int, copy_attention: bool = False
+) -> UntiedT5ForConditionalGeneration:
+    """A tiny T5 from config (seeded); ``copy_attention``: with a pointer-generator output."""
     preset = TINY_T5_PRESETS[size]
     config = T5Config(
         vocab_size=vocab_size,
@@ -210,9 +199,10 @@ def build_tiny_t5(size: str, vocab_size: int, seed: int) -> UntiedT5ForCondition
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    config.architectures = ["UntiedT5ForConditionalGeneration"]
+    architecture = CopyT5ForConditionalGeneration if copy_attention else UntiedT5ForConditionalGeneration
+    config.architectures = [architecture.__name__]
     torch.manual_seed(seed)
-    model = UntiedT5ForConditionalGeneration(config)
+    model = architecture(config)
     # Transformers initializes the head with std 1, tuned for a tied, rescaled head:
     # untied, that gives logits of std ~sqrt(d_model) and an initial loss near 20.
     # Mesh TensorFlow's T5 v1.1 uses std d_model^-0.5 (logits of unit scale).
@@ -223,7 +213,9 @@ def build_tiny_t5(size: str, vocab_size: int, seed: int) -> UntiedT5ForCondition
 def build_model(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """The run's initial model: tiny-t5 from config (seeded) or a pretrained checkpoint."""
     if config.model == "tiny-t5":
-        return build_tiny_t5(config.tiny_t5_size, len(tokenizer), config.seed)
+        return build_tiny_t5(config.tiny_t5_size, len(tokenizer), config.seed, config.copy_attention)
+    if config.model == warm_start.NAME:
+        return warm_start.build(config.seed)
     return load_pretrained(config.model)
 
 
@@ -231,10 +223,12 @@ def load_pretrained(name_or_path: str | Path) -> PreTrainedModel:
     """Load a ``save_pretrained`` folder (ours or any seq2seq) or a hub name."""
     config_file = Path(name_or_path) / "config.json"
     try:
-        if config_file.is_file() and "UntiedT5ForConditionalGeneration" in json.loads(
-            config_file.read_text()
-        ).get("architectures", []):
-            return UntiedT5ForConditionalGeneration.from_pretrained(name_or_path)
+        architectures = (
+            json.loads(config_file.read_text()).get("architectures", []) if config_file.is_file() else []
+        )
+        for ours in (CopyT5ForConditionalGeneration, UntiedT5ForConditionalGeneration):
+            if ours.__name__ in architectures:
+                return ours.from_pretrained(name_or_path)
         return AutoModelForSeq2SeqLM.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
         raise ConfigError(f"model: cannot load {str(name_or_path)!r}: {error}") from None
@@ -299,11 +293,16 @@ def record_to_parameters(
 # --------------------------------------------------------------------------
 # Personalization: which parameters stay on the client
 # --------------------------------------------------------------------------
-# Every linear layer of a T5 block: attention q, k, v, o and the feed-forward wi/wo (wi_0 and
-# wi_1 in gated variants such as flan-t5). Adapters on q and v alone (the LoRA paper's choice)
-# personalized too little here: with them, the personalized model beat the global one for
-# only one or two of three aspect users; with all of them, for all three (4 seeds).
-LORA_TARGETS = ("q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1")
+# Every linear layer of a transformer block, by the module names of each family: T5's attention
+# q, k, v, o and feed-forward wi/wo (wi_0 and wi_1 in gated variants such as flan-t5); BART's
+# (and its kin's: mBART, Pegasus, Marian) q_proj, k_proj, v_proj, out_proj and fc1/fc2.
+# Adapters on q and v alone (the LoRA paper's choice) personalized too little here: with them,
+# the personalized model beat the global one for only one or two of three aspect users; with
+# all of them, for all three (4 seeds).
+LORA_TARGETS = (
+    *("q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1"),
+    *("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+)
 
 
 def head_is_tied(model: PreTrainedModel) -> bool:
@@ -337,7 +336,13 @@ def personal_parameter_names(model: PreTrainedModel, mode: str, personal_layers:
             "the input embedding (shared by the encoder). Use model = 'tiny-t5' (untied head), a checkpoint "
             "with an untied head, or personalization = 'lora'."
         )
-    blocks = len(model.decoder.block)
+    decoder_blocks = getattr(getattr(model, "decoder", None), "block", None)
+    if decoder_blocks is None:
+        raise ConfigError(
+            f"personalization: 'local-head' keeps T5's decoder blocks and final layer norm on the client; "
+            f"{type(model).__name__} is laid out otherwise. Use personalization = 'lora'."
+        )
+    blocks = len(decoder_blocks)
     if not 0 <= personal_layers <= blocks:
         raise ConfigError(f"personal-layers: {personal_layers} is outside [0, {blocks}] (decoder blocks).")
     prefixes = ["lm_head.", "decoder.final_layer_norm."]
@@ -354,11 +359,24 @@ def add_lora(model: PreTrainedModel, rank: int, seed: int) -> PreTrainedModel:
     from peft import LoraConfig, inject_adapter_in_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=lora_targets(model))
     model = inject_adapter_in_model(config, model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def lora_targets(model: torch.nn.Module) -> list[str]:
+    """The :data:`LORA_TARGETS` this model has as linear layers (peft matches a module by the
+    last part of its name): a model family's own names, whichever family it is."""
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = [name for name in LORA_TARGETS if name in linear]
+    if not targets:
+        raise ValueError(
+            f"{type(model).__name__} has no linear layer named any of {', '.join(LORA_TARGETS)} "
+            "(T5's and BART's names), where the adapter goes"
+        )
+    return targets
 
 
 def record_nbytes(record: ArrayRecord) -> int:

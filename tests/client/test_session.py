@@ -4,15 +4,24 @@ user's own data file, the thread budget."""
 from __future__ import annotations
 
 import json
+import math
+import shutil
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
+import client_app
 from flhf_core.client import documents, session
 from flhf_core.config import ConfigError
 from flhf_core.data import partitions
 from flhf_core.data.corpus import load_corpus
-from flhf_core.learning.model import parameters_to_record, tokenizer_fingerprint
+from flhf_core.learning.model import (
+    TokenizerMismatch,
+    load_hub_tokenizer,
+    load_pretrained,
+    parameters_to_record,
+    tokenizer_fingerprint,
+)
 
 
 def context(config, user=0, users=2, **node_config):
@@ -69,6 +78,26 @@ def test_a_worker_process_builds_a_users_data_and_the_model_once(
     assert second.model.lm_head.weight.equal(tiny_model.lm_head.weight)
     session.open_session(message(tiny_model, tokenizer), context(smoke_config, user=1))
     assert counted["corpus"] == 2  # another user: its own data
+
+
+def test_the_initial_model_cache_tells_a_copy_attention_model_from_a_plain_one(
+    smoke_config, tokenizer, tmp_path
+):
+    """One worker process (and one node's disk cache) serving a run with copy attention after one
+    without builds the model it asks for."""
+    from flhf_core.learning.copy_t5 import CopyT5ForConditionalGeneration
+
+    session._initial_models.clear()
+    node = {"state-dir": str(tmp_path)}
+    plain = session.initial_model(context(smoke_config, **node), smoke_config, tokenizer)
+    copying = smoke_config.replace(**{"copy-attention": True})
+    built = session.initial_model(context(copying, **node), copying, tokenizer)
+    assert not isinstance(plain, CopyT5ForConditionalGeneration)
+    assert isinstance(built, CopyT5ForConditionalGeneration)
+    session._initial_models.clear()  # a fresh process on the same node: from the disk cache
+    assert isinstance(
+        session.initial_model(context(copying, **node), copying, tokenizer), CopyT5ForConditionalGeneration
+    )
 
 
 def test_a_fresh_process_on_a_node_reads_the_users_data_and_model_from_the_disk_cache(
@@ -162,3 +191,61 @@ def test_a_users_own_file_never_trains_on_the_servers_heldout_documents(smoke_co
     docs = documents.file_documents(smoke_config, 0, path)
     used = {e.doc_id for kind in ("train", "validation", "feedback", "reward") for e in getattr(docs, kind)}
     assert used and not used & heldout
+
+
+# --------------------------------------------------------------------------
+# model-path: a node without hub access loads the run's hub model from a folder
+# --------------------------------------------------------------------------
+HUB_NAME = "google/flan-t5-small"  # what the run names; in no cache here, and the hub is out of reach
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No hub: looking a name up fails at once (instead of retrying for a minute)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def hub_run(smoke_config, tmp_path):
+    short = {"max-source-tokens": 48, "max-target-tokens": 16, "max-new-tokens": 8, "eval-max-examples": 2}
+    return smoke_config.replace(model=HUB_NAME, **{"results-dir": str(tmp_path / "results"), **short})
+
+
+def test_a_node_without_hub_access_serves_a_round_from_its_model_path(
+    flower_identity, smoke_config, hub_checkpoint, offline, tmp_path
+):
+    """The run names a hub checkpoint; the server has its copy, the user's node another (its
+    ``model-path``). The server's tokenizer hash fits the node's copy, and the user trains."""
+    served = hub_checkpoint("flan-t5")
+    own = shutil.copytree(served, tmp_path / "flan-t5-small")
+    config = hub_run(smoke_config, tmp_path)
+    model = load_pretrained(served)
+    sent = message(model, load_hub_tokenizer(str(served)))
+    answer = client_app.train(sent, context(config, **{"model-path": str(own), "torch-threads": 1}))
+    assert math.isfinite(answer.content["metrics"]["train-loss"])
+    assert set(answer.content["arrays"]) == set(parameters_to_record(model))
+    # the same node without model-path looks the name up, and cannot reach the hub
+    with pytest.raises(ConfigError, match=f"model: cannot load a tokenizer for '{HUB_NAME}'"):
+        session.open_session(sent, context(config))
+
+
+def test_model_path_is_checked_and_its_tokenizer_is_cached_by_path(
+    smoke_config, hub_checkpoint, offline, tmp_path
+):
+    config = hub_run(smoke_config, tmp_path)
+    right, wrong = hub_checkpoint("flan-t5"), hub_checkpoint("bart")
+    sha = tokenizer_fingerprint(load_hub_tokenizer(str(right)))
+    source = session.model_source(context(config, **{"model-path": str(right)}), config)
+    assert source == str(right) and session.cached_tokenizer(config, source, sha, b"")
+    # a folder with another checkpoint: its tokenizer is not the server's (not the one cached above)
+    other = session.model_source(context(config, **{"model-path": str(wrong)}), config)
+    with pytest.raises(TokenizerMismatch):
+        session.cached_tokenizer(config, other, sha, b"")
+    with pytest.raises(ConfigError, match=r"node config model-path: .* is not a folder"):
+        session.model_source(context(config, **{"model-path": str(tmp_path / "absent")}), config)
+    assert session.model_source(context(config), config) == HUB_NAME
+    # a tiny-t5 is built from the run config, never loaded
+    assert (
+        session.model_source(context(smoke_config, **{"model-path": str(right)}), smoke_config) == "tiny-t5"
+    )
