@@ -295,13 +295,14 @@ def record_to_parameters(
 # --------------------------------------------------------------------------
 # Every linear layer of a transformer block, by the module names of each family: T5's attention
 # q, k, v, o and feed-forward wi/wo (wi_0 and wi_1 in gated variants such as flan-t5); BART's
-# (and its kin's: mBART, Pegasus, Marian) q_proj, k_proj, v_proj, out_proj and fc1/fc2.
+# (and its kin's: mBART, Pegasus, Marian) q_proj, k_proj, v_proj, out_proj and fc1/fc2; BERT's.
 # Adapters on q and v alone (the LoRA paper's choice) personalized too little here: with them,
 # the personalized model beat the global one for only one or two of three aspect users; with
 # all of them, for all three (4 seeds).
 LORA_TARGETS = (
     *("q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1"),
     *("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    *("query", "key", "value", "dense"),  # BERT's (minilm-warm-start): attention and feed-forward
 )
 
 
@@ -374,7 +375,7 @@ def lora_targets(model: torch.nn.Module) -> list[str]:
     if not targets:
         raise ValueError(
             f"{type(model).__name__} has no linear layer named any of {', '.join(LORA_TARGETS)} "
-            "(T5's and BART's names), where the adapter goes"
+            "(T5's, BART's and BERT's names), where the adapter goes"
         )
     return targets
 

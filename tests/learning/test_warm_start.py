@@ -88,3 +88,13 @@ def test_a_few_steps_on_one_pair_lower_its_loss(tokenizer):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_a_lora_adapter_sits_on_berts_attention_and_feed_forward_layers():
+    from flhf_core.learning.model import add_lora, personal_parameter_names
+
+    adapted = add_lora(warm_start.build(seed=0), rank=2, seed=0)
+    personal = personal_parameter_names(adapted, "lora")
+    assert any(".attention.self.query.lora_A" in n for n in personal)
+    assert any(".crossattention.self.value.lora_B" in n for n in personal)
+    assert any(".intermediate.dense.lora_A" in n for n in personal)
