@@ -133,6 +133,7 @@ class RunConfig:
     samples_per_prompt: int = field(default=4, metadata=_range(2))
     ratings_per_round: int = field(default=0, metadata=_range(0))
     reward_model: str = field(default="none", metadata=_choice(*REWARD_MODELS))
+    reward_model_encoder: str = field(default="summarizer", metadata=_choice("summarizer", "minilm"))
     reward_model_steps: int = field(default=4, metadata=_range(1))
     reward_model_learning_rate: float = field(default=1e-4, metadata=_range(1e-8))
     reward_model_length_learning_rate: float = field(default=3e-2, metadata=_range(1e-8))

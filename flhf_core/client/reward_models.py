@@ -57,7 +57,11 @@ def learned_scorer(session: UserSession, budget: tuple) -> LearnedScorer:
     """The scorer of a user with a reward model: ``budget`` is :class:`Scorer`'s arguments."""
     config = session.config
     model, judgements = reward_state.restore(
-        session.context, session.state_folder, session.model, session.server_round
+        session.context,
+        session.state_folder,
+        session.model,
+        session.server_round,
+        config.reward_model_encoder,
     )
     shared = received_models(session.received)
     if config.reward_model in SHARED_MODES and shared:
@@ -69,7 +73,7 @@ def learned_scorer(session: UserSession, budget: tuple) -> LearnedScorer:
     return LearnedScorer(
         *budget,
         model,
-        session.tokenizer,
+        reward_model.reward_tokenizer(config.reward_model_encoder, session.tokenizer),
         judgements,
         config.reward_model_steps,
         config.reward_model_learning_rate,
@@ -136,7 +140,7 @@ def cluster_losses(session: UserSession, scorer: LearnedScorer, models: list[Arr
         record_to_parameters(candidate, record, names=names)
         losses.append(
             reward_model.judgement_loss(
-                candidate, session.tokenizer, scorer.judgements, session.config.max_source_tokens
+                candidate, scorer.tokenizer, scorer.judgements, session.config.max_source_tokens
             )
         )
     return losses

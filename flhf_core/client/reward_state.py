@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 from transformers import PreTrainedModel
 
 from flhf_core.learning.model import parameters_to_record, record_to_parameters
-from flhf_core.learning.reward_model import FORMAT, Judgements, RewardModel
+from flhf_core.learning.reward_model import FORMAT, Judgements, RewardModel, new_reward_model
 
 STATE_RECORD = "reward-model"  # ArrayRecord in Context.state
 JUDGEMENTS_RECORD = "reward-judgements"  # ConfigRecord in Context.state (with the round)
@@ -126,15 +126,19 @@ def keep(
 
 
 def restore(
-    context: Context, folder: Path, summarizer: PreTrainedModel, server_round: int
+    context: Context,
+    folder: Path,
+    summarizer: PreTrainedModel,
+    server_round: int,
+    encoder: str = "summarizer",
 ) -> tuple[RewardModel, Judgements]:
     """The user's reward model and judgements from before ``server_round``: from Context.state,
     else the newest of ``folder``'s files from an earlier round (a replayed round must not see
     what its killed first attempt left), else a new reward model (the received summarizer's
-    encoder, an indifferent head) with no judgements. A file that cannot be used is reported
+    encoder, or the sentence encoder: ``encoder``; an indifferent head) with no judgements. A file that cannot be used is reported
     and kept as ``*.corrupt`` (the first such copy is kept), and the user starts again: an
     older version is never silently taken in place of the latest (as with personal state)."""
-    model = RewardModel.from_summarizer(summarizer)
+    model = new_reward_model(encoder, summarizer)  # reward-model-encoder
     saved = context.state.config_records.get(JUDGEMENTS_RECORD)
     if (
         saved is not None

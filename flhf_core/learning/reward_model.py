@@ -69,6 +69,7 @@ import torch
 from torch import nn
 from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
+from flhf_core.learning import warm_start
 from flhf_core.learning.model import canonical_parameters
 
 # The layout of the reward model's parameters, in the server's checkpoint (a resume of another
@@ -123,7 +124,19 @@ class RewardModel(nn.Module):
     def from_summarizer(cls, summarizer: PreTrainedModel) -> RewardModel:
         """A reward model whose encoder is a copy of ``summarizer``'s."""
         encoder = copy.deepcopy(summarizer.get_encoder())
-        return cls(encoder, summarizer.config.d_model).to(next(summarizer.parameters()).device)
+        hidden = summarizer.get_encoder().config.hidden_size
+        return cls(encoder, hidden).to(next(summarizer.parameters()).device)
+
+    @classmethod
+    def from_sentence_encoder(cls, device: torch.device | str = "cpu") -> RewardModel:
+        """A reward model on the pretrained sentence encoder (all-MiniLM-L6-v2, ``reward-model-encoder
+        = minilm``): trained on a billion sentence pairs to place texts that say the same close
+        together, where the summarizer's encoder has read only this corpus."""
+        from transformers import BertModel
+
+        with torch.random.fork_rng(devices=[]):  # loading draws nothing from the policy's stream
+            encoder = BertModel.from_pretrained(warm_start.checkpoint_folder(), add_pooling_layer=False)
+        return cls(encoder, encoder.config.hidden_size).to(device)
 
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """h: the mean over tokens of the encoder's last hidden states."""
@@ -135,6 +148,22 @@ class RewardModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
         return self.head(self.pooled(input_ids, attention_mask), lengths.to(input_ids.device))
+
+
+ENCODERS = ("summarizer", "minilm")  # reward-model-encoder's values
+
+
+def new_reward_model(encoder: str, summarizer: PreTrainedModel) -> RewardModel:
+    """A reward model before any judgement: on a copy of the summarizer's encoder, or on the
+    pretrained sentence encoder (``encoder``: ``reward-model-encoder``)."""
+    if encoder == "minilm":
+        return RewardModel.from_sentence_encoder(next(summarizer.parameters()).device)
+    return RewardModel.from_summarizer(summarizer)
+
+
+def reward_tokenizer(encoder: str, summarizer_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer of the reward model's encoder: the summarizer's, or the sentence encoder's."""
+    return warm_start.load_tokenizer() if encoder == "minilm" else summarizer_tokenizer
 
 
 HEAD_PREFIX = "head."  # the scalar head's parameters (``reward-model-personal-head`` keeps them home)

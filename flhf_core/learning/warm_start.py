@@ -76,6 +76,7 @@ def checkpoint_folder() -> Path:
     return folder
 
 
+@functools.cache
 def load_tokenizer() -> PreTrainedTokenizerBase:
     """The checkpoint's uncased WordPiece tokenizer, with [CLS] as start and [SEP] as end of text."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_folder())

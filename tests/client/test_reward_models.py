@@ -66,6 +66,21 @@ def test_a_personal_reward_model_never_travels(flower_identity, tokenizer, tmp_p
     assert 0 < reply.content["metrics"]["train-ratings-used"] <= BUDGET
 
 
+def test_a_federated_reward_model_on_the_pretrained_sentence_encoder(flower_identity, tokenizer, tmp_path):
+    """``reward-model-encoder = minilm``: the reward model that goes back is the sentence encoder's
+    (BERT's layers, 384 wide), fitted on the user's judgements through its own tokenizer."""
+    config = feedback_config(tmp_path, "federated", "reward-model-encoder=minilm")
+    server = rm.RewardModel.from_sentence_encoder()
+    sent = parameters_to_record(server, rm.shared_names(server, False))
+    _, reply = train_in_feedback_round(config, tokenizer, [sent])
+    assert not reply.has_error(), reply.error
+    back = reply.content["reward-model"]
+    assert set(back) == set(sent) and "encoder.encoder.layer.5.attention.self.query.weight" in back
+    assert back["head.content.weight"].numpy().shape == (1, 384)
+    assert any(not np.array_equal(back[k].numpy(), sent[k].numpy()) for k in back)
+    assert 0 < reply.content["metrics"]["train-reward-model-judgements"] <= BUDGET
+
+
 @pytest.mark.parametrize("mode", ["clustered", "federated with a personal head"])
 def test_a_shared_reward_model_starts_from_the_servers_and_goes_back_fitted(
     flower_identity, tokenizer, tmp_path, mode
