@@ -41,6 +41,7 @@ from flhf_core.data.corpus import load_corpus
 from flhf_core.learning.generate import summarize
 from flhf_core.learning.metrics import first_sentence, last_sentence, lead_words
 from flhf_core.learning.model import load_pretrained, server_tokenizer
+from flhf_core.results.tracking import read_metrics
 from flhf_core.users.rouge import rouge_pair
 
 ASPECTS = ("challenge", "approach", "outcome")
@@ -156,19 +157,51 @@ def row_figures(per_seed: dict[int, list[dict]], seed: int = 0) -> dict:
     return figures
 
 
+def validation_rouge(run_dir: Path) -> float:
+    """The users' mean ROUGE-L on their validation documents in the last round: what a lever is
+    chosen on (never the test papers)."""
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    last = max(r["round"] for r in rows)
+    return float(
+        np.mean(
+            [r["rougeL"] for r in rows if r["scope"] == "client" and r["round"] == last and "rougeL" in r]
+        )
+    )
+
+
 def collect(rows: list[str], seeds: list[int]) -> dict:
-    """Every finished (row, seed)'s scores and wall time, by row."""
+    """Every finished (row, seed)'s scores, validation ROUGE-L and wall time, by row."""
     collected: dict = {}
     for row in rows:
-        per_seed, walls = {}, []
+        per_seed, walls, validation = {}, [], {}
         for seed in seeds:
             run_dir = RESULTS / row / f"seed-{seed}"
             if (run_dir / "bench.json").is_file():
                 per_seed[seed] = json.loads((run_dir / "scores.json").read_text())["examples"]
                 walls.append(json.loads((run_dir / "bench.json").read_text())["wall-seconds"])
+                validation[seed] = validation_rouge(run_dir)
         if per_seed:
-            collected[row] = {**row_figures(per_seed), "wall-seconds": walls, "items": ROWS[row]}
+            figures = row_figures(per_seed)
+            collected[row] = {**figures, "val-rougeL": validation, "wall-seconds": walls, "items": ROWS[row]}
     return collected
+
+
+def lever_choice(collected: dict, reference: str = "default") -> dict:
+    """Each row against ``reference`` on the users' validation ROUGE-L, seed by seed: a lever is
+    kept only when it is ahead on every seed both ran."""
+    choice = {}
+    for row, figures in collected.items():
+        if row == reference or reference not in collected:
+            continue
+        base = collected[reference]["val-rougeL"]
+        seeds = sorted(set(figures["val-rougeL"]) & set(base))
+        differences = [figures["val-rougeL"][s] - base[s] for s in seeds]
+        choice[row] = {
+            "seeds": seeds,
+            "val-difference": differences,
+            "ahead-on-every-seed": all(d > 0 for d in differences) and bool(seeds),
+        }
+    return choice
 
 
 def markdown(collected: dict) -> str:
@@ -259,11 +292,19 @@ def main() -> None:
                 print(f"{row} seed {seed}: done ({time.perf_counter() - started:.0f} s)", flush=True)
     collected = collect(list(ROWS), args.seeds)
     print(markdown(collected))
-    write_result("content", {"rows": collected, "throughput": previous.get("throughput", {})})
+    levers = lever_choice(collected)
+    for row, c in levers.items():
+        print(
+            f"{row} - default on validation ROUGE-L per seed: {' '.join(f'{d:+.2f}' for d in c['val-difference'])}"
+            f" ({'ahead on every seed' if c['ahead-on-every-seed'] else 'not ahead on every seed'})"
+        )
+    write_result(
+        "content", {"rows": collected, "levers": levers, "throughput": previous.get("throughput", {})}
+    )
 
 
 def _figures_of(previous: dict) -> dict:
-    return {"rows": previous.get("rows", {})}
+    return {"rows": previous.get("rows", {}), "levers": previous.get("levers", {})}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""The learned reward model's encoder: a copy of the summarizer's, or the pretrained sentence encoder?
+
+    nohup python bench/reward_encoder.py > reward_encoder.log 2>&1 &   # seeds 0 (resumable)
+    python bench/reward_encoder.py --seeds 0 1 --report
+
+For each encoder (``reward-model-encoder`` = ``summarizer``, ``minilm``) and budget (8 and 32
+judgements per user per feedback round), one ``flhf run`` of the ``reinforce`` preset (6 users,
+5 supervised then 3 feedback rounds) with PPO and a personal reward model. From each run's
+client rows of the feedback rounds: ``reward-model-accuracy`` (pairs of one document's samples
+ordered as the user's true utility orders them; chance 0.5), ``-correlation`` (of the predicted
+rating with the true utility) and ``-gap`` (predicted minus true mean utility of the policy's
+samples), averaged over users and rounds, and the users' final reward. The reward models are
+scored against the simulated user's utility, which nothing trains on.
+
+Writes ``bench/results/reward_encoder.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from common import PROJECT_DIR, run_flhf, write_result
+
+from flhf_core.results.tracking import read_metrics
+
+ENCODERS = ("summarizer", "minilm")
+BUDGETS = (8, 32)
+KEYS = ("reward-model-accuracy", "reward-model-correlation", "reward-model-gap")
+RESULTS = PROJECT_DIR / "results" / "reward-encoder"
+
+
+def run_name(encoder: str, budget: int, seed: int) -> str:
+    return f"{encoder}@{budget}-seed-{seed}"
+
+
+def figures(run_dir: Path) -> dict:
+    """The reward model's diagnostics over the feedback rounds' client rows, and the final reward."""
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    clients = [r for r in rows if r["scope"] == "client" and r["phase"] == "feedback"]
+    result = {key: float(np.mean([r[key] for r in clients if key in r])) for key in KEYS}
+    last = max(r["round"] for r in rows)
+    server = [r for r in rows if r["scope"] == "server" and r["round"] == last]
+    result["reward"] = server[-1].get("reward") if server else None
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--report", action="store_true", help="only read finished runs")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    table: dict = {}
+    for budget in BUDGETS:
+        for encoder in ENCODERS:
+            per_seed = {}
+            for seed in args.seeds:
+                name = run_name(encoder, budget, seed)
+                done = RESULTS / name / "summary.json"
+                if not done.is_file() and not args.report:
+                    items = ["reinforce", "feedback-algorithm=ppo", "reward-model=personal"]
+                    items += [
+                        f"ratings-per-round={budget}",
+                        f"reward-model-encoder={encoder}",
+                        f"seed={seed}",
+                    ]
+                    run_flhf("run", [*items, "resume=false"], RESULTS, name)
+                if done.is_file():
+                    per_seed[seed] = figures(RESULTS / name)
+            if per_seed:
+                mean = {k: float(np.mean([f[k] for f in per_seed.values()])) for k in (*KEYS, "reward")}
+                table[f"{encoder}@{budget}"] = {"seeds": per_seed, "mean": mean}
+    print("| encoder @ judgements | seeds | accuracy | correlation | gap | users' reward |")
+    print("|---|---|---|---|---|---|")
+    for name, entry in table.items():
+        m = entry["mean"]
+        print(
+            f"| {name} | {len(entry['seeds'])} | {m['reward-model-accuracy']:.3f} | "
+            f"{m['reward-model-correlation']:.3f} | {m['reward-model-gap']:+.3f} | {m['reward']:.3f} |"
+        )
+    write_result("reward_encoder", {"rows": table})
+
+
+if __name__ == "__main__":
+    main()
