@@ -68,6 +68,11 @@ def _range(low: float | None = None, high: float | None = None) -> dict[str, Any
     return {"low": low, "high": high}
 
 
+# What a run saved before a key existed did, where that differs from the key's default: runs
+# before ``heldout-split`` held out ``heldout-fraction`` of the documents by hash.
+SAVED_BEFORE_KEY: dict[str, Any] = {"heldout-split": "hash"}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Every run-config key, with its type, default and allowed values.
@@ -184,6 +189,12 @@ class RunConfig:
         config = cls(**kwargs)
         config._check_semantics()
         return config
+
+    @classmethod
+    def from_saved(cls, values: Mapping[str, Any]) -> RunConfig:
+        """A config a run saved (``config.json``, a checkpoint's): a key it lacks because it came
+        later means what the run did then (:data:`SAVED_BEFORE_KEY`), not today's default."""
+        return cls.from_mapping({**SAVED_BEFORE_KEY, **values})
 
     def to_mapping(self) -> dict[str, Any]:
         """The kebab-case mapping, as Flower's run config spells it."""

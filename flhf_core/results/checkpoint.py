@@ -46,6 +46,7 @@ from safetensors import SafetensorError
 from flhf_core.common import atomic_write_text, save_folder_atomically
 from flhf_core.config import RESUMABLE_KEYS, ConfigError, RunConfig
 from flhf_core.learning.algorithms import OBJECTIVE_VERSIONS
+from flhf_core.learning.model import tokenizer_fingerprint
 from flhf_core.learning.reward_model import FORMAT as REWARD_MODEL_FORMAT
 from flhf_core.results.rounds import Rejection, RoundReport
 from flhf_core.results.tracking import read_metrics
@@ -86,6 +87,7 @@ class Checkpoint:
     resumed_after: list[int]  # the rounds earlier resumes of this run went on from
     rng: dict[str, Any]
     rows: list[dict]
+    tokenizer_sha256: str | None = None  # the vocabulary of its weights (None: saved before it was kept)
     strategy_state: dict[str, Any] = field(default_factory=dict)  # what the strategy carries across rounds
     strategy_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # ... and its arrays
 
@@ -173,6 +175,7 @@ def save_checkpoint(
         state = {
             "format": FORMAT,
             "reward-model-format": REWARD_MODEL_FORMAT,
+            "tokenizer-sha256": tokenizer_fingerprint(tokenizer),  # the vocabulary the weights use
             "objective": OBJECTIVE_VERSIONS[config.get("feedback-algorithm", "sft")],
             "round": server_round,
             "next-learning-rate": next_learning_rate,  # the schedule's position
@@ -212,7 +215,7 @@ def save_checkpoint(
 # --------------------------------------------------------------------------
 def check_resumable(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:
     """Raise naming every key whose value differs and that defines the experiment."""
-    saved_config = RunConfig.from_mapping(saved).to_mapping()
+    saved_config = RunConfig.from_saved(saved).to_mapping()
     differ = sorted(
         key
         for key, value in RunConfig.from_mapping(wanted).to_mapping().items()
@@ -225,6 +228,18 @@ def check_resumable(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> None
         raise CheckpointError(
             f"cannot resume: {changes}. These keys define the experiment; a resume may change only "
             f"{', '.join(sorted(RESUMABLE_KEYS - {'resume'}))}. Start a new run instead."
+        )
+
+
+def check_tokenizer(saved_sha256: str | None, current_sha256: str) -> None:
+    """Refuse to put weights under another vocabulary than theirs: two tokenizers of one size
+    load the same weights without an error, and every token id changes meaning. (A checkpoint
+    from before the hash was kept has ``None`` and is not checked.)"""
+    if saved_sha256 is not None and saved_sha256 != current_sha256:
+        raise CheckpointError(
+            f"cannot resume: the checkpoint's weights use the tokenizer {saved_sha256[:12]}, this run's is "
+            f"{current_sha256[:12]} (a rebuilt shipped tokenizer, or another one trained). Resume with the "
+            "FLHF that started the run, or start a new run."
         )
 
 
@@ -298,6 +313,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             folder=folder,
             server_round=int(state["round"]),
             config=dict(state["config"]),
+            tokenizer_sha256=state.get("tokenizer-sha256"),
             pending=None
             if pending is None
             else PendingRound(

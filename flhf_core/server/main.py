@@ -14,7 +14,13 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from flhf_core.config import RunConfig
-from flhf_core.results.checkpoint import check_resumable, load_checkpoint, load_model_into, restore_metrics
+from flhf_core.results.checkpoint import (
+    check_resumable,
+    check_tokenizer,
+    load_checkpoint,
+    load_model_into,
+    restore_metrics,
+)
 from flhf_core.results.tracking import Tracker, new_run_dir
 from flhf_core.server.federation import Federation, RoundFailed
 from flhf_core.server.state import build_strategy, prepare, round_learning_rate, shared_parameter_names
@@ -39,9 +45,16 @@ def run_federation(grid: Grid, context: Context) -> Path:
         checkpoint = load_checkpoint(config.run_path)
         check_resumable(checkpoint.config, config.to_mapping())
     trained = None
-    if checkpoint is not None and config.model == "tiny-t5" and config.dataset != "aclsum":
-        trained = (checkpoint.folder / "tokenizer.json").read_bytes()  # the vocabulary its weights use
+    if (
+        checkpoint is not None
+        and config.model == "tiny-t5"
+        and (checkpoint.folder / "tokenizer.json").is_file()
+    ):
+        # the vocabulary its weights use, if the run trained one (the shipped one is used as shipped)
+        trained = (checkpoint.folder / "tokenizer.json").read_bytes()
     state = prepare(config, trained)  # every bad input fails here, before anything is written
+    if checkpoint is not None:
+        check_tokenizer(checkpoint.tokenizer_sha256, state.tokenizer_spec.sha256)
     first_round = 0
     if checkpoint is None:
         run_dir = new_run_dir(config.results_path, config.run_name)

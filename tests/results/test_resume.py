@@ -29,6 +29,7 @@ from flhf_core.learning.algorithms import OBJECTIVE_VERSIONS
 from flhf_core.results.checkpoint import (
     REWARD_MODEL_FORMAT,
     CheckpointError,
+    check_resumable,
     load_checkpoint,
     rng_state,
     set_rng_state,
@@ -390,3 +391,44 @@ def test_a_resumed_run_on_other_data_keeps_the_tokenizer_it_trained(
         wrap_tokenizer((run_dir / "checkpoints" / "latest" / "tokenizer.json").read_bytes())
     )
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2 and second == first
+
+
+def resume_in_process(run_dir: Path, tmp_path: Path, **changes) -> None:
+    from flhf_core.runs.inprocess import InProcessGrid
+    from flhf_core.server.main import run_federation
+
+    saved = load_checkpoint(run_dir).config
+    mapping = {**saved, "resume": True, "results-dir": str(tmp_path), "run-name": run_dir.name, **changes}
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=mapping)
+    run_federation(InProcessGrid(mapping, 2), context)
+
+
+def test_a_run_saved_before_the_official_split_resumes_only_under_the_split_it_had(tmp_path, checkpointed):
+    """A checkpoint whose config has no ``heldout-split`` held its documents out by hash: resumed
+    under today's default (the official split) it would train on papers it reported on, so it is
+    refused, naming the key and what the run had."""
+    run_dir = shutil.copytree(checkpointed, tmp_path / "run")
+    state_file = run_dir / "checkpoints" / "latest" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["heldout-split"]
+    state_file.write_text(json.dumps(state))
+    before = snapshot(run_dir)
+    with pytest.raises(CheckpointError, match="heldout-split: 'hash' in the checkpoint, 'official' now"):
+        resume_in_process(run_dir, tmp_path, **{"num-server-rounds": 3})
+    check_resumable(state["config"], {**state["config"], "heldout-split": "hash"})  # what it had
+    assert snapshot(run_dir) == before
+
+
+def test_weights_are_never_resumed_under_another_tokenizer(tmp_path, checkpointed):
+    """Two tokenizers of one size load the same weights silently: the checkpoint keeps its
+    tokenizer's hash, and a resume under another is refused before anything is written."""
+    run_dir = shutil.copytree(checkpointed, tmp_path / "run")
+    state_file = run_dir / "checkpoints" / "latest" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert len(state["tokenizer-sha256"]) == 64
+    state["tokenizer-sha256"] = "0" * 64  # as if the shipped tokenizer had been rebuilt since
+    state_file.write_text(json.dumps(state))
+    before = snapshot(run_dir)
+    with pytest.raises(CheckpointError, match="tokenizer 000000000000"):
+        resume_in_process(run_dir, tmp_path, **{"num-server-rounds": 3})
+    assert snapshot(run_dir) == before
