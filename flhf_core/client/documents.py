@@ -98,25 +98,42 @@ def corpus_documents(config: RunConfig, user: int, num_users: int) -> UserDocume
     )
 
 
-def own_document_role(doc: Document, config: RunConfig, server_heldout: frozenset[str] = frozenset()) -> str:
+def own_document_role(doc: Document, config: RunConfig, server_heldout: frozenset[str] | None = None) -> str:
     """A document's role in a user's own file: the file is split on its own, with the run's
     fractions (its held-out share is the user's reporting set, standing in for the server's).
 
-    A document the server holds out (``server_heldout``, or by the hash of its id) is held out
-    here too: a user never trains on, or steers by, what the server reports on. A file with a
-    ``split`` column keeps its official split under ``heldout-split = official``.
+    What the server holds out is held out here too, so a user never trains on, or steers by,
+    what the server reports on: ``server_heldout`` (the ids of the server's official test split,
+    :func:`server_heldout_ids`), or, where the server splits by hash (``None``), the ids that
+    hash holds out. A file's own ``split`` column may only add held-out documents (its test rows).
     """
-    if doc.doc_id in server_heldout or partitions.is_heldout(doc, config):
+    if server_heldout is not None:
+        if doc.doc_id in server_heldout:
+            return partitions.HELDOUT
+    elif partitions.unit_hash(config.seed, "heldout", doc.doc_id) < config.heldout_fraction:
+        return partitions.HELDOUT
+    if doc.split == "test":
         return partitions.HELDOUT
     share = {
         kind: partitions.unit_hash(config.seed, "own-data", kind, doc.doc_id)
         for kind in ("heldout", "reward", "val")
     }
-    if not (config.heldout_split == "official" and doc.split) and share["heldout"] < config.heldout_fraction:
+    if share["heldout"] < config.heldout_fraction:
         return partitions.HELDOUT
     if share["reward"] < config.reward_fraction:
         return partitions.REWARD
     return partitions.VALIDATION if share["val"] < config.val_fraction else partitions.TRAIN
+
+
+def server_heldout_ids(config: RunConfig) -> frozenset[str] | None:
+    """The ids the server holds out when it holds out its dataset's official test split (the run
+    corpus is read to know them), else None: the server splits by hash, which needs no corpus."""
+    if config.heldout_split != "official":
+        return None
+    corpus = load_corpus(config)
+    if partitions.heldout_by(corpus, config) != "official":
+        return None
+    return frozenset(partitions.heldout_doc_ids(corpus, config))
 
 
 def check_export_stamp(config: RunConfig, path: Path) -> None:
@@ -173,9 +190,7 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
     check_export_stamp(config, path)
     own = load_table(str(path), config.document_field, config.aspects)
     profile = build_profile(user, config.user_profiles, config.aspects, config.seed)
-    server_heldout: frozenset[str] = frozenset()
-    if config.heldout_split == "official" and config.dataset == "aclsum":  # a small corpus: its test ids
-        server_heldout = frozenset(partitions.heldout_doc_ids(load_corpus(config), config))
+    server_heldout = server_heldout_ids(config)
     roles: dict[str, list[Document]] = {}
     for doc in own.documents:
         roles.setdefault(own_document_role(doc, config, server_heldout), []).append(doc)

@@ -28,7 +28,7 @@ class Document:
     # (aspect, the sentences of ``text`` annotators highlighted for it); aclsum only
     highlights: tuple[tuple[str, str], ...] = ()
     # the dataset's own split (train, validation or test; "" where it has none): under
-    # ``split = official`` its test documents are the held-out ones
+    # ``heldout-split = official`` its test documents are the held-out ones
     split: str = ""
 
     def summary(self, aspect: str) -> str:
@@ -131,17 +131,19 @@ def _load_aclsum(sections: tuple[str, ...]) -> Corpus:
     return Corpus("aclsum", tuple(documents), aspects)
 
 
-# A dataset's own names for its splits, as FLHF's three; anything else is a training split.
-_SPLIT_NAMES = {"val": "validation", "valid": "validation", "validation": "validation", "dev": "validation"}
-_SPLIT_NAMES |= {"test": "test", "train": "train"}
 SPLIT_COLUMN = "split"  # a local file's column naming each row's official split (optional)
 
 
 def official_split_name(name: str) -> str:
-    """``train``, ``validation`` or ``test`` for a dataset's split name (``val``, ``dev``...);
-    a slice such as ``test[:100]`` keeps its split's name."""
+    """``train``, ``validation`` or ``test`` for a dataset's split name: ``test*`` (``test``,
+    ``test_unseen``, a slice ``test[:100]``) is a test split, ``val*``, ``dev*`` and ``eval*``
+    validation ones; anything else is a training split."""
     base = name.split("[", 1)[0].strip().lower()
-    return _SPLIT_NAMES.get(base, "train")
+    if base.startswith("test"):
+        return "test"
+    if base.startswith(("val", "dev", "eval")):
+        return "validation"
+    return "train"
 
 
 def parse_hub_dataset(dataset: str) -> tuple[str, str | None, str | None]:
@@ -200,16 +202,21 @@ def load_table(dataset: str, document_field: str, summary_fields: tuple[str, ...
             raise ConfigError(
                 f"{key}: field {name!r} is not in {dataset!r}; its fields are {', '.join(sorted(columns))}."
             )
+    ids = [str(v) for v in table["id"]] if "id" in columns else [f"row-{i}" for i in range(len(table))]
+    if len(set(ids)) < len(ids):  # ids that restart in each split: told apart by their split
+        ids = [f"{split or 'all'}/{doc_id}" for doc_id, split in zip(ids, split_names, strict=True)]
+    if len(set(ids)) < len(ids):
+        raise ConfigError(f"dataset: {dataset!r} repeats an id within a split; ids must name one row each.")
     documents = []
-    for index, (row, split) in enumerate(zip(table, split_names, strict=True)):
+    for row, split, doc_id in zip(table, split_names, ids, strict=True):
         text = str(row[document_field] or "").strip()
         summaries = tuple((f, str(row[f] or "").strip()) for f in summary_fields)
         if not text or not any(s for _, s in summaries):
             continue
-        doc_id = str(row["id"]) if "id" in columns else f"row-{index}"
         documents.append(Document(doc_id, text, text, summaries, split=split))
     if len(documents) < 2:
         raise ConfigError(f"dataset: {dataset!r} has fewer than 2 usable rows.")
-    if not any(d.split == "test" for d in documents):  # no official held-out set: split by hash
+    tests = sum(d.split == "test" for d in documents)
+    if not 0 < tests < len(documents):  # no test split, or nothing else: split by hash
         documents = [dataclasses.replace(d, split="") for d in documents]
     return Corpus(dataset, tuple(documents), summary_fields)

@@ -249,3 +249,47 @@ def test_model_path_is_checked_and_its_tokenizer_is_cached_by_path(
     assert (
         session.model_source(context(smoke_config, **{"model-path": str(right)}), smoke_config) == "tiny-t5"
     )
+
+
+def test_an_own_file_holds_out_what_the_server_holds_out_for_any_dataset(smoke_config, tmp_path):
+    """The server's test split of a hub dataset, and the documents its hash holds out where its
+    dataset has no test split, are never learned from or judged to steer by a user whose own
+    file holds them (with or without a split column of its own)."""
+
+    def rows(n, **extra):
+        return [
+            {
+                "id": f"d{i}",
+                "document": f"paper {i} studies topic {i % 5}.",
+                "summary": f"topic {i % 5}",
+                **extra,
+            }
+            for i in range(n)
+        ]
+
+    def write(path, table):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in table))
+        return path
+
+    def used(config, own):
+        docs = documents.file_documents(config, 0, own)
+        return {
+            e.doc_id for kind in ("train", "validation", "feedback", "reward") for e in getattr(docs, kind)
+        }
+
+    hub = tmp_path / "hub"
+    write(hub / "train.jsonl", rows(60)[:40])
+    write(hub / "test.jsonl", rows(60)[40:])
+    official = smoke_config.replace(dataset=f"hf:{hub}")
+    server = set(partitions.heldout_doc_ids(load_corpus(official), official))
+    assert server == {f"d{i}" for i in range(40, 60)}
+    mine = used(official, write(tmp_path / "mine.jsonl", rows(60)))  # no split column
+    assert mine and not mine & server
+
+    by_hash = smoke_config.replace(dataset=str(write(tmp_path / "plain.jsonl", rows(60))))
+    server = set(partitions.heldout_doc_ids(load_corpus(by_hash), by_hash))
+    assert server  # the server's dataset has no test split: held out by hash
+    labelled = write(tmp_path / "labelled.jsonl", rows(60, split="train"))  # claims all are training rows
+    mine = used(by_hash, labelled)
+    assert mine and not mine & server

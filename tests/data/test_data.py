@@ -279,6 +279,30 @@ def test_hub_dataset_names_its_config_and_split_and_keeps_the_official_test_spli
         load_corpus(local_config(f"hf:{folder}:full:train:extra"))
 
 
+def test_ids_that_restart_in_each_split_name_distinct_documents(tmp_path):
+    folder = tmp_path / "restarting"
+    write_jsonl(folder / "train.jsonl", [dict(r, id=f"{i}") for i, r in enumerate(ROWS[:6])])
+    write_jsonl(folder / "test.jsonl", [dict(r, id=f"{i}") for i, r in enumerate(ROWS[6:])])
+    corpus = load_corpus(local_config(f"hf:{folder}"))
+    assert len(corpus.by_id) == 12
+    heldout = partitions.heldout_doc_ids(corpus, RunConfig())
+    assert heldout == [f"test/{i}" for i in range(6)]
+    assert [corpus.by_id[d].text for d in heldout] == [r["paper"] for r in ROWS[6:]]
+
+
+def test_a_dataset_of_only_test_rows_is_split_by_hash_and_split_names_are_read(tmp_path):
+    from flhf_core.data.corpus import official_split_name
+
+    folder = tmp_path / "hub"
+    write_jsonl(folder / "train.jsonl", ROWS[:8])
+    write_jsonl(folder / "test.jsonl", ROWS[8:])
+    only_test = load_corpus(local_config(f"hf:{folder}::test"))
+    assert not any(d.split for d in only_test.documents)  # not every document held out
+    assert partitions.heldout_by(only_test, RunConfig()) == "hash"
+    names = ["test_unseen", "test[:50]", "eval", "dev", "validation", "val", "train", "extra"]
+    assert [official_split_name(n) for n in names] == ["test", "test", *["validation"] * 4, "train", "train"]
+
+
 def test_a_local_files_split_column_is_its_official_split(tmp_path):
     rows = [dict(r, split="test" if i % 3 == 0 else "train") for i, r in enumerate(ROWS)]
     corpus = load_corpus(local_config(write_jsonl(tmp_path / "d.jsonl", rows)))
