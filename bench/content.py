@@ -15,7 +15,7 @@ document, the abstract's first and last sentence, and per aspect the best of the
 these very examples: an upper bound on what picking a rule could do).
 
 Paired differences: model minus rule on the same (seed, example); the 95% interval is a
-bootstrap that resamples seeds and test papers (the same papers in every seed) independently,
+bootstrap that resamples seeds and test papers (each with its three aspects; the same papers in every seed) independently,
 so both kinds of variation are in it. A row beats a rule when the interval's lower end is
 above 0. The default federation's wall time is the ``flhf run`` command's, whole (never time
 beside other work: two torch processes on 2 cores slow each other 5-10x).
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from common import PROJECT_DIR, run_flhf, write_result
+from transformers import AutoTokenizer
 
 from flhf_core.common import atomic_write_json
 from flhf_core.config import RunConfig
@@ -66,6 +67,16 @@ def run_seed(row: str, seed: int) -> Path:
     if (run_dir / "bench.json").is_file():
         return run_dir
     folder.mkdir(parents=True, exist_ok=True)
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
+        # finished, but the bench stopped before scoring it: scored now; the wall time is the
+        # run's own (the ServerApp's, without the launcher's few seconds)
+        atomic_write_json(run_dir / "scores.json", score_test_examples(run_dir))
+        wall = json.loads(summary.read_text())["seconds"]
+        atomic_write_json(run_dir / "bench.json", {"wall-seconds": wall, "wall-from": "summary.json"})
+        return run_dir
+    if run_dir.exists():  # killed or failed: kept aside, the seed runs again from the start
+        run_dir.rename(run_dir.with_name(f"{run_dir.name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}"))
     preset, *overrides = ROWS[row]
     if not preset:
         preset = str(folder / "pyproject-defaults.toml")
@@ -83,7 +94,7 @@ def score_test_examples(run_dir: Path) -> dict:
     config = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
     corpus = load_corpus(config)
     examples = partitions.heldout_examples(corpus, config.replace(**{"heldout-max-examples": 0}))
-    tokenizer, _ = server_tokenizer(config, corpus)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")  # the vocabulary the run's weights use
     model = load_pretrained(run_dir / "model")
     predictions = summarize(model, tokenizer, [e.source for e in examples], config)
     abstracts = partitions.abstracts(corpus)
@@ -118,15 +129,20 @@ def best_rule_per_aspect(examples: list[dict]) -> dict[str, str]:
 
 
 def paired_interval(
-    differences: np.ndarray, rng: np.random.Generator, draws: int = BOOTSTRAP
+    differences: np.ndarray, papers: list[str], rng: np.random.Generator, draws: int = BOOTSTRAP
 ) -> tuple[float, float, float]:
-    """Mean of a (seeds x examples) matrix of paired differences and its 95% bootstrap interval,
-    seeds and examples resampled independently (the same examples in every seed)."""
-    seeds, examples = differences.shape
+    """Mean of a (seeds x examples) matrix of paired differences and its 95% bootstrap interval:
+    seeds and test papers resampled independently, each drawn paper with all its examples (its
+    aspects are not independent of each other; the same papers are in every seed)."""
+    seeds = differences.shape[0]
+    columns: dict[str, list[int]] = {}
+    for index, paper in enumerate(papers):
+        columns.setdefault(paper, []).append(index)
+    groups = list(columns.values())
     means = np.empty(draws)
     for i in range(draws):
         s = rng.integers(0, seeds, seeds)
-        e = rng.integers(0, examples, examples)
+        e = np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))])
         means[i] = differences[np.ix_(s, e)].mean()
     low, high = np.percentile(means, [2.5, 97.5])
     return float(differences.mean()), float(low), float(high)
@@ -151,7 +167,8 @@ def row_figures(per_seed: dict[int, list[dict]], seed: int = 0) -> dict:
         entry: dict = {name: float(values[:, mask].mean()) for name, values in score.items()}
         entry["model-per-seed"] = [float(v) for v in score["model"][:, mask].mean(axis=1)]
         for rule in (*RULES, "best-rule-per-aspect"):
-            mean, low, high = paired_interval(score["model"][:, mask] - score[rule][:, mask], rng)
+            papers = [doc for (doc, _), kept in zip(keys, mask, strict=True) if kept]
+            mean, low, high = paired_interval(score["model"][:, mask] - score[rule][:, mask], papers, rng)
             entry[f"minus-{rule}"] = {"mean": mean, "low": low, "high": high}
         figures[subset] = entry
     return figures

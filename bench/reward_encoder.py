@@ -18,6 +18,8 @@ Writes ``bench/results/reward_encoder.json``.
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,11 @@ RESULTS = PROJECT_DIR / "results" / "reward-encoder"
 
 def run_name(encoder: str, budget: int, seed: int) -> str:
     return f"{encoder}@{budget}-seed-{seed}"
+
+
+def finished(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("status") == "completed"
 
 
 def figures(run_dir: Path) -> dict:
@@ -58,8 +65,12 @@ def main() -> None:
             per_seed = {}
             for seed in args.seeds:
                 name = run_name(encoder, budget, seed)
-                done = RESULTS / name / "summary.json"
-                if not done.is_file() and not args.report:
+                run_dir = RESULTS / name
+                if not finished(run_dir) and not args.report:
+                    if run_dir.exists():  # killed or failed: kept aside, run again from the start
+                        run_dir.rename(
+                            run_dir.with_name(f"{name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
+                        )
                     items = ["reinforce", "feedback-algorithm=ppo", "reward-model=personal"]
                     items += [
                         f"ratings-per-round={budget}",
@@ -67,8 +78,8 @@ def main() -> None:
                         f"seed={seed}",
                     ]
                     run_flhf("run", [*items, "resume=false"], RESULTS, name)
-                if done.is_file():
-                    per_seed[seed] = figures(RESULTS / name)
+                if finished(run_dir):
+                    per_seed[seed] = figures(run_dir)
             if per_seed:
                 mean = {k: float(np.mean([f[k] for f in per_seed.values()])) for k in (*KEYS, "reward")}
                 table[f"{encoder}@{budget}"] = {"seeds": per_seed, "mean": mean}
