@@ -349,6 +349,11 @@ class RunConfig:
                 )
         if self.feedback_algorithm == "dpo" and self.samples_per_prompt % 2:
             raise ConfigError("samples-per-prompt: dpo pairs samples, so it must be even.")
+        if self.copy_attention and self.model != "tiny-t5":
+            raise ConfigError(
+                f"copy-attention: the pointer-generator is built into model = 'tiny-t5'; {self.model!r} "
+                "is loaded or built as it is. Use copy-attention = false."
+            )
         if self.heldout_fraction + self.val_fraction >= 1.0:
             raise ConfigError("heldout-fraction + val-fraction must stay below 1.")
         if self.reward_fraction + self.val_fraction >= 1.0:

@@ -39,6 +39,7 @@ from flhf_core.client.documents import (
 )
 from flhf_core.common import plain_name, save_folder_atomically
 from flhf_core.config import ConfigError, RunConfig
+from flhf_core.learning import warm_start
 from flhf_core.learning.batches import Encoded
 from flhf_core.learning.model import (
     TokenizerSpec,
@@ -102,10 +103,11 @@ def model_source(context: Context, config: RunConfig) -> str:
     checkpoint (``save_pretrained`` of model and tokenizer, or a download of the hub's files).
     Both are read by ``from_pretrained``, the one code path; the server's tokenizer hash still
     decides whether the folder's tokenizer is the run's. A ``tiny-t5`` is built from the run
-    config, never loaded, so there the key has nothing to say.
+    config and ``minilm-warm-start`` from the installed checkpoint, never loaded by name: there
+    the key has nothing to say.
     """
     path = context.node_config.get(MODEL_PATH)
-    if path is None or config.model == "tiny-t5":
+    if path is None or config.model in ("tiny-t5", warm_start.NAME):  # built, never loaded by name
         return config.model
     folder = Path(str(path)).expanduser()
     if not str(path).strip() or not folder.is_dir():

