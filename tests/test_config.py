@@ -206,5 +206,7 @@ def test_private_files_are_created_owner_only(tmp_path, monkeypatch):
 
 def test_copy_attention_is_a_tiny_t5_option():
     assert RunConfig(copy_attention=True).copy_attention
-    with pytest.raises(ConfigError, match="copy-attention: the pointer-generator is built into model = 'tiny-t5'"):
+    with pytest.raises(
+        ConfigError, match="copy-attention: the pointer-generator is built into model = 'tiny-t5'"
+    ):
         RunConfig.from_mapping({"copy-attention": True, "model": "minilm-warm-start"})
