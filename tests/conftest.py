@@ -92,8 +92,8 @@ def in_process_grid():
 @pytest.fixture(scope="session")
 def hub_checkpoint(tmp_path_factory):
     """``hub_checkpoint(family)``: the folder of a tiny stand-in for a hub checkpoint, ``flan-t5``
-    or ``bart`` (``tests/hub_models.py``), saved once per session."""
-    from hub_models import SAVERS
+    or ``bart`` (``tests/hub_checkpoints.py``), saved once per session."""
+    from hub_checkpoints import SAVERS
 
     folders = {}
 

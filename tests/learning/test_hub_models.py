@@ -1,6 +1,6 @@
 """The hub presets' model families (flan-t5, BART) through the code that was written for T5:
 LoRA's targets, local-head's layout, and on-policy sampling. Tiny stand-ins from
-``tests/hub_models.py`` replace the hub's checkpoints."""
+``tests/hub_checkpoints.py`` replace the hub's checkpoints."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Whole federations, in process, on the hub presets' model families: a supervised round and a
 feedback round with personal LoRA adapters, on tiny stand-ins for flan-t5 and BART
-(``tests/hub_models.py``) named by ``model`` as a local folder, the way a hub name is loaded."""
+(``tests/hub_checkpoints.py``) named by ``model`` as a local folder, the way a hub name is loaded."""
 
 from __future__ import annotations
 
