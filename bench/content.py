@@ -26,6 +26,7 @@ Writes ``bench/results/content.json`` (and prints the tables as Markdown).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import replace
@@ -39,6 +40,7 @@ from flhf_core.common import atomic_write_json
 from flhf_core.config import RunConfig
 from flhf_core.data import partitions
 from flhf_core.data.corpus import load_corpus
+from flhf_core.data.extractor import train_split_extractor
 from flhf_core.learning.generate import summarize
 from flhf_core.learning.metrics import first_sentence, last_sentence, lead_words
 from flhf_core.learning.model import load_pretrained, server_tokenizer
@@ -50,9 +52,15 @@ ASPECTS = ("challenge", "approach", "outcome")
 ROWS: dict[str, list[str]] = {
     "default": [""],  # pyproject's defaults: the federation `flwr run .` runs
     "copy": ["", "copy-attention=true"],  # the pointer-generator lever
+    "prompt-code": ["", "decoder-start=prompt-code"],  # the decoder starts from the aspect code
+    "extract": ["", "extractor=highlights"],  # the model reads the 2 sentences picked for the aspect
+    "extract-copy": ["", "extractor=highlights", "copy-attention=true"],  # ... and can copy them
     "pretrained": ["pretrained"],  # model = minilm-warm-start
 }
-RULES = ("lead", "first-sentence", "last-sentence")
+RULES = ("lead", "first-sentence", "last-sentence")  # the best of these per aspect is "the best rule"
+# a stronger extractive rule, reported beside them: the first lead-words words of the sentence
+# the highlight extractor (fitted on the official train papers) picks for the aspect
+EXTRACTED = "extracted"
 BOOTSTRAP = 4000
 RESULTS = PROJECT_DIR / "results" / "content"
 
@@ -99,7 +107,7 @@ def score_test_examples(run_dir: Path) -> dict:
     predictions = summarize(model, tokenizer, [e.source for e in examples], config)
     abstracts = partitions.abstracts(corpus)
     rules = {
-        "lead": lambda e: lead_words(e.document, config.lead_words),
+        "lead": lambda e: lead_words(corpus.by_id[e.doc_id].text, config.lead_words),
         "first-sentence": lambda e: first_sentence(abstracts[e.doc_id]),
         "last-sentence": lambda e: last_sentence(abstracts[e.doc_id]),
     }
@@ -156,7 +164,8 @@ def row_figures(per_seed: dict[int, list[dict]], seed: int = 0) -> dict:
         assert [(e["doc"], e["aspect"]) for e in per_seed[s]] == keys, f"seed {s} scored other examples"
     first = per_seed[seeds[0]]
     best = best_rule_per_aspect(first)
-    score = {name: np.array([[e[name] for e in per_seed[s]] for s in seeds]) for name in (*RULES, "model")}
+    names = (*RULES, *([EXTRACTED] if EXTRACTED in first[0] else []), "model")
+    score = {name: np.array([[e[name] for e in per_seed[s]] for s in seeds]) for name in names}
     score["best-rule-per-aspect"] = np.array([[e[best[e["aspect"]]] for e in per_seed[s]] for s in seeds])
     rng = np.random.default_rng(seed)
     figures: dict = {"seeds": seeds, "examples": len(keys), "best-rule": best}
@@ -166,7 +175,7 @@ def row_figures(per_seed: dict[int, list[dict]], seed: int = 0) -> dict:
             continue
         entry: dict = {name: float(values[:, mask].mean()) for name, values in score.items()}
         entry["model-per-seed"] = [float(v) for v in score["model"][:, mask].mean(axis=1)]
-        for rule in (*RULES, "best-rule-per-aspect"):
+        for rule in (*(n for n in names if n != "model"), "best-rule-per-aspect"):
             papers = [doc for (doc, _), kept in zip(keys, mask, strict=True) if kept]
             mean, low, high = paired_interval(score["model"][:, mask] - score[rule][:, mask], papers, rng)
             entry[f"minus-{rule}"] = {"mean": mean, "low": low, "high": high}
@@ -186,6 +195,21 @@ def validation_rouge(run_dir: Path) -> float:
     )
 
 
+@functools.cache
+def extracted_rule() -> dict[tuple[str, str], float]:
+    """ROUGE-L (0-100) of the extracted-sentence rule on every official test (paper, aspect)."""
+    config = RunConfig()
+    corpus = load_corpus(config)
+    extractor = train_split_extractor(corpus)
+    scores = {}
+    for e in partitions.heldout_examples(corpus, config.replace(**{"heldout-max-examples": 0})):
+        sentence = extractor.extract(corpus.by_id[e.doc_id].sentences, e.aspect, 1)
+        scores[e.doc_id, e.aspect] = (
+            100 * rouge_pair(lead_words(sentence, config.lead_words), e.summary)["rougeL"]
+        )
+    return scores
+
+
 def collect(rows: list[str], seeds: list[int]) -> dict:
     """Every finished (row, seed)'s scores, validation ROUGE-L and wall time, by row."""
     collected: dict = {}
@@ -195,6 +219,8 @@ def collect(rows: list[str], seeds: list[int]) -> dict:
             run_dir = RESULTS / row / f"seed-{seed}"
             if (run_dir / "bench.json").is_file():
                 per_seed[seed] = json.loads((run_dir / "scores.json").read_text())["examples"]
+                for e in per_seed[seed]:  # the same for every row: scored here, not per run
+                    e[EXTRACTED] = extracted_rule()[e["doc"], e["aspect"]]
                 walls.append(json.loads((run_dir / "bench.json").read_text())["wall-seconds"])
                 validation[seed] = validation_rouge(run_dir)
         if per_seed:
@@ -268,7 +294,9 @@ def throughput(row: str, steps: int) -> dict:
     examples = partitions.user_partition(corpus, 0, 2, config).train
     sft = replace(SFTConfig.from_run_config(config, config.learning_rate, seed=0), epochs=1)
     examples = examples[: steps * sft.batch_size]
-    encoded = encode(tokenizer, examples, config.max_source_tokens, config.max_target_tokens)
+    encoded = encode(
+        tokenizer, examples, config.max_source_tokens, config.max_target_tokens, config.prompt_code_start
+    )
     model = build_model(config, tokenizer)
     train_sft(model, tokenizer, examples[: sft.batch_size], sft)  # warm up
     flhf = train_sft(model, tokenizer, examples, sft, encoded=encoded)

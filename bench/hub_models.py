@@ -247,7 +247,9 @@ def measure(name: str, overrides: list[str], args: argparse.Namespace, texts: li
         model = add_lora(model, config.lora_rank, seed=config.seed)
     model.to(select_device(config.device))
     data = corpus_documents(config, 0, config.min_available_nodes)
-    encoded = encode(tokenizer, data.train, config.max_source_tokens, config.max_target_tokens)
+    encoded = encode(
+        tokenizer, data.train, config.max_source_tokens, config.max_target_tokens, config.prompt_code_start
+    )
     # warm-up: the first step allocates what every later one reuses
     train_sft(
         model, tokenizer, list(data.train[: config.batch_size]), SFTConfig.from_run_config(config, 0.0, 0)

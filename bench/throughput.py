@@ -50,9 +50,7 @@ def bare_loop(model, batches, config: SFTConfig) -> tuple[float, float]:
     started = time.perf_counter()
     for batch in batches:
         with autocast(device, config.bf16):
-            loss = model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
-            ).loss
+            loss = model(**batch.model_inputs()).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -67,9 +65,7 @@ def step_flops(model, batch, config: SFTConfig) -> int:
     model.train()
     with FlopCounterMode(display=False) as counter:
         with autocast(torch.device("cpu"), config.bf16):
-            loss = model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
-            ).loss
+            loss = model(**batch.model_inputs()).loss
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -91,7 +87,9 @@ def main() -> None:
     corpus = load_corpus(config)
     examples = partitions.user_partition(corpus, 0, 2, config).train
     sft = replace(SFTConfig.from_run_config(config, config.learning_rate, seed=0), epochs=args.epochs)
-    encoded = encode(tokenizer, examples, config.max_source_tokens, config.max_target_tokens)
+    encoded = encode(
+        tokenizer, examples, config.max_source_tokens, config.max_target_tokens, config.prompt_code_start
+    )
     results = {
         "config": {
             "tiny-t5-size": config.tiny_t5_size,

@@ -102,6 +102,8 @@ class RunConfig:
     summary_fields: str = "summary"
     document_sections: str = "abstract"
     highlight_supervision: bool = False
+    extractor: str = field(default="none", metadata=_choice("none", "highlights"))
+    extract_sentences: int = field(default=2, metadata=_range(1))
     aspect_prompt: str = field(default="name", metadata=_choice("name", "question"))
     partitioning: str = field(default="iid", metadata=_choice(*PARTITIONINGS))
     dirichlet_alpha: float = field(default=0.5, metadata=_range(1e-3))
@@ -116,6 +118,7 @@ class RunConfig:
     model: str = "tiny-t5"
     tiny_t5_size: str = field(default="s", metadata=_choice(*TINY_T5_SIZES))
     copy_attention: bool = False
+    decoder_start: str = field(default="model", metadata=_choice("model", "prompt-code"))
     personalization: str = field(default="none", metadata=_choice(*PERSONALIZATIONS))
     personal_layers: int = field(default=1, metadata=_range(0))
     lora_rank: int = field(default=8, metadata=_range(1))
@@ -214,6 +217,11 @@ class RunConfig:
         check_profiles(self.user_profiles, self.aspects)
 
     @property
+    def prompt_code_start(self) -> bool:
+        """Whether the decoder starts from the prompt's control code (``decoder-start``)."""
+        return self.decoder_start == "prompt-code"
+
+    @property
     def summary_field_list(self) -> tuple[str, ...]:
         return tuple(s.strip() for s in self.summary_fields.split(",") if s.strip())
 
@@ -287,6 +295,18 @@ class RunConfig:
         return "feedback"
 
     def _check_semantics(self) -> None:
+        if self.extractor != "none" and self.heldout_split != "official":
+            raise ConfigError(
+                f"extractor: {self.extractor!r} is fitted on the official train papers' highlights; "
+                "under heldout-split='hash' some of them are held out. Use heldout-split='official' "
+                "or extractor='none'."
+            )
+        if self.extractor != "none" and self.partitioning == "preference":
+            raise ConfigError(
+                f"extractor: {self.extractor!r} picks sentences for the aspect the prompt names; under "
+                "partitioning='preference' prompts are neutral. Use another partitioning or "
+                "extractor='none'."
+            )
         if not self.summary_field_list:
             raise ConfigError("summary-fields: give at least one field name, comma separated.")
         if self.dataset == "aclsum":
@@ -300,6 +320,11 @@ class RunConfig:
             raise ConfigError(
                 f"highlight-supervision: needs aclsum's highlight labels; dataset {self.dataset!r} has "
                 "none. Use dataset='aclsum' or highlight-supervision=false."
+            )
+        elif self.extractor != "none":
+            raise ConfigError(
+                f"extractor: {self.extractor!r} is fitted on aclsum's highlight labels; dataset "
+                f"{self.dataset!r} has none. Use dataset='aclsum' or extractor='none'."
             )
         elif not (self.dataset.startswith("hf:") and len(self.dataset) > 3):
             suffix = Path(self.dataset).suffix.lower()

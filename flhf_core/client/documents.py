@@ -187,6 +187,11 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
             f"highlight-supervision: user {user}'s data file {path} has no highlight labels (aclsum's "
             "are not exported); use highlight-supervision=false with data files."
         )
+    if config.extractor != "none":
+        raise ConfigError(
+            f"extractor: user {user}'s data file {path} has no sentence boundaries or highlights "
+            "(aclsum's are not exported); use extractor='none' with data files."
+        )
     check_export_stamp(config, path)
     own = load_table(str(path), config.document_field, config.aspects)
     profile = build_profile(user, config.user_profiles, config.aspects, config.seed)
@@ -271,6 +276,17 @@ def cache_dir(context: Context) -> Path | None:
     return Path(str(root)).expanduser().resolve() / "cache" if root else None
 
 
+def encode_training(tokenizer, documents: UserDocuments, config: RunConfig) -> Encoded:
+    """The token ids of the user's training examples, as the run's batches need them."""
+    return encode(
+        tokenizer,
+        documents.train,
+        config.max_source_tokens,
+        config.max_target_tokens,
+        config.prompt_code_start,
+    )
+
+
 def cached_documents(
     context: Context, config: RunConfig, user: int, num_users: int, tokenizer, tokenizer_sha: str
 ) -> tuple[UserDocuments, Encoded]:
@@ -296,7 +312,7 @@ def cached_documents(
         )
         found = (
             documents,
-            encode(tokenizer, documents.train, config.max_source_tokens, config.max_target_tokens),
+            encode_training(tokenizer, documents, config),
         )
         if path is not None:
             atomic_write_json(path, {**documents.to_json(), "tokens": found[1].to_json()})
@@ -319,7 +335,7 @@ def cached_pooled_documents(
     if key not in _user_cache:
         learner, _ = cached_documents(context, config, user, num_users, tokenizer, tokenizer_sha)
         documents = pooled_documents(learner, config, num_users)
-        encoded = encode(tokenizer, documents.train, config.max_source_tokens, config.max_target_tokens)
+        encoded = encode_training(tokenizer, documents, config)
         _user_cache[key] = (documents, encoded)
     _user_cache.move_to_end(key)
     return _user_cache[key]

@@ -30,6 +30,9 @@ class Document:
     # the dataset's own split (train, validation or test; "" where it has none): under
     # ``heldout-split = official`` its test documents are the held-out ones
     split: str = ""
+    # aclsum only: ``text``'s sentences, and per aspect the indices of the highlighted ones
+    sentences: tuple[str, ...] = ()
+    highlighted: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def summary(self, aspect: str) -> str:
         return dict(self.summaries)[aspect]
@@ -107,6 +110,10 @@ def _load_aclsum(sections: tuple[str, ...]) -> Corpus:
     for split in ("train", "val", "test"):
         for row in rows[split]:
             text = " ".join(sentence for s in sections for sentence in row["sentences"][s])
+            marks = {
+                aspect: [marked for s in sections for marked in row["highlights"][aspect][s]]
+                for aspect in aspects
+            }
             highlighted = {
                 aspect: " ".join(
                     sentence
@@ -126,6 +133,10 @@ def _load_aclsum(sections: tuple[str, ...]) -> Corpus:
                     summaries=tuple((a, row["summary"][a].strip()) for a in aspects),
                     highlights=tuple((a, detokenize(h)) for a, h in highlighted.items() if h),
                     split=official_split_name(split),
+                    sentences=tuple(detokenize(x) for s in sections for x in row["sentences"][s]),
+                    highlighted=tuple(
+                        (a, tuple(i for i, marked in enumerate(m) if marked)) for a, m in marks.items()
+                    ),
                 )
             )
     return Corpus("aclsum", tuple(documents), aspects)

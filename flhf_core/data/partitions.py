@@ -33,6 +33,7 @@ import numpy as np
 
 from flhf_core.config import ConfigError, RunConfig
 from flhf_core.data.corpus import Corpus, Document, Example
+from flhf_core.data.extractor import train_split_extractor
 from flhf_core.users.profiles import build_profile
 
 NEUTRAL_INSTRUCTION = "summarize"
@@ -195,7 +196,11 @@ def user_partition(corpus: Corpus, user: int, num_users: int, config: RunConfig)
         docs = corpus.documents
         return tuple(
             Example(
-                docs[i].doc_id, aspect, docs[i].text, docs[i].summary(aspect), instruction_for(config, aspect)
+                docs[i].doc_id,
+                aspect,
+                reading(corpus, docs[i], aspect, config),
+                docs[i].summary(aspect),
+                instruction_for(config, aspect),
             )
             for i, aspect in pairs
         )
@@ -222,7 +227,11 @@ def highlight_examples(
     docs = corpus.documents
     return tuple(
         Example(
-            docs[i].doc_id, aspect, docs[i].text, docs[i].highlight(aspect), instruction_for(config, aspect)
+            docs[i].doc_id,
+            aspect,
+            reading(corpus, docs[i], aspect, config),
+            docs[i].highlight(aspect),
+            instruction_for(config, aspect),
         )
         for i, aspect in pairs
         if docs[i].highlight(aspect)
@@ -287,7 +296,9 @@ def _heldout_ids(corpus: Corpus, config: RunConfig) -> tuple[str, ...]:
 def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
     """The server's held-out (document, aspect) examples, capped at ``heldout-max-examples``."""
     examples = [
-        Example(doc.doc_id, aspect, doc.text, summary, instruction_for(config, aspect))
+        Example(
+            doc.doc_id, aspect, reading(corpus, doc, aspect, config), summary, instruction_for(config, aspect)
+        )
         for doc in corpus.documents
         if is_heldout(doc, config)
         for aspect, summary in doc.summaries
@@ -297,6 +308,15 @@ def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
         examples.sort(key=lambda e: unit_hash(config.seed, "heldout-order", e.doc_id, e.aspect))
         examples = examples[: config.heldout_max_examples]
     return tuple(examples)
+
+
+def reading(corpus: Corpus, doc: Document, aspect: str, config: RunConfig) -> str:
+    """What the model reads of ``doc`` when asked for ``aspect``: the whole text, or with
+    ``extractor = "highlights"`` the sentences the extractor picks for the aspect
+    (:mod:`flhf_core.data.extractor`)."""
+    if config.extractor == "none" or not doc.sentences:
+        return doc.text
+    return train_split_extractor(corpus).extract(doc.sentences, aspect, config.extract_sentences)
 
 
 def instruction_for(config: RunConfig, aspect: str) -> str:

@@ -5,6 +5,14 @@ needed (:func:`collate`): a user trains on the same examples for several epochs 
 and in simulation one worker process serves the same user many times, so the token ids are
 cached by the caller (:mod:`flhf_core.client.session`) rather than recomputed per batch. Collating
 pads on the right with the tokenizer's pad id, exactly as ``tokenizer(..., padding=True)``.
+
+With ``decoder-start = "prompt-code"`` the decoder's first input is the prompt's control code
+(the first word piece of the source: ``challenge`` in ``challenge: <document>``) instead of the
+model's fixed start token (:func:`prompt_codes`). Through the encoder alone a small model
+trained from scratch learns to ignore the code and writes one template for every aspect; as the
+decoder's first token the code is in every step's self-attention. A batch then carries its
+``decoder_input_ids`` (the code, then the target shifted right) and generation starts each row
+from its code (:mod:`flhf_core.learning.generate`, :mod:`flhf_core.learning.algorithms.rollout`).
 """
 
 from __future__ import annotations
@@ -23,9 +31,29 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor  # target ids with padding set to -100 (ignored by the loss)
+    decoder_input_ids: torch.Tensor | None = None  # prompt-code start: the code, then the target shifted
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            None if self.decoder_input_ids is None else self.decoder_input_ids.to(device),
+        )
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the model's forward pass (with ``labels``: it returns the loss)."""
+        inputs = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.labels)
+        if self.decoder_input_ids is not None:
+            inputs["decoder_input_ids"] = self.decoder_input_ids
+        return inputs
+
+
+def prompt_codes(tokenizer, sources: Sequence[str]) -> list[int]:
+    """The first word piece of each source, special tokens aside: its control code."""
+    rows = tokenizer(list(sources), add_special_tokens=False)["input_ids"]
+    fallback = int(tokenizer.pad_token_id)
+    return [int(row[0]) if row else fallback for row in rows]
 
 
 @dataclass(frozen=True)
@@ -39,6 +67,7 @@ class Encoded:
     sources: tuple[np.ndarray, ...]
     targets: tuple[np.ndarray, ...]
     pad_id: int
+    codes: tuple[int, ...] | None = None  # decoder start per example (prompt-code start), else None
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -51,6 +80,7 @@ class Encoded:
             "sources": [r.tolist() for r in self.sources],
             "targets": [r.tolist() for r in self.targets],
             "pad-id": self.pad_id,
+            "codes": None if self.codes is None else list(self.codes),
         }
 
     @classmethod
@@ -58,13 +88,26 @@ class Encoded:
         def rows(key: str) -> tuple[np.ndarray, ...]:
             return tuple(np.asarray(r, dtype=np.int32) for r in payload[key])
 
-        return cls(rows("sources"), rows("targets"), int(payload["pad-id"]))
+        codes = payload.get("codes")
+        return cls(
+            rows("sources"),
+            rows("targets"),
+            int(payload["pad-id"]),
+            None if codes is None else tuple(int(c) for c in codes),
+        )
 
 
-def encode(tokenizer, examples: Sequence[Example], max_source_tokens: int, max_target_tokens: int) -> Encoded:
-    """Tokenize every example once (truncated, not padded)."""
+def encode(
+    tokenizer,
+    examples: Sequence[Example],
+    max_source_tokens: int,
+    max_target_tokens: int,
+    prompt_code_start: bool = False,
+) -> Encoded:
+    """Tokenize every example once (truncated, not padded); ``prompt_code_start``: also keep
+    each example's control code, the decoder's first input (:func:`prompt_codes`)."""
     if not examples:
-        return Encoded((), (), int(tokenizer.pad_token_id))
+        return Encoded((), (), int(tokenizer.pad_token_id), () if prompt_code_start else None)
     sources = tokenizer([e.source for e in examples], max_length=max_source_tokens, truncation=True)
     targets = tokenizer(
         text_target=[e.summary for e in examples], max_length=max_target_tokens, truncation=True
@@ -73,6 +116,7 @@ def encode(tokenizer, examples: Sequence[Example], max_source_tokens: int, max_t
         tuple(np.asarray(ids, dtype=np.int32) for ids in sources["input_ids"]),
         tuple(np.asarray(ids, dtype=np.int32) for ids in targets["input_ids"]),
         int(tokenizer.pad_token_id),
+        tuple(prompt_codes(tokenizer, [e.source for e in examples])) if prompt_code_start else None,
     )
 
 
@@ -90,7 +134,11 @@ def collate(encoded: Encoded, indices: Sequence[int]) -> Batch:
     """The examples ``indices`` as one right-padded batch; label padding is -100."""
     input_ids, attention_mask = _pad([encoded.sources[i] for i in indices], encoded.pad_id)
     labels, label_mask = _pad([encoded.targets[i] for i in indices], encoded.pad_id)
-    return Batch(input_ids, attention_mask, labels.masked_fill(label_mask == 0, -100))
+    decoder_input_ids = None
+    if encoded.codes is not None:
+        codes = torch.tensor([encoded.codes[i] for i in indices], dtype=labels.dtype)
+        decoder_input_ids = torch.cat([codes[:, None], labels[:, :-1]], dim=1)
+    return Batch(input_ids, attention_mask, labels.masked_fill(label_mask == 0, -100), decoder_input_ids)
 
 
 def batches_of(
@@ -130,8 +178,8 @@ def make_batches(
     max_source_tokens: int,
     max_target_tokens: int,
     generator: torch.Generator | None = None,
+    prompt_code_start: bool = False,
 ) -> list[Batch]:
     """Tokenize and pad examples into batches; shuffled when a generator is given."""
-    return batches_of(
-        encode(tokenizer, examples, max_source_tokens, max_target_tokens), batch_size, generator
-    )
+    encoded = encode(tokenizer, examples, max_source_tokens, max_target_tokens, prompt_code_start)
+    return batches_of(encoded, batch_size, generator)

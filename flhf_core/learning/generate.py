@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from flhf_core.config import RunConfig
+from flhf_core.learning.batches import prompt_codes
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class DecodingConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    prompt_code_start: bool = False  # the decoder starts from the prompt's code (decoder-start)
 
     @classmethod
     def from_run_config(cls, config: RunConfig) -> DecodingConfig:
@@ -51,6 +53,7 @@ class DecodingConfig:
             num_beams=config.num_beams,
             no_repeat_ngram_size=config.no_repeat_ngram_size,
             encoder_repetition_penalty=config.encoder_repetition_penalty,
+            prompt_code_start=config.prompt_code_start,
         )
 
 
@@ -86,6 +89,19 @@ class CopyBias(LogitsProcessor):
 
 
 GENERATION_BATCH = 64  # sources decoded at once
+
+
+def decoder_start(
+    tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], prompt_code_start: bool, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """``model.generate``'s keyword for each row's first decoder token: with prompt-code start
+    the row's control code (:func:`~flhf_core.learning.batches.prompt_codes`), else nothing (the
+    model's own start token)."""
+    if not prompt_code_start:
+        return {}
+    codes = torch.tensor(prompt_codes(tokenizer, sources), dtype=torch.long, device=device)
+    return {"decoder_start_token_id": codes}
+
 
 SPECIAL_TOKEN_SETTINGS = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -148,6 +164,7 @@ def generate_summaries(
         with run_defaults_only(model):
             generated = model.generate(
                 **batch,
+                **decoder_start(tokenizer, [sources[i] for i in chunk], decoding.prompt_code_start, device),
                 logits_processor=processors,
                 max_new_tokens=decoding.max_new_tokens,
                 num_beams=decoding.num_beams,
@@ -157,7 +174,8 @@ def generate_summaries(
                 top_p=decoding.top_p if decoding.do_sample else None,
                 top_k=0 if decoding.do_sample else None,
             )
-        outputs.update(zip(chunk, tokenizer.batch_decode(generated, skip_special_tokens=True), strict=True))
+        written = tokenizer.batch_decode(generated[:, 1:], skip_special_tokens=True)  # [:, 1:]: the start
+        outputs.update(zip(chunk, written, strict=True))
     model.train(was_training)
     return [outputs[i].strip() for i in range(len(sources))]
 

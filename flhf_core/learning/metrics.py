@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flhf_core.config import RunConfig
-from flhf_core.data.corpus import Example
+from flhf_core.data.corpus import Document, Example
 from flhf_core.learning.batches import Batch, make_batches
 from flhf_core.learning.generate import summarize
 from flhf_core.users.rouge import rouge
@@ -33,7 +33,7 @@ def token_loss(
     total_nll, total_kl, total_tokens = 0.0, 0.0, 0
     for batch in batches:
         batch = batch.to(device)
-        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+        inputs = batch.model_inputs()
         logits = model(**inputs).logits.float()
         nll = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum"
@@ -68,7 +68,14 @@ def evaluate_model(
     ``batches``: the examples' batches, if the caller keeps them.
     """
     if batches is None:
-        batches = make_batches(tokenizer, examples, 32, config.max_source_tokens, config.max_target_tokens)
+        batches = make_batches(
+            tokenizer,
+            examples,
+            32,
+            config.max_source_tokens,
+            config.max_target_tokens,
+            prompt_code_start=config.prompt_code_start,
+        )
     loss, perplexity, kl = token_loss(model, batches, reference)
     if predictions is None:
         predictions = summarize(model, tokenizer, [e.source for e in examples], config)
@@ -119,19 +126,21 @@ def by_aspect(examples: Sequence[Example], predictions: Sequence[str]) -> dict[s
     return {f"rougeL-{aspect}": rouge(p, r)["rougeL"] for aspect, (p, r) in sorted(groups.items())}
 
 
-def baseline_scores(examples: Sequence[Example], abstracts: dict[str, str], k: int) -> dict[str, float]:
+def baseline_scores(
+    examples: Sequence[Example], documents: Mapping[str, Document], k: int
+) -> dict[str, float]:
     """ROUGE of the extractive baselines on ``examples``, overall and per aspect.
 
-    The first ``k`` words of the document (``lead<k>``), and the first and the last sentence
-    of the abstract; ``baseline-best-per-aspect-rougeL`` takes, for each aspect, the best of
+    The first ``k`` words of the whole document (``lead<k>``; not of what an extractor left the
+    model to read), and the first and the last sentence of the abstract; ``baseline-best-per-aspect-rougeL`` takes, for each aspect, the best of
     them (chosen on these very examples: an upper bound for any one of these rules),
     averaged over examples.
     """
     references = [e.summary for e in examples]
     candidates = {
-        f"lead{k}": [lead_words(e.document, k) for e in examples],
-        "first-sentence": [first_sentence(abstracts[e.doc_id]) for e in examples],
-        "last-sentence": [last_sentence(abstracts[e.doc_id]) for e in examples],
+        f"lead{k}": [lead_words(documents[e.doc_id].text, k) for e in examples],
+        "first-sentence": [first_sentence(documents[e.doc_id].abstract) for e in examples],
+        "last-sentence": [last_sentence(documents[e.doc_id].abstract) for e in examples],
     }
     scores: dict[str, float] = {}
     per_aspect: dict[str, dict[str, float]] = {}

@@ -72,7 +72,12 @@ class ServerState:
     def heldout_batches(self) -> list[Batch]:
         config = self.config
         return make_batches(
-            self.tokenizer, self.heldout, 32, config.max_source_tokens, config.max_target_tokens
+            self.tokenizer,
+            self.heldout,
+            32,
+            config.max_source_tokens,
+            config.max_target_tokens,
+            prompt_code_start=config.prompt_code_start,
         )
 
 
@@ -99,7 +104,7 @@ def prepare(config: RunConfig, trained_tokenizer: bytes | None = None) -> Server
             f"reward-fraction: {config.reward_fraction} leaves no reward documents in {len(corpus.documents)} "
             "documents; raise it (users judge the model on these to steer aggregation)."
         )
-    baselines = baseline_scores(heldout, partitions.abstracts(corpus), config.lead_words)
+    baselines = baseline_scores(heldout, corpus.by_id, config.lead_words)
     return ServerState(
         config, corpus, tokenizer, spec, model, heldout, baselines, shared_parameter_names(model, config)
     )

@@ -142,6 +142,8 @@ def test_a_user_with_its_own_data_file_reads_only_its_own_documents(
         documents.file_documents(config, 1, tiny)
     with pytest.raises(ConfigError, match="highlight-supervision"):  # a file carries no highlights
         documents.file_documents(config.replace(**{"highlight-supervision": True}), 1, path)
+    with pytest.raises(ConfigError, match="extractor: user 1's data file"):  # nor sentence boundaries
+        documents.file_documents(config.replace(extractor="highlights"), 1, path)
 
 
 def test_thread_budget_comes_from_the_node_then_the_engine(monkeypatch, smoke_config):

@@ -6,7 +6,7 @@ import pytest
 
 from flhf_core.config import ConfigError, RunConfig
 from flhf_core.data import partitions
-from flhf_core.data.corpus import Example, load_corpus
+from flhf_core.data.corpus import Document, Example, load_corpus
 from flhf_core.learning.batches import encode, make_batches
 from flhf_core.learning.metrics import sentences_of
 
@@ -347,9 +347,13 @@ def test_extractive_baselines_per_aspect_and_the_best_of_them():
         Example("d1", "outcome", abstract, "cats win"),
         Example("d2", "outcome", "Birds fly. Fish swim.", "fish swim"),
     ]
-    abstracts = {"d1": abstract, "d2": "Birds fly. Fish swim."}
+    documents = {
+        "d1": Document("d1", abstract, abstract, ()),
+        "d2": Document("d2", "Birds fly. Fish swim.", "Birds fly. Fish swim.", ()),
+    }
+    examples[0] = Example("d1", "challenge", "We use dogs.", "we study cats")  # what an extractor left
     assert first_sentence(abstract) == "We study cats."
-    scores = baseline_scores(examples, abstracts, k=3)
+    scores = baseline_scores(examples, documents, k=3)
     assert scores["baseline-first-sentence-rougeL-challenge"] == pytest.approx(100.0)
     assert scores["baseline-last-sentence-rougeL-outcome"] == pytest.approx(100.0)
     assert scores["baseline-lead3-rougeL-challenge"] == pytest.approx(100.0)  # "We study cats."

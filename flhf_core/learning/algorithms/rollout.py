@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from flhf_core.config import RunConfig
 from flhf_core.data.corpus import Example
 from flhf_core.learning.algorithms.sft import autocast
-from flhf_core.learning.generate import run_defaults_only
+from flhf_core.learning.generate import decoder_start, run_defaults_only
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class FeedbackConfig:
     max_source_tokens: int = 192
     max_grad_norm: float = 1.0
     bf16: bool = True
+    prompt_code_start: bool = False  # decoder-start = "prompt-code": the decoder starts from the code
 
     @classmethod
     def from_run_config(cls, config: RunConfig) -> FeedbackConfig:
@@ -64,6 +65,7 @@ class FeedbackConfig:
             max_source_tokens=config.max_source_tokens,
             max_grad_norm=config.max_grad_norm,
             bf16=config.bf16,
+            prompt_code_start=config.prompt_code_start,
         )
 
 
@@ -78,10 +80,18 @@ class Rollout:
     sampler_logprobs: (
         torch.Tensor
     )  # [B, T] log-probability of each token as the sampler drew it (0 where masked)
+    codes: torch.Tensor | None = None  # [B] each row's first decoder token (prompt-code start)
 
     @property
     def labels(self) -> torch.Tensor:
         return self.response_ids.masked_fill(self.response_mask == 0, -100)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The forward pass that teacher-forces the sampled tokens from the start the sampler used."""
+        inputs = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.labels)
+        if self.codes is not None:
+            inputs["decoder_input_ids"] = torch.cat([self.codes[:, None], self.response_ids[:, :-1]], dim=1)
+        return inputs
 
 
 @torch.no_grad()
@@ -102,9 +112,11 @@ def sample(
         padding=True,
         return_tensors="pt",
     ).to(device)
+    sources = [e.source for e in examples]
     with run_defaults_only(model):
         generated = model.generate(
             **encoded,
+            **decoder_start(tokenizer, sources, config.prompt_code_start, device),
             do_sample=True,
             temperature=config.temperature,
             top_k=0,
@@ -115,7 +127,7 @@ def sample(
             output_scores=True,
             return_dict_in_generate=True,
         )
-    response = generated.sequences[:, 1:]  # drop the decoder start token
+    response = generated.sequences[:, 1:]  # drop the decoder start token (or the prompt's code)
     is_eos = response == tokenizer.eos_token_id
     # keep tokens up to and including the first </s> (all of them if none was produced)
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
@@ -130,6 +142,7 @@ def sample(
         response_mask=mask,
         texts=[t.strip() for t in tokenizer.batch_decode(response, skip_special_tokens=True)],
         sampler_logprobs=sampler_logprobs.masked_fill(mask == 0, 0.0),
+        codes=generated.sequences[:, 0] if config.prompt_code_start else None,
     )
 
 
@@ -143,9 +156,7 @@ def token_logprobs(
     """
     device = next(model.parameters()).device
     with autocast(device, bf16):
-        logits = model(
-            input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, labels=rollout.labels
-        ).logits
+        logits = model(**rollout.model_inputs()).logits
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     picked = logp.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
     return picked * rollout.response_mask
@@ -254,6 +265,7 @@ def subset(rollout: Rollout, index: torch.Tensor) -> Rollout:
         response_mask=rollout.response_mask[index],
         texts=[rollout.texts[i] for i in keep],
         sampler_logprobs=rollout.sampler_logprobs[index],
+        codes=None if rollout.codes is None else rollout.codes[index],
     )
 
 

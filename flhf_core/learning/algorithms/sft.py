@@ -40,6 +40,7 @@ class SFTConfig:
     max_source_tokens: int = 192
     max_target_tokens: int = 64
     seed: int = 0  # shuffling order
+    prompt_code_start: bool = False  # decoder-start = "prompt-code": the decoder starts from the code
 
     @classmethod
     def from_run_config(cls, config: RunConfig, learning_rate: float, seed: int) -> SFTConfig:
@@ -55,6 +56,7 @@ class SFTConfig:
             max_source_tokens=config.max_source_tokens,
             max_target_tokens=config.max_target_tokens,
             seed=seed,
+            prompt_code_start=config.prompt_code_start,
         )
 
 
@@ -117,7 +119,9 @@ def train_sft(
         weight_decay=config.weight_decay,
     )
     if encoded is None:
-        encoded = encode(tokenizer, examples, config.max_source_tokens, config.max_target_tokens)
+        encoded = encode(
+            tokenizer, examples, config.max_source_tokens, config.max_target_tokens, config.prompt_code_start
+        )
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     losses: list[float] = []
@@ -132,9 +136,7 @@ def train_sft(
         for batch in batches:
             batch = batch.to(device)
             with autocast(device, config.bf16):
-                loss = model(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
-                ).loss
+                loss = model(**batch.model_inputs()).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.max_grad_norm > 0:
