@@ -55,6 +55,7 @@ ROWS: dict[str, list[str]] = {
     "prompt-code": ["", "decoder-start=prompt-code"],  # the decoder starts from the aspect code
     "extract": ["", "extractor=highlights"],  # the model reads the 2 sentences picked for the aspect
     "extract-copy": ["", "extractor=highlights", "copy-attention=true"],  # ... and can copy them
+    "extract-copy-code": ["", "extractor=highlights", "copy-attention=true", "decoder-start=prompt-code"],
     "pretrained": ["pretrained"],  # model = minilm-warm-start
 }
 RULES = ("lead", "first-sentence", "last-sentence")  # the best of these per aspect is "the best rule"
