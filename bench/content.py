@@ -204,7 +204,7 @@ def extracted_rule() -> dict[tuple[str, str], float]:
     extractor = train_split_extractor(corpus)
     scores = {}
     for e in partitions.heldout_examples(corpus, config.replace(**{"heldout-max-examples": 0})):
-        sentence = extractor.extract(corpus.by_id[e.doc_id].sentences, e.aspect, 1)
+        sentence = extractor.extract(corpus.by_id[e.doc_id], e.aspect, 1)
         scores[e.doc_id, e.aspect] = (
             100 * rouge_pair(lead_words(sentence, config.lead_words), e.summary)["rougeL"]
         )

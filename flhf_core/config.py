@@ -301,6 +301,17 @@ class RunConfig:
                 "under heldout-split='hash' some of them are held out. Use heldout-split='official' "
                 "or extractor='none'."
             )
+        if self.prompt_code_start and (self.aspect_prompt == "question" or self.partitioning == "preference"):
+            setting = (
+                "aspect-prompt='question'"
+                if self.aspect_prompt == "question"
+                else "partitioning='preference'"
+            )
+            raise ConfigError(
+                f"decoder-start: 'prompt-code' starts the decoder from the prompt's first word piece, which "
+                f"under {setting} is the same for every aspect. Use aspect-prompt='name' with another "
+                "partitioning, or decoder-start='model'."
+            )
         if self.extractor != "none" and self.partitioning == "preference":
             raise ConfigError(
                 f"extractor: {self.extractor!r} picks sentences for the aspect the prompt names; under "

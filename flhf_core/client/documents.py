@@ -30,12 +30,15 @@ from flhf_core.common import atomic_write_json
 from flhf_core.config import ConfigError, RunConfig
 from flhf_core.data import partitions
 from flhf_core.data.corpus import Document, Example, load_corpus, load_table
+from flhf_core.data.extractor import VERSION as EXTRACTOR_VERSION
 from flhf_core.learning.batches import Encoded, encode
 from flhf_core.users.feedback import PooledExample
 from flhf_core.users.profiles import UserProfile, build_profile
 
 DATA_FILE = "data-file"  # node config: the user's own documents
-CACHE_VERSION = 2  # bump when what the disk cache holds changes (2: own files leave out held-out ids)
+# bump when what the disk cache holds changes (2: own files leave out held-out ids; 3: the
+# extractor's sources and the prompt codes); the extractor's own version is in the key too
+CACHE_VERSION = 3
 
 
 def own_data_file(context: Context) -> Path | None:
@@ -299,7 +302,7 @@ def cached_documents(
         return _user_cache[key]
     folder = cache_dir(context)
     path = (
-        folder / f"user-{user}-{fingerprint(CACHE_VERSION, config.to_mapping(), *key[1:])}.json"
+        folder / f"user-{user}-{fingerprint(CACHE_VERSION, EXTRACTOR_VERSION, config.to_mapping(), *key[1:])}.json"
         if folder
         else None
     )

@@ -7,6 +7,11 @@ papers, scores each sentence of a document; the model's input becomes the
 ``extract-sentences`` best-scored ones, in document order. The validation papers stay out of
 the fit, so levers can still be chosen on them, and the test papers are never seen.
 
+A train paper is read through a model fitted without it (cross-fitting over
+:data:`FOLDS` folds of the train papers): fitted on its own highlights, the extractor would pick
+better sentences for the papers the summarizer trains on (top-2 precision 0.62 in sample
+against 0.52 on validation papers) than for any paper it is asked about later.
+
 Features of a sentence: hashed word unigrams and bigrams (a bag of cue phrases: "we propose",
 "outperforms", "however"), scaled to unit length, and where it sits in the document (five
 bins of its relative position, first, second and last). The model per aspect is
@@ -34,6 +39,7 @@ import numpy as np
 
 from flhf_core.data.corpus import Corpus, Document
 
+VERSION = 1  # bump when the features, the fit or the folds change: cached extracted sources go stale
 HASH_DIMENSIONS = 2**12  # buckets of the hashed n-grams (collisions are rare at ~600 sentences)
 POSITION_FEATURES = 9  # five relative-position bins, first, second, last, a bias
 L2 = 1e-4  # penalty on the weights (chosen on the official validation papers: 1e-2..1e-4)
@@ -137,7 +143,31 @@ class SentenceExtractor:
         return " ".join(sentences[i] for i in sorted(best.tolist()))
 
 
+FOLDS = 5  # cross-fitting folds of the train papers
+
+
+@dataclass(frozen=True)
+class CrossFittedExtractor:
+    """One extractor for papers outside the train split, and one per fold for the train papers."""
+
+    full: SentenceExtractor  # fitted on every train paper
+    folds: tuple[SentenceExtractor, ...]  # fold k's: fitted on the train papers outside fold k
+    fold_of: dict[str, int]  # train paper id -> its fold
+
+    def extract(self, doc: Document, aspect: str, count: int) -> str:
+        """The sentences of ``doc`` picked for ``aspect`` by a model that never saw its highlights."""
+        fold = self.fold_of.get(doc.doc_id)
+        model = self.full if fold is None else self.folds[fold]
+        return model.extract(doc.sentences, aspect, count)
+
+
 @functools.lru_cache(maxsize=4)
-def train_split_extractor(corpus: Corpus) -> SentenceExtractor:
+def train_split_extractor(corpus: Corpus) -> CrossFittedExtractor:
     """The extractor fitted on the highlights of the corpus's official train papers only."""
-    return SentenceExtractor.fit([d for d in corpus.documents if d.split == "train"], corpus.aspects)
+    train = sorted((d for d in corpus.documents if d.split == "train"), key=lambda d: d.doc_id)
+    fold_of = {d.doc_id: i % FOLDS for i, d in enumerate(train)}
+    folds = tuple(
+        SentenceExtractor.fit([d for d in train if fold_of[d.doc_id] != k], corpus.aspects)
+        for k in range(FOLDS)
+    )
+    return CrossFittedExtractor(SentenceExtractor.fit(train, corpus.aspects), folds, fold_of)

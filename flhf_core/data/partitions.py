@@ -316,7 +316,7 @@ def reading(corpus: Corpus, doc: Document, aspect: str, config: RunConfig) -> st
     (:mod:`flhf_core.data.extractor`)."""
     if config.extractor == "none" or not doc.sentences:
         return doc.text
-    return train_split_extractor(corpus).extract(doc.sentences, aspect, config.extract_sentences)
+    return train_split_extractor(corpus).extract(doc, aspect, config.extract_sentences)
 
 
 def instruction_for(config: RunConfig, aspect: str) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flhf_core.config import ConfigError
 from flhf_core.data.corpus import Example
 
 
@@ -54,6 +55,19 @@ def prompt_codes(tokenizer, sources: Sequence[str]) -> list[int]:
     rows = tokenizer(list(sources), add_special_tokens=False)["input_ids"]
     fallback = int(tokenizer.pad_token_id)
     return [int(row[0]) if row else fallback for row in rows]
+
+
+def check_distinct_codes(tokenizer, aspects: Sequence[str]) -> None:
+    """Raise unless every aspect's prompt starts with a word piece of its own (prompt-code start)."""
+    codes = prompt_codes(tokenizer, [f"{aspect}: ." for aspect in aspects])
+    for i, aspect in enumerate(aspects):
+        for other, code in zip(aspects[i + 1 :], codes[i + 1 :], strict=True):
+            if code == codes[i]:
+                raise ConfigError(
+                    f"decoder-start: 'prompt-code': the aspects {aspect!r} and {other!r} begin with the same "
+                    f"word piece {tokenizer.convert_ids_to_tokens(code)!r}, so the decoder could not tell "
+                    "them apart. Rename a summary field, or use decoder-start='model'."
+                )
 
 
 @dataclass(frozen=True)

@@ -325,7 +325,15 @@ def command_summarize(args: argparse.Namespace) -> int:
     instruction = (
         (instruction_for(config, args.aspect) or args.aspect) if args.aspect else NEUTRAL_INSTRUCTION
     )
-    source = f"{instruction}: {' '.join(text_path.read_text().split())}"
+    text = " ".join(text_path.read_text().split())
+    if args.aspect and config.extractor != "none":  # read what the run's model was trained to read
+        from flhf_core.data.corpus import Document
+        from flhf_core.data.partitions import reading
+        from flhf_core.learning.metrics import sentences_of
+
+        document = Document("summarize", text, text, (), sentences=tuple(sentences_of(text)))
+        text = reading(load_corpus(config), document, args.aspect, config)
+    source = f"{instruction}: {text}"
     (summary,) = summarize(model, tokenizer, [source], config)
     print(summary)
     return 0

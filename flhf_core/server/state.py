@@ -18,7 +18,7 @@ from flhf_core.config import ConfigError, RunConfig
 from flhf_core.data import partitions
 from flhf_core.data.corpus import Corpus, Example, load_corpus
 from flhf_core.learning import warm_start
-from flhf_core.learning.batches import Batch, make_batches
+from flhf_core.learning.batches import Batch, check_distinct_codes, make_batches
 from flhf_core.learning.metrics import baseline_scores, evaluate_model
 from flhf_core.learning.model import (
     TokenizerSpec,
@@ -92,6 +92,8 @@ def prepare(config: RunConfig, trained_tokenizer: bytes | None = None) -> Server
         warm_start.checkpoint_folder()  # the pretrained extra, checked now, not in the first feedback round
     corpus = load_corpus(config)
     tokenizer, spec = server_tokenizer(config, corpus, trained_tokenizer)
+    if config.prompt_code_start:
+        check_distinct_codes(tokenizer, corpus.aspects)
     model = build_model(config, tokenizer).to(select_device(config.device))
     heldout = partitions.heldout_examples(corpus, config)
     if not heldout:

@@ -58,13 +58,26 @@ def test_sparse_features_multiply_as_their_dense_matrix():
     assert np.isclose(np.linalg.norm(x.dense()[0, :4096]), 1.0)  # n-grams at unit length
 
 
-def test_it_is_fitted_on_the_official_train_papers_alone(corpus):
-    train = [d for d in corpus.documents if d.split == "train"]
+def test_it_is_fitted_on_the_official_train_papers_alone_and_each_reads_through_another_fold(corpus):
+    train = sorted((d for d in corpus.documents if d.split == "train"), key=lambda d: d.doc_id)
     assert 0 < len(train) < len(corpus.documents)
     fitted = train_split_extractor(corpus)
-    again = SentenceExtractor.fit(train, corpus.aspects)
     for aspect in corpus.aspects:
-        np.testing.assert_array_equal(fitted.weights[aspect], again.weights[aspect])
+        np.testing.assert_array_equal(
+            fitted.full.weights[aspect], SentenceExtractor.fit(train, corpus.aspects).weights[aspect]
+        )
+    paper = train[7]
+    fold = fitted.fold_of[paper.doc_id]
+    outside = SentenceExtractor.fit([d for d in train if fitted.fold_of[d.doc_id] != fold], corpus.aspects)
+    np.testing.assert_array_equal(fitted.folds[fold].weights["outcome"], outside.weights["outcome"])
+    assert paper.doc_id not in {d.doc_id for d in train if fitted.fold_of[d.doc_id] != fold}
+    in_sample = [fitted.full.extract(d.sentences, "approach", 2) for d in train]
+    cross_fitted = [fitted.extract(d, "approach", 2) for d in train]
+    assert in_sample != cross_fitted  # the train papers are not read through the model fitted on them
+    test_paper = next(d for d in corpus.documents if d.split == "test")
+    assert fitted.extract(test_paper, "approach", 2) == fitted.full.extract(
+        test_paper.sentences, "approach", 2
+    )
 
 
 def test_every_role_reads_the_extracted_sentences_and_the_rules_the_whole_paper(corpus):
@@ -92,3 +105,29 @@ def test_every_role_reads_the_extracted_sentences_and_the_rules_the_whole_paper(
 def test_the_extractor_refuses_what_it_cannot_serve(changes, named):
     with pytest.raises(ConfigError, match=f"extractor: .*{named}"):
         RunConfig.from_mapping({"extractor": "highlights", **changes})
+
+
+def test_flhf_summarize_reads_a_text_as_the_runs_model_was_trained_to(
+    tmp_path, monkeypatch, tiny_model, tokenizer, smoke_config
+):
+    import json
+
+    from flhf_core.learning import generate
+    from flhf_core.runs import cli
+
+    run_dir = tmp_path / "run"
+    tiny_model.save_pretrained(run_dir / "model")
+    tokenizer.save_pretrained(run_dir / "model")
+    config = smoke_config.replace(extractor="highlights", **{"extract-sentences": 1})
+    (run_dir / "config.json").write_text(json.dumps(config.to_mapping()))
+    text = tmp_path / "paper.txt"
+    text.write_text(
+        "Parsing long sentences is hard. We propose a parser. It outperforms the baseline by 2 points."
+    )
+    asked = []
+    monkeypatch.setattr(generate, "summarize", lambda m, t, sources, c: asked.extend(sources) or ["ok"])
+    assert cli.main(["summarize", str(run_dir), str(text), "--aspect", "outcome"]) == 0
+    assert cli.main(["summarize", str(run_dir), str(text)]) == 0
+    outcome, neutral = asked
+    assert outcome.startswith("outcome: ") and outcome.count(".") == 1  # one sentence of three
+    assert neutral.endswith("by 2 points.")  # a neutral request reads the whole text

@@ -8,6 +8,8 @@ decode or differentiate another.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -61,8 +63,18 @@ def test_decoding_starts_from_the_code_and_leaves_it_out_of_the_summary(tokenize
     for p in tiny_model.parameters():  # an untrained model: make its outputs depend on the start
         p.data.normal_(0, 0.3)
     sources = [e.source for e in EXAMPLES]
-    decoding = DecodingConfig(max_new_tokens=6, no_repeat_ngram_size=0, prompt_code_start=True)
+    decoding = DecodingConfig(
+        max_new_tokens=6, no_repeat_ngram_size=0, num_beams=num_beams, prompt_code_start=True
+    )
     written = generate_summaries(tiny_model, tokenizer, sources, decoding, 64)
+    if num_beams > 1:  # beam search need not find the greedy path: it starts from the code all the same
+        starts = []
+        original = tiny_model.generate
+        tiny_model.generate = lambda **kw: starts.append(kw["decoder_start_token_id"]) or original(**kw)
+        generate_summaries(tiny_model, tokenizer, sources, decoding, 64)
+        assert sorted(starts[0].tolist()) == sorted(prompt_codes(tokenizer, sources))
+        assert not any(s.lower().startswith(("challenge", "outcome")) for s in written)
+        return
     tiny_model.eval()
     for source, summary in zip(sources, written, strict=True):
         encoded = tokenizer([source], return_tensors="pt")
@@ -74,9 +86,8 @@ def test_decoding_starts_from_the_code_and_leaves_it_out_of_the_summary(tokenize
                 if decoder[0, -1] == tokenizer.eos_token_id:
                     break
         assert summary == tokenizer.decode(decoder[0, 1:], skip_special_tokens=True).strip()
-    if num_beams == 1:
-        model_start = generate_summaries(tiny_model, tokenizer, sources, DecodingConfig(max_new_tokens=6), 64)
-        assert model_start != written  # the start token changes what is written
+    model_start = generate_summaries(tiny_model, tokenizer, sources, DecodingConfig(max_new_tokens=6), 64)
+    assert model_start != written  # the start token changes what is written
 
 
 def test_sampling_from_the_code_is_on_policy(tokenizer, tiny_model):
@@ -94,8 +105,60 @@ def test_sampling_from_the_code_is_on_policy(tokenizer, tiny_model):
     torch.testing.assert_close(part.sampler_logprobs, token_logprobs(tiny_model, part), atol=1e-4, rtol=1e-4)
 
 
-def test_decoder_start_names_its_values():
+def test_every_stage_of_a_run_gets_the_setting(tokenizer, smoke_config):
+    """Supervised batches, the user's cached token ids, the server's held-out batches, decoding and
+    the feedback algorithms all read ``decoder-start`` from the run config."""
+    from flhf_core.client.documents import encode_training
+    from flhf_core.learning.algorithms.sft import SFTConfig
+    from flhf_core.learning.metrics import evaluate_model
+
+    config = smoke_config.replace(**{"decoder-start": "prompt-code"})
+    assert SFTConfig.from_run_config(config, 1e-3, 0).prompt_code_start
+    assert FeedbackConfig.from_run_config(config).prompt_code_start
+    assert DecodingConfig.from_run_config(config).prompt_code_start
+    assert not DecodingConfig.from_run_config(smoke_config).prompt_code_start
+    documents = SimpleNamespace(train=tuple(EXAMPLES))  # a user's documents: their training examples
+    assert encode_training(tokenizer, documents, config).codes is not None
+    assert encode_training(tokenizer, documents, smoke_config).codes is None
+    seen = []
+
+    class Recorder(torch.nn.Module):  # records what evaluate_model's loss pass gives the model
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, **inputs):
+            seen.append(inputs)
+            return type("Out", (), {"logits": torch.zeros(*inputs["labels"].shape, len(tokenizer))})()
+
+    evaluate_model(Recorder(), tokenizer, EXAMPLES, config, predictions=["x", "y"])
+    assert "decoder_input_ids" in seen[0]
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"decoder-start": "code"}, "decoder-start.*'code'"),
+        (
+            {"decoder-start": "prompt-code", "aspect-prompt": "question"},
+            "decoder-start: .*aspect-prompt='question'",
+        ),
+        (
+            {"decoder-start": "prompt-code", "partitioning": "preference"},
+            "decoder-start: .*partitioning='preference'",
+        ),
+    ],
+)
+def test_decoder_start_refuses_prompts_without_a_code_of_their_own(changes, named):
     assert RunConfig.from_mapping({"decoder-start": "prompt-code"}).prompt_code_start
     assert not RunConfig().prompt_code_start
-    with pytest.raises(ConfigError, match="decoder-start"):
-        RunConfig.from_mapping({"decoder-start": "code"})
+    with pytest.raises(ConfigError, match=named):
+        RunConfig.from_mapping(changes)
+
+
+def test_aspects_that_begin_alike_are_refused(tokenizer):
+    from flhf_core.learning.batches import check_distinct_codes
+
+    check_distinct_codes(tokenizer, ("challenge", "approach", "outcome"))
+    with pytest.raises(ConfigError, match="'challenge' and 'challenge_b' begin with the same word piece"):
+        check_distinct_codes(tokenizer, ("challenge", "outcome", "challenge_b"))
