@@ -50,13 +50,16 @@ from flhf_core.users.rouge import rouge_pair
 ASPECTS = ("challenge", "approach", "outcome")
 # row -> [PRESET or "", key=value ...]: what `flhf run` is given (2 users, the seed added)
 ROWS: dict[str, list[str]] = {
-    "default": [""],  # pyproject's defaults: the federation `flwr run .` runs
-    "copy": ["", "copy-attention=true"],  # the pointer-generator lever
-    "prompt-code": ["", "decoder-start=prompt-code"],  # the decoder starts from the aspect code
-    "extract": ["", "extractor=highlights"],  # the model reads the 2 sentences picked for the aspect
-    "extract-copy": ["", "extractor=highlights", "copy-attention=true"],  # ... and can copy them
-    "extract-copy-code": ["", "extractor=highlights", "copy-attention=true", "decoder-start=prompt-code"],
-    "pretrained": ["pretrained"],  # model = minilm-warm-start
+    # pyproject's defaults, the federation `flwr run .` runs: tiny-t5 reading the extracted
+    # sentences, with copy attention
+    "default": [""],
+    # the tiny T5 before those levers: whole abstracts, no copying
+    "tiny-before": ["", "extractor=none", "copy-attention=false"],
+    # a lever alone on the tiny T5 before, or one more on the default
+    "copy": ["", "extractor=none", "copy-attention=true"],
+    "prompt-code": ["", "extractor=none", "copy-attention=false", "decoder-start=prompt-code"],
+    "default-code": ["", "decoder-start=prompt-code"],
+    "pretrained": ["pretrained", "extractor=none"],  # model = minilm-warm-start, whole abstracts
 }
 RULES = ("lead", "first-sentence", "last-sentence")  # the best of these per aspect is "the best rule"
 # a stronger extractive rule, reported beside them: the first lead-words words of the sentence
@@ -100,7 +103,7 @@ def run_seed(row: str, seed: int) -> Path:
 
 def score_test_examples(run_dir: Path) -> dict:
     """ROUGE-L (0-100) of the run's final model and of each rule on every official test example."""
-    config = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
+    config = RunConfig.from_saved(json.loads((run_dir / "config.json").read_text()))
     corpus = load_corpus(config)
     examples = partitions.heldout_examples(corpus, config.replace(**{"heldout-max-examples": 0}))
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")  # the vocabulary the run's weights use
@@ -230,17 +233,28 @@ def collect(rows: list[str], seeds: list[int]) -> dict:
     return collected
 
 
-def lever_choice(collected: dict, reference: str = "default") -> dict:
-    """Each row against ``reference`` on the users' validation ROUGE-L, seed by seed: a lever is
-    kept only when it is ahead on every seed both ran."""
+# what each lever is judged against: the tiny T5 before the levers, or the default it adds to
+LEVER_REFERENCE = {
+    "default": "tiny-before",
+    "copy": "tiny-before",
+    "prompt-code": "tiny-before",
+    "default-code": "default",
+}
+
+
+def lever_choice(collected: dict) -> dict:
+    """Each lever's row against its reference (:data:`LEVER_REFERENCE`) on the users' validation
+    ROUGE-L, seed by seed: a lever is kept only when it is ahead on every seed both ran."""
     choice = {}
-    for row, figures in collected.items():
-        if row == reference or reference not in collected:
+    for row, reference in LEVER_REFERENCE.items():
+        if row not in collected or reference not in collected:
             continue
         base = collected[reference]["val-rougeL"]
+        figures = collected[row]
         seeds = sorted(set(figures["val-rougeL"]) & set(base))
         differences = [figures["val-rougeL"][s] - base[s] for s in seeds]
         choice[row] = {
+            "reference": reference,
             "seeds": seeds,
             "val-difference": differences,
             "ahead-on-every-seed": all(d > 0 for d in differences) and bool(seeds),
@@ -341,7 +355,7 @@ def main() -> None:
     levers = lever_choice(collected)
     for row, c in levers.items():
         print(
-            f"{row} - default on validation ROUGE-L per seed: {' '.join(f'{d:+.2f}' for d in c['val-difference'])}"
+            f"{row} - {c['reference']} on validation ROUGE-L per seed: {' '.join(f'{d:+.2f}' for d in c['val-difference'])}"
             f" ({'ahead on every seed' if c['ahead-on-every-seed'] else 'not ahead on every seed'})"
         )
     write_result(

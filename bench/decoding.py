@@ -42,7 +42,7 @@ SETTINGS: dict[str, dict] = {  # name -> DecodingConfig fields changed from the 
 
 def decoded_figures(run_dir: Path, settings: list[str]) -> dict[str, dict[str, float]]:
     """ROUGE-L (validation, held-out, held-out per aspect) of ``run_dir``'s final model per setting."""
-    config = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
+    config = RunConfig.from_saved(json.loads((run_dir / "config.json").read_text()))
     corpus = load_corpus(config)
     users = config.min_available_nodes
     validation = [e for u in range(users) for e in user_partition(corpus, u, users, config).validation]

@@ -75,7 +75,7 @@ def checked_judgements(run_dir: Path) -> tuple[dict, dict, RunConfig]:
     are the final model's, and every user's (a missing user would flatter the worst-user figure)."""
     judged = json.loads((run_dir / "judgements.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
-    config = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
+    config = RunConfig.from_saved(json.loads((run_dir / "config.json").read_text()))
     if judged["round"] != config.num_server_rounds:
         raise ValueError(f"{run_dir}: judgements of round {judged['round']}, not of the final model")
     if sorted(map(int, judged["users"])) != list(range(config.min_available_nodes)):

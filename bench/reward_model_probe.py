@@ -67,7 +67,7 @@ from flhf_core.users.feedback import build_profile, judge
 
 
 def probe(run_dir: Path, train_share: float, steps: int, head_steps: int, rates: tuple[float, float]) -> dict:
-    config = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
+    config = RunConfig.from_saved(json.loads((run_dir / "config.json").read_text()))
     corpus = load_corpus(config)
     by_text = {doc.text: doc for doc in corpus.documents}
     summarizer = AutoModelForSeq2SeqLM.from_pretrained(run_dir / "model")

@@ -69,8 +69,9 @@ def _range(low: float | None = None, high: float | None = None) -> dict[str, Any
 
 
 # What a run saved before a key existed did, where that differs from the key's default: runs
-# before ``heldout-split`` held out ``heldout-fraction`` of the documents by hash.
-SAVED_BEFORE_KEY: dict[str, Any] = {"heldout-split": "hash"}
+# before ``heldout-split`` held out ``heldout-fraction`` of the documents by hash; runs before
+# ``extractor`` read whole documents.
+SAVED_BEFORE_KEY: dict[str, Any] = {"heldout-split": "hash", "extractor": "none"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class RunConfig:
     summary_fields: str = "summary"
     document_sections: str = "abstract"
     highlight_supervision: bool = False
-    extractor: str = field(default="none", metadata=_choice("none", "highlights"))
+    extractor: str = field(default="auto", metadata=_choice("auto", "none", "highlights"))
     extract_sentences: int = field(default=2, metadata=_range(1))
     aspect_prompt: str = field(default="name", metadata=_choice("name", "question"))
     partitioning: str = field(default="iid", metadata=_choice(*PARTITIONINGS))
@@ -117,7 +118,7 @@ class RunConfig:
     # --- model ----------------------------------------------------------------
     model: str = "tiny-t5"
     tiny_t5_size: str = field(default="s", metadata=_choice(*TINY_T5_SIZES))
-    copy_attention: bool = False
+    copy_attention: bool = True
     decoder_start: str = field(default="model", metadata=_choice("model", "prompt-code"))
     personalization: str = field(default="none", metadata=_choice(*PERSONALIZATIONS))
     personal_layers: int = field(default=1, metadata=_range(0))
@@ -222,6 +223,22 @@ class RunConfig:
         return self.decoder_start == "prompt-code"
 
     @property
+    def extracts(self) -> bool:
+        """Whether the model reads extracted sentences (``extractor``; ``auto``: on aclsum's
+        official split where prompts name the aspect)."""
+        if self.extractor == "auto":
+            return (
+                self.dataset == "aclsum"
+                and self.heldout_split == "official"
+                and self.partitioning != "preference"
+            )
+        return self.extractor == "highlights"
+
+    @property
+    def _prompts_name_the_aspect(self) -> bool:
+        return self.aspect_prompt == "name" and self.partitioning != "preference"
+
+    @property
     def summary_field_list(self) -> tuple[str, ...]:
         return tuple(s.strip() for s in self.summary_fields.split(",") if s.strip())
 
@@ -295,13 +312,13 @@ class RunConfig:
         return "feedback"
 
     def _check_semantics(self) -> None:
-        if self.extractor != "none" and self.heldout_split != "official":
+        if self.extractor == "highlights" and self.heldout_split != "official":
             raise ConfigError(
                 f"extractor: {self.extractor!r} is fitted on the official train papers' highlights; "
                 "under heldout-split='hash' some of them are held out. Use heldout-split='official' "
                 "or extractor='none'."
             )
-        if self.prompt_code_start and (self.aspect_prompt == "question" or self.partitioning == "preference"):
+        if self.decoder_start == "prompt-code" and not self._prompts_name_the_aspect:
             setting = (
                 "aspect-prompt='question'"
                 if self.aspect_prompt == "question"
@@ -312,7 +329,7 @@ class RunConfig:
                 f"under {setting} is the same for every aspect. Use aspect-prompt='name' with another "
                 "partitioning, or decoder-start='model'."
             )
-        if self.extractor != "none" and self.partitioning == "preference":
+        if self.extractor == "highlights" and self.partitioning == "preference":
             raise ConfigError(
                 f"extractor: {self.extractor!r} picks sentences for the aspect the prompt names; under "
                 "partitioning='preference' prompts are neutral. Use another partitioning or "
@@ -332,7 +349,7 @@ class RunConfig:
                 f"highlight-supervision: needs aclsum's highlight labels; dataset {self.dataset!r} has "
                 "none. Use dataset='aclsum' or highlight-supervision=false."
             )
-        elif self.extractor != "none":
+        elif self.extractor == "highlights":
             raise ConfigError(
                 f"extractor: {self.extractor!r} is fitted on aclsum's highlight labels; dataset "
                 f"{self.dataset!r} has none. Use dataset='aclsum' or extractor='none'."
@@ -385,11 +402,6 @@ class RunConfig:
                 )
         if self.feedback_algorithm == "dpo" and self.samples_per_prompt % 2:
             raise ConfigError("samples-per-prompt: dpo pairs samples, so it must be even.")
-        if self.copy_attention and self.model != "tiny-t5":
-            raise ConfigError(
-                f"copy-attention: the pointer-generator is built into model = 'tiny-t5'; {self.model!r} "
-                "is loaded or built as it is. Use copy-attention = false."
-            )
         if self.heldout_fraction + self.val_fraction >= 1.0:
             raise ConfigError("heldout-fraction + val-fraction must stay below 1.")
         if self.reward_fraction + self.val_fraction >= 1.0:

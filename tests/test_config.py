@@ -204,9 +204,12 @@ def test_private_files_are_created_owner_only(tmp_path, monkeypatch):
     assert (tmp_path / "node.key").read_bytes() == b"secret"
 
 
-def test_copy_attention_is_a_tiny_t5_option():
-    assert RunConfig(copy_attention=True).copy_attention
-    with pytest.raises(
-        ConfigError, match="copy-attention: the pointer-generator is built into model = 'tiny-t5'"
-    ):
-        RunConfig.from_mapping({"copy-attention": True, "model": "minilm-warm-start"})
+def test_copy_attention_is_a_tiny_t5_option_as_its_size_is(tokenizer):
+    from flhf_core.learning.copy_t5 import CopyT5ForConditionalGeneration
+    from flhf_core.learning.model import build_model
+
+    assert RunConfig().copy_attention  # the default model copies
+    small = {"tiny-t5-size": "xs"}
+    assert isinstance(build_model(RunConfig.from_mapping(small), tokenizer), CopyT5ForConditionalGeneration)
+    plain = build_model(RunConfig.from_mapping({**small, "copy-attention": False}), tokenizer)
+    assert not isinstance(plain, CopyT5ForConditionalGeneration)

@@ -190,11 +190,6 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
             f"highlight-supervision: user {user}'s data file {path} has no highlight labels (aclsum's "
             "are not exported); use highlight-supervision=false with data files."
         )
-    if config.extractor != "none":
-        raise ConfigError(
-            f"extractor: user {user}'s data file {path} has no sentence boundaries or highlights "
-            "(aclsum's are not exported); use extractor='none' with data files."
-        )
     check_export_stamp(config, path)
     own = load_table(str(path), config.document_field, config.aspects)
     profile = build_profile(user, config.user_profiles, config.aspects, config.seed)
@@ -206,7 +201,13 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
 
     def examples(role: str) -> tuple[Example, ...]:
         return tuple(
-            Example(d.doc_id, a, d.text, d.summary(a), partitions.instruction_for(config, a))
+            Example(
+                d.doc_id,
+                a,
+                partitions.reading(d, a, config),
+                d.summary(a),
+                partitions.instruction_for(config, a),
+            )
             for d in roles.get(role, [])
             for a in aspects
             if d.summary(a)
@@ -302,7 +303,8 @@ def cached_documents(
         return _user_cache[key]
     folder = cache_dir(context)
     path = (
-        folder / f"user-{user}-{fingerprint(CACHE_VERSION, EXTRACTOR_VERSION, config.to_mapping(), *key[1:])}.json"
+        folder
+        / f"user-{user}-{fingerprint(CACHE_VERSION, EXTRACTOR_VERSION, config.to_mapping(), *key[1:])}.json"
         if folder
         else None
     )

@@ -73,6 +73,14 @@ _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?%)\]])")
 _SPACE_AFTER_OPEN = re.compile(r"([(\[])\s+")
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(])")
+
+
+def sentences_of(text: str) -> list[str]:
+    """``text`` split after ``.``, ``!`` or ``?`` where a capital, digit or bracket follows."""
+    return [s for s in _SENTENCE_END.split(text.strip()) if s]
+
+
 def detokenize(text: str) -> str:
     """Undo aclsum's tokenized spacing (``"results , as"`` -> ``"results, as"``)."""
     text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)

@@ -22,6 +22,7 @@ scans the corpus once, not once per user.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from flhf_core.config import ConfigError, RunConfig
-from flhf_core.data.corpus import Corpus, Document, Example
+from flhf_core.data.corpus import Corpus, Document, Example, load_corpus, sentences_of
 from flhf_core.data.extractor import train_split_extractor
 from flhf_core.users.profiles import build_profile
 
@@ -198,7 +199,7 @@ def user_partition(corpus: Corpus, user: int, num_users: int, config: RunConfig)
             Example(
                 docs[i].doc_id,
                 aspect,
-                reading(corpus, docs[i], aspect, config),
+                reading(docs[i], aspect, config),
                 docs[i].summary(aspect),
                 instruction_for(config, aspect),
             )
@@ -229,7 +230,7 @@ def highlight_examples(
         Example(
             docs[i].doc_id,
             aspect,
-            reading(corpus, docs[i], aspect, config),
+            reading(docs[i], aspect, config),
             docs[i].highlight(aspect),
             instruction_for(config, aspect),
         )
@@ -296,9 +297,7 @@ def _heldout_ids(corpus: Corpus, config: RunConfig) -> tuple[str, ...]:
 def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
     """The server's held-out (document, aspect) examples, capped at ``heldout-max-examples``."""
     examples = [
-        Example(
-            doc.doc_id, aspect, reading(corpus, doc, aspect, config), summary, instruction_for(config, aspect)
-        )
+        Example(doc.doc_id, aspect, reading(doc, aspect, config), summary, instruction_for(config, aspect))
         for doc in corpus.documents
         if is_heldout(doc, config)
         for aspect, summary in doc.summaries
@@ -310,13 +309,20 @@ def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
     return tuple(examples)
 
 
-def reading(corpus: Corpus, doc: Document, aspect: str, config: RunConfig) -> str:
-    """What the model reads of ``doc`` when asked for ``aspect``: the whole text, or with
-    ``extractor = "highlights"`` the sentences the extractor picks for the aspect
-    (:mod:`flhf_core.data.extractor`)."""
-    if config.extractor == "none" or not doc.sentences:
+def reading(doc: Document, aspect: str, config: RunConfig) -> str:
+    """What the model reads of ``doc`` when asked for ``aspect``: the whole text, or where the
+    run extracts (``extractor``) the sentences the extractor picks for the aspect
+    (:mod:`flhf_core.data.extractor`). A document without aclsum's sentence boundaries (a
+    user's data file) is split at sentence ends; an aspect the extractor does not know reads
+    the whole text."""
+    if not config.extracts:
         return doc.text
-    return train_split_extractor(corpus).extract(doc, aspect, config.extract_sentences)
+    extractor = train_split_extractor(load_corpus(config))
+    if aspect not in extractor.full.weights:
+        return doc.text
+    if not doc.sentences:
+        doc = dataclasses.replace(doc, sentences=tuple(sentences_of(doc.text)))
+    return extractor.extract(doc, aspect, config.extract_sentences)
 
 
 def instruction_for(config: RunConfig, aspect: str) -> str:

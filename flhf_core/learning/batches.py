@@ -51,10 +51,11 @@ class Batch:
 
 
 def prompt_codes(tokenizer, sources: Sequence[str]) -> list[int]:
-    """The first word piece of each source, special tokens aside: its control code."""
+    """The first word piece of each source that writes something (special tokens and a bare
+    word-boundary piece such as SentencePiece's ``▁`` aside): its control code."""
     rows = tokenizer(list(sources), add_special_tokens=False)["input_ids"]
     fallback = int(tokenizer.pad_token_id)
-    return [int(row[0]) if row else fallback for row in rows]
+    return [next((int(i) for i in row[:4] if tokenizer.decode([i]).strip()), fallback) for row in rows]
 
 
 def check_distinct_codes(tokenizer, aspects: Sequence[str]) -> None:

@@ -6,14 +6,13 @@ ROUGE is reported as F1 in percent (0-100), as summarization papers do.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flhf_core.config import RunConfig
-from flhf_core.data.corpus import Document, Example
+from flhf_core.data.corpus import Document, Example, sentences_of
 from flhf_core.learning.batches import Batch, make_batches
 from flhf_core.learning.generate import summarize
 from flhf_core.users.rouge import rouge
@@ -92,16 +91,9 @@ def evaluate_model(
 # --------------------------------------------------------------------------
 # Extractive baselines: where a model stands against trivial summaries
 # --------------------------------------------------------------------------
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(])")
-
-
 def lead_words(document: str, k: int) -> str:
     """The first ``k`` words of the document."""
     return " ".join(document.split()[:k])
-
-
-def sentences_of(text: str) -> list[str]:
-    return [s for s in _SENTENCE_END.split(text.strip()) if s]
 
 
 def first_sentence(text: str) -> str:

@@ -116,7 +116,7 @@ def user_summaries(
     from flhf_core.learning.generate import summarize
     from flhf_core.learning.model import load_pretrained
 
-    config = RunConfig.from_mapping(read_json(Path(run_dirs[0]) / "config.json"))
+    config = RunConfig.from_saved(read_json(Path(run_dirs[0]) / "config.json"))
     docs = corpus_documents(config, user, num_users)
     examples = docs.report[:documents]
     rows = [

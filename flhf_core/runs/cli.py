@@ -293,7 +293,7 @@ def command_summarize(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir).resolve()
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"{run_dir} is not an FLHF run (no config.json).")
-    config = RunConfig.from_mapping(read_json(run_dir / "config.json"))
+    config = RunConfig.from_saved(read_json(run_dir / "config.json"))
     model_dir = run_dir / "model"
     if not config.has_global_model:  # local-head: the shared body, completed by a user's own head
         if args.user is None:
@@ -326,13 +326,11 @@ def command_summarize(args: argparse.Namespace) -> int:
         (instruction_for(config, args.aspect) or args.aspect) if args.aspect else NEUTRAL_INSTRUCTION
     )
     text = " ".join(text_path.read_text().split())
-    if args.aspect and config.extractor != "none":  # read what the run's model was trained to read
+    if args.aspect:  # read what the run's model was trained to read (extracted sentences, if it extracts)
         from flhf_core.data.corpus import Document
         from flhf_core.data.partitions import reading
-        from flhf_core.learning.metrics import sentences_of
 
-        document = Document("summarize", text, text, (), sentences=tuple(sentences_of(text)))
-        text = reading(load_corpus(config), document, args.aspect, config)
+        text = reading(Document("summarize", text, text, ()), args.aspect, config)
     source = f"{instruction}: {text}"
     (summary,) = summarize(model, tokenizer, [source], config)
     print(summary)

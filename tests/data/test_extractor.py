@@ -90,7 +90,7 @@ def test_every_role_reads_the_extracted_sentences_and_the_rules_the_whole_paper(
         assert example.source == f"{example.aspect}: {example.document}"
     aspects = {e.aspect: e.document for e in heldout if e.doc_id == heldout[0].doc_id}
     assert len(set(aspects.values())) > 1  # each aspect reads its own sentences
-    plain = partitions.heldout_examples(corpus, RunConfig())
+    plain = partitions.heldout_examples(corpus, RunConfig(extractor="none"))
     assert plain[0].document == corpus.by_id[plain[0].doc_id].text
 
 
@@ -131,3 +131,10 @@ def test_flhf_summarize_reads_a_text_as_the_runs_model_was_trained_to(
     outcome, neutral = asked
     assert outcome.startswith("outcome: ") and outcome.count(".") == 1  # one sentence of three
     assert neutral.endswith("by 2 points.")  # a neutral request reads the whole text
+
+
+def test_auto_extracts_on_aclsums_official_split_where_prompts_name_the_aspect():
+    assert RunConfig().extractor == "auto" and RunConfig().extracts
+    for elsewhere in ({"heldout-split": "hash"}, {"partitioning": "preference"}, {"dataset": "d.jsonl"}):
+        assert not RunConfig.from_mapping(elsewhere).extracts, elsewhere
+    assert not RunConfig(extractor="none").extracts

@@ -116,10 +116,11 @@ def test_every_stage_of_a_run_gets_the_setting(tokenizer, smoke_config):
     assert SFTConfig.from_run_config(config, 1e-3, 0).prompt_code_start
     assert FeedbackConfig.from_run_config(config).prompt_code_start
     assert DecodingConfig.from_run_config(config).prompt_code_start
-    assert not DecodingConfig.from_run_config(smoke_config).prompt_code_start
+    from_model = smoke_config.replace(**{"decoder-start": "model"})
+    assert not DecodingConfig.from_run_config(from_model).prompt_code_start
     documents = SimpleNamespace(train=tuple(EXAMPLES))  # a user's documents: their training examples
     assert encode_training(tokenizer, documents, config).codes is not None
-    assert encode_training(tokenizer, documents, smoke_config).codes is None
+    assert encode_training(tokenizer, documents, from_model).codes is None
     seen = []
 
     class Recorder(torch.nn.Module):  # records what evaluate_model's loss pass gives the model
@@ -160,5 +161,6 @@ def test_aspects_that_begin_alike_are_refused(tokenizer):
     from flhf_core.learning.batches import check_distinct_codes
 
     check_distinct_codes(tokenizer, ("challenge", "approach", "outcome"))
+    check_distinct_codes(tokenizer, ("tldr", "key"))  # "key" begins with a bare "▁": its code is "key"
     with pytest.raises(ConfigError, match="'challenge' and 'challenge_b' begin with the same word piece"):
         check_distinct_codes(tokenizer, ("challenge", "outcome", "challenge_b"))
