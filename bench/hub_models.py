@@ -63,12 +63,12 @@ from flhf_core.learning.batches import encode
 from flhf_core.learning.metrics import evaluate_model
 from flhf_core.learning.model import (
     UntiedT5ForConditionalGeneration,
-    add_lora,
     canonical_parameters,
     corpus_texts,
     personal_parameter_names,
     select_device,
     train_tokenizer,
+    with_personal_parameters,
 )
 from flhf_core.runs.cli import merged_config
 
@@ -243,8 +243,7 @@ def measure(name: str, overrides: list[str], args: argparse.Namespace, texts: li
     config = RunConfig.from_mapping(merged_config(name, overrides))
     model, tokenizer = build(name, texts, config.seed)
     parameters = sum(p.numel() for p in canonical_parameters(model).values())
-    if config.personalization == "lora":
-        model = add_lora(model, config.lora_rank, seed=config.seed)
+    model = with_personal_parameters(model, config, seed=config.seed)
     model.to(select_device(config.device))
     data = corpus_documents(config, 0, config.min_available_nodes)
     encoded = encode(

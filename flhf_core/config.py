@@ -35,7 +35,7 @@ REWARD_MODELS = ("none", "personal", "federated", "clustered")
 REWARD_QUERIES = ("uniform", "active")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
-PERSONALIZATIONS = ("none", "local-head", "lora")
+PERSONALIZATIONS = ("none", "local-head", "lora", "soft-prompt")
 ACLSUM_SECTIONS = ("abstract", "introduction", "conclusion")
 TRACKERS = ("tensorboard", "mlflow")
 
@@ -123,6 +123,7 @@ class RunConfig:
     personalization: str = field(default="none", metadata=_choice(*PERSONALIZATIONS))
     personal_layers: int = field(default=1, metadata=_range(0))
     lora_rank: int = field(default=8, metadata=_range(1))
+    soft_prompt_tokens: int = field(default=8, metadata=_range(1))
     personal_epochs: int = field(default=1, metadata=_range(0))
     device: str = field(default="auto", metadata=_choice(*DEVICES))
     bf16: bool = True
@@ -151,6 +152,7 @@ class RunConfig:
     reward_model_trust: float = field(default=0.55, metadata=_range(0.0, 0.9))  # 32/32's Wilson bound is 0.92
     reward_queries: str = field(default="uniform", metadata=_choice(*REWARD_QUERIES))
     feedback_learning_rate: float = field(default=3e-4, metadata=_range(0.0, 1.0))
+    personal_feedback_learning_rate: float = field(default=1e-2, metadata=_range(0.0, 1.0))
     kl_coef: float = field(default=0.05, metadata=_range(0.0))
     sample_temperature: float = field(default=1.0, metadata=_range(1e-3))
     ppo_epochs: int = field(default=4, metadata=_range(1))

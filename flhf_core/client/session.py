@@ -43,7 +43,6 @@ from flhf_core.learning import warm_start
 from flhf_core.learning.batches import Encoded
 from flhf_core.learning.model import (
     TokenizerSpec,
-    add_lora,
     build_model,
     canonical_parameters,
     client_tokenizer,
@@ -52,6 +51,7 @@ from flhf_core.learning.model import (
     personal_parameter_names,
     record_to_parameters,
     select_device,
+    with_personal_parameters,
 )
 from flhf_core.protocol import ARRAYS, CONFIG, PHASE, RUN_NAME, SERVER_ROUND, TOKENIZER_JSON, TOKENIZER_SHA256
 from flhf_core.users.profiles import UserProfile
@@ -218,8 +218,7 @@ def open_session(message: Message, context: Context) -> UserSession:
         cached_pooled_documents if config.mode == "centralized" and is_train else cached_documents
     )(context, config, user, num_users, tokenizer, sha)
     model = initial_model(context, config, tokenizer)
-    if config.personalization == "lora":
-        model = add_lora(model, config.lora_rank, seed=config.seed * 7_919 + user)
+    model = with_personal_parameters(model, config, seed=config.seed * 7_919 + user)
     personal_names = personal_parameter_names(model, config.personal_scope, config.personal_layers)
     shared_names = frozenset(canonical_parameters(model)) - personal_names
     record_to_parameters(model, message.content[ARRAYS], names=shared_names)

@@ -66,6 +66,11 @@ def local_sft(session: UserSession) -> dict[str, float]:
     personal_metrics: dict[str, float] = {}
     # (local-only: every parameter is the user's own, nothing to alternate with)
     alternate = bool(session.personal_names) and bool(session.shared_names) and config.personal_epochs > 0
+    if config.personalization == "soft-prompt":  # the conditioning learns from feedback only
+        alternate = False
+        frozen = only_trainable(session.model, session.shared_names)
+    else:
+        frozen = nullcontext()
     if alternate:
         with only_trainable(session.model, session.personal_names):
             personal = train_sft(
@@ -81,7 +86,7 @@ def local_sft(session: UserSession) -> dict[str, float]:
             "personal-loss-last": personal.last_loss,
             "personal-seconds": personal.seconds,
         }
-    with only_trainable(session.model, session.shared_names) if alternate else nullcontext():
+    with only_trainable(session.model, session.shared_names) if alternate else frozen:
         stats = train_sft(
             session.model,
             session.tokenizer,
@@ -118,6 +123,15 @@ def only_trainable(model: PreTrainedModel, names: frozenset[str]) -> Iterator[No
 
 
 def local_feedback(session: UserSession) -> dict[str, float]:
+    """The feedback update; with personal parameters, FedRep's order as in :func:`local_sft`.
+
+    The round's algorithm runs ``feedback-steps`` on the personal parameters alone (at
+    ``personal-feedback-learning-rate``), then, unless ``feedback-learning-rate`` is 0, its
+    ``feedback-steps`` again on the shared ones alone, with the personal ones fixed. Each pass
+    samples its own candidates; the user's judgements of both count against one budget
+    (``ratings-per-round``), spread over all the steps. Figures of the last pass are
+    ``train-*``, of a personal pass before it ``personal-*``.
+    """
     config = session.config
     feedback = FeedbackConfig.from_run_config(config)
     if config.mode == "centralized":
@@ -129,20 +143,39 @@ def local_feedback(session: UserSession) -> dict[str, float]:
         budget_scale = 1
     if not session.data.feedback:
         raise ValueError(f"user {session.user} holds no documents to give feedback on")
+    passes = feedback_passes(session)
     update = FEEDBACK_ALGORITHMS[config.feedback_algorithm]
     rng = np.random.default_rng(round_seed(session, 2))
     ratings = config.ratings_per_round * budget_scale
-    budget = (session.profile, ratings, feedback.steps, feedback.samples_per_prompt)
+    budget = (session.profile, ratings, feedback.steps * len(passes), feedback.samples_per_prompt)
     # with a reward model, it scores what the user did not judge (reward_models.py)
     scorer = (
         reward_models.learned_scorer(session, budget) if config.reward_model != "none" else Scorer(*budget)
     )
-    stats = update(session.model, session.tokenizer, list(session.data.feedback), scorer, feedback, rng)
-    metrics = {
-        "num-examples": len(session.data.feedback),
-        **{f"train-{k}": v for k, v in stats.items()},
-        "train-ratings-used": float(scorer.used),
-    }
+    metrics: dict[str, float] = {"num-examples": len(session.data.feedback)}
+    for prefix, names, rate in passes:
+        with only_trainable(session.model, names) if names is not None else nullcontext():
+            stats = update(
+                session.model,
+                session.tokenizer,
+                list(session.data.feedback),
+                scorer,
+                replace(feedback, learning_rate=rate),
+                rng,
+            )
+        metrics.update({f"{prefix}-{k}": v for k, v in stats.items()})
+    metrics["train-ratings-used"] = float(scorer.used)
     if isinstance(scorer, LearnedScorer):
         metrics.update(reward_models.finish(session, scorer))
     return metrics
+
+
+def feedback_passes(session: UserSession) -> list[tuple[str, frozenset[str] | None, float]]:
+    """The feedback update's passes: (figure prefix, parameters trained or None for all, rate)."""
+    config = session.config
+    if not (session.personal_names and session.shared_names):  # none, or local-only: one pass
+        return [("train", None, config.feedback_learning_rate)]
+    personal_pass = (session.personal_names, config.personal_feedback_learning_rate)
+    if config.feedback_learning_rate == 0:  # the personal pass is the round's whole update
+        return [("train", *personal_pass)]
+    return [("personal", *personal_pass), ("train", session.shared_names, config.feedback_learning_rate)]

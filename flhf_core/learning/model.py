@@ -38,7 +38,7 @@ from transformers.utils import logging as hf_logging
 
 from flhf_core.config import ConfigError, RunConfig
 from flhf_core.data import partitions
-from flhf_core.learning import warm_start
+from flhf_core.learning import conditioning, warm_start
 from flhf_core.learning.copy_t5 import CopyT5ForConditionalGeneration
 from flhf_core.learning.untied_t5 import UntiedT5ForConditionalGeneration
 
@@ -316,7 +316,8 @@ def personal_parameter_names(model: PreTrainedModel, mode: str, personal_layers:
 
     ``local-head`` (FedPer, Arivazhagan et al., 2019, https://arxiv.org/abs/1912.00818):
     the untied LM head, the decoder's final layer norm and its last ``personal_layers``
-    blocks. ``lora``: the user's LoRA adapter (:func:`add_lora`). ``all``: every parameter
+    blocks. ``lora``: the user's LoRA adapter (:func:`add_lora`). ``soft-prompt``: the
+    user's conditioning (:mod:`~flhf_core.learning.conditioning`). ``all``: every parameter
     (the local-only baseline: nothing travels).
     """
     if mode == "none":
@@ -324,13 +325,22 @@ def personal_parameter_names(model: PreTrainedModel, mode: str, personal_layers:
     names = canonical_parameters(model)
     if mode == "all":
         return frozenset(names)
+    if mode == "soft-prompt":
+        personal = {n for n in names if n.startswith(f"{conditioning.MODULE}.")}
+        if not personal:
+            raise ValueError(
+                "personalization 'soft-prompt': the model has no conditioning; call add_conditioning"
+            )
+        return frozenset(personal)
     if mode == "lora":
         personal = {n for n in names if "lora_" in n}
         if not personal:
             raise ValueError("personalization 'lora': the model has no adapter; call add_lora first")
         return frozenset(personal)
     if mode != "local-head":
-        raise ConfigError(f"personalization: {mode!r} is not allowed; choose none, local-head or lora.")
+        raise ConfigError(
+            f"personalization: {mode!r} is not allowed; choose none, local-head, lora or soft-prompt."
+        )
     if head_is_tied(model):
         raise ConfigError(
             "personalization: 'local-head' keeps the LM head on the client, but this model ties its head to "
@@ -349,6 +359,17 @@ def personal_parameter_names(model: PreTrainedModel, mode: str, personal_layers:
     prefixes = ["lm_head.", "decoder.final_layer_norm."]
     prefixes += [f"decoder.block.{i}." for i in range(blocks - personal_layers, blocks)]
     return frozenset(n for n in names if any(n.startswith(p) for p in prefixes))
+
+
+def with_personal_parameters(model: PreTrainedModel, config: RunConfig, seed: int) -> PreTrainedModel:
+    """``model`` with the personal parameters that exist on clients only: a LoRA adapter
+    (``lora``) or a user conditioning (``soft-prompt``); otherwise unchanged (``local-head``'s
+    personal layers are part of every model)."""
+    if config.personalization == "lora":
+        return add_lora(model, config.lora_rank, seed=seed)
+    if config.personalization == "soft-prompt":
+        return conditioning.add_conditioning(model, config.soft_prompt_tokens)
+    return model
 
 
 def add_lora(model: PreTrainedModel, rank: int, seed: int) -> PreTrainedModel:

@@ -288,7 +288,7 @@ def command_summarize(args: argparse.Namespace) -> int:
     from flhf_core.common import read_json
     from flhf_core.data.partitions import NEUTRAL_INSTRUCTION, instruction_for
     from flhf_core.learning.generate import summarize
-    from flhf_core.learning.model import add_lora, load_pretrained
+    from flhf_core.learning.model import load_pretrained, with_personal_parameters
 
     run_dir = Path(args.run_dir).resolve()
     if not (run_dir / "config.json").is_file():
@@ -319,8 +319,7 @@ def command_summarize(args: argparse.Namespace) -> int:
                 f"user {args.user} has no personal state at {state} (personalization: "
                 f"{config.personalization}, mode: {config.mode})."
             )
-        if config.personalization == "lora":
-            model = add_lora(model, config.lora_rank, seed=0)
+        model = with_personal_parameters(model, config, seed=0)
         personal.load_into(model, state)
     instruction = (
         (instruction_for(config, args.aspect) or args.aspect) if args.aspect else NEUTRAL_INSTRUCTION

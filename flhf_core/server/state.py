@@ -22,12 +22,12 @@ from flhf_core.learning.batches import Batch, check_distinct_codes, make_batches
 from flhf_core.learning.metrics import baseline_scores, evaluate_model
 from flhf_core.learning.model import (
     TokenizerSpec,
-    add_lora,
     build_model,
     canonical_parameters,
     personal_parameter_names,
     select_device,
     server_tokenizer,
+    with_personal_parameters,
 )
 from flhf_core.protocol import LEARNING_RATE, PHASE, RUN_NAME, TOKENIZER_JSON, TOKENIZER_SHA256
 from flhf_core.server.aggregation import REWARD_SHORTFALL
@@ -116,13 +116,16 @@ def shared_parameter_names(model: PreTrainedModel, config: RunConfig) -> frozens
     """The parameters the server sends and averages; checks the personalization fits the model.
 
     Under ``local-head`` the server keeps its round-0 copy of the personal layers (they are
-    never sent). A LoRA adapter exists only on the clients: the server's model has none.
+    never sent). A LoRA adapter or a user conditioning exists only on the clients: the
+    server's model has none.
     """
-    if config.personalization == "lora":
+    if config.personalization in ("lora", "soft-prompt"):
         try:
-            add_lora(copy.deepcopy(model), config.lora_rank, seed=0)
-        except ValueError as error:
-            raise ConfigError(f"personalization: 'lora' does not fit {config.model!r}: {error}") from None
+            with_personal_parameters(copy.deepcopy(model), config, seed=0)
+        except (ValueError, AttributeError, NotImplementedError) as error:
+            raise ConfigError(
+                f"personalization: {config.personalization!r} does not fit {config.model!r}: {error}"
+            ) from None
         return frozenset(canonical_parameters(model))
     personal = personal_parameter_names(model, config.personal_scope, config.personal_layers)
     return frozenset(canonical_parameters(model)) - personal

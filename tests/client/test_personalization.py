@@ -38,14 +38,14 @@ def new_context(config, state_dir, user=0, users=2):
     )
 
 
-def server_message(config, tokenizer, kind=MessageType.TRAIN, server_round=1, arrays=None):
+def server_message(config, tokenizer, kind=MessageType.TRAIN, server_round=1, arrays=None, phase="sft"):
     model = build_model(config, tokenizer)
     shared = shared_parameter_names(model, config)
     if arrays is not None:
         record_to_parameters(model, arrays, names=shared)
     record = ConfigRecord(
         {
-            "phase": "sft",
+            "phase": phase,
             "server-round": server_round,
             "run-name": "run",
             "tokenizer-sha256": tokenizer_fingerprint(tokenizer),
@@ -55,7 +55,7 @@ def server_message(config, tokenizer, kind=MessageType.TRAIN, server_round=1, ar
     return Message(content=content, dst_node_id=7, message_type=kind), shared
 
 
-@pytest.mark.parametrize("mode", ["local-head", "lora"])
+@pytest.mark.parametrize("mode", ["local-head", "lora", "soft-prompt"])
 def test_personal_parameters_never_leave_and_survive_rounds_and_restarts(
     flower_identity, smoke_config, tokenizer, tmp_path, mode
 ):
@@ -78,6 +78,36 @@ def test_personal_parameters_never_leave_and_survive_rounds_and_restarts(
     assert session.restored.source == "file" and state_file.is_file()
     restored = parameters_to_record(session.model, session.personal_names)
     assert all(np.array_equal(restored[k].numpy(), saved[k]) for k in saved)
+
+
+def test_the_conditioning_learns_from_feedback_only_and_first(
+    flower_identity, smoke_config, tokenizer, tmp_path
+):
+    """soft-prompt: a supervised round leaves the conditioning at zero; a feedback round trains
+    it (personal pass first) and, at feedback-learning-rate 0, nothing else."""
+    config = run_config(smoke_config, "soft-prompt", tmp_path).replace(
+        **{
+            "feedback-algorithm": "reinforce",
+            "sft-rounds": 1,
+            "feedback-learning-rate": 0.0,
+            "feedback-steps": 2,
+            "feedback-prompts": 2,
+        }
+    )
+    context = new_context(config, tmp_path / "state")
+    sent, shared = server_message(config, tokenizer)
+    client_app.train(sent, context)
+    (offset,) = context.state.array_records[personal.STATE_RECORD].values()
+    assert not offset.numpy().any()  # supervised: untouched
+
+    sent, _ = server_message(config, tokenizer, server_round=2, phase="feedback")
+    reply = client_app.train(sent, context)
+    (offset,) = context.state.array_records[personal.STATE_RECORD].values()
+    assert offset.numpy().any()
+    assert set(reply.content["arrays"].keys()) == shared
+    received = sent.content["arrays"]
+    assert all(np.array_equal(reply.content["arrays"][k].numpy(), received[k].numpy()) for k in shared)
+    assert "personal-loss" not in reply.content["metrics"]  # one pass: its figures are train-*
 
 
 def test_a_corrupt_state_file_is_reported_kept_and_the_user_starts_fresh(
@@ -220,3 +250,27 @@ def test_a_state_file_that_does_not_fit_is_reported_kept_and_the_user_starts_fre
     assert state_file.with_name(state_file.name + ".corrupt").read_bytes() == original  # the evidence is kept
     again = client_app.train(server_message(config, tokenizer, server_round=2)[0], context)
     assert again.content["metrics"]["state-from-context"] == 1.0  # the fresh adapter lives on
+
+
+@pytest.mark.parametrize(
+    ("personal_names", "shared_lr", "expected"),
+    [
+        (frozenset(), 3e-4, [("train", None, 3e-4)]),
+        (frozenset({"p"}), 3e-4, [("personal", {"p"}, 1e-2), ("train", {"s"}, 3e-4)]),
+        (frozenset({"p"}), 0.0, [("train", {"p"}, 1e-2)]),
+    ],
+)
+def test_feedback_trains_the_personal_parameters_first_each_at_its_own_rate(
+    personal_names, shared_lr, expected
+):
+    from types import SimpleNamespace
+
+    from flhf_core.client.update import feedback_passes
+
+    config = RunConfig(
+        personalization="lora" if personal_names else "none",
+        feedback_learning_rate=shared_lr,
+        personal_feedback_learning_rate=1e-2,
+    )
+    session = SimpleNamespace(config=config, personal_names=personal_names, shared_names=frozenset({"s"}))
+    assert feedback_passes(session) == expected

@@ -102,3 +102,18 @@ def test_a_lora_adapter_sits_on_berts_attention_and_feed_forward_layers():
     assert any(".attention.self.query.lora_A" in n for n in personal)
     assert any(".crossattention.self.value.lora_B" in n for n in personal)
     assert any(".intermediate.dense.lora_A" in n for n in personal)
+
+
+def test_a_user_conditioning_offsets_berts_input_embeddings(model, tokenizer):
+    import copy
+
+    from flhf_core.learning.conditioning import MODULE, add_conditioning
+
+    batch = tokenizer(["summarize: we propose a method for parsing"], return_tensors="pt")
+    labels = tokenizer(text_target=["they propose a parser"], return_tensors="pt")["input_ids"]
+    conditioned = add_conditioning(copy.deepcopy(model), 4)
+    with torch.no_grad():
+        plain = model(**batch, labels=labels).logits
+        assert torch.allclose(conditioned(**batch, labels=labels).logits, plain, atol=1e-6)
+        getattr(conditioned, MODULE).offset.normal_(0.0, 1.0)
+        assert not torch.allclose(conditioned(**batch, labels=labels).logits, plain, atol=1e-4)

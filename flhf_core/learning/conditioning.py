@@ -1,0 +1,72 @@
+"""A user's conditioning of the shared model: a soft prompt that only the user's feedback trains.
+
+Prompt tuning (Lester et al., 2021, https://arxiv.org/abs/2104.08691) steers a frozen model
+with a few learned input vectors. P-RLHF (Li et al., 2024, https://arxiv.org/abs/2402.05133)
+conditions a shared model on a user embedding made of a generic part, common to everyone,
+and a personal offset. Here the generic part is what the shared model already reads: the
+embeddings of the first ``P`` tokens of the encoder's input (the request, ``summarize:``,
+and the document's first words), trained by federated SFT. The personal part is an offset
+``E_u`` of ``P`` vectors of the model's width, added to them::
+
+    e'_i = e_i + E_u[i]        for i < min(P, source length)
+
+The sequence keeps its length, so the attention mask and copy attention's source ids stay
+as they are. The offset starts at zero: a new user, or one who joins late, is served by the
+generic conditioning, exactly the shared model. It is a parameter of the client's model
+(``user_conditioning.offset``), personal like a LoRA adapter: trained by the user's
+feedback only, kept on the device, never sent or averaged. The server's model has none.
+
+Sources are padded on the right (seq2seq tokenizers' default), so the first ``P`` positions
+are the request's for every row of a batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+MODULE = "user_conditioning"  # the attribute on the model; its parameter is user_conditioning.offset
+
+
+class UserConditioning(nn.Module):
+    """``P`` personal vectors added to the first ``P`` input embeddings of the encoder."""
+
+    def __init__(self, tokens: int, width: int) -> None:
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(tokens, width))
+
+    def condition(
+        self, encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The encoder's forward pre-hook: token ids become conditioned embeddings."""
+        if kwargs.get("inputs_embeds") is not None:
+            embeds = kwargs["inputs_embeds"]
+        else:
+            input_ids = args[0] if args else kwargs.get("input_ids")
+            if input_ids is None:
+                return None
+            embeds = encoder.get_input_embeddings()(input_ids)
+        n = min(self.offset.size(0), embeds.size(1))
+        embeds = torch.cat([embeds[:, :n] + self.offset[:n].to(embeds.dtype), embeds[:, n:]], dim=1)
+        return (), {**kwargs, "input_ids": None, "inputs_embeds": embeds, **_positional(args)}
+
+
+def _positional(args: tuple[Any, ...]) -> dict[str, Any]:
+    # every encoder this supports (T5's stack, BART's, BERT) takes input_ids first, then the mask
+    if len(args) > 2:
+        raise TypeError("the conditioned encoder takes its arguments by keyword after the attention mask")
+    return {"attention_mask": args[1]} if len(args) == 2 else {}
+
+
+def add_conditioning(model: PreTrainedModel, tokens: int) -> PreTrainedModel:
+    """Give ``model`` a user conditioning of ``tokens`` vectors (zero: the shared model unchanged)."""
+    encoder = model.get_encoder()
+    width = encoder.get_input_embeddings().embedding_dim
+    conditioning = UserConditioning(tokens, width).to(encoder.get_input_embeddings().weight.device)
+    setattr(model, MODULE, conditioning)
+    # a bound method of a submodule: copy.deepcopy(model) rebinds it to the copy's conditioning
+    encoder.register_forward_pre_hook(conditioning.condition, with_kwargs=True)
+    return model
