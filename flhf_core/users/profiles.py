@@ -23,7 +23,27 @@ import numpy as np
 
 from flhf_core.common import ConfigError
 
-PROFILE_PRESETS = ("aspects", "uniform")
+PROFILE_PRESETS = ("aspects", "uniform", "personalize")
+MIX = "+"  # a user who wants two aspects at once: "challenge+outcome"
+
+# personalize: six groups of users, each wanting other content at another length: (aspects by
+# their index in the dataset's aspects, shortest and longest preferred length in words). In
+# each group of four consecutive members, the third also wants the word "paper" ("this paper
+# shows ...") and the fourth wants neither "they" nor "we": preferences no control code names.
+PERSONALIZE_GROUPS = (
+    ((0,), 10, 14),
+    ((1,), 36, 42),
+    ((2,), 20, 28),
+    ((0, 2), 38, 45),
+    ((1, 2), 20, 28),
+    ((0, 1), 38, 45),
+)
+PERSONALIZE_KEYWORDS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    ((), ()),
+    ((), ()),
+    (("paper",), ()),
+    ((), ("they", "we")),
+)
 
 
 @dataclass(frozen=True)
@@ -64,12 +84,20 @@ _FIELD_TYPES: dict[str, str] = {
 }
 
 
+def contents(aspects: Sequence[str]) -> tuple[str, ...]:
+    """What a user may want: each aspect, then each pair of aspects (``challenge+outcome``)."""
+    return (*aspects, *(f"{a}{MIX}{b}" for i, a in enumerate(aspects) for b in aspects[i + 1 :]))
+
+
 def build_profile(user_id: int, preset: str, aspects: Sequence[str], seed: int) -> UserProfile:
     """User ``user_id``'s profile from a preset name or a TOML file path.
 
     ``aspects``: users differ by aspect (``user % #aspects``), preferred length (15, 25
     or 35 words, by ``user // #aspects``), rating noise and rating rate (seeded).
     ``uniform``: everyone prefers the first aspect at 25 words, rates everything.
+    ``personalize``: user k is in group ``k % 6`` of :data:`PERSONALIZE_GROUPS` (an aspect or
+    a mix, a range of lengths the user's length is drawn from, seeded), with the keywords of
+    :data:`PERSONALIZE_KEYWORDS` by ``k // 6 % 4``, rating noise and rate as ``aspects``.
     A TOML file has ``[[user]]`` tables with UserProfile fields; user k gets table
     ``k % len(tables)``.
     """
@@ -81,6 +109,25 @@ def build_profile(user_id: int, preset: str, aspects: Sequence[str], seed: int) 
             user_id,
             aspect=aspects[user_id % len(aspects)],
             length_words=(15, 25, 35)[(user_id // len(aspects)) % 3],
+            rating_noise=float(rng.uniform(0.01, 0.04)),
+            rating_rate=float(rng.uniform(0.6, 1.0)),
+        )
+    if preset == "personalize":
+        if len(aspects) < 3:
+            raise ConfigError(
+                f"user-profiles: 'personalize' needs three aspects; the dataset has {list(aspects)}."
+            )
+        wanted, shortest, longest = PERSONALIZE_GROUPS[user_id % len(PERSONALIZE_GROUPS)]
+        include, avoid = PERSONALIZE_KEYWORDS[
+            (user_id // len(PERSONALIZE_GROUPS)) % len(PERSONALIZE_KEYWORDS)
+        ]
+        rng = np.random.default_rng([seed, user_id, 11])
+        return UserProfile(
+            user_id,
+            aspect=MIX.join(aspects[i] for i in wanted),
+            length_words=int(rng.integers(shortest, longest + 1)),
+            include_keywords=include,
+            avoid_keywords=avoid,
             rating_noise=float(rng.uniform(0.01, 0.04)),
             rating_rate=float(rng.uniform(0.6, 1.0)),
         )
@@ -118,8 +165,11 @@ def _profile_from_table(
     unknown = set(table) - set(_FIELD_TYPES)
     if unknown:
         raise ConfigError(f"{where}: unknown fields {sorted(unknown)}; allowed: {sorted(_FIELD_TYPES)}.")
-    if table.get("aspect") not in aspects:
-        raise ConfigError(f"{where}: aspect {table.get('aspect')!r} is not one of {list(aspects)}.")
+    if table.get("aspect") not in contents(aspects):
+        raise ConfigError(
+            f"{where}: aspect {table.get('aspect')!r} is not one of {list(aspects)} or a pair of them "
+            f"joined by {MIX!r}."
+        )
     values = {
         name: _checked(where, name, kind, table[name]) for name, kind in _FIELD_TYPES.items() if name in table
     }
