@@ -24,7 +24,7 @@ from flhf_core.users.profiles import check_profiles
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 ASPECTS_ACLSUM = ("challenge", "approach", "outcome")
-PARTITIONINGS = ("iid", "dirichlet", "preference")
+PARTITIONINGS = ("iid", "dirichlet", "preference", "codes")
 HELDOUT_SPLITS = ("official", "hash")
 TINY_T5_SIZES = ("xs", "s", "m")
 REWARD_WEIGHTINGS = ("none", "linear", "softmax", "gain", "history", "qfedavg")
@@ -216,8 +216,10 @@ class RunConfig:
         return ASPECTS_ACLSUM if self.dataset == "aclsum" else self.summary_field_list
 
     def _check_user_profiles(self) -> None:
-        """``user-profiles`` is a preset or a TOML file whose every table builds a valid profile."""
-        check_profiles(self.user_profiles, self.aspects)
+        """``user-profiles`` is a preset or a TOML file whose every table builds a valid profile;
+        users who want a mix of aspects are judged against a control code's target, which only
+        ``partitioning = codes`` derives."""
+        check_profiles(self.user_profiles, self.aspects, mixes=self.partitioning == "codes")
 
     @property
     def prompt_code_start(self) -> bool:
@@ -232,13 +234,13 @@ class RunConfig:
             return (
                 self.dataset == "aclsum"
                 and self.heldout_split == "official"
-                and self.partitioning != "preference"
+                and self.partitioning not in ("preference", "codes")
             )
         return self.extractor == "highlights"
 
     @property
     def _prompts_name_the_aspect(self) -> bool:
-        return self.aspect_prompt == "name" and self.partitioning != "preference"
+        return self.aspect_prompt == "name" and self.partitioning not in ("preference", "codes")
 
     @property
     def summary_field_list(self) -> tuple[str, ...]:
@@ -324,18 +326,18 @@ class RunConfig:
             setting = (
                 "aspect-prompt='question'"
                 if self.aspect_prompt == "question"
-                else "partitioning='preference'"
+                else f"partitioning={self.partitioning!r}"
             )
             raise ConfigError(
                 f"decoder-start: 'prompt-code' starts the decoder from the prompt's first word piece, which "
                 f"under {setting} is the same for every aspect. Use aspect-prompt='name' with another "
                 "partitioning, or decoder-start='model'."
             )
-        if self.extractor == "highlights" and self.partitioning == "preference":
+        if self.extractor == "highlights" and self.partitioning in ("preference", "codes"):
             raise ConfigError(
                 f"extractor: {self.extractor!r} picks sentences for the aspect the prompt names; under "
-                "partitioning='preference' prompts are neutral. Use another partitioning or "
-                "extractor='none'."
+                f"partitioning={self.partitioning!r} a user's requests are neutral. Use partitioning "
+                "'iid' or 'dirichlet', or extractor='none'."
             )
         if not self.summary_field_list:
             raise ConfigError("summary-fields: give at least one field name, comma separated.")

@@ -95,9 +95,9 @@ def corpus_documents(config: RunConfig, user: int, num_users: int) -> UserDocume
         profile=profile,
         train=partition.train,
         validation=partition.validation,
-        feedback=partitions.aspect_examples(corpus, partition.feedback_doc_ids, profile.aspect),
-        reward=partitions.aspect_examples(corpus, partition.reward_doc_ids, profile.aspect),
-        report=partitions.report_examples(corpus, config, profile.aspect),
+        feedback=partitions.judged_examples(corpus, partition.feedback_doc_ids, profile, config),
+        reward=partitions.judged_examples(corpus, partition.reward_doc_ids, profile, config),
+        report=partitions.report_examples(corpus, config, profile),
     )
 
 
@@ -200,6 +200,9 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
     aspects = (profile.aspect,) if config.partitioning == "preference" else config.aspects
 
     def examples(role: str) -> tuple[Example, ...]:
+        if config.partitioning == "codes":
+            docs = roles.get(role, [])
+            return tuple(e for d in docs for e in partitions.code_examples(d, config.aspects, config))
         return tuple(
             Example(
                 d.doc_id,
@@ -215,7 +218,7 @@ def file_documents(config: RunConfig, user: int, path: Path) -> UserDocuments:
 
     def judged(role: str) -> tuple[Example, ...]:
         ids = [d.doc_id for d in roles.get(role, [])]
-        return partitions.aspect_examples(own, ids, profile.aspect)
+        return partitions.judged_examples(own, ids, profile, config)
 
     documents = UserDocuments(
         user=user,

@@ -10,7 +10,9 @@ by ``seed``:
   aspect) pair goes to a uniformly chosen user), ``dirichlet`` (per aspect, the
   users' shares follow Dir(alpha), so users see skewed aspect mixes) or
   ``preference`` (documents are dealt out and each user keeps the summaries
-  of its preferred aspect, ``aspects[user % len(aspects)]``);
+  of its preferred aspect, ``aspects[user % len(aspects)]``) or ``codes`` (documents are
+  dealt out and each user trains on every control code's target of its documents, and on
+  the neutral request; :mod:`flhf_core.data.codes`);
 * each document's role: held out by the server, a reward document (judged, never
   trained on), a validation document, or a training document (:func:`document_role`).
 
@@ -33,9 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from flhf_core.config import ConfigError, RunConfig
+from flhf_core.data import codes
 from flhf_core.data.corpus import Corpus, Document, Example, load_corpus, sentences_of
 from flhf_core.data.extractor import train_split_extractor
-from flhf_core.users.profiles import build_profile
+from flhf_core.users.profiles import UserProfile, build_profile
 
 NEUTRAL_INSTRUCTION = "summarize"
 # ``aspect-prompt = question``: each aspect asked for in words (an aspect not named here keeps
@@ -119,6 +122,8 @@ def owner(doc_id: str, aspect: str, num_users: int, config: RunConfig, aspects: 
         shares = dirichlet_shares(seed, aspect, num_users, config.dirichlet_alpha)
         u = unit_hash(seed, "dirichlet", doc_id, aspect) * shares[-1]
         return min(int(np.searchsorted(shares, u, side="right")), num_users - 1)
+    if config.partitioning == "codes":  # each document goes to one user, every code of it
+        return int(unit_hash(seed, "codes", doc_id) * num_users)
     # preference: each document goes to one user, who keeps its preferred aspect
     user = int(unit_hash(seed, "preference", doc_id) * num_users)
     return user if preferred_aspect(user, config, tuple(aspects)) == aspect else None
@@ -195,6 +200,9 @@ def user_partition(corpus: Corpus, user: int, num_users: int, config: RunConfig)
 
     def examples(pairs: list[tuple[int, str]]) -> tuple[Example, ...]:
         docs = corpus.documents
+        if config.partitioning == "codes":
+            indices = dict.fromkeys(i for i, _ in pairs)
+            return tuple(e for i in indices for e in code_examples(docs[i], corpus.aspects, config))
         return tuple(
             Example(
                 docs[i].doc_id,
@@ -237,6 +245,20 @@ def highlight_examples(
         for i, aspect in pairs
         if docs[i].highlight(aspect)
     )
+
+
+def code_examples(doc: Document, aspects: Sequence[str], config: RunConfig) -> tuple[Example, ...]:
+    """``doc``'s examples under ``partitioning = codes``: every control code's target under
+    its prompt, then the neutral request trained on the target of one code drawn uniformly
+    for this document (seeded): the average reader, who names no code."""
+    every = codes.all_codes(tuple(aspects))
+    text = reading(doc, "", config)
+    examples = [
+        Example(doc.doc_id, code.content, text, codes.target(doc, code), code.prompt) for code in every
+    ]
+    drawn = every[int(unit_hash(config.seed, "neutral-code", doc.doc_id) * len(every))]
+    examples.append(Example(doc.doc_id, drawn.content, text, codes.target(doc, drawn), NEUTRAL_INSTRUCTION))
+    return tuple(e for e in examples if e.summary)
 
 
 def reward_doc_ids(
@@ -295,16 +317,29 @@ def _heldout_ids(corpus: Corpus, config: RunConfig) -> tuple[str, ...]:
 
 
 def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
-    """The server's held-out (document, aspect) examples, capped at ``heldout-max-examples``."""
-    examples = [
-        Example(doc.doc_id, aspect, reading(doc, aspect, config), summary, instruction_for(config, aspect))
-        for doc in corpus.documents
-        if is_heldout(doc, config)
-        for aspect, summary in doc.summaries
-        if summary
-    ]
+    """The server's held-out (document, aspect) examples, capped at ``heldout-max-examples``;
+    under ``partitioning = codes``, (document, control code) examples."""
+    if config.partitioning == "codes":
+        examples = [
+            e
+            for doc in corpus.documents
+            if is_heldout(doc, config)
+            for e in code_examples(doc, corpus.aspects, config)
+        ]
+    else:
+        examples = [
+            Example(
+                doc.doc_id, aspect, reading(doc, aspect, config), summary, instruction_for(config, aspect)
+            )
+            for doc in corpus.documents
+            if is_heldout(doc, config)
+            for aspect, summary in doc.summaries
+            if summary
+        ]
     if config.heldout_max_examples and len(examples) > config.heldout_max_examples:
-        examples.sort(key=lambda e: unit_hash(config.seed, "heldout-order", e.doc_id, e.aspect))
+        examples.sort(
+            key=lambda e: unit_hash(config.seed, "heldout-order", e.doc_id, e.aspect, e.instruction)
+        )
         examples = examples[: config.heldout_max_examples]
     return tuple(examples)
 
@@ -333,25 +368,34 @@ def instruction_for(config: RunConfig, aspect: str) -> str:
     return ASPECT_QUESTIONS.get(aspect, "") if config.aspect_prompt == "question" else ""
 
 
-def aspect_examples(
-    corpus: Corpus, doc_ids: Sequence[str], aspect: str, instruction: str = NEUTRAL_INSTRUCTION
-) -> tuple[Example, ...]:
-    """(document, ``aspect`` summary) examples of the given documents, neutrally prompted.
+def preferred_summary(doc: Document, profile: UserProfile, config: RunConfig) -> str:
+    """What ``profile`` judges a summary of ``doc`` against: its aspect's reference, or under
+    ``partitioning = codes`` the target of the code that expresses what it wants."""
+    if config.partitioning == "codes":
+        return codes.target(doc, codes.preferred_code(profile))
+    return doc.summary(profile.aspect)
 
-    What a user asks for feedback on: "summarize this", judged against its own aspect.
+
+def judged_examples(
+    corpus: Corpus, doc_ids: Sequence[str], profile: UserProfile, config: RunConfig
+) -> tuple[Example, ...]:
+    """(document, the user's preferred summary) examples of the given documents, neutrally prompted.
+
+    What a user asks for feedback on: "summarize this", judged against what it wants.
     """
     by_id = corpus.by_id
     examples = []
     for doc_id in dict.fromkeys(doc_ids):  # unique, in order
         doc = by_id[doc_id]
-        if doc.summary(aspect):
-            examples.append(Example(doc_id, aspect, doc.text, doc.summary(aspect), instruction))
+        summary = preferred_summary(doc, profile, config)
+        if summary:
+            examples.append(Example(doc_id, profile.aspect, doc.text, summary, NEUTRAL_INSTRUCTION))
     return tuple(examples)
 
 
-def report_examples(corpus: Corpus, config: RunConfig, aspect: str) -> tuple[Example, ...]:
-    """The held-out documents a user with ``aspect`` is evaluated on (reporting only), in order."""
-    report = aspect_examples(corpus, heldout_doc_ids(corpus, config), aspect)
+def report_examples(corpus: Corpus, config: RunConfig, profile: UserProfile) -> tuple[Example, ...]:
+    """The held-out documents ``profile``'s user is evaluated on (reporting only), in order."""
+    report = judged_examples(corpus, heldout_doc_ids(corpus, config), profile, config)
     return report[: config.eval_max_examples or None]
 
 

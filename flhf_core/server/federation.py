@@ -320,7 +320,9 @@ class Federation(RunOutput):
             if phase == "sft":
                 return float(len(part.train))
             profile = build_profile(user, state.config.user_profiles, state.corpus.aspects, state.config.seed)
-            return float(len(partitions.aspect_examples(state.corpus, part.feedback_doc_ids, profile.aspect)))
+            return float(
+                len(partitions.judged_examples(state.corpus, part.feedback_doc_ids, profile, state.config))
+            )
 
         return functools.lru_cache(maxsize=None)(count)
 

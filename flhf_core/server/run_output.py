@@ -72,9 +72,7 @@ class RunOutput:
                 profile = build_profile(
                     user, state.config.user_profiles, state.corpus.aspects, state.config.seed
                 )
-                doc_ids = [
-                    e.doc_id for e in partitions.report_examples(state.corpus, state.config, profile.aspect)
-                ]
+                doc_ids = [e.doc_id for e in partitions.report_examples(state.corpus, state.config, profile)]
             users[str(user)] = {"doc-ids": doc_ids, **values}
         atomic_write_json(self.tracker.run_dir / "judgements.json", {"round": server_round, "users": users})
 

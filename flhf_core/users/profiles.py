@@ -135,13 +135,26 @@ def build_profile(user_id: int, preset: str, aspects: Sequence[str], seed: int) 
     return _profile_from_table(user_id, tables[user_id % len(tables)], Path(preset), aspects)
 
 
-def check_profiles(preset: str, aspects: Sequence[str]) -> None:
-    """Raise :class:`ConfigError` unless every profile ``preset`` can produce is valid."""
+def check_profiles(preset: str, aspects: Sequence[str], mixes: bool = False) -> None:
+    """Raise :class:`ConfigError` unless every profile ``preset`` can produce is valid; a user
+    who wants a mix of aspects only where ``mixes`` (partitioning = codes derives its targets)."""
+    if preset == "personalize":
+        build_profile(0, preset, aspects, seed=0)  # needs three aspects
     if preset in PROFILE_PRESETS:
+        if preset == "personalize" and not mixes:
+            raise ConfigError(
+                "user-profiles: 'personalize' users want mixes of aspects and lengths that only control "
+                "codes' targets describe; use partitioning='codes' (the personalize preset)."
+            )
         return
     path = Path(preset)
     for index, table in enumerate(_read_tables(path)):
-        _profile_from_table(index, table, path, aspects)
+        profile = _profile_from_table(index, table, path, aspects)
+        if MIX in profile.aspect and not mixes:
+            raise ConfigError(
+                f"user-profiles: {path}, [[user]] table {index}: aspect {profile.aspect!r} is a mix, which only "
+                "partitioning='codes' describes; use a single aspect or partitioning='codes'."
+            )
 
 
 def _read_tables(path: Path) -> list[dict[str, Any]]:

@@ -51,7 +51,11 @@ def setting(tokenizer):
     corpus = load_corpus(config)
     heldout_ids = sorted({e.doc_id for e in partitions.heldout_examples(corpus, config)})
     train_ids = [d.doc_id for d in corpus.documents if d.doc_id not in set(heldout_ids)]
-    blend = [e for aspect in corpus.aspects for e in partitions.aspect_examples(corpus, train_ids, aspect)]
+    blend = [
+        e
+        for aspect in corpus.aspects
+        for e in partitions.judged_examples(corpus, train_ids, UserProfile(0, aspect), RunConfig())
+    ]
     torch.manual_seed(0)
     model = build_model(config, tokenizer)
     train_sft(model, tokenizer, blend, SFTConfig(epochs=2, learning_rate=3e-3, max_source_tokens=128))
@@ -66,7 +70,7 @@ def setting(tokenizer):
 
 def user_view(model, tokenizer, corpus, doc_ids, profile):
     """Mean utility, content and words of the model's greedy summaries, as the user judges them."""
-    examples = partitions.aspect_examples(corpus, doc_ids, profile.aspect)
+    examples = partitions.judged_examples(corpus, doc_ids, profile, RunConfig())
     summaries = generate_summaries(model, tokenizer, [e.source for e in examples], DecodingConfig(), 128)
     judged = [judge(profile, s, e.summary) for s, e in zip(summaries, examples, strict=True)]
     return {k: float(np.mean([getattr(j, k) for j in judged])) for k in ("utility", "content", "words")}
@@ -85,7 +89,7 @@ def test_feedback_raises_reward_on_heldout_documents_without_hacking_it(setting,
     the assertion is on the mean of two seeds (FLHF_TEST_SEED shifts them), with margin.
     """
     base, corpus, train_ids, heldout_ids, profile, control = setting
-    examples = list(partitions.aspect_examples(corpus, train_ids, profile.aspect))
+    examples = list(partitions.judged_examples(corpus, train_ids, profile, RunConfig()))
     config = FeedbackConfig(steps=12, max_source_tokens=128, **ALGORITHM_SETTINGS[algorithm])
     runs = []
     for seed in (SEED, SEED + 1):
@@ -232,7 +236,7 @@ def test_two_users_each_move_toward_their_own_aspect(setting, tokenizer):
     for profile in profiles:
         model = copy.deepcopy(base)
         torch.manual_seed(SEED)  # sampling draws from torch's generator
-        examples = list(partitions.aspect_examples(corpus, train_ids, profile.aspect))
+        examples = list(partitions.judged_examples(corpus, train_ids, profile, RunConfig()))
         # 20 steps: at 10 the two users were 0.003 apart, and which came first depended on what an
         # earlier test module had imported (the same numbers on the code before the content levers)
         config = FeedbackConfig(steps=20, max_source_tokens=128, **ALGORITHM_SETTINGS["reinforce"])
