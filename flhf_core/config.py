@@ -117,6 +117,7 @@ class RunConfig:
     max_target_tokens: int = field(default=64, metadata=_range(4))
     # --- model ----------------------------------------------------------------
     model: str = "tiny-t5"
+    init_from: str = ""
     tiny_t5_size: str = field(default="s", metadata=_choice(*TINY_T5_SIZES))
     copy_attention: bool = True
     decoder_start: str = field(default="model", metadata=_choice("model", "prompt-code"))
@@ -249,6 +250,11 @@ class RunConfig:
     @property
     def section_list(self) -> tuple[str, ...]:
         return tuple(s.strip() for s in self.document_sections.split(",") if s.strip())
+
+    @property
+    def init_from_path(self) -> Path:
+        """``init-from`` as an absolute path (resolved as ``results-dir`` is)."""
+        return Path(self.init_from).expanduser().resolve()
 
     @property
     def results_path(self) -> Path:

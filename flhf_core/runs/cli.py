@@ -71,6 +71,8 @@ def merged_config(preset: str | None, overrides: list[str]) -> dict[str, Any]:
     resolved = {"results-dir": str(config.results_path), "run-name": candidate}
     if Path(config.user_profiles).expanduser().is_file():  # the apps run in the SuperLink's directory
         resolved["user-profiles"] = str(Path(config.user_profiles).expanduser().resolve())
+    if config.init_from:
+        resolved["init-from"] = str(config.init_from_path)
     return config.replace(**resolved).to_mapping()
 
 

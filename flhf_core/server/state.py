@@ -10,7 +10,9 @@ import copy
 import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from flwr.app import ConfigRecord
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -24,9 +26,11 @@ from flhf_core.learning.model import (
     TokenizerSpec,
     build_model,
     canonical_parameters,
+    load_pretrained,
     personal_parameter_names,
     select_device,
     server_tokenizer,
+    tokenizer_fingerprint,
     with_personal_parameters,
 )
 from flhf_core.protocol import LEARNING_RATE, PHASE, RUN_NAME, TOKENIZER_JSON, TOKENIZER_SHA256
@@ -94,7 +98,10 @@ def prepare(config: RunConfig, trained_tokenizer: bytes | None = None) -> Server
     tokenizer, spec = server_tokenizer(config, corpus, trained_tokenizer)
     if config.prompt_code_start:
         check_distinct_codes(tokenizer, corpus.aspects)
-    model = build_model(config, tokenizer).to(select_device(config.device))
+    model = build_model(config, tokenizer)
+    if config.init_from:
+        start_from(model, tokenizer, config.init_from_path)
+    model.to(select_device(config.device))
     heldout = partitions.heldout_examples(corpus, config)
     if not heldout:
         raise ConfigError(
@@ -110,6 +117,34 @@ def prepare(config: RunConfig, trained_tokenizer: bytes | None = None) -> Server
     return ServerState(
         config, corpus, tokenizer, spec, model, heldout, baselines, shared_parameter_names(model, config)
     )
+
+
+def start_from(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> None:
+    """``init-from``: set ``model`` to the global model of the finished run in ``run_dir`` (its
+    ``model/`` folder), e.g. a supervised phase trained once for every row of a seed. The
+    saved model must be this run's: the same tokenizer, parameter names and shapes."""
+    folder = run_dir / "model"
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"init-from: {run_dir} holds no global model (model/); give a finished run's folder."
+        )
+    from transformers import AutoTokenizer
+
+    if tokenizer_fingerprint(AutoTokenizer.from_pretrained(folder)) != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(f"init-from: {folder} was trained with another tokenizer than this run's.")
+    saved = canonical_parameters(load_pretrained(folder))
+    params = canonical_parameters(model)
+    differ = sorted(set(saved) ^ set(params)) or sorted(
+        n for n in params if saved[n].shape != params[n].shape
+    )
+    if differ:
+        raise ConfigError(
+            f"init-from: {folder} is not this run's model (model, tiny-t5-size, copy-attention): "
+            f"parameters {', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''} differ."
+        )
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
 
 
 def shared_parameter_names(model: PreTrainedModel, config: RunConfig) -> frozenset[str]:

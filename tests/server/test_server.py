@@ -244,3 +244,30 @@ def test_a_node_claiming_a_user_another_node_holds_serves_no_user_and_is_never_s
     assert impostor not in trained and len(trained) == 2
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert {r["client"] for r in rows if r["scope"] == "client" and "train-loss" in r} == {0, 1}
+
+
+def test_every_row_started_from_one_supervised_run_gets_its_model_and_a_foreign_one_is_refused(
+    smoke_config, tokenizer, tmp_path
+):
+    """init-from: rows of one seed (here two algorithms) start from the same saved global model."""
+    from flhf_core.config import ConfigError
+    from flhf_core.learning.model import build_model, canonical_parameters
+    from flhf_core.server.state import prepare
+
+    trained = build_model(smoke_config, tokenizer)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p))  # anything but a fresh build
+    trained.save_pretrained(tmp_path / "sft" / "model")
+    tokenizer.save_pretrained(tmp_path / "sft" / "model")
+    saved = canonical_parameters(trained)
+    for algorithm in ("reinforce", "dpo"):
+        row = smoke_config.replace(
+            **{"init-from": str(tmp_path / "sft"), "feedback-algorithm": algorithm, "sft-rounds": 0}
+        )
+        started = canonical_parameters(prepare(row).model)
+        assert all(torch.equal(started[name], saved[name]) for name in saved), algorithm
+    with pytest.raises(ConfigError, match="not this run's model"):
+        prepare(smoke_config.replace(**{"init-from": str(tmp_path / "sft"), "tiny-t5-size": "m"}))
+    with pytest.raises(ConfigError, match="holds no global model"):
+        prepare(smoke_config.replace(**{"init-from": str(tmp_path)}))
