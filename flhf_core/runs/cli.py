@@ -338,6 +338,18 @@ def command_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_bounds(args: argparse.Namespace) -> int:
+    from flhf_core.common import read_json
+    from flhf_core.runs.bounds import write_bounds
+
+    path = write_bounds(Path(args.run_dir))
+    result = read_json(path)
+    for method, mean in result["mean"].items():
+        print(f"{method:18s} reward {mean:.3f}  worst user {result['worst'][method]:.3f}")
+    print(f"best shared code: {result['best-shared-code']}; wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flhf", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -429,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.add_argument("--state", help="the user's personal state file, if not under the run folder")
     summarize.add_argument("--aspect", help="ask for an aspect (e.g. outcome) instead of a neutral summary")
     summarize.set_defaults(handler=command_summarize)
+    bounds = commands.add_parser(
+        "bounds",
+        help="what personalization could gain over a finished codes run's global model (bounds.json)",
+    )
+    bounds.add_argument("run_dir", help="a run's results folder, <results-dir>/<run-name>")
+    bounds.set_defaults(handler=command_bounds)
     tok = commands.add_parser("build-tokenizer", help="train the shipped aclsum tokenizer")
     tok.add_argument("--vocab-size", type=int, default=6000)
     tok.add_argument(

@@ -1,0 +1,48 @@
+"""Bounds of personalization from a global model: oracle, best shared code, neutral request, rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from flhf_core.config import ConfigError, RunConfig
+from flhf_core.data import codes
+from flhf_core.data.corpus import load_corpus
+from flhf_core.runs.bounds import bounds
+
+PERSONALIZE = {
+    "partitioning": "codes",
+    "user-profiles": "personalize",
+    "eval-max-examples": 12,
+    "reward-documents": 6,
+}
+
+
+def ideal_writer(aspects):
+    """Writes each code's target exactly; asked neutrally, the approach medium target."""
+    by_prompt = {code.prompt: code for code in codes.all_codes(aspects)}
+
+    def write(requests):
+        return [
+            codes.target(doc, by_prompt.get(instruction, codes.Code("approach", "medium")))
+            for doc, instruction in requests
+        ]
+
+    return write
+
+
+def test_an_ideal_writer_puts_the_oracle_on_top_and_the_shared_code_between():
+    config = RunConfig().replace(**PERSONALIZE)
+    corpus = load_corpus(config)
+    result = bounds(config, corpus, 12, ideal_writer(corpus.aspects))
+    mean = result["mean"]
+    assert mean["oracle"] > mean["best-shared-code"] >= mean["fedavg-sft"] * 0.9
+    assert mean["oracle"] > 2 * mean["best-shared-code"]  # one code cannot serve six groups
+    assert set(mean) == {"fedavg-sft", "best-shared-code", "oracle", "first-L-words", "lead-1", "lead-2"}
+    assert result["best-shared-code"] in {c.prompt for c in codes.all_codes(corpus.aspects)}
+    assert len(result["methods"]["oracle"]) == 12
+
+
+def test_bounds_need_control_codes():
+    config = RunConfig()
+    with pytest.raises(ConfigError, match="partitioning='codes'"):
+        bounds(config, load_corpus(config), 2, ideal_writer(("challenge",)))
