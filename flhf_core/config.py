@@ -35,7 +35,7 @@ REWARD_MODELS = ("none", "personal", "federated", "clustered")
 REWARD_QUERIES = ("uniform", "active")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
-PERSONALIZATIONS = ("none", "local-head", "lora", "soft-prompt")
+PERSONALIZATIONS = ("none", "local-head", "lora", "soft-prompt", "code-bandit")
 ACLSUM_SECTIONS = ("abstract", "introduction", "conclusion")
 TRACKERS = ("tensorboard", "mlflow")
 
@@ -345,6 +345,17 @@ class RunConfig:
                 f"partitioning={self.partitioning!r} a user's requests are neutral. Use partitioning "
                 "'iid' or 'dirichlet', or extractor='none'."
             )
+        if self.personalization == "code-bandit":
+            if self.partitioning != "codes":
+                raise ConfigError(
+                    "personalization: 'code-bandit' picks among control codes, which only partitioning='codes' "
+                    f"teaches the model; this run has partitioning={self.partitioning!r}."
+                )
+            if self.feedback_learning_rate != 0:
+                raise ConfigError(
+                    "feedback-learning-rate: 'code-bandit' keeps the shared model as it is (every judgement "
+                    "goes to choosing a code); set it to 0."
+                )
         if not self.summary_field_list:
             raise ConfigError("summary-fields: give at least one field name, comma separated.")
         if self.dataset == "aclsum":

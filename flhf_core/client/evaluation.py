@@ -59,6 +59,11 @@ def user_judgements(
     return judgements_of(session, texts, documents)
 
 
+def own_model_judgements(session: UserSession, documents: Sequence[Example]) -> list[Judgement]:
+    """The user's judgements of its own model (with its personal state), asked as the user asks it."""
+    return user_judgements(session, session.model, session.as_asked(documents))
+
+
 def reward_metrics(judgements: list[Judgement], prefix: str = "reward") -> dict[str, float]:
     """Mean utility and its factors: ``reward``, ``reward-content``, ``reward-length``, ..."""
     if not judgements:
@@ -183,7 +188,9 @@ def evaluation_metrics(
         metrics.update(text_metrics(judgements))
         metrics["win-rate"] = float(win_rate)
     if session.personal_names and not local_only:  # the user's personalized model, on the same data
-        val_texts, report_texts, also = summaries(session, session.model, examples, report, also_judge)
+        val_texts, report_texts, also = summaries(
+            session, session.model, examples, session.as_asked(report), session.as_asked(also_judge)
+        )
         if examples:
             personalized = evaluate_model(session.model, session.tokenizer, examples, config, val_texts)
             metrics.update({f"{k}-personal": v for k, v in personalized.items()})
@@ -203,14 +210,14 @@ def judge_received(session: UserSession) -> tuple[dict[str, float] | None, list[
     if bool(session.server_config.get(EVALUATE_RECEIVED, False)):
         evaluation, before = evaluation_metrics(session, also_judge=session.data.reward)
     if before is None:
-        before = user_judgements(session, session.model, session.data.reward)
+        before = own_model_judgements(session, session.data.reward)
     return evaluation, before
 
 
 def judge_update(session: UserSession, before: list[Judgement]) -> dict[str, float]:
     """After a local update: the user's reward of the updated model on the same fresh documents
     (``reward``, which may steer aggregation), against the received one's (``reward-before``)."""
-    after = user_judgements(session, session.model, session.data.reward)
+    after = own_model_judgements(session, session.data.reward)
     metrics = {**reward_metrics(before, "reward-before"), **reward_metrics(after)}
     metrics["reward-gain"] = metrics["reward"] - metrics["reward-before"]
     return {**metrics, **text_metrics(after), **state_metrics(session)}

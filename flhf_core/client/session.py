@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +41,11 @@ from flhf_core.client.documents import (
 )
 from flhf_core.common import plain_name, save_folder_atomically
 from flhf_core.config import ConfigError, RunConfig
+from flhf_core.data.codes import all_codes
+from flhf_core.data.corpus import Example
 from flhf_core.learning import warm_start
 from flhf_core.learning.batches import Encoded
+from flhf_core.learning.code_bandit import bandit_of
 from flhf_core.learning.model import (
     TokenizerSpec,
     build_model,
@@ -189,6 +194,14 @@ class UserSession:
     @property
     def profile(self) -> UserProfile:
         return self.data.profile
+
+    def as_asked(self, examples: Sequence[Example]) -> tuple[Example, ...]:
+        """How the user asks its own model for ``examples``: as they are, or under
+        ``code-bandit`` with the control code its bandit serves (the best posterior mean)."""
+        if self.config.personalization != "code-bandit":
+            return tuple(examples)
+        code = all_codes(self.config.aspects)[bandit_of(self.model).bandit().best()]
+        return tuple(dataclasses.replace(e, instruction=code.prompt) for e in examples)
 
     def global_view(self) -> PreTrainedModel:
         """The received global model alone: personal parameters reset to a new user's."""

@@ -19,12 +19,16 @@ from transformers import PreTrainedModel
 
 from flhf_core.client import reward_models
 from flhf_core.client.session import UserSession
+from flhf_core.data.codes import all_codes
 from flhf_core.learning.algorithms import FEEDBACK_ALGORITHMS
 from flhf_core.learning.algorithms.rollout import FeedbackConfig
 from flhf_core.learning.algorithms.scorer import LearnedScorer, Scorer
 from flhf_core.learning.algorithms.sft import SFTConfig, train_sft
+from flhf_core.learning.code_bandit import bandit_of
+from flhf_core.learning.generate import summarize
 from flhf_core.learning.model import canonical_parameters
 from flhf_core.protocol import LEARNING_RATE
+from flhf_core.users.feedback import judge, score
 
 
 def local_update(session: UserSession) -> dict[str, float]:
@@ -143,6 +147,8 @@ def local_feedback(session: UserSession) -> dict[str, float]:
         budget_scale = 1
     if not session.data.feedback:
         raise ValueError(f"user {session.user} holds no documents to give feedback on")
+    if config.personalization == "code-bandit":
+        return bandit_feedback(session, feedback)
     passes = feedback_passes(session)
     update = FEEDBACK_ALGORITHMS[config.feedback_algorithm]
     rng = np.random.default_rng(round_seed(session, 2))
@@ -179,3 +185,47 @@ def feedback_passes(session: UserSession) -> list[tuple[str, frozenset[str] | No
     if config.feedback_learning_rate == 0:  # the personal pass is the round's whole update
         return [("train", *personal_pass)]
     return [("personal", *personal_pass), ("train", session.shared_names, config.feedback_learning_rate)]
+
+
+def bandit_feedback(session: UserSession, feedback: FeedbackConfig) -> dict[str, float]:
+    """``code-bandit``'s feedback round: the shared model stays as it is; each judgement the
+    user gives rates the model's summary of one of its feedback documents written for the code
+    Thompson sampling picks (:mod:`~flhf_core.learning.code_bandit`). The round's judgements:
+    ``ratings-per-round``, or when unlimited as many as an algorithm's round samples
+    (``feedback-steps`` x ``feedback-prompts`` x ``samples-per-prompt``). A request the user
+    declines to rate costs nothing, as for the algorithms."""
+    config = session.config
+    every = all_codes(config.aspects)
+    state = bandit_of(session.model)
+    bandit = state.bandit()
+    rng = np.random.default_rng(round_seed(session, 2))
+    asks = (
+        config.ratings_per_round or feedback.steps * feedback.prompts_per_step * feedback.samples_per_prompt
+    )
+    documents = list(session.data.feedback)
+    written: dict[tuple[str, int], str] = {}  # greedy summaries: one per (document, code)
+    ratings = []
+    for _ in range(asks):
+        arm = bandit.choose(rng)
+        example = documents[int(rng.integers(len(documents)))]
+        if (example.doc_id, arm) not in written:
+            (written[(example.doc_id, arm)],) = summarize(
+                session.model,
+                session.tokenizer,
+                [replace(example, instruction=every[arm].prompt).source],
+                config,
+            )
+        utility = judge(session.profile, written[(example.doc_id, arm)], example.summary).utility
+        rating = score(session.profile, utility, rng)
+        if rating is None:
+            continue
+        bandit.update(arm, rating)
+        ratings.append(rating)
+    state.store(bandit)
+    return {
+        "num-examples": len(documents),
+        "train-reward": float(np.mean(ratings)) if ratings else 0.0,
+        "train-ratings-used": float(len(ratings)),
+        "train-bandit-best": float(bandit.best()),
+        "train-bandit-best-mean": float(bandit.posterior_mean()[bandit.best()]),
+    }

@@ -9,8 +9,9 @@ Russo et al., 2018, https://arxiv.org/abs/1707.02038) with a Gaussian posterior 
 
 with a prior of ``n0`` pseudo-ratings at ``m0`` and ``s`` the ratings' scale. Each judgement
 draws one mean per arm and asks for the arm with the largest draw. The user is served the arm
-with the best posterior mean. The state is two arrays (count and sum per code), personal like
-any other personal state: it never leaves the device.
+with the best posterior mean. The state is two arrays (count and sum per code), carried by the
+client's model as untrained parameters (:class:`CodeBanditState`), so that it is personal like
+any other personal state: kept and restored on the device, never sent.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedModel
 
 PRIOR_COUNT = 1.0  # n0: pseudo-ratings of the prior
 PRIOR_MEAN = 0.5  # m0: ratings lie in [0, 1]; an optimistic start tries every arm early
@@ -50,3 +54,38 @@ class CodeBandit:
     def best(self) -> int:
         """The arm the user is served: the best posterior mean (ties: the lowest index)."""
         return int(np.argmax(self.posterior_mean()))
+
+
+MODULE = "code_bandit"  # the attribute on a client's model; its state is code_bandit.counts/.sums
+
+
+class CodeBanditState(nn.Module):
+    """A user's bandit state, carried by the client's model as two untrained parameters, so
+    that it is kept, restored and never sent exactly as any personal parameter is."""
+
+    def __init__(self, arms: int) -> None:
+        super().__init__()
+        self.counts = nn.Parameter(torch.zeros(arms), requires_grad=False)
+        self.sums = nn.Parameter(torch.zeros(arms), requires_grad=False)
+
+    def bandit(self) -> CodeBandit:
+        """The state as a :class:`CodeBandit` (copies; :meth:`store` writes one back)."""
+        return CodeBandit(
+            self.counts.detach().cpu().double().numpy().copy(),
+            self.sums.detach().cpu().double().numpy().copy(),
+        )
+
+    def store(self, bandit: CodeBandit) -> None:
+        with torch.no_grad():
+            self.counts.copy_(torch.from_numpy(bandit.counts))
+            self.sums.copy_(torch.from_numpy(bandit.sums))
+
+
+def add_code_bandit(model: PreTrainedModel, arms: int) -> PreTrainedModel:
+    """Give a client's ``model`` a fresh bandit state over ``arms`` codes (it changes no output)."""
+    setattr(model, MODULE, CodeBanditState(arms))
+    return model
+
+
+def bandit_of(model: PreTrainedModel) -> CodeBanditState:
+    return getattr(model, MODULE)

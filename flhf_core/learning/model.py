@@ -38,7 +38,8 @@ from transformers.utils import logging as hf_logging
 
 from flhf_core.config import ConfigError, RunConfig
 from flhf_core.data import partitions
-from flhf_core.learning import conditioning, warm_start
+from flhf_core.data.codes import all_codes
+from flhf_core.learning import code_bandit, conditioning, warm_start
 from flhf_core.learning.copy_t5 import CopyT5ForConditionalGeneration
 from flhf_core.learning.untied_t5 import UntiedT5ForConditionalGeneration
 
@@ -325,11 +326,12 @@ def personal_parameter_names(model: PreTrainedModel, mode: str, personal_layers:
     names = canonical_parameters(model)
     if mode == "all":
         return frozenset(names)
-    if mode == "soft-prompt":
-        personal = {n for n in names if n.startswith(f"{conditioning.MODULE}.")}
+    client_only = {"soft-prompt": conditioning.MODULE, "code-bandit": code_bandit.MODULE}
+    if mode in client_only:
+        personal = {n for n in names if n.startswith(f"{client_only[mode]}.")}
         if not personal:
             raise ValueError(
-                "personalization 'soft-prompt': the model has no conditioning; call add_conditioning"
+                f"personalization {mode!r}: the model has no {client_only[mode]} (with_personal_parameters)"
             )
         return frozenset(personal)
     if mode == "lora":
@@ -363,12 +365,14 @@ def personal_parameter_names(model: PreTrainedModel, mode: str, personal_layers:
 
 def with_personal_parameters(model: PreTrainedModel, config: RunConfig, seed: int) -> PreTrainedModel:
     """``model`` with the personal parameters that exist on clients only: a LoRA adapter
-    (``lora``) or a user conditioning (``soft-prompt``); otherwise unchanged (``local-head``'s
-    personal layers are part of every model)."""
+    (``lora``), a user conditioning (``soft-prompt``) or a bandit's state over the control codes
+    (``code-bandit``); otherwise unchanged (``local-head``'s personal layers are in every model)."""
     if config.personalization == "lora":
         return add_lora(model, config.lora_rank, seed=seed)
     if config.personalization == "soft-prompt":
         return conditioning.add_conditioning(model, config.soft_prompt_tokens)
+    if config.personalization == "code-bandit":
+        return code_bandit.add_code_bandit(model, len(all_codes(config.aspects)))
     return model
 
 

@@ -154,7 +154,7 @@ def shared_parameter_names(model: PreTrainedModel, config: RunConfig) -> frozens
     never sent). A LoRA adapter or a user conditioning exists only on the clients: the
     server's model has none.
     """
-    if config.personalization in ("lora", "soft-prompt"):
+    if config.personalization in ("lora", "soft-prompt", "code-bandit"):
         try:
             with_personal_parameters(copy.deepcopy(model), config, seed=0)
         except (ValueError, AttributeError, NotImplementedError) as error:

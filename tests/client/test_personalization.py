@@ -274,3 +274,45 @@ def test_feedback_trains_the_personal_parameters_first_each_at_its_own_rate(
     )
     session = SimpleNamespace(config=config, personal_names=personal_names, shared_names=frozenset({"s"}))
     assert feedback_passes(session) == expected
+
+
+def test_code_bandit_rates_codes_keeps_its_state_and_serves_its_best_code(
+    flower_identity, smoke_config, tokenizer, tmp_path
+):
+    """code-bandit: a feedback round spends the user's judgements on codes, the shared model is
+    sent back unchanged, the state stays on the device, and the user's own model is asked with
+    the code the bandit serves."""
+    from flhf_core.client.session import open_session
+    from flhf_core.data.codes import all_codes
+    from flhf_core.learning.code_bandit import bandit_of
+
+    config = smoke_config.replace(
+        **{
+            "personalization": "code-bandit",
+            "results-dir": str(tmp_path / "results"),
+            "partitioning": "codes",
+            "feedback-algorithm": "reinforce",
+            "sft-rounds": 1,
+            "feedback-learning-rate": 0.0,
+            "ratings-per-round": 12,
+        }
+    )
+    context = new_context(config, tmp_path / "state")
+    sent, shared = server_message(config, tokenizer, phase="feedback")
+    reply = client_app.train(sent, context)
+    assert set(reply.content["arrays"].keys()) == shared
+    received = sent.content["arrays"]
+    assert all(np.array_equal(reply.content["arrays"][k].numpy(), received[k].numpy()) for k in shared)
+    kept = context.state.array_records[personal.STATE_RECORD]
+    counts = kept["code_bandit.counts"].numpy()
+    assert counts.sum() == reply.content["metrics"]["train-ratings-used"] > 0
+    session = open_session(server_message(config, tokenizer, server_round=2, phase="feedback")[0], context)
+    best = all_codes(config.aspects)[bandit_of(session.model).bandit().best()]
+    assert {e.instruction for e in session.as_asked(session.data.reward)} == {best.prompt}
+
+
+def test_code_bandit_needs_codes_and_a_still_shared_model(smoke_config):
+    with pytest.raises(ConfigError, match="partitioning='codes'"):
+        smoke_config.replace(personalization="code-bandit", **{"feedback-learning-rate": 0.0})
+    with pytest.raises(ConfigError, match="set it to 0"):
+        smoke_config.replace(personalization="code-bandit", partitioning="codes")
