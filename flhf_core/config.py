@@ -153,7 +153,7 @@ class RunConfig:
     reward_model_trust: float = field(default=0.55, metadata=_range(0.0, 0.9))  # 32/32's Wilson bound is 0.92
     reward_queries: str = field(default="uniform", metadata=_choice(*REWARD_QUERIES))
     feedback_learning_rate: float = field(default=3e-4, metadata=_range(0.0, 1.0))
-    personal_feedback_learning_rate: float = field(default=1e-2, metadata=_range(0.0, 1.0))
+    personal_feedback_learning_rate: float = field(default=3e-4, metadata=_range(0.0, 10.0))
     kl_coef: float = field(default=0.05, metadata=_range(0.0))
     sample_temperature: float = field(default=1.0, metadata=_range(1e-3))
     ppo_epochs: int = field(default=4, metadata=_range(1))
