@@ -44,6 +44,7 @@ from flhf_core.data.extractor import train_split_extractor
 from flhf_core.learning.generate import summarize
 from flhf_core.learning.metrics import first_sentence, last_sentence, lead_words
 from flhf_core.learning.model import load_pretrained, server_tokenizer
+from flhf_core.results.statistics import paired_interval
 from flhf_core.results.tracking import read_metrics
 from flhf_core.users.rouge import rouge_pair
 
@@ -140,26 +141,6 @@ def best_rule_per_aspect(examples: list[dict]) -> dict[str, str]:
     }
 
 
-def paired_interval(
-    differences: np.ndarray, papers: list[str], rng: np.random.Generator, draws: int = BOOTSTRAP
-) -> tuple[float, float, float]:
-    """Mean of a (seeds x examples) matrix of paired differences and its 95% bootstrap interval:
-    seeds and test papers resampled independently, each drawn paper with all its examples (its
-    aspects are not independent of each other; the same papers are in every seed)."""
-    seeds = differences.shape[0]
-    columns: dict[str, list[int]] = {}
-    for index, paper in enumerate(papers):
-        columns.setdefault(paper, []).append(index)
-    groups = list(columns.values())
-    means = np.empty(draws)
-    for i in range(draws):
-        s = rng.integers(0, seeds, seeds)
-        e = np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))])
-        means[i] = differences[np.ix_(s, e)].mean()
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(differences.mean()), float(low), float(high)
-
-
 def row_figures(per_seed: dict[int, list[dict]], seed: int = 0) -> dict:
     """A row's ROUGE-L overall and by aspect, the rules', and model-minus-rule differences."""
     seeds = sorted(per_seed)
@@ -181,7 +162,8 @@ def row_figures(per_seed: dict[int, list[dict]], seed: int = 0) -> dict:
         entry["model-per-seed"] = [float(v) for v in score["model"][:, mask].mean(axis=1)]
         for rule in (*(n for n in names if n != "model"), "best-rule-per-aspect"):
             papers = [doc for (doc, _), kept in zip(keys, mask, strict=True) if kept]
-            mean, low, high = paired_interval(score["model"][:, mask] - score[rule][:, mask], papers, rng)
+            interval = paired_interval(score["model"][:, mask] - score[rule][:, mask], papers, rng, BOOTSTRAP)
+            mean, low, high = interval.mean, interval.low, interval.high
             entry[f"minus-{rule}"] = {"mean": mean, "low": low, "high": high}
         figures[subset] = entry
     return figures
