@@ -6,15 +6,23 @@ conditions a shared model on a user embedding made of a generic part, common to 
 and a personal offset. Here the generic part is what the shared model already reads: the
 embeddings of the first ``P`` tokens of the encoder's input (the request, ``summarize:``,
 and the document's first words), trained by federated SFT. The personal part is an offset
-``E_u`` of ``P`` vectors of the model's width, added to them::
+``E_u`` of ``P`` vectors of the model's width, added to them, and, as the persona vector of
+Li et al. (2016, https://arxiv.org/abs/1603.06155) enters a decoder at every step, one
+vector ``v_u`` added to every decoder input embedding::
 
-    e'_i = e_i + E_u[i]        for i < min(P, source length)
+    e'_i = e_i + E_u[i]        for i < min(P, source length)    (encoder)
+    d'_t = d_t + v_u           for every decoding step t          (decoder)
 
-The sequence keeps its length, so the attention mask and copy attention's source ids stay
-as they are. The offset starts at zero: a new user, or one who joins late, is served by the
-generic conditioning, exactly the shared model. It is a parameter of the client's model
-(``user_conditioning.offset``), personal like a LoRA adapter: trained by the user's
-feedback only, kept on the device, never sent or averaged. The server's model has none.
+An encoder-side prompt alone barely steers a small encoder-decoder: the decoder sees it only
+through cross-attention, and 12 REINFORCE steps moved two users' summary lengths apart by 1.6
+words (test_two_users_with_opposite_lengths...); the decoder vector acts on every step.
+
+The sequences keep their lengths, so attention masks, caches and copy attention's source ids
+stay as they are. Both parts start at zero: a new user, or one who joins late, is served by
+the generic conditioning, exactly the shared model. They are parameters of the client's model
+(``user_conditioning.offset``, ``user_conditioning.decoder_offset``), personal like a LoRA
+adapter: trained by the user's feedback only, kept on the device, never sent or averaged.
+The server's model has none.
 
 Sources are padded on the right (seq2seq tokenizers' default), so the first ``P`` positions
 are the request's for every row of a batch.
@@ -32,26 +40,42 @@ MODULE = "user_conditioning"  # the attribute on the model; its parameter is use
 
 
 class UserConditioning(nn.Module):
-    """``P`` personal vectors added to the first ``P`` input embeddings of the encoder."""
+    """``P`` personal vectors added to the first ``P`` input embeddings of the encoder, and one
+    added to every input embedding of the decoder."""
 
     def __init__(self, tokens: int, width: int) -> None:
         super().__init__()
         self.offset = nn.Parameter(torch.zeros(tokens, width))
+        self.decoder_offset = nn.Parameter(torch.zeros(width))
+
+    def condition_decoder(
+        self, decoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The decoder's forward pre-hook: every input token's embedding gets ``v_u``."""
+        embeds = _embeddings(decoder, args, kwargs)
+        if embeds is None:
+            return None
+        embeds = embeds + self.decoder_offset.to(embeds.dtype)
+        return (), {**kwargs, "input_ids": None, "inputs_embeds": embeds, **_positional(args)}
 
     def condition(
         self, encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """The encoder's forward pre-hook: token ids become conditioned embeddings."""
-        if kwargs.get("inputs_embeds") is not None:
-            embeds = kwargs["inputs_embeds"]
-        else:
-            input_ids = args[0] if args else kwargs.get("input_ids")
-            if input_ids is None:
-                return None
-            embeds = encoder.get_input_embeddings()(input_ids)
+        embeds = _embeddings(encoder, args, kwargs)
+        if embeds is None:
+            return None
         n = min(self.offset.size(0), embeds.size(1))
         embeds = torch.cat([embeds[:, :n] + self.offset[:n].to(embeds.dtype), embeds[:, n:]], dim=1)
         return (), {**kwargs, "input_ids": None, "inputs_embeds": embeds, **_positional(args)}
+
+
+def _embeddings(stack: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The input embeddings a stack is called with, or those of its token ids."""
+    if kwargs.get("inputs_embeds") is not None:
+        return kwargs["inputs_embeds"]
+    input_ids = args[0] if args else kwargs.get("input_ids")
+    return None if input_ids is None else stack.get_input_embeddings()(input_ids)
 
 
 def _positional(args: tuple[Any, ...]) -> dict[str, Any]:
@@ -67,6 +91,7 @@ def add_conditioning(model: PreTrainedModel, tokens: int) -> PreTrainedModel:
     width = encoder.get_input_embeddings().embedding_dim
     conditioning = UserConditioning(tokens, width).to(encoder.get_input_embeddings().weight.device)
     setattr(model, MODULE, conditioning)
-    # a bound method of a submodule: copy.deepcopy(model) rebinds it to the copy's conditioning
+    # bound methods of a submodule: copy.deepcopy(model) rebinds them to the copy's conditioning
     encoder.register_forward_pre_hook(conditioning.condition, with_kwargs=True)
+    model.get_decoder().register_forward_pre_hook(conditioning.condition_decoder, with_kwargs=True)
     return model

@@ -252,6 +252,43 @@ def test_two_users_each_move_toward_their_own_aspect(setting, tokenizer):
         assert own > other, (profile.aspect, own, other)
 
 
+@pytest.mark.slow
+def test_two_users_with_opposite_lengths_get_different_summaries_from_their_conditioning(setting, tokenizer):
+    """personalization = soft-prompt: the shared model frozen, each user's conditioning alone
+    learns from its own feedback (REINFORCE); a user who wants half the model's length and one
+    who wants twice it end with summaries of clearly different lengths, on held-out documents,
+    and each is served better by its own conditioning than by the other's (two seeds)."""
+    from flhf_core.client.update import only_trainable
+    from flhf_core.learning.conditioning import MODULE, add_conditioning
+
+    base, corpus, train_ids, heldout_ids, terse, _ = setting
+    written = user_view(base, tokenizer, corpus, heldout_ids, UserProfile(0, "outcome", 25))["words"]
+    wordy = UserProfile(1, "outcome", length_words=round(2 * written), length_tolerance=3)
+    profiles = (terse, wordy)
+    views = {}
+    for seed in (SEED, SEED + 1):
+        for profile in profiles:
+            model = add_conditioning(copy.deepcopy(base), 8)
+            torch.manual_seed(seed)
+            examples = list(partitions.judged_examples(corpus, train_ids, profile, RunConfig()))
+            config = FeedbackConfig(steps=12, max_source_tokens=128, learning_rate=0.1, kl_coef=0.0)
+            with only_trainable(model, frozenset({f"{MODULE}.offset", f"{MODULE}.decoder_offset"})):
+                FEEDBACK_ALGORITHMS["reinforce"](
+                    model, tokenizer, examples, Scorer(profile), config, np.random.default_rng(seed)
+                )
+            for judge_as in profiles:
+                views[(seed, profile.user_id, judge_as.user_id)] = user_view(
+                    model, tokenizer, corpus, heldout_ids, judge_as
+                )
+
+    def mean(key, trained, judged):
+        return float(np.mean([views[(s, trained, judged)][key] for s in (SEED, SEED + 1)]))
+
+    assert mean("words", 1, 1) > mean("words", 0, 0) + 4, views
+    for user in (0, 1):
+        assert mean("utility", user, user) > mean("utility", 1 - user, user), views
+
+
 def test_encoder_repetition_penalty_favours_the_documents_words_whatever_the_padding(tokenizer, smoke_config):
     """``encoder-repetition-penalty`` > 1: an untrained model's greedy summary takes more of its
     words from the document; never the end or padding tokens (a summary does not depend on how

@@ -21,9 +21,10 @@ def conditioned(config, tokenizer, tokens=4):
 def test_a_zero_conditioning_is_the_shared_model_and_an_offset_changes_it(smoke_config, tokenizer, logits_of):
     plain, model = conditioned(smoke_config, tokenizer)
     assert torch.equal(logits_of(plain), logits_of(model))
-    with torch.no_grad():
-        getattr(model, MODULE).offset.normal_(0.0, 1.0)
-    assert not torch.allclose(logits_of(plain), logits_of(model), atol=1e-4)
+    for part in ("decoder_offset", "offset"):  # each part alone steers it
+        with torch.no_grad():
+            getattr(getattr(model, MODULE), part).normal_(0.0, 1.0)
+        assert not torch.allclose(logits_of(plain), logits_of(model), atol=1e-4), part
 
 
 def test_only_the_first_tokens_are_offset(smoke_config, tokenizer):
@@ -48,7 +49,7 @@ def test_the_conditioning_is_the_only_personal_parameter_and_copies_keep_it_wire
     smoke_config, tokenizer, logits_of
 ):
     _, model = conditioned(smoke_config, tokenizer)
-    assert personal_parameter_names(model, "soft-prompt") == {f"{MODULE}.offset"}
+    assert personal_parameter_names(model, "soft-prompt") == {f"{MODULE}.offset", f"{MODULE}.decoder_offset"}
     clone = copy.deepcopy(model)  # the feedback algorithms' frozen reference is such a copy
     with torch.no_grad():
         getattr(clone, MODULE).offset.normal_(0.0, 1.0)
