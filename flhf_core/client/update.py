@@ -30,6 +30,8 @@ from flhf_core.learning.model import canonical_parameters
 from flhf_core.protocol import LEARNING_RATE
 from flhf_core.users.feedback import judge, score
 
+FEEDBACK_ONLY = ("soft-prompt", "code-bandit")  # personalizations whose state supervised rounds leave alone
+
 
 def local_update(session: UserSession) -> dict[str, float]:
     """Update ``session.model`` in place for this round's phase; the update's figures."""
@@ -68,13 +70,16 @@ def local_sft(session: UserSession) -> dict[str, float]:
     config = session.config
     sft = SFTConfig.from_run_config(config, learning_rate=learning_rate(session), seed=round_seed(session, 1))
     personal_metrics: dict[str, float] = {}
+    # soft-prompt and code-bandit learn from feedback only: their state stays as it is here
+    feedback_only = config.personalization in FEEDBACK_ONLY
     # (local-only: every parameter is the user's own, nothing to alternate with)
-    alternate = bool(session.personal_names) and bool(session.shared_names) and config.personal_epochs > 0
-    if config.personalization == "soft-prompt":  # the conditioning learns from feedback only
-        alternate = False
-        frozen = only_trainable(session.model, session.shared_names)
-    else:
-        frozen = nullcontext()
+    alternate = (
+        bool(session.personal_names)
+        and bool(session.shared_names)
+        and config.personal_epochs > 0
+        and not feedback_only
+    )
+    frozen = only_trainable(session.model, session.shared_names) if feedback_only else nullcontext()
     if alternate:
         with only_trainable(session.model, session.personal_names):
             personal = train_sft(

@@ -316,3 +316,22 @@ def test_code_bandit_needs_codes_and_a_still_shared_model(smoke_config):
         smoke_config.replace(personalization="code-bandit", **{"feedback-learning-rate": 0.0})
     with pytest.raises(ConfigError, match="set it to 0"):
         smoke_config.replace(personalization="code-bandit", partitioning="codes")
+
+
+def test_a_supervised_round_leaves_a_code_bandit_alone(flower_identity, smoke_config, tokenizer, tmp_path):
+    """personal-epochs > 0 alternates only for parameters that learn from examples (an empty
+    personal pass would fail: the bandit's state has nothing to train)."""
+    config = smoke_config.replace(
+        **{
+            "personalization": "code-bandit",
+            "partitioning": "codes",
+            "feedback-learning-rate": 0.0,
+            "personal-epochs": 1,
+            "results-dir": str(tmp_path / "results"),
+        }
+    )
+    context = new_context(config, tmp_path / "state")
+    reply = client_app.train(server_message(config, tokenizer)[0], context)
+    assert "personal-loss-first" not in reply.content["metrics"]
+    kept = context.state.array_records[personal.STATE_RECORD]
+    assert not kept["code_bandit.counts"].numpy().any()
