@@ -56,7 +56,11 @@ def rows() -> dict[str, list[str]]:
     best = f"feedback-algorithm={BEST}"
     table = {f"soft-prompt/{a}": [f"feedback-algorithm={a}"] for a in ALGORITHMS}
     table["code-bandit"] = ["personalization=code-bandit"]
-    table["lora"] = [best, "personalization=lora"]
+    table["lora"] = [
+        best,
+        "personalization=lora",
+        "personal-feedback-learning-rate=0.0003",
+    ]  # an adapter's rate
     for weighting in ("none", "linear", "history"):
         table[f"shared/{weighting}"] = [best, SHARED_RATE, f"reward-weighting={weighting}"]
     for budget in (8, 32):

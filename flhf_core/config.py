@@ -345,7 +345,36 @@ class RunConfig:
                 f"partitioning={self.partitioning!r} a user's requests are neutral. Use partitioning "
                 "'iid' or 'dirichlet', or extractor='none'."
             )
+        if self.personalization in ("soft-prompt", "code-bandit") and self.feedback_algorithm == "sft":
+            raise ConfigError(
+                f"feedback-algorithm: 'sft' never trains personalization={self.personalization!r}, which learns "
+                "from feedback only; choose best-of-n, reinforce, ppo or dpo."
+            )
+        if (
+            self.feedback_learning_rate == 0
+            and self.personalization == "none"
+            and self.feedback_algorithm != "sft"
+        ):
+            raise ConfigError(
+                "feedback-learning-rate: 0 leaves nothing to learn from feedback without personal parameters; "
+                "raise it, or choose a personalization whose parameters learn at personal-feedback-learning-rate."
+            )
+        if self.init_from and (self.mode == "local-only" or self.personalization == "local-head"):
+            raise ConfigError(
+                "init-from: the saved model reaches users through the parameters the server sends; under "
+                f"mode={self.mode!r}, personalization={self.personalization!r} part of it never would."
+            )
+        if self.partitioning == "codes" and self.highlight_supervision:
+            raise ConfigError(
+                "highlight-supervision: its extra examples are prompted by bare aspects, which no control code "
+                "uses under partitioning='codes'; set it to false."
+            )
         if self.personalization == "code-bandit":
+            if self.reward_model != "none":
+                raise ConfigError(
+                    "reward-model: 'code-bandit' learns from the user's judgements alone (its rows are the "
+                    "bound a learned conditioning must clear); set reward-model='none'."
+                )
             if self.partitioning != "codes":
                 raise ConfigError(
                     "personalization: 'code-bandit' picks among control codes, which only partitioning='codes' "

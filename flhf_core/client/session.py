@@ -197,10 +197,14 @@ class UserSession:
 
     def as_asked(self, examples: Sequence[Example]) -> tuple[Example, ...]:
         """How the user asks its own model for ``examples``: as they are, or under
-        ``code-bandit`` with the control code its bandit serves (the best posterior mean)."""
+        ``code-bandit`` once it has ratings, with the control code its bandit serves (the best
+        posterior mean)."""
         if self.config.personalization != "code-bandit":
             return tuple(examples)
-        code = all_codes(self.config.aspects)[bandit_of(self.model).bandit().best()]
+        bandit = bandit_of(self.model).bandit()
+        if not bandit.counts.any():  # nothing rated yet: the user asks neutrally, as everyone
+            return tuple(examples)
+        code = all_codes(self.config.aspects)[bandit.best()]
         return tuple(dataclasses.replace(e, instruction=code.prompt) for e in examples)
 
     def global_view(self) -> PreTrainedModel:

@@ -186,6 +186,8 @@ def feedback_passes(session: UserSession) -> list[tuple[str, frozenset[str] | No
     config = session.config
     if not (session.personal_names and session.shared_names):  # none, or local-only: one pass
         return [("train", None, config.feedback_learning_rate)]
+    if config.personal_epochs == 0 and config.personalization not in FEEDBACK_ONLY:  # jointly, as in SFT
+        return [("train", None, config.feedback_learning_rate)]
     personal_pass = (session.personal_names, config.personal_feedback_learning_rate)
     if config.feedback_learning_rate == 0:  # the personal pass is the round's whole update
         return [("train", *personal_pass)]
@@ -209,8 +211,10 @@ def bandit_feedback(session: UserSession, feedback: FeedbackConfig) -> dict[str,
     )
     documents = list(session.data.feedback)
     written: dict[tuple[str, int], str] = {}  # greedy summaries: one per (document, code)
-    ratings = []
-    for _ in range(asks):
+    ratings: list[float] = []
+    for _ in range(4 * asks):  # declined requests cost nothing; a user who rates rarely is asked at most 4x
+        if len(ratings) == asks:
+            break
         arm = bandit.choose(rng)
         example = documents[int(rng.integers(len(documents)))]
         if (example.doc_id, arm) not in written:
@@ -231,6 +235,4 @@ def bandit_feedback(session: UserSession, feedback: FeedbackConfig) -> dict[str,
         "num-examples": len(documents),
         "train-reward": float(np.mean(ratings)) if ratings else 0.0,
         "train-ratings-used": float(len(ratings)),
-        "train-bandit-best": float(bandit.best()),
-        "train-bandit-best-mean": float(bandit.posterior_mean()[bandit.best()]),
-    }
+    }  # (which code the bandit serves stays on the device: it names what the user wants)

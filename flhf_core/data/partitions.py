@@ -337,9 +337,9 @@ def heldout_examples(corpus: Corpus, config: RunConfig) -> tuple[Example, ...]:
             if summary
         ]
     if config.heldout_max_examples and len(examples) > config.heldout_max_examples:
-        examples.sort(
-            key=lambda e: unit_hash(config.seed, "heldout-order", e.doc_id, e.aspect, e.instruction)
-        )
+        # under codes one document has several examples per aspect: their instructions tell them apart
+        extra = (lambda e: (e.instruction,)) if config.partitioning == "codes" else (lambda e: ())
+        examples.sort(key=lambda e: unit_hash(config.seed, "heldout-order", e.doc_id, e.aspect, *extra(e)))
         examples = examples[: config.heldout_max_examples]
     return tuple(examples)
 

@@ -95,3 +95,13 @@ def add_conditioning(model: PreTrainedModel, tokens: int) -> PreTrainedModel:
     encoder.register_forward_pre_hook(conditioning.condition, with_kwargs=True)
     model.get_decoder().register_forward_pre_hook(conditioning.condition_decoder, with_kwargs=True)
     return model
+
+
+def strip_conditioning(stack: nn.Module) -> nn.Module:
+    """``stack`` without a user conditioning's hooks: a copy of a conditioned encoder (a reward
+    model's) would otherwise carry a frozen copy of the user's conditioning along."""
+    for handle, hook in list(stack._forward_pre_hooks.items()):
+        if isinstance(getattr(hook, "__self__", None), UserConditioning):
+            del stack._forward_pre_hooks[handle]
+            stack._forward_pre_hooks_with_kwargs.pop(handle, None)
+    return stack

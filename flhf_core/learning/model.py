@@ -341,7 +341,7 @@ def personal_parameter_names(model: PreTrainedModel, mode: str, personal_layers:
         return frozenset(personal)
     if mode != "local-head":
         raise ConfigError(
-            f"personalization: {mode!r} is not allowed; choose none, local-head, lora or soft-prompt."
+            f"personalization: {mode!r} is not allowed; choose none, local-head, lora, soft-prompt or code-bandit."
         )
     if head_is_tied(model):
         raise ConfigError(

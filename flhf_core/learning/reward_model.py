@@ -70,7 +70,7 @@ import torch
 from torch import nn
 from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
-from flhf_core.learning import warm_start
+from flhf_core.learning import conditioning, warm_start
 from flhf_core.learning.model import canonical_parameters
 
 # The layout of the reward model's parameters, in the server's checkpoint (a resume of another
@@ -124,7 +124,7 @@ class RewardModel(nn.Module):
     @classmethod
     def from_summarizer(cls, summarizer: PreTrainedModel) -> RewardModel:
         """A reward model whose encoder is a copy of ``summarizer``'s."""
-        encoder = copy.deepcopy(summarizer.get_encoder())
+        encoder = conditioning.strip_conditioning(copy.deepcopy(summarizer.get_encoder()))
         hidden = summarizer.get_encoder().config.hidden_size
         return cls(encoder, hidden).to(next(summarizer.parameters()).device)
 

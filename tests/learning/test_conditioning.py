@@ -91,3 +91,21 @@ def test_hub_families_take_a_conditioning(hub_checkpoint, family):
         assert torch.equal(model(**batch, labels=labels).logits, plain)
         getattr(model, MODULE).offset.normal_(0.0, 1.0)
         assert not torch.allclose(model(**batch, labels=labels).logits, plain, atol=1e-4)
+
+
+def test_a_reward_model_copied_from_a_conditioned_summarizer_reads_no_conditioning(smoke_config, tokenizer):
+    from flhf_core.learning.reward_model import RewardModel
+
+    _, model = conditioned(smoke_config, tokenizer)
+    with torch.no_grad():
+        getattr(model, MODULE).offset.normal_(0.0, 1.0)
+    reward_model = RewardModel.from_summarizer(model)
+    batch = tokenizer(["summarize: we propose a method for parsing"], return_tensors="pt")
+    plain = RewardModel.from_summarizer(build_model(smoke_config, tokenizer))
+    plain.encoder.load_state_dict(reward_model.encoder.state_dict())
+    reward_model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(
+            reward_model.pooled(batch["input_ids"], batch["attention_mask"]),
+            plain.pooled(batch["input_ids"], batch["attention_mask"]),
+        )

@@ -40,6 +40,7 @@ def test_a_ratio_target_needs_the_ratio_and_an_interval_that_excludes_zero():
     assert not ratio_met(reference * 1.4, reference, 1.5)
     noisy = reference + np.random.default_rng(4).normal(0, 0.5, (5, 24))
     assert not ratio_met(noisy, reference, 0.5)  # the ratio holds, the interval does not
+    assert not ratio_met(reference * 0.5, reference, 0.4)  # significantly worse is no win
 
 
 def test_an_empty_matrix_is_refused():
