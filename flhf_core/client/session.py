@@ -45,7 +45,7 @@ from flhf_core.data.codes import all_codes
 from flhf_core.data.corpus import Example
 from flhf_core.learning import warm_start
 from flhf_core.learning.batches import Encoded
-from flhf_core.learning.code_bandit import bandit_of
+from flhf_core.learning.code_bandit import served_prompt
 from flhf_core.learning.model import (
     TokenizerSpec,
     build_model,
@@ -201,11 +201,10 @@ class UserSession:
         posterior mean)."""
         if self.config.personalization != "code-bandit":
             return tuple(examples)
-        bandit = bandit_of(self.model).bandit()
-        if not bandit.counts.any():  # nothing rated yet: the user asks neutrally, as everyone
+        prompt = served_prompt(self.model, [code.prompt for code in all_codes(self.config.aspects)])
+        if prompt is None:  # nothing rated yet: the user asks neutrally, as everyone
             return tuple(examples)
-        code = all_codes(self.config.aspects)[bandit.best()]
-        return tuple(dataclasses.replace(e, instruction=code.prompt) for e in examples)
+        return tuple(dataclasses.replace(e, instruction=prompt) for e in examples)
 
     def global_view(self) -> PreTrainedModel:
         """The received global model alone: personal parameters reset to a new user's."""

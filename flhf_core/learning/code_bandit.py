@@ -16,6 +16,7 @@ any other personal state: kept and restored on the device, never sent.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,3 +90,11 @@ def add_code_bandit(model: PreTrainedModel, arms: int) -> PreTrainedModel:
 
 def bandit_of(model: PreTrainedModel) -> CodeBanditState:
     return getattr(model, MODULE)
+
+
+def served_prompt(model: PreTrainedModel, prompts: Sequence[str]) -> str | None:
+    """The instruction a code-bandit user asks its model with: the prompt of the code of best
+    posterior mean (``prompts``: the codes' prompts, in the bandit's arm order), or None while
+    nothing is rated yet (the user asks neutrally, as everyone)."""
+    bandit = bandit_of(model).bandit()
+    return prompts[bandit.best()] if bandit.counts.any() else None

@@ -246,6 +246,12 @@ def command_summarize(args: argparse.Namespace) -> int:
     instruction = (
         (instruction_for(config, args.aspect) or args.aspect) if args.aspect else NEUTRAL_INSTRUCTION
     )
+    if args.user is not None and config.personalization == "code-bandit" and not args.aspect:
+        from flhf_core.data.codes import all_codes
+        from flhf_core.learning.code_bandit import served_prompt
+
+        # the user asks with the code its judgements chose
+        instruction = served_prompt(model, [c.prompt for c in all_codes(config.aspects)]) or instruction
     text = " ".join(text_path.read_text().split())
     if args.aspect:  # read what the run's model was trained to read (extracted sentences, if it extracts)
         from flhf_core.data.corpus import Document
