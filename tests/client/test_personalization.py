@@ -25,7 +25,11 @@ from flhf_core.server.reporting import personal_spread
 
 
 def run_config(smoke_config, mode, tmp_path):
-    return smoke_config.replace(**{"personalization": mode, "results-dir": str(tmp_path / "results")})
+    # soft-prompt learns from feedback only: its runs need feedback rounds
+    feedback = {"feedback-algorithm": "reinforce", "sft-rounds": 1} if mode == "soft-prompt" else {}
+    return smoke_config.replace(
+        **{"personalization": mode, "results-dir": str(tmp_path / "results"), **feedback}
+    )
 
 
 def new_context(config, state_dir, user=0, users=2):
