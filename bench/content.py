@@ -340,9 +340,11 @@ def main() -> None:
             f"{row} - {c['reference']} on validation ROUGE-L per seed: {' '.join(f'{d:+.2f}' for d in c['val-difference'])}"
             f" ({'ahead on every seed' if c['ahead-on-every-seed'] else 'not ahead on every seed'})"
         )
-    write_result(
-        "content", {"rows": collected, "levers": levers, "throughput": previous.get("throughput", {})}
-    )
+    # rows whose runs this checkout does not hold (another machine ran them) keep their figures;
+    # a row run here again replaces its figures with those of the seeds found here
+    rows = {**previous.get("rows", {}), **collected}
+    levers = {**previous.get("levers", {}), **levers}
+    write_result("content", {"rows": rows, "levers": levers, "throughput": previous.get("throughput", {})})
 
 
 def _figures_of(previous: dict) -> dict:

@@ -317,10 +317,21 @@ def test_code_bandit_rates_codes_keeps_its_state_and_serves_its_best_code(
 
 
 def test_code_bandit_needs_codes_and_a_still_shared_model(smoke_config):
+    feedback = {"feedback-algorithm": "reinforce", "sft-rounds": 1}
     with pytest.raises(ConfigError, match="partitioning='codes'"):
-        smoke_config.replace(personalization="code-bandit", **{"feedback-learning-rate": 0.0})
+        smoke_config.replace(personalization="code-bandit", **{"feedback-learning-rate": 0.0, **feedback})
     with pytest.raises(ConfigError, match="set it to 0"):
-        smoke_config.replace(personalization="code-bandit", partitioning="codes")
+        smoke_config.replace(personalization="code-bandit", partitioning="codes", **feedback)
+    with pytest.raises(ConfigError, match="reward-model"):
+        smoke_config.replace(
+            personalization="code-bandit",
+            partitioning="codes",
+            **{"feedback-learning-rate": 0.0, "reward-model": "personal", **feedback},
+        )
+    with pytest.raises(ConfigError, match="never trains"):
+        smoke_config.replace(
+            personalization="code-bandit", partitioning="codes", **{"feedback-learning-rate": 0.0}
+        )
 
 
 def test_a_supervised_round_leaves_a_code_bandit_alone(flower_identity, smoke_config, tokenizer, tmp_path):
@@ -330,6 +341,8 @@ def test_a_supervised_round_leaves_a_code_bandit_alone(flower_identity, smoke_co
         **{
             "personalization": "code-bandit",
             "partitioning": "codes",
+            "feedback-algorithm": "reinforce",
+            "sft-rounds": 1,
             "feedback-learning-rate": 0.0,
             "personal-epochs": 1,
             "results-dir": str(tmp_path / "results"),
