@@ -58,7 +58,9 @@ def setting(tokenizer):
     ]
     torch.manual_seed(0)
     model = build_model(config, tokenizer)
-    train_sft(model, tokenizer, blend, SFTConfig(epochs=2, learning_rate=3e-3, max_source_tokens=128))
+    train_sft(
+        model, tokenizer, blend, SFTConfig(epochs=2, learning_rate=3e-3, max_source_tokens=128, bf16=False)
+    )
     heldout_ids = heldout_ids[:24]
     # a user who wants summaries about half as long as the model writes, and how the
     # model before any feedback (the no-update control) serves that user
@@ -90,7 +92,7 @@ def test_feedback_raises_reward_on_heldout_documents_without_hacking_it(setting,
     """
     base, corpus, train_ids, heldout_ids, profile, control = setting
     examples = list(partitions.judged_examples(corpus, train_ids, profile, RunConfig()))
-    config = FeedbackConfig(steps=12, max_source_tokens=128, **ALGORITHM_SETTINGS[algorithm])
+    config = FeedbackConfig(steps=12, max_source_tokens=128, bf16=False, **ALGORITHM_SETTINGS[algorithm])
     runs = []
     for seed in (SEED, SEED + 1):
         model = copy.deepcopy(base)
@@ -239,7 +241,9 @@ def test_two_users_each_move_toward_their_own_aspect(setting, tokenizer):
         examples = list(partitions.judged_examples(corpus, train_ids, profile, RunConfig()))
         # 20 steps: at 10 the two users were 0.003 apart, and which came first depended on what an
         # earlier test module had imported (the same numbers on the code before the content levers)
-        config = FeedbackConfig(steps=20, max_source_tokens=128, **ALGORITHM_SETTINGS["reinforce"])
+        config = FeedbackConfig(
+            steps=20, max_source_tokens=128, bf16=False, **ALGORITHM_SETTINGS["reinforce"]
+        )
         FEEDBACK_ALGORITHMS["reinforce"](
             model, tokenizer, examples, Scorer(profile), config, np.random.default_rng(SEED)
         )
@@ -271,7 +275,9 @@ def test_two_users_with_opposite_lengths_get_different_summaries_from_their_cond
             model = add_conditioning(copy.deepcopy(base), 8)
             torch.manual_seed(seed)
             examples = list(partitions.judged_examples(corpus, train_ids, profile, RunConfig()))
-            config = FeedbackConfig(steps=12, max_source_tokens=128, learning_rate=0.1, kl_coef=0.0)
+            config = FeedbackConfig(
+                steps=12, max_source_tokens=128, learning_rate=0.1, kl_coef=0.0, bf16=False
+            )
             with only_trainable(model, frozenset({f"{MODULE}.offset", f"{MODULE}.decoder_offset"})):
                 FEEDBACK_ALGORITHMS["reinforce"](
                     model, tokenizer, examples, Scorer(profile), config, np.random.default_rng(seed)
