@@ -30,6 +30,7 @@ are the request's for every row of a batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,40 +49,46 @@ class UserConditioning(nn.Module):
         self.offset = nn.Parameter(torch.zeros(tokens, width))
         self.decoder_offset = nn.Parameter(torch.zeros(width))
 
+    def condition(
+        self, encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The encoder's forward pre-hook: the first ``P`` input embeddings get ``E_u``."""
+
+        def offset_first(embeds: torch.Tensor) -> torch.Tensor:
+            n = min(self.offset.size(0), embeds.size(1))
+            return torch.cat([embeds[:, :n] + self.offset[:n].to(embeds.dtype), embeds[:, n:]], dim=1)
+
+        return _with_embeddings(encoder, args, kwargs, offset_first)
+
     def condition_decoder(
         self, decoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """The decoder's forward pre-hook: every input token's embedding gets ``v_u``."""
-        embeds = _embeddings(decoder, args, kwargs)
-        if embeds is None:
-            return None
-        embeds = embeds + self.decoder_offset.to(embeds.dtype)
-        return (), {**kwargs, "input_ids": None, "inputs_embeds": embeds, **_positional(args)}
-
-    def condition(
-        self, encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        """The encoder's forward pre-hook: token ids become conditioned embeddings."""
-        embeds = _embeddings(encoder, args, kwargs)
-        if embeds is None:
-            return None
-        n = min(self.offset.size(0), embeds.size(1))
-        embeds = torch.cat([embeds[:, :n] + self.offset[:n].to(embeds.dtype), embeds[:, n:]], dim=1)
-        return (), {**kwargs, "input_ids": None, "inputs_embeds": embeds, **_positional(args)}
+        return _with_embeddings(decoder, args, kwargs, lambda e: e + self.decoder_offset.to(e.dtype))
 
 
-def _embeddings(stack: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """The input embeddings a stack is called with, or those of its token ids."""
+def _with_embeddings(
+    stack: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    condition: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """A stack's call with its input embeddings (given, or those of its token ids) conditioned;
+    None (the call as it is) when it has neither."""
     if kwargs.get("inputs_embeds") is not None:
-        return kwargs["inputs_embeds"]
-    input_ids = args[0] if args else kwargs.get("input_ids")
-    return None if input_ids is None else stack.get_input_embeddings()(input_ids)
+        embeds = kwargs["inputs_embeds"]
+    else:
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        if input_ids is None:
+            return None
+        embeds = stack.get_input_embeddings()(input_ids)
+    return (), {**kwargs, "input_ids": None, "inputs_embeds": condition(embeds), **_positional(args)}
 
 
 def _positional(args: tuple[Any, ...]) -> dict[str, Any]:
-    # every encoder this supports (T5's stack, BART's, BERT) takes input_ids first, then the mask
+    # every stack this supports (T5's, BART's, BERT) takes input_ids first, then the mask
     if len(args) > 2:
-        raise TypeError("the conditioned encoder takes its arguments by keyword after the attention mask")
+        raise TypeError("a conditioned stack takes its arguments by keyword after the attention mask")
     return {"attention_mask": args[1]} if len(args) == 2 else {}
 
 

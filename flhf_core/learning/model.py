@@ -363,6 +363,10 @@ def personal_parameter_names(model: PreTrainedModel, mode: str, personal_layers:
     return frozenset(n for n in names if any(n.startswith(p) for p in prefixes))
 
 
+# personalizations whose parameters exist on clients only (the server's model has none)
+CLIENT_ONLY_PERSONALIZATIONS = ("lora", "soft-prompt", "code-bandit")
+
+
 def with_personal_parameters(model: PreTrainedModel, config: RunConfig, seed: int) -> PreTrainedModel:
     """``model`` with the personal parameters that exist on clients only: a LoRA adapter
     (``lora``), a user conditioning (``soft-prompt``) or a bandit's state over the control codes

@@ -23,6 +23,7 @@ from flhf_core.learning import warm_start
 from flhf_core.learning.batches import Batch, check_distinct_codes, make_batches
 from flhf_core.learning.metrics import baseline_scores, evaluate_model
 from flhf_core.learning.model import (
+    CLIENT_ONLY_PERSONALIZATIONS,
     TokenizerSpec,
     build_model,
     canonical_parameters,
@@ -154,7 +155,7 @@ def shared_parameter_names(model: PreTrainedModel, config: RunConfig) -> frozens
     never sent). A LoRA adapter or a user conditioning exists only on the clients: the
     server's model has none.
     """
-    if config.personalization in ("lora", "soft-prompt", "code-bandit"):
+    if config.personalization in CLIENT_ONLY_PERSONALIZATIONS:
         try:
             with_personal_parameters(copy.deepcopy(model), config, seed=0)
         except (ValueError, AttributeError, NotImplementedError) as error:
