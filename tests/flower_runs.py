@@ -86,7 +86,12 @@ def check_smoke_run(run_dir: Path, stdout: str, tmp_path: Path) -> None:
     assert server[-1]["loss"] < server[0]["loss"]  # held-out loss fell
     clients = [r for r in rows if r["scope"] == "client"]
     assert {r["client"] for r in clients} == {0, 1}
-    assert all(r["train-loss-last"] < r["train-loss-first"] for r in clients)
+    # every user learns: its first round's last epoch beats its first batch, and its last round
+    # ends below where its first began (one batch against an epoch's mean is too noisy per round)
+    for user in (0, 1):
+        rounds = sorted((r for r in clients if r["client"] == user), key=lambda r: r["round"])
+        assert rounds[0]["train-loss-last"] < rounds[0]["train-loss-first"]
+        assert rounds[-1]["train-loss-last"] < rounds[0]["train-loss-first"]
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["failures"] == 0
