@@ -3,7 +3,7 @@ official test papers, over seeds, with bootstrap intervals of the paired differe
 
     nohup python bench/content.py > content.log 2>&1 &     # every row, seeds 0-4 (resumable)
     python bench/content.py --rows default --seeds 0 1     # some of them
-    python bench/content.py --report                       # the figures again, from results/content/
+    python bench/content.py --report                       # the figures again, from the committed scores
     python bench/content.py --throughput                   # tokens/s of the local update vs a bare loop
 
 A *row* is a federation (``flhf run`` with 2 users: pyproject's defaults, or a preset and
@@ -20,7 +20,9 @@ so both kinds of variation are in it. A row beats a rule when the interval's low
 above 0. The default federation's wall time is the ``flhf run`` command's, whole (never time
 beside other work: two torch processes on 2 cores slow each other 5-10x).
 
-Writes ``bench/results/content.json`` (and prints the tables as Markdown).
+Writes ``bench/results/content.json`` (and prints the tables as Markdown), and each finished
+seed's per-example scores to ``bench/results/content-seeds/ROW/seed-N.json``: the figures are
+recomputed from those, so seeds run on different machines pool from a clean clone.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ RULES = ("lead", "first-sentence", "last-sentence")  # the best of these per asp
 EXTRACTED = "extracted"
 BOOTSTRAP = 4000
 RESULTS = PROJECT_DIR / "results" / "content"
+# each finished (row, seed)'s per-example scores, committed, so seeds run on different machines
+# pool into one interval from a clean clone (results/ holds the runs themselves, and is not)
+EVIDENCE = PROJECT_DIR / "bench" / "results" / "content-seeds"
 
 
 # --------------------------------------------------------------------------
@@ -196,19 +201,39 @@ def extracted_rule() -> dict[tuple[str, str], float]:
     return scores
 
 
+def evidence(row: str, seed: int) -> dict | None:
+    """The committed scores of ``row`` at ``seed`` (written from its run folder when this checkout
+    holds a finished run and no evidence yet), or None."""
+    path = EVIDENCE / row / f"seed-{seed}.json"
+    run_dir = RESULTS / row / f"seed-{seed}"
+    if not path.is_file() and (run_dir / "bench.json").is_file():
+        atomic_write_json(
+            path,
+            {
+                "row": row,
+                "seed": seed,
+                "items": ROWS[row],
+                "wall-seconds": json.loads((run_dir / "bench.json").read_text())["wall-seconds"],
+                "val-rougeL": validation_rouge(run_dir),
+                **json.loads((run_dir / "scores.json").read_text()),
+            },
+        )
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def collect(rows: list[str], seeds: list[int]) -> dict:
     """Every finished (row, seed)'s scores, validation ROUGE-L and wall time, by row."""
     collected: dict = {}
     for row in rows:
         per_seed, walls, validation = {}, [], {}
         for seed in seeds:
-            run_dir = RESULTS / row / f"seed-{seed}"
-            if (run_dir / "bench.json").is_file():
-                per_seed[seed] = json.loads((run_dir / "scores.json").read_text())["examples"]
+            found = evidence(row, seed)
+            if found is not None:
+                per_seed[seed] = found["examples"]
                 for e in per_seed[seed]:  # the same for every row: scored here, not per run
                     e[EXTRACTED] = extracted_rule()[e["doc"], e["aspect"]]
-                walls.append(json.loads((run_dir / "bench.json").read_text())["wall-seconds"])
-                validation[seed] = validation_rouge(run_dir)
+                walls.append(found["wall-seconds"])
+                validation[seed] = found["val-rougeL"]
         if per_seed:
             figures = row_figures(per_seed)
             collected[row] = {**figures, "val-rougeL": validation, "wall-seconds": walls, "items": ROWS[row]}

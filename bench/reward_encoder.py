@@ -1,7 +1,8 @@
 """The learned reward model's encoder: a copy of the summarizer's, or the pretrained sentence encoder?
 
-    nohup python bench/reward_encoder.py > reward_encoder.log 2>&1 &   # seeds 0 (resumable)
-    python bench/reward_encoder.py --seeds 0 1 --report
+    nohup python bench/reward_encoder.py > reward_encoder.log 2>&1 &   # seed 0 (resumable)
+    python bench/reward_encoder.py --rows minilm@32 --seeds 0 1        # some of them
+    python bench/reward_encoder.py --report                            # the table again
 
 For each encoder (``reward-model-encoder`` = ``summarizer``, ``minilm``) and budget (8 and 32
 judgements per user per feedback round), one ``flhf run`` of the ``reinforce`` preset (6 users,
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -53,36 +53,44 @@ def figures(run_dir: Path) -> dict:
     return result
 
 
+def run_seed(encoder: str, budget: int, seed: int) -> Path:
+    """The run of ``encoder`` at ``budget`` judgements, seed ``seed``: run, or resumed from its last
+    checkpoint when an earlier attempt stopped."""
+    name = run_name(encoder, budget, seed)
+    run_dir = RESULTS / name
+    if finished(run_dir):
+        return run_dir
+    items = ["reinforce", "feedback-algorithm=ppo", "reward-model=personal"]
+    items += [f"ratings-per-round={budget}", f"reward-model-encoder={encoder}", f"seed={seed}"]
+    # a PPO round with a MiniLM reward model takes ~10 min on 2 cores: the default 600 s timeout
+    # would fail a round that is merely slow (the figures here are judgements, not times)
+    items += ["round-timeout=3600", f"resume={str(run_dir.exists()).lower()}"]
+    run_flhf("run", items, RESULTS, name)
+    return run_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--rows", nargs="+", default=[f"{e}@{b}" for b in BUDGETS for e in ENCODERS])
     parser.add_argument("--report", action="store_true", help="only read finished runs")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    table: dict = {}
-    for budget in BUDGETS:
-        for encoder in ENCODERS:
-            per_seed = {}
-            for seed in args.seeds:
-                name = run_name(encoder, budget, seed)
-                run_dir = RESULTS / name
-                if not finished(run_dir) and not args.report:
-                    if run_dir.exists():  # killed or failed: kept aside, run again from the start
-                        run_dir.rename(
-                            run_dir.with_name(f"{name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
-                        )
-                    items = ["reinforce", "feedback-algorithm=ppo", "reward-model=personal"]
-                    items += [
-                        f"ratings-per-round={budget}",
-                        f"reward-model-encoder={encoder}",
-                        f"seed={seed}",
-                    ]
-                    run_flhf("run", [*items, "resume=false"], RESULTS, name)
-                if finished(run_dir):
-                    per_seed[seed] = figures(run_dir)
-            if per_seed:
-                mean = {k: float(np.mean([f[k] for f in per_seed.values()])) for k in (*KEYS, "reward")}
-                table[f"{encoder}@{budget}"] = {"seeds": per_seed, "mean": mean}
+    output = PROJECT_DIR / "bench" / "results" / "reward_encoder.json"
+    # rows whose runs this checkout lacks (another machine ran them) keep their figures
+    table: dict = json.loads(output.read_text())["rows"] if output.is_file() else {}
+    for row in args.rows:
+        encoder, budget = row.split("@")
+        per_seed = {int(s): f for s, f in table.get(row, {}).get("seeds", {}).items()}
+        for seed in args.seeds:
+            if not args.report:
+                run_seed(encoder, int(budget), seed)
+            if finished(RESULTS / run_name(encoder, int(budget), seed)):
+                per_seed[seed] = figures(RESULTS / run_name(encoder, int(budget), seed))
+        if per_seed:
+            mean = {k: float(np.mean([f[k] for f in per_seed.values()])) for k in (*KEYS, "reward")}
+            table[row] = {"seeds": per_seed, "mean": mean}
+            write_result("reward_encoder", {"rows": table})  # after every row: a stop loses nothing
     print("| encoder @ judgements | seeds | accuracy | correlation | gap | users' reward |")
     print("|---|---|---|---|---|---|")
     for name, entry in table.items():
@@ -91,7 +99,6 @@ def main() -> None:
             f"| {name} | {len(entry['seeds'])} | {m['reward-model-accuracy']:.3f} | "
             f"{m['reward-model-correlation']:.3f} | {m['reward-model-gap']:+.3f} | {m['reward']:.3f} |"
         )
-    write_result("reward_encoder", {"rows": table})
 
 
 if __name__ == "__main__":
