@@ -161,6 +161,17 @@ def read_metrics(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_user_rewards(path: Path) -> dict[int, float]:
+    """Each user's reward in a ``judgements.json``: the mean true utility of the summaries its
+    model wrote on its held-out documents (its personalized model's, where it has one)."""
+    users = json.loads(path.read_text())["users"]
+    rewards = {}
+    for user, values in users.items():
+        utilities = values.get("judged-utility-personal") or values["judged-utility"]
+        rewards[int(user)] = sum(utilities) / len(utilities)
+    return rewards
+
+
 def plot_metrics(
     rows: Iterable[Mapping[str, Any]],
     out_dir: Path,

@@ -7,6 +7,12 @@ whose configs differ only in where and how they were run (:data:`NOT_THE_EXPERIM
 seed, run name, results folder, resume, tracking) are one method over seeds: one row, each
 figure as mean ± standard deviation over them. A failed or unfinished run is listed apart,
 with why, and never averaged in.
+
+Under the table, each method against the first one (the reference) as paired differences of
+the users' rewards on the same (seed, user) (``judgements.json``: each user's held-out
+documents), with the 95% bootstrap interval of :mod:`flhf_core.results.statistics`: a method
+*beats* the reference only when its interval lies above zero, and the interval's half-width
+is the smallest difference those seeds and users can detect.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from flhf_core.common import atomic_write_text, read_json
 from flhf_core.config import ConfigError
-from flhf_core.results.tracking import read_metrics
+from flhf_core.results.statistics import paired_interval
+from flhf_core.results.tracking import read_metrics, read_user_rewards
 
 # (summary key, column title, format)
 FIGURES = (
@@ -50,6 +59,7 @@ class Run:
     config: dict[str, Any]
     summary: dict[str, Any]
     rows: list[dict[str, Any]]
+    user_rewards: dict[int, float]  # judgements.json's: user -> reward on its held-out documents
 
     @property
     def status(self) -> str:
@@ -78,11 +88,13 @@ def load_run(run_dir: Path) -> Run:
         raise ConfigError(f"{run_dir} is not an FLHF run folder: config.json missing.")
     summary = run_dir / "summary.json"
     metrics = run_dir / "metrics.jsonl"
+    judgements = run_dir / "judgements.json"
     return Run(
         run_dir.name,
         read_json(run_dir / "config.json"),
         read_json(summary) if summary.is_file() else {},
         read_metrics(metrics) if metrics.is_file() else [],
+        read_user_rewards(judgements) if judgements.is_file() else {},
     )
 
 
@@ -106,19 +118,66 @@ def cell(values: Sequence[float | None], form: str) -> str:
     return f"{form.format(statistics.fmean(present))} ± {form.format(spread)}"
 
 
+def method_name(group: Sequence[Run]) -> str:
+    if len(group) == 1:
+        return group[0].name
+    return f"{group[0].name}: {len(group)} seeds ({', '.join(str(r.config.get('seed')) for r in group)})"
+
+
+def paired_rewards(group: Sequence[Run], reference: Sequence[Run]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(seeds x users) rewards of ``group`` and ``reference`` on the seeds and users both have
+    (a seed's runs share its documents and users); None when they share none."""
+    mine = {r.config.get("seed"): r.user_rewards for r in group if r.user_rewards}
+    theirs = {r.config.get("seed"): r.user_rewards for r in reference if r.user_rewards}
+    seeds = sorted(mine.keys() & theirs.keys(), key=str)
+    users = sorted(set.intersection(*(set(mine[s]) & set(theirs[s]) for s in seeds))) if seeds else []
+    if not users:
+        return None
+    return (
+        np.array([[mine[s][u] for u in users] for s in seeds]),
+        np.array([[theirs[s][u] for u in users] for s in seeds]),
+    )
+
+
+def paired_lines(runs: Sequence[Run]) -> list[str]:
+    """Each method against the first: the paired difference of the users' rewards, its 95%
+    interval, the ratio of the means and the verdict (beats only when the interval is above 0)."""
+    groups = methods(runs)
+    if len(groups) < 2:
+        return []
+    reference = groups[0]
+    lines = [
+        "",
+        f"Against `{method_name(reference)}`: reward minus its reward on the same (seed, user), "
+        "95% bootstrap interval over seeds and users:",
+        "",
+        "| run | seeds x users | difference | 95% interval | detectable (half-width) | ratio | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for group in groups[1:]:
+        pair = paired_rewards(group, reference)
+        if pair is None:
+            lines.append(f"| {method_name(group)} | 0 | – | – | – | – | no shared seed with user rewards |")
+            continue
+        mine, theirs = pair
+        interval = paired_interval(mine - theirs)
+        verdict = "beats it" if interval.low > 0 else "behind it" if interval.high < 0 else "no difference"
+        lines.append(
+            f"| {method_name(group)} | {mine.shape[0]} x {mine.shape[1]} | {interval.mean:+.4f} | "
+            f"[{interval.low:+.4f}, {interval.high:+.4f}] | {interval.half_width:.4f} | "
+            f"{f'{mine.mean() / theirs.mean():.2f}x' if theirs.mean() > 0 else '–'} | {verdict} |"
+        )
+    return lines
+
+
 def markdown_table(runs: Sequence[Run]) -> str:
     """The final figures, one row per method (mean ± std over its seeds), then the runs left out."""
     header = "| run | " + " | ".join(title for _, title, _ in FIGURES) + " |"
     lines = [header, "|" + " --- |" * (len(FIGURES) + 1)]
     for group in methods(runs):
-        if len(group) == 1:
-            name = group[0].name
-        else:
-            name = (
-                f"{group[0].name}: {len(group)} seeds ({', '.join(str(r.config.get('seed')) for r in group)})"
-            )
         figures = [cell([r.figure(key) for r in group], form) for key, _, form in FIGURES]
-        lines.append(f"| {name} | " + " | ".join(figures) + " |")
+        lines.append(f"| {method_name(group)} | " + " | ".join(figures) + " |")
+    lines += paired_lines(runs)
     left_out = [run for run in runs if run.status != "completed"]
     if left_out:
         lines += ["", "Not compared (never averaged in):", ""]

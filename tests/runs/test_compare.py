@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from flhf_core.config import RunConfig
 from flhf_core.runs import cli
 from flhf_core.runs.compare import load_run, markdown_table
 
 
-def fake_run(root: Path, name: str, seed: int, reward: float, **config) -> Path:
-    """A run folder as the ServerApp writes it (config, summary, metrics)."""
+def fake_run(
+    root: Path, name: str, seed: int, reward: float, users: dict[int, float] | None = None, **config
+) -> Path:
+    """A run folder as the ServerApp writes it (config, summary, metrics; with ``users``, each
+    user's held-out utilities in judgements.json)."""
     folder = root / name
     folder.mkdir()
     mapping = RunConfig(seed=seed, run_name=name, **config).to_mapping()
@@ -32,6 +37,11 @@ def fake_run(root: Path, name: str, seed: int, reward: float, **config) -> Path:
         for r in (1, 2)
     ]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if users is not None:
+        judged = {
+            str(u): {"doc-ids": ["a", "b"], "judged-utility": [v - 0.01, v + 0.01]} for u, v in users.items()
+        }
+        (folder / "judgements.json").write_text(json.dumps({"round": 2, "users": judged}))
     return folder
 
 
@@ -78,3 +88,34 @@ def test_runs_differing_in_where_and_how_they_ran_group_into_one_method(tmp_path
     c = fake_run(tmp_path, "c", 3, 0.5, reward_weighting="linear")  # another method
     table = markdown_table([load_run(d) for d in (a, b, c)])
     assert "| a: 2 seeds (1, 2) | 0.200 ± 0.141 |" in table and "| c | 0.500 |" in table
+
+
+def test_methods_are_judged_against_the_first_by_paired_intervals_over_seeds_and_users(tmp_path):
+    rng = np.random.default_rng(0)
+    base = {seed: {u: 0.2 + 0.1 * rng.random() for u in range(8)} for seed in (1, 2, 3)}
+    noise = {seed: {u: rng.normal(0, 0.01) for u in range(8)} for seed in (1, 2, 3)}
+    runs = []
+    for seed in (1, 2, 3):
+        runs.append(fake_run(tmp_path, f"sft{seed}", seed, 0.2, base[seed]))
+        # better for every user of every seed by 0.05, give or take 0.01
+        better = {u: v + 0.05 + noise[seed][u] for u, v in base[seed].items()}
+        runs.append(fake_run(tmp_path, f"fb{seed}", seed, 0.25, better, feedback_algorithm="ppo"))
+        # the same as the reference, give or take 0.01: no difference to see
+        same = {u: v + noise[seed][u] for u, v in base[seed].items()}
+        runs.append(fake_run(tmp_path, f"lin{seed}", seed, 0.2, same, reward_weighting="linear"))
+    runs.append(fake_run(tmp_path, "other", 9, 0.3, {0: 0.3}, reward_weighting="history"))
+    table = markdown_table([load_run(d) for d in runs])
+    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.count("|") == 8}
+    assert "Against `sft1: 3 seeds (1, 2, 3)`" in table
+    ppo = lines["| fb1: 3 seeds (1, 2, 3)"]
+    assert "3 x 8" in ppo and "beats it" in ppo and "+0.05" in ppo
+    assert "no difference" in lines["| lin1: 3 seeds (1, 2, 3)"]
+    assert "no shared seed" in lines["| other"]
+
+
+def test_a_user_s_reward_is_its_personalized_model_s_where_it_has_one(tmp_path):
+    folder = fake_run(tmp_path, "p", 1, 0.2, {0: 0.2})
+    judged = json.loads((folder / "judgements.json").read_text())
+    judged["users"]["0"]["judged-utility-personal"] = [0.5, 0.7]
+    (folder / "judgements.json").write_text(json.dumps(judged))
+    assert load_run(folder).user_rewards == {0: 0.6}
