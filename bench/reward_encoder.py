@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +63,26 @@ def run_seed(encoder: str, budget: int, seed: int) -> Path:
     run_dir = RESULTS / name
     if finished(run_dir):
         return run_dir
-    items = ["reinforce", "feedback-algorithm=ppo", "reward-model=personal"]
-    items += [f"ratings-per-round={budget}", f"reward-model-encoder={encoder}", f"seed={seed}"]
     # a PPO round with a MiniLM reward model takes ~10 min on 2 cores: the default 600 s timeout
     # would fail a round that is merely slow (the figures here are judgements, not times)
-    items += ["round-timeout=3600", f"resume={str(run_dir.exists()).lower()}"]
+    timeout = "round-timeout=3600"
+    if (run_dir / "checkpoints" / "latest").is_dir():
+        command = [
+            sys.executable,
+            "-m",
+            "flhf_core.runs.cli",
+            "run",
+            "--resume",
+            str(run_dir),
+            timeout,
+            "--quiet",
+        ]
+        subprocess.run(command, check=True, cwd=PROJECT_DIR)
+        return run_dir
+    if run_dir.exists():  # stopped before its first checkpoint: kept aside, run again
+        run_dir.rename(run_dir.with_name(f"{name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}"))
+    items = ["reinforce", "feedback-algorithm=ppo", "reward-model=personal"]
+    items += [f"ratings-per-round={budget}", f"reward-model-encoder={encoder}", f"seed={seed}", timeout]
     run_flhf("run", items, RESULTS, name)
     return run_dir
 

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from flhf_core.config import PYPROJECT, ConfigError, RunConfig, load_preset, pyproject_defaults
+from flhf_core.runs import cli
 from flhf_core.runs.cli import merged_config, parse_override
 
 
@@ -213,3 +214,13 @@ def test_copy_attention_is_a_tiny_t5_option_as_its_size_is(tokenizer):
     assert isinstance(build_model(RunConfig.from_mapping(small), tokenizer), CopyT5ForConditionalGeneration)
     plain = build_model(RunConfig.from_mapping({**small, "copy-attention": False}), tokenizer)
     assert not isinstance(plain, CopyT5ForConditionalGeneration)
+
+
+def test_a_new_run_that_asks_to_resume_is_refused_before_any_folder_exists(tmp_path, capsys):
+    """``flhf run PRESET resume=true`` once started a second folder and failed there, finding no
+    checkpoint: a run is resumed with --resume, which the error names."""
+    (tmp_path / "smoke").mkdir()
+    with pytest.raises(ConfigError, match="--resume RUN_DIR"):
+        merged_config("smoke", ["resume=true", f"results-dir={tmp_path}"])
+    assert cli.main(["run", "smoke", "resume=true", f"results-dir={tmp_path}"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smoke"]

@@ -52,6 +52,11 @@ def merged_config(preset: str | None, overrides: list[str]) -> dict[str, Any]:
         values.update(load_preset(preset_path))
     values.update(parse_override(item) for item in overrides)
     config = RunConfig.from_mapping(values)  # names any bad key or value
+    if config.resume:  # a new run always gets a folder of its own: it cannot also resume one
+        raise ConfigError(
+            "resume: a new run cannot set resume=true (it would start in a new folder and find no "
+            "checkpoint there); continue a run with: flhf run --resume RUN_DIR [key=value ...]"
+        )
     run_name = config.run_name or time.strftime("run-%Y%m%d-%H%M%S")
     candidate, suffix = run_name, 1
     while (config.results_path / candidate).exists():
