@@ -42,3 +42,7 @@ OWN_DATA = "own-data"  # identification replies: the user holds its own data fil
 # F1 against the user's aspect), in the user's report order; "-personal" for the personalized model
 JUDGED_UTILITY = "judged-utility"
 JUDGED_CONTENT = "judged-content"
+JUDGED_LENGTH = "judged-length"
+# and a 52-bit digest of each summary (exact in a float): whether two users got the same text
+# can be told without the text leaving the device
+SUMMARY_DIGEST = "summary-digest"

@@ -9,6 +9,7 @@ only reported (evaluations).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,7 +20,13 @@ from flhf_core.client.session import UserSession, initial_model
 from flhf_core.data.corpus import Example
 from flhf_core.learning.generate import summarize
 from flhf_core.learning.metrics import evaluate_model
-from flhf_core.protocol import EVALUATE_RECEIVED, JUDGED_CONTENT, JUDGED_UTILITY
+from flhf_core.protocol import (
+    EVALUATE_RECEIVED,
+    JUDGED_CONTENT,
+    JUDGED_LENGTH,
+    JUDGED_UTILITY,
+    SUMMARY_DIGEST,
+)
 from flhf_core.users.feedback import Judgement, judge, preference_probability
 
 
@@ -78,13 +85,22 @@ def reward_metrics(judgements: list[Judgement], prefix: str = "reward") -> dict[
     }
 
 
-def judged_lists(judgements: list[Judgement], suffix: str = "") -> dict[str, list[float]]:
-    """Each held-out document's utility and content, in the report's order (lists ride in a
-    MetricRecord; the server keeps them out of the averaged rows)."""
+def judged_lists(judgements: list[Judgement], texts: list[str], suffix: str = "") -> dict[str, list]:
+    """Each held-out document's utility, content and length factors and the summary's digest
+    (:func:`summary_digest`), in the report's order (lists ride in a MetricRecord; the server
+    keeps them out of the averaged rows)."""
     return {
         f"{JUDGED_UTILITY}{suffix}": [float(j.utility) for j in judgements],
         f"{JUDGED_CONTENT}{suffix}": [float(j.content) for j in judgements],
+        f"{JUDGED_LENGTH}{suffix}": [float(j.length) for j in judgements],
+        f"{SUMMARY_DIGEST}{suffix}": [summary_digest(t) for t in texts],
     }
+
+
+def summary_digest(text: str) -> int:
+    """The first 52 bits of the text's SHA-256: equal for equal texts, exact as a float, and
+    saying nothing of the text."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:13], 16)
 
 
 def text_metrics(judgements: list[Judgement]) -> dict[str, float]:
@@ -184,7 +200,7 @@ def evaluation_metrics(
         if examples:
             metrics.update(evaluate_model(global_model, session.tokenizer, examples, config, val_texts))
         metrics.update(reward_metrics(judgements))
-        metrics.update(judged_lists(judgements))
+        metrics.update(judged_lists(judgements, report_texts))
         metrics.update(text_metrics(judgements))
         metrics["win-rate"] = float(win_rate)
     if session.personal_names and not local_only:  # the user's personalized model, on the same data
@@ -196,7 +212,7 @@ def evaluation_metrics(
             metrics.update({f"{k}-personal": v for k, v in personalized.items()})
         personal_judgements = judgements_of(session, report_texts, report)
         metrics.update(reward_metrics(personal_judgements, "reward-personal"))
-        metrics.update(judged_lists(personal_judgements, "-personal"))
+        metrics.update(judged_lists(personal_judgements, report_texts, "-personal"))
         if "reward" in metrics:
             metrics["personalization-gain"] = metrics["reward-personal"] - metrics["reward"]
     return metrics, (judgements_of(session, also, also_judge) if also_judge else None)

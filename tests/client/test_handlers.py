@@ -7,6 +7,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 import client_app
+from flhf_core.client import evaluation
 from flhf_core.data.corpus import load_corpus
 from flhf_core.learning.model import parameters_to_record, tokenizer_fingerprint
 from flhf_core.protocol import USER_ID, USER_RECORD
@@ -54,6 +55,17 @@ def test_evaluate_handler_reports_loss_perplexity_and_rouge(
     assert metrics["num-examples"] == smoke_config.eval_max_examples
     assert metrics["perplexity"] == pytest.approx(np.exp(metrics["loss"]), rel=1e-6)
     assert 0 <= metrics["rouge2"] <= metrics["rouge1"] <= 100 and 0 <= metrics["rougeL"] <= 100
+    # per held-out document: the factors, and a digest of the summary (never its text)
+    documents = len(metrics["judged-utility"])
+    assert documents > 0 and len(metrics["judged-length"]) == len(metrics["summary-digest"]) == documents
+    assert all(0 <= d < 2**52 and float(d) == d for d in metrics["summary-digest"])
+    assert not any(isinstance(v, str) for v in metrics.values())
+
+
+def test_a_summary_digest_tells_equal_texts_without_the_text():
+    digest = evaluation.summary_digest
+    assert digest("the parser improves accuracy") == digest("the parser improves accuracy")
+    assert digest("the parser improves accuracy") != digest("the parser improves accuracy.")
 
 
 def test_train_handler_refuses_another_tokenizer(flower_identity, smoke_config, tokenizer, tiny_model):
