@@ -2,7 +2,7 @@
 
     nohup python bench/personalize.py > personalize.log 2>&1 &     # seeds 0-4, every row (resumable)
     python bench/personalize.py --seeds 0 --rows soft-prompt/reinforce code-bandit
-    python bench/personalize.py --report                           # the figures of finished runs only
+    python bench/personalize.py --report                           # the figures of the committed evidence
 
 Per seed, on the ``personalize`` preset (24 users; ``configs/personalize.toml``):
 
@@ -13,16 +13,18 @@ Per seed, on the ``personalize`` preset (24 users; ``configs/personalize.toml``)
    :data:`FEEDBACK_ROUNDS` rounds, every user in each), so every row of a seed starts alike;
 3. ``local-only``: each user alone from scratch (supervised and feedback rounds), no init.
 
-A user's reward in a row: the mean true utility of its final model (its personalized one,
-where it has personal parameters) on its held-out documents (``judgements.json``); in a bound,
-``bounds.json``'s. Figures per row (:func:`row_figures`): the mean and worst user (over seeds),
-``gap-closed`` = (U - U_shared) / (U_oracle - U_shared) with U_shared the *shared baseline*,
-the better of ``fedavg-sft`` and ``best-shared-code``; and paired differences per (seed, user)
-against the shared baseline and ``local-only`` with their 95% intervals
-(:mod:`flhf_core.results.statistics`). Which algorithm is best is decided on the users' reward
-documents (the last feedback round's ``reward``), never on held-out ones.
+A user's figures in a row: the mean true utility (and its content and length factors) of its
+final model (its personalized one, where it has personal parameters) on its held-out documents
+(``judgements.json``), with the digests of its summaries; in a bound, ``bounds.json``'s. Each
+finished (method, seed) is kept as committed evidence (``bench/results/personalize-runs/``)
+and every figure is recomputed from those files, so seeds run in different sessions or on
+different machines pool from a clean clone. Figures and targets: :mod:`personalize_figures`
+(paired by seed and user, 95% bootstrap intervals, the ratio rule of
+:mod:`flhf_core.results.statistics`). Which algorithm, and which row, is best is decided on
+the users' reward documents (the last feedback round's ``reward``), never on held-out ones.
 
-Writes ``bench/results/quality.json`` (rows under ``methods``, each with ``per-seed`` users).
+Writes ``bench/results/quality.json`` (each method's figures) and
+``bench/results/quality-summary.json`` (``"preset": "personalize"``, the best row, the targets).
 """
 
 from __future__ import annotations
@@ -37,15 +39,25 @@ from typing import Any
 
 import numpy as np
 from common import PROJECT_DIR, run_flhf, write_result
+from personalize_figures import Methods, Users, row_figures, targets
 
-from flhf_core.results.statistics import paired_interval
+from flhf_core.common import atomic_write_json
+from flhf_core.config import RunConfig
+from flhf_core.data import codes
+from flhf_core.data.corpus import load_corpus
 from flhf_core.results.tracking import read_metrics
+from flhf_core.users.profiles import build_profile
 
 PRESET = "personalize"
 SEEDS = (0, 1, 2, 3, 4)
 FEEDBACK_ROUNDS = 3
 RESULTS = PROJECT_DIR / "results" / "personalize"
+# each finished (method, seed)'s users, committed: the figures come from these files
+EVIDENCE = PROJECT_DIR / "bench" / "results" / "personalize-runs"
 BOUNDS = ("fedavg-sft", "best-shared-code", "oracle", "first-L-words", "lead-1", "lead-2")
+BASELINES = (*BOUNDS, "code-bandit", "local-only")  # never "the best FLHF row"
+# what every row's feedback phase runs with beside the preset (its size: see the docstring)
+ROW_SETTINGS: tuple[str, ...] = ()
 ALGORITHMS = ("reinforce", "best-of-n", "ppo", "dpo")
 BEST = "{best}"  # the best soft-prompt algorithm, once the algorithm rows are in
 SHARED_RATE = "feedback-learning-rate=0.0001"  # rows where the shared model learns from feedback too
@@ -81,19 +93,67 @@ def finished(folder: Path) -> bool:
     return (folder / "summary.json").is_file() and (folder / "judgements.json").is_file()
 
 
-def user_rewards(folder: Path) -> dict[str, float]:
-    """Each user's mean utility of its final model on its held-out documents."""
-    users = json.loads((folder / "judgements.json").read_text())["users"]
-    return {
-        user: float(np.mean(values.get("judged-utility-personal") or values["judged-utility"]))
-        for user, values in users.items()
-    }
+def evidence_path(method: str, seed: int) -> Path:
+    return EVIDENCE / method.replace("/", "-") / f"seed-{seed}.json"
 
 
 def reward_documents_score(folder: Path) -> float:
     """The users' reward on their fresh reward documents in the last round (what picks the best)."""
     rows = [r for r in read_metrics(folder / "metrics.jsonl") if r["scope"] == "server" and "reward" in r]
     return float(rows[-1]["reward"])
+
+
+def user_groups(sft_folder: Path) -> dict[str, dict[str, Any]]:
+    """Each user's preference group (the code that best expresses what it wants) and whether it
+    has keywords, from the seed's profiles."""
+    config = RunConfig.from_saved(json.loads((sft_folder / "config.json").read_text()))
+    aspects = load_corpus(config).aspects
+    users = len(json.loads((sft_folder / "splits.json").read_text())["users"])
+    groups = {}
+    for user in range(users):
+        profile = build_profile(user, config.user_profiles, aspects, config.seed)
+        groups[str(user)] = {
+            "group": codes.preferred_code(profile).prompt,
+            "keywords": bool(profile.include_keywords or profile.avoid_keywords),
+        }
+    return groups
+
+
+def run_users(folder: Path, groups: dict[str, dict[str, Any]]) -> Users:
+    """Each user's figures in a finished run: its final model's (its personalized one, where it
+    has personal parameters) on its held-out documents."""
+    users: Users = {}
+    for user, values in json.loads((folder / "judgements.json").read_text())["users"].items():
+        suffix = "-personal" if "judged-utility-personal" in values else ""
+        digests = values.get(f"summary-digest{suffix}")
+        users[user] = {
+            **groups[user],
+            "reward": float(np.mean(values[f"judged-utility{suffix}"])),
+            "content": float(np.mean(values[f"judged-content{suffix}"])),
+            "length": float(np.mean(values[f"judged-length{suffix}"])),
+            "digests": dict(zip(values["doc-ids"], map(int, digests), strict=True)) if digests else {},
+        }
+    return users
+
+
+def keep_evidence(method: str, seed: int, folder: Path, groups: dict[str, dict[str, Any]]) -> None:
+    """A finished row's users, committed: the figures are recomputed from these files, so seeds
+    run on different machines (or sessions) pool from a clean clone."""
+    path = evidence_path(method, seed)
+    if path.is_file() or not finished(folder):
+        return
+    figures = {"users": run_users(folder, groups), "reward-documents": reward_documents_score(folder)}
+    atomic_write_json(path, {"method": method, "seed": seed, **figures})
+
+
+def keep_bounds_evidence(seed: int, sft_folder: Path, groups: dict[str, dict[str, Any]]) -> None:
+    bounds = json.loads((sft_folder / "bounds.json").read_text())
+    for method in BOUNDS:
+        path = evidence_path(method, seed)
+        if not path.is_file():
+            users = {u: {**groups[u], **f} for u, f in bounds["methods"][method].items()}
+            extra = {"code": bounds["best-shared-code"]} if method == "best-shared-code" else {}
+            atomic_write_json(path, {"method": method, "seed": seed, "users": users, **extra})
 
 
 def ensure_sft(seed: int) -> Path:
@@ -104,25 +164,31 @@ def ensure_sft(seed: int) -> Path:
     if not (folder / "bounds.json").is_file():
         command = [sys.executable, "-m", "flhf_core.runs.cli", "bounds", str(folder)]
         subprocess.run(command, check=True, cwd=PROJECT_DIR)
+    keep_bounds_evidence(seed, folder, user_groups(folder))
     return folder
 
 
 def run_row(name: str, overrides: list[str], seed: int, best: str | None) -> None:
     folder = run_dir(name.replace("/", "-"), seed)
-    if finished(folder):
+    if evidence_path(name, seed).is_file():
         return
     if any(BEST in o for o in overrides) and best is None:
         print(f"{name} seed {seed}: waits for the algorithm rows", flush=True)
         return
-    items = [PRESET, *(o.replace(BEST, best or "") for o in overrides), f"seed={seed}"]
-    items += [f"init-from={ensure_sft(seed)}", "sft-rounds=0", f"num-server-rounds={FEEDBACK_ROUNDS}"]
-    started = time.perf_counter()
-    run_flhf("run", items, RESULTS, folder.name)
-    print(f"{name} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+    sft = ensure_sft(seed)
+    if not finished(folder):
+        items = [PRESET, *(o.replace(BEST, best or "") for o in overrides), f"seed={seed}"]
+        items += [f"init-from={sft}", "sft-rounds=0", f"num-server-rounds={FEEDBACK_ROUNDS}"]
+        started = time.perf_counter()
+        run_flhf("run", [*items, *ROW_SETTINGS], RESULTS, folder.name)
+        print(f"{name} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+    keep_evidence(name, seed, folder, user_groups(sft))
 
 
 def run_local_only(seed: int) -> None:
     folder = run_dir("local-only", seed)
+    if evidence_path("local-only", seed).is_file():
+        return
     if not finished(folder):
         items = [
             PRESET,
@@ -132,88 +198,73 @@ def run_local_only(seed: int) -> None:
             f"seed={seed}",
         ]
         run_flhf("run", items, RESULTS, folder.name)
+    keep_evidence("local-only", seed, folder, user_groups(ensure_sft(seed)))
 
 
-def best_algorithm(seeds: list[int]) -> str | None:
-    """The soft-prompt algorithm with the highest mean reward on the users' reward documents."""
-    scores = {}
-    for algorithm in ALGORITHMS:
-        folders = [run_dir(f"soft-prompt-{algorithm}", s) for s in seeds]
-        if not all(finished(f) for f in folders):
-            return None
-        scores[algorithm] = np.mean([reward_documents_score(f) for f in folders])
-    return max(scores, key=scores.get)
+def load_evidence(seeds: list[int]) -> tuple[Methods, dict[str, dict[int, float]]]:
+    """Method -> seed -> users, and each learned row's reward-document score per seed, from the
+    committed evidence."""
+    methods: Methods = {}
+    scores: dict[str, dict[int, float]] = {}
+    for path in sorted(EVIDENCE.glob("*/seed-*.json")):
+        found = json.loads(path.read_text())
+        if found["seed"] in seeds:
+            methods.setdefault(found["method"], {})[found["seed"]] = found["users"]
+            if "reward-documents" in found:
+                scores.setdefault(found["method"], {})[found["seed"]] = found["reward-documents"]
+    return methods, scores
 
 
-def collect(seeds: list[int]) -> dict[str, dict[int, dict[str, float]]]:
-    """Method -> seed -> user -> reward, for every finished run and bound."""
-    methods: dict[str, dict[int, dict[str, float]]] = {}
-    for seed in seeds:
-        bounds_file = run_dir("sft", seed) / "bounds.json"
-        if bounds_file.is_file():
-            bounds = json.loads(bounds_file.read_text())["methods"]
-            for method in BOUNDS:
-                methods.setdefault(method, {})[seed] = {u: v["reward"] for u, v in bounds[method].items()}
-        for name in [*rows(), "local-only"]:
-            folder = run_dir(name.replace("/", "-"), seed)
-            if finished(folder):
-                methods.setdefault(name, {})[seed] = user_rewards(folder)
-    return methods
+def best_algorithm(scores: dict[str, dict[int, float]], seeds: list[int]) -> str | None:
+    """The soft-prompt algorithm with the highest mean reward on the users' reward documents
+    (never held-out ones), once every algorithm has every seed."""
+    rows = {a: scores.get(f"soft-prompt/{a}", {}) for a in ALGORITHMS}
+    if not all(set(seeds) <= set(found) for found in rows.values()):
+        return None
+    return max(ALGORITHMS, key=lambda a: np.mean([rows[a][s] for s in seeds]))
 
 
-def matrix(per_seed: dict[int, dict[str, float]], seeds: list[int]) -> np.ndarray:
-    """(seeds x users) rewards; users in a fixed order."""
-    users = sorted(per_seed[seeds[0]], key=int)
-    return np.array([[per_seed[s][u] for u in users] for s in seeds])
+def markdown(figures: dict[str, dict[str, Any]]) -> str:
+    """The table: one line per method, best first, with its paired comparisons."""
 
-
-def row_figures(methods: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[str, Any]]:
-    """Every method's figures (see the module docstring); methods without every bound's seeds
-    are compared on the seeds they share with the bounds."""
-    figures: dict[str, dict[str, Any]] = {}
-    for method, per_seed in methods.items():
-        shared_seeds = sorted(
-            set(per_seed) & set(methods.get("oracle", {})) & set(methods.get("fedavg-sft", {}))
+    def interval(entry: dict[str, Any] | None) -> str:
+        if not entry:
+            return "–"
+        return (
+            f"{entry['mean']:+.4f} [{entry['low']:+.4f}, {entry['high']:+.4f}] (±{entry['half-width']:.4f})"
         )
-        entry: dict[str, Any] = {
-            "seeds": sorted(per_seed),
-            "per-seed": {str(s): per_seed[s] for s in sorted(per_seed)},
-        }
-        mine = matrix(per_seed, sorted(per_seed))
-        entry["reward"] = float(mine.mean())
-        entry["reward-worst"] = float(mine.mean(axis=0).min())  # the worst user, mean over seeds
-        if shared_seeds:
-            own = matrix(per_seed, shared_seeds)
-            oracle = matrix(methods["oracle"], shared_seeds)
-            candidates = {
-                m: matrix(methods[m], shared_seeds)
-                for m in ("fedavg-sft", "best-shared-code")
-                if m in methods
-            }
-            baseline_name = max(candidates, key=lambda m: candidates[m].mean())
-            baseline = candidates[baseline_name]
-            entry["shared-baseline"] = baseline_name
-            gap = oracle.mean() - baseline.mean()
-            entry["gap-closed"] = float((own.mean() - baseline.mean()) / gap) if gap > 0 else None
-            entry["ratio-to-shared"] = float(own.mean() / baseline.mean())
-            entry["worst-ratio-to-shared"] = float(own.mean(axis=0).min() / baseline.mean(axis=0).min())
-            entry["vs-shared"] = paired_interval(own - baseline).to_json()
-            entry["users-at-least-shared"] = float(np.mean(own.mean(axis=0) >= baseline.mean(axis=0)))
-        local = methods.get("local-only", {})
-        common = sorted(set(per_seed) & set(local))
-        if common and method != "local-only":
-            entry["vs-local-only"] = paired_interval(
-                matrix(per_seed, common) - matrix(local, common)
-            ).to_json()
-        figures[method] = entry
-    return figures
+
+    lines = [
+        "| method | seeds | reward | worst user | content | length | gap closed | vs shared baseline "
+        "| vs local-only | identical across groups |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, f in sorted(figures.items(), key=lambda item: -item[1]["reward"]):
+        gap = f.get("gap-closed")
+        same = f.get("identical-across-groups")
+        lines.append(
+            f"| {method} | {len(f['seeds'])} | {f['reward']:.4f} | {f['reward-worst']:.4f} | "
+            f"{f['reward-content']:.3f} | {f['reward-length']:.3f} | {'–' if gap is None else f'{gap:+.2f}'} | "
+            f"{interval(f.get('vs-shared'))} | {interval(f.get('vs-local-only'))} | "
+            f"{'–' if same is None else f'{same:.0%}'} |"
+        )
+    return "\n".join(lines)
+
+
+def best_row(scores: dict[str, dict[int, float]], seeds: list[int]) -> str | None:
+    """The FLHF row (feedback-trained, not a baseline) with the highest mean reward on the users'
+    reward documents over ``seeds``: the row the targets are checked on."""
+    candidates = {m: found for m, found in scores.items() if m not in BASELINES and set(seeds) <= set(found)}
+    if not candidates:
+        return None
+    return max(candidates, key=lambda m: np.mean([candidates[m][s] for s in seeds]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--rows", nargs="+", default=[*rows(), "local-only"], choices=[*rows(), "local-only"])
-    parser.add_argument("--report", action="store_true", help="only the figures of finished runs")
+    parser.add_argument("--report", action="store_true", help="only the figures of the committed evidence")
     args = parser.parse_args()
     if not args.report:
         for seed in args.seeds:
@@ -223,24 +274,32 @@ def main() -> None:
                 if name == "local-only":
                     run_local_only(seed)
                 else:
-                    run_row(name, rows()[name], seed, best_algorithm(args.seeds))
-    methods = collect(args.seeds)
+                    run_row(
+                        name, rows()[name], seed, best_algorithm(load_evidence(args.seeds)[1], args.seeds)
+                    )
+    methods, scores = load_evidence(args.seeds)
     figures = row_figures(methods)
-    for method, entry in sorted(figures.items(), key=lambda item: -item[1]["reward"]):
-        gap = entry.get("gap-closed")
+    best = best_row(scores, args.seeds)
+    found = targets(methods, figures, best)
+    print(markdown(figures))
+    if best:
+        detectable = figures[best].get("vs-shared", {}).get("half-width")
         print(
-            f"{method:22s} reward {entry['reward']:.3f} worst {entry['reward-worst']:.3f} "
-            f"gap-closed {'-' if gap is None else f'{gap:+.2f}'} seeds {entry['seeds']}"
+            f"\nbest FLHF row (on reward documents): {best}; smallest detectable difference vs the shared "
+            f"baseline: {detectable:.4f}"
+            if detectable is not None
+            else f"\nbest FLHF row: {best}"
         )
+    for target in found:
+        status = {True: "met", False: "missed", None: "n/a"}[target["met"]]
+        print(
+            f"- {target['target']}: {target['value']} (target {target['threshold']}, {target['seeds']} seeds): {status}"
+        )
+    common = {"preset": PRESET, "feedback-rounds": FEEDBACK_ROUNDS, "seeds": args.seeds}
     write_result(
-        "quality",
-        {
-            "preset": PRESET,
-            "feedback-rounds": FEEDBACK_ROUNDS,
-            "best-algorithm": best_algorithm(args.seeds),
-            "methods": figures,
-        },
+        "quality", {**common, "best-algorithm": best_algorithm(scores, args.seeds), "methods": figures}
     )
+    write_result("quality-summary", {**common, "best-row": best, "targets": found})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""bench/personalize.py: a row's figures from per-user rewards (no run needed)."""
+"""bench/personalize.py and its figures: from per-user figures and committed evidence (no run)."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -11,32 +12,100 @@ from flhf_core.config import PYPROJECT
 
 sys.path.insert(0, str(PYPROJECT.parent / "bench"))
 import personalize
+import personalize_figures as pf
+
+GROUPS = ("challenge short", "approach long")
 
 
-def users(values):
-    return {str(u): float(v) for u, v in enumerate(values)}
+def users(rewards, content=None, digests=None):
+    """Users 0..n-1 in two groups (even, odd); odd users of the first half have keywords."""
+    found = {}
+    for u, reward in enumerate(rewards):
+        found[str(u)] = {
+            "reward": float(reward),
+            "content": float(content[u] if content is not None else 0.2),
+            "length": 0.5,
+            "group": GROUPS[u % 2],
+            "keywords": u % 4 == 3,
+            "digests": digests[u] if digests is not None else {},
+        }
+    return found
+
+
+def methods_around(shared_level=0.10, gain=0.05, seeds=(0, 1, 2), n=8):
+    rng = np.random.default_rng(0)
+    base = {s: 0.10 + rng.normal(0, 0.005, n) + (shared_level - 0.10) for s in seeds}
+    return {
+        "fedavg-sft": {s: users(base[s] - 0.02) for s in seeds},
+        "best-shared-code": {s: users(base[s]) for s in seeds},
+        "oracle": {s: users(base[s] + 0.10) for s in seeds},
+        "first-L-words": {s: users(np.full(n, 0.08)) for s in seeds},
+        "soft-prompt/reinforce": {s: users(base[s] + gain, content=np.full(n, 0.3)) for s in seeds},
+        "code-bandit": {s: users(base[s] + gain / 2) for s in seeds},
+        "local-only": {s: users(np.full(n, 0.05)) for s in seeds},
+    }
 
 
 def test_gap_closed_ratios_and_intervals_against_the_shared_baseline():
-    rng = np.random.default_rng(0)
-    seeds = (0, 1, 2)
-    shared = {s: users(0.10 + rng.normal(0, 0.005, 8)) for s in seeds}
-    methods = {
-        "fedavg-sft": {s: users(np.array(list(shared[s].values())) - 0.02) for s in seeds},
-        "best-shared-code": shared,
-        "oracle": {s: users(np.array(list(shared[s].values())) + 0.10) for s in seeds},
-        "soft-prompt/reinforce": {s: users(np.array(list(shared[s].values())) + 0.05) for s in seeds},
-        "local-only": {s: users(np.full(8, 0.05)) for s in seeds},
-    }
-    figures = personalize.row_figures(methods)
+    figures = pf.row_figures(methods_around())
     row = figures["soft-prompt/reinforce"]
     assert row["shared-baseline"] == "best-shared-code"
     assert row["gap-closed"] == pytest.approx(0.5)
-    assert row["ratio-to-shared"] == pytest.approx(0.15 / 0.10, rel=0.05)
+    assert row["vs-shared"]["ratio"] == pytest.approx(0.15 / 0.10, rel=0.05)
     assert row["vs-shared"]["excludes-zero"] and row["vs-local-only"]["excludes-zero"]
+    assert 0 < row["vs-shared"]["half-width"] < 0.01
     assert row["users-at-least-shared"] == 1.0
+    assert row["reward-content"] == pytest.approx(0.3)
     assert figures["oracle"]["gap-closed"] == pytest.approx(1.0)
     assert figures["best-shared-code"]["gap-closed"] == pytest.approx(0.0)
+
+
+def test_identical_summaries_count_only_pairs_of_users_in_different_groups():
+    same = {"d1": 7, "d2": 8}
+    # users 0 and 2 (one group) agree everywhere, user 1 (the other) agrees with them on d1 only
+    found = users([0.1, 0.1, 0.1], digests=[same, {"d1": 7, "d2": 9}, same])
+    assert pf.identical_share(found) == pytest.approx(2 / 4)  # (0,1) and (1,2) on d1 and d2
+    assert pf.identical_share(users([0.1, 0.1])) is None  # no digests (a bound)
+
+
+def test_targets_follow_the_ratio_rule_and_say_what_is_missed():
+    methods = methods_around(gain=0.05)
+    found = {t["target"]: t for t in pf.targets(methods, pf.row_figures(methods), "soft-prompt/reinforce")}
+    ratio = found["mean reward / shared baseline"]
+    assert ratio["met"] and ratio["value"] == pytest.approx(1.5, rel=0.05) and ratio["seeds"] == 3
+    assert found["mean reward / local-only"]["met"]
+    assert found["gap-closed (unlimited feedback)"]["met"] is False  # 0.5 < 0.7
+    assert found["content factor rises over fedavg-sft"]["met"]
+    assert found["learned conditioning >= code-bandit (mean)"]["met"]
+    # a ratio reached on the means but with an interval that holds zero is not met
+    noisy = methods_around(gain=0.0)
+    for s, seed_users in noisy["soft-prompt/reinforce"].items():
+        for u, figures in seed_users.items():
+            figures["reward"] += 0.2 if (int(u) + s) % 2 else -0.15
+    found = {t["target"]: t for t in pf.targets(noisy, pf.row_figures(noisy), "soft-prompt/reinforce")}
+    assert found["mean reward / shared baseline"]["met"] is False
+
+
+def test_evidence_from_two_machines_pools_and_the_best_row_is_chosen_on_reward_documents(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(personalize, "EVIDENCE", tmp_path)
+    methods = methods_around()
+    for method, per_seed in methods.items():
+        for seed, found in per_seed.items():
+            path = personalize.evidence_path(method, seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"method": method, "seed": seed, "users": found}
+            if method in ("soft-prompt/reinforce", "code-bandit"):
+                # the bandit looks better on reward documents: it is a baseline, never "the best row"
+                record["reward-documents"] = 0.2 if method == "code-bandit" else 0.1
+            path.write_text(json.dumps(record))
+    loaded, scores = personalize.load_evidence([0, 1, 2])
+    assert {m: sorted(v) for m, v in loaded.items()} == {m: [0, 1, 2] for m in methods}
+    assert loaded["oracle"][1] == methods["oracle"][1]
+    assert personalize.best_row(scores, [0, 1, 2]) == "soft-prompt/reinforce"
+    assert personalize.best_row(scores, [0, 1, 2, 3]) is None  # a seed no row has
+    assert set(personalize.load_evidence([1])[0]["oracle"]) == {1}
 
 
 def test_every_row_but_local_only_starts_from_the_seeds_supervised_model_and_names_the_best():
