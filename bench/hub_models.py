@@ -14,8 +14,10 @@ user 0 of the preset's users on its real aclsum examples. Timed, one after the o
   personal epochs on the adapter alone, then its local epochs on the shared parameters (FedRep's
   order), in batches of ``batch-size``. With ``--steps S``: S steps of each phase, each phase
   scaled up to its steps in a round (``*-estimated``: true);
-- ``feedback-update``: one feedback round of the preset's algorithm (``feedback-steps`` steps of
-  ``feedback-prompts`` x ``samples-per-prompt`` samples); with ``--steps S``, S steps scaled up;
+- ``feedback-update``: one feedback round of the preset's algorithm as a client runs it: one pass
+  per set of parameters it trains (the personal adapter first, then the shared weights), each of
+  ``feedback-steps`` steps of ``feedback-prompts`` x ``samples-per-prompt`` samples; with
+  ``--steps S``, S steps of each pass scaled up;
 - ``evaluation``: the model on the user's validation examples (``--eval-examples``, default the
   preset's ``eval-max-examples``): loss, greedy summaries of ``max-new-tokens``, ROUGE.
 
@@ -35,6 +37,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 
 import numpy as np
@@ -52,7 +55,7 @@ from transformers import (
 )
 
 from flhf_core.client.documents import UserDocuments, corpus_documents
-from flhf_core.client.update import only_trainable
+from flhf_core.client.update import only_trainable, passes_of
 from flhf_core.config import RunConfig
 from flhf_core.data.corpus import load_corpus
 from flhf_core.learning.algorithms import FEEDBACK_ALGORITHMS
@@ -201,26 +204,36 @@ def time_sft(model, tokenizer, data: UserDocuments, config: RunConfig, steps: in
 
 
 def time_feedback(model, tokenizer, data: UserDocuments, config: RunConfig, steps: int | None) -> dict:
+    """A feedback round as a client runs it: the algorithm once per pass (the personal parameters
+    first, then the shared ones: FedRep's order), each pass ``steps`` steps scaled up to a round's."""
     feedback = FeedbackConfig.from_run_config(config)
     measured = feedback.steps if steps is None else min(steps, feedback.steps)
-    scorer = Scorer(data.profile, config.ratings_per_round, measured, feedback.samples_per_prompt)
-    update = FEEDBACK_ALGORITHMS[config.feedback_algorithm]
-    started = time.perf_counter()
-    update(
-        model,
-        tokenizer,
-        list(data.feedback),
-        scorer,
-        replace(feedback, steps=measured),
-        np.random.default_rng(0),
+    personal = personal_parameter_names(model, config.personal_scope, config.personal_layers)
+    passes = passes_of(config, personal, frozenset(canonical_parameters(model)) - personal)
+    scorer = Scorer(
+        data.profile, config.ratings_per_round, measured * len(passes), feedback.samples_per_prompt
     )
-    elapsed = time.perf_counter() - started
+    update = FEEDBACK_ALGORITHMS[config.feedback_algorithm]
+    per_pass = {}
+    for prefix, names, rate in passes:
+        started = time.perf_counter()
+        with only_trainable(model, names) if names is not None else nullcontext():
+            update(
+                model,
+                tokenizer,
+                list(data.feedback),
+                scorer,
+                replace(feedback, steps=measured, learning_rate=rate),
+                np.random.default_rng(0),
+            )
+        per_pass[prefix] = (time.perf_counter() - started) / measured * feedback.steps
     return {
         "algorithm": config.feedback_algorithm,
         "round-steps": feedback.steps,
         "measured-steps": measured,
-        "seconds-per-step": elapsed / measured,
-        "seconds": elapsed / measured * feedback.steps,
+        "passes": list(per_pass),
+        "seconds-per-pass": per_pass,
+        "seconds": sum(per_pass.values()),
         "estimated": measured != feedback.steps,
         "samples-per-step": feedback.prompts_per_step * feedback.samples_per_prompt,
     }
@@ -297,7 +310,8 @@ def main() -> None:
             f"{figures['mean-source-tokens']:.0f}/{figures['mean-target-tokens']:.0f} source/target tokens\n"
             f"  supervised update {sft['seconds']:.1f} s{estimated} ({sft['examples']} examples)\n"
             f"  feedback update   {feedback['seconds']:.1f} s{' (estimated)' if feedback['estimated'] else ''} "
-            f"({feedback['round-steps']} steps of {feedback['samples-per-step']} samples)\n"
+            f"({' + '.join(feedback['passes'])} passes of {feedback['round-steps']} steps of "
+            f"{feedback['samples-per-step']} samples)\n"
             f"  evaluation        {evaluation['seconds']:.1f} s ({evaluation['examples']} examples)",
             flush=True,
         )

@@ -58,6 +58,7 @@ BOUNDS = ("fedavg-sft", "best-shared-code", "oracle", "first-L-words", "lead-1",
 BASELINES = (*BOUNDS, "code-bandit", "local-only")  # never "the best FLHF row"
 # what every row's feedback phase runs with beside the preset (its size: see the docstring)
 ROW_SETTINGS: tuple[str, ...] = ()
+TRIAL: list[str] = []  # --set: overrides for every run of a trial (kept apart in results/)
 ALGORITHMS = ("reinforce", "best-of-n", "ppo", "dpo")
 BEST = "{best}"  # the best soft-prompt algorithm, once the algorithm rows are in
 SHARED_RATE = "feedback-learning-rate=0.0001"  # rows where the shared model learns from feedback too
@@ -160,7 +161,7 @@ def ensure_sft(seed: int) -> Path:
     folder = run_dir("sft", seed)
     if not (folder / "model" / "config.json").is_file():
         items = [PRESET, "feedback-algorithm=sft", "personalization=none", f"seed={seed}"]
-        run_flhf("run", items, RESULTS, folder.name)
+        run_flhf("run", [*items, *TRIAL], RESULTS, folder.name)
     if not (folder / "bounds.json").is_file():
         command = [sys.executable, "-m", "flhf_core.runs.cli", "bounds", str(folder)]
         subprocess.run(command, check=True, cwd=PROJECT_DIR)
@@ -180,7 +181,7 @@ def run_row(name: str, overrides: list[str], seed: int, best: str | None) -> Non
         items = [PRESET, *(o.replace(BEST, best or "") for o in overrides), f"seed={seed}"]
         items += [f"init-from={sft}", "sft-rounds=0", f"num-server-rounds={FEEDBACK_ROUNDS}"]
         started = time.perf_counter()
-        run_flhf("run", [*items, *ROW_SETTINGS], RESULTS, folder.name)
+        run_flhf("run", [*items, *ROW_SETTINGS, *TRIAL], RESULTS, folder.name)
         print(f"{name} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
     keep_evidence(name, seed, folder, user_groups(sft))
 
@@ -197,7 +198,7 @@ def run_local_only(seed: int) -> None:
             "feedback-learning-rate=0.0003",
             f"seed={seed}",
         ]
-        run_flhf("run", items, RESULTS, folder.name)
+        run_flhf("run", [*items, *TRIAL], RESULTS, folder.name)
     keep_evidence("local-only", seed, folder, user_groups(ensure_sft(seed)))
 
 
@@ -265,7 +266,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--rows", nargs="+", default=[*rows(), "local-only"], choices=[*rows(), "local-only"])
     parser.add_argument("--report", action="store_true", help="only the figures of the committed evidence")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a trial of the driver (e.g. a smaller model): every run gets these overrides, and runs, "
+        "evidence and figures go to results/personalize-trial/ (bench/results is left alone)",
+    )
     args = parser.parse_args()
+    if args.set:
+        global RESULTS, EVIDENCE
+        TRIAL.extend(args.set)
+        RESULTS = PROJECT_DIR / "results" / "personalize-trial"
+        EVIDENCE = RESULTS / "evidence"
     if not args.report:
         for seed in args.seeds:
             ensure_sft(seed)
@@ -296,10 +310,14 @@ def main() -> None:
             f"- {target['target']}: {target['value']} (target {target['threshold']}, {target['seeds']} seeds): {status}"
         )
     common = {"preset": PRESET, "feedback-rounds": FEEDBACK_ROUNDS, "seeds": args.seeds}
-    write_result(
-        "quality", {**common, "best-algorithm": best_algorithm(scores, args.seeds), "methods": figures}
-    )
-    write_result("quality-summary", {**common, "best-row": best, "targets": found})
+    quality = {**common, "best-algorithm": best_algorithm(scores, args.seeds), "methods": figures}
+    summary = {**common, "best-row": best, "targets": found}
+    if args.set:
+        atomic_write_json(RESULTS / "quality.json", {**quality, "trial": args.set})
+        atomic_write_json(RESULTS / "quality-summary.json", {**summary, "trial": args.set})
+        return
+    write_result("quality", quality)
+    write_result("quality-summary", summary)
 
 
 if __name__ == "__main__":

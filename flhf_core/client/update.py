@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from flhf_core.client import reward_models
 from flhf_core.client.session import UserSession
+from flhf_core.config import RunConfig
 from flhf_core.data.codes import all_codes
 from flhf_core.learning.algorithms import FEEDBACK_ALGORITHMS
 from flhf_core.learning.algorithms.rollout import FeedbackConfig
@@ -183,15 +184,21 @@ def local_feedback(session: UserSession) -> dict[str, float]:
 
 def feedback_passes(session: UserSession) -> list[tuple[str, frozenset[str] | None, float]]:
     """The feedback update's passes: (figure prefix, parameters trained or None for all, rate)."""
-    config = session.config
-    if not (session.personal_names and session.shared_names):  # none, or local-only: one pass
+    return passes_of(session.config, session.personal_names, session.shared_names)
+
+
+def passes_of(
+    config: RunConfig, personal_names: frozenset[str], shared_names: frozenset[str]
+) -> list[tuple[str, frozenset[str] | None, float]]:
+    """:func:`feedback_passes` for a model whose parameters split into these personal and shared ones."""
+    if not (personal_names and shared_names):  # none, or local-only: one pass
         return [("train", None, config.feedback_learning_rate)]
     if config.personal_epochs == 0 and config.personalization not in FEEDBACK_ONLY:  # jointly, as in SFT
         return [("train", None, config.feedback_learning_rate)]
-    personal_pass = (session.personal_names, config.personal_feedback_learning_rate)
+    personal_pass = (personal_names, config.personal_feedback_learning_rate)
     if config.feedback_learning_rate == 0:  # the personal pass is the round's whole update
         return [("train", *personal_pass)]
-    return [("personal", *personal_pass), ("train", session.shared_names, config.feedback_learning_rate)]
+    return [("personal", *personal_pass), ("train", shared_names, config.feedback_learning_rate)]
 
 
 def bandit_feedback(session: UserSession, feedback: FeedbackConfig) -> dict[str, float]:
