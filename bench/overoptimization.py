@@ -17,7 +17,7 @@ the server's rows (means over users):
   samples, against the true utility.
 
 Writes ``bench/results/overoptimization.json`` (the series, with the command) and
-``overoptimization.png`` (the README shows it).
+``overoptimization.png`` (docs/feedback.md shows it).
 """
 
 from __future__ import annotations

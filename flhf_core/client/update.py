@@ -65,7 +65,7 @@ def local_sft(session: UserSession) -> dict[str, float]:
     then the shared ones alone, for ``local-epochs``, with the personal ones fixed. Trained
     jointly instead, the personal parameters co-adapt with a local copy of the shared ones
     that the server's average replaces next round, and the personalized model falls behind
-    the global one for some users (measured: see README). ``personal-epochs = 0`` trains
+    the global one for some users (measured: see docs/personalization.md). ``personal-epochs = 0`` trains
     everything together.
     """
     config = session.config

@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="RUN_DIR",
         help="continue a killed or finished run from its last checkpoint, in its folder "
-        "(key=value may change only num-server-rounds, round-timeout, tracking, ...: see README)",
+        "(key=value may change only num-server-rounds, round-timeout, tracking, ...: see docs/results.md)",
     )
     run.set_defaults(handler=command_run)
     loopback = commands.add_parser(
