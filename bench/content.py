@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from common import PROJECT_DIR, run_flhf, write_result
+from common import PROJECT_DIR, machine, run_flhf, write_result
 from transformers import AutoTokenizer
 
 from flhf_core.common import atomic_write_json
@@ -213,6 +213,7 @@ def evidence(row: str, seed: int) -> dict | None:
                 "row": row,
                 "seed": seed,
                 "items": ROWS[row],
+                "machine": machine(),  # wall times compare only on one machine
                 "wall-seconds": json.loads((run_dir / "bench.json").read_text())["wall-seconds"],
                 "val-rougeL": validation_rouge(run_dir),
                 **json.loads((run_dir / "scores.json").read_text()),
@@ -228,6 +229,8 @@ def collect(rows: list[str], seeds: list[int]) -> dict:
         per_seed, walls, validation = {}, [], {}
         for seed in seeds:
             found = evidence(row, seed)
+            if found is not None and found["items"] != ROWS[row]:
+                raise ValueError(f"{row} seed {seed} ran with {found['items']}, the row is now {ROWS[row]}")
             if found is not None:
                 per_seed[seed] = found["examples"]
                 for e in per_seed[seed]:  # the same for every row: scored here, not per run

@@ -30,6 +30,7 @@ Writes ``bench/results/quality.json`` (each method's figures) and
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -91,7 +92,13 @@ def run_dir(name: str, seed: int) -> Path:
 
 
 def finished(folder: Path) -> bool:
-    return (folder / "summary.json").is_file() and (folder / "judgements.json").is_file()
+    """A run that completed every round (a failed one also leaves a summary and judgements)."""
+    summary = folder / "summary.json"
+    return (
+        summary.is_file()
+        and json.loads(summary.read_text()).get("status") == "completed"
+        and (folder / "judgements.json").is_file()
+    )
 
 
 def evidence_path(method: str, seed: int) -> Path:
@@ -99,9 +106,15 @@ def evidence_path(method: str, seed: int) -> Path:
 
 
 def reward_documents_score(folder: Path) -> float:
-    """The users' reward on their fresh reward documents in the last round (what picks the best)."""
-    rows = [r for r in read_metrics(folder / "metrics.jsonl") if r["scope"] == "server" and "reward" in r]
-    return float(rows[-1]["reward"])
+    """What picks the best, never the held-out documents the table reports on: the users' mean
+    reward of their updated models (with their personal parameters) on their own fresh reward
+    documents (the train replies' ``reward``, the server rows' ``train-reward``), over the run's
+    feedback rounds."""
+    rows = read_metrics(folder / "metrics.jsonl")
+    rewards = [r["train-reward"] for r in rows if r["scope"] == "server" and r["phase"] == "feedback"]
+    if not rewards:
+        raise ValueError(f"{folder}: no feedback round to choose on")
+    return float(np.mean(rewards))
 
 
 def user_groups(sft_folder: Path) -> dict[str, dict[str, Any]]:
@@ -115,7 +128,7 @@ def user_groups(sft_folder: Path) -> dict[str, dict[str, Any]]:
         profile = build_profile(user, config.user_profiles, aspects, config.seed)
         groups[str(user)] = {
             "group": codes.preferred_code(profile).prompt,
-            "keywords": bool(profile.include_keywords or profile.avoid_keywords),
+            "has-keywords": bool(profile.include_keywords or profile.avoid_keywords),
         }
     return groups
 
@@ -137,14 +150,18 @@ def run_users(folder: Path, groups: dict[str, dict[str, Any]]) -> Users:
     return users
 
 
-def keep_evidence(method: str, seed: int, folder: Path, groups: dict[str, dict[str, Any]]) -> None:
+def keep_evidence(
+    method: str, seed: int, folder: Path, groups: dict[str, dict[str, Any]], origin: dict[str, Any]
+) -> None:
     """A finished row's users, committed: the figures are recomputed from these files, so seeds
-    run on different machines (or sessions) pool from a clean clone."""
+    run on different machines (or sessions) pool from a clean clone. ``origin``: what the row
+    ran with (``items``, its overrides resolved, which every seed of a method must share) and
+    the ``sft-model`` it started from (which every row of a seed must share)."""
     path = evidence_path(method, seed)
     if path.is_file() or not finished(folder):
         return
     figures = {"users": run_users(folder, groups), "reward-documents": reward_documents_score(folder)}
-    atomic_write_json(path, {"method": method, "seed": seed, **figures})
+    atomic_write_json(path, {"method": method, "seed": seed, **origin, **figures})
 
 
 def keep_bounds_evidence(seed: int, sft_folder: Path, groups: dict[str, dict[str, Any]]) -> None:
@@ -152,16 +169,33 @@ def keep_bounds_evidence(seed: int, sft_folder: Path, groups: dict[str, dict[str
     for method in BOUNDS:
         path = evidence_path(method, seed)
         if not path.is_file():
-            users = {u: {**groups[u], **f} for u, f in bounds["methods"][method].items()}
+            users = {u: {**f, **groups[u]} for u, f in bounds["methods"][method].items()}
             extra = {"code": bounds["best-shared-code"]} if method == "best-shared-code" else {}
-            atomic_write_json(path, {"method": method, "seed": seed, "users": users, **extra})
+            record = {"method": method, "seed": seed, "sft-model": sft_model(sft_folder), "users": users}
+            atomic_write_json(path, {**record, **extra})
+
+
+def sft_model(sft_folder: Path) -> str:
+    """The seed's supervised model, by the SHA-256 of its weights: every row of a seed must have
+    started from it (a seed whose supervised phase ran again elsewhere is another experiment)."""
+    return hashlib.sha256((sft_folder / "model" / "model.safetensors").read_bytes()).hexdigest()
+
+
+def run_once(folder: Path, items: list[str]) -> None:
+    """Run ``items`` into ``folder`` unless it finished; a failed or stopped attempt is kept aside."""
+    if finished(folder):
+        return
+    if folder.exists():
+        folder.rename(folder.with_name(f"{folder.name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}"))
+    started = time.perf_counter()
+    run_flhf("run", [*items, *TRIAL], RESULTS, folder.name)
+    print(f"{folder.name}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def ensure_sft(seed: int) -> Path:
     folder = run_dir("sft", seed)
     if not (folder / "model" / "config.json").is_file():
-        items = [PRESET, "feedback-algorithm=sft", "personalization=none", f"seed={seed}"]
-        run_flhf("run", [*items, *TRIAL], RESULTS, folder.name)
+        run_once(folder, [PRESET, "feedback-algorithm=sft", "personalization=none", f"seed={seed}"])
     if not (folder / "bounds.json").is_file():
         command = [sys.executable, "-m", "flhf_core.runs.cli", "bounds", str(folder)]
         subprocess.run(command, check=True, cwd=PROJECT_DIR)
@@ -170,36 +204,27 @@ def ensure_sft(seed: int) -> Path:
 
 
 def run_row(name: str, overrides: list[str], seed: int, best: str | None) -> None:
-    folder = run_dir(name.replace("/", "-"), seed)
     if evidence_path(name, seed).is_file():
         return
     if any(BEST in o for o in overrides) and best is None:
         print(f"{name} seed {seed}: waits for the algorithm rows", flush=True)
         return
     sft = ensure_sft(seed)
-    if not finished(folder):
-        items = [PRESET, *(o.replace(BEST, best or "") for o in overrides), f"seed={seed}"]
-        items += [f"init-from={sft}", "sft-rounds=0", f"num-server-rounds={FEEDBACK_ROUNDS}"]
-        started = time.perf_counter()
-        run_flhf("run", [*items, *ROW_SETTINGS, *TRIAL], RESULTS, folder.name)
-        print(f"{name} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
-    keep_evidence(name, seed, folder, user_groups(sft))
+    folder = run_dir(name.replace("/", "-"), seed)
+    items = [*(o.replace(BEST, best or "") for o in overrides), *ROW_SETTINGS]
+    start = [f"init-from={sft}", "sft-rounds=0", f"num-server-rounds={FEEDBACK_ROUNDS}"]
+    run_once(folder, [PRESET, *items, f"seed={seed}", *start])
+    origin = {"items": [*items, *TRIAL], "sft-model": sft_model(sft)}
+    keep_evidence(name, seed, folder, user_groups(sft), origin)
 
 
 def run_local_only(seed: int) -> None:
-    folder = run_dir("local-only", seed)
     if evidence_path("local-only", seed).is_file():
         return
-    if not finished(folder):
-        items = [
-            PRESET,
-            "mode=local-only",
-            "personalization=none",
-            "feedback-learning-rate=0.0003",
-            f"seed={seed}",
-        ]
-        run_flhf("run", [*items, *TRIAL], RESULTS, folder.name)
-    keep_evidence("local-only", seed, folder, user_groups(ensure_sft(seed)))
+    folder = run_dir("local-only", seed)
+    items = ["mode=local-only", "personalization=none", "feedback-learning-rate=0.0003"]
+    run_once(folder, [PRESET, *items, f"seed={seed}"])
+    keep_evidence("local-only", seed, folder, user_groups(ensure_sft(seed)), {"items": [*items, *TRIAL]})
 
 
 def load_evidence(seeds: list[int]) -> tuple[Methods, dict[str, dict[int, float]]]:
@@ -207,12 +232,26 @@ def load_evidence(seeds: list[int]) -> tuple[Methods, dict[str, dict[int, float]
     committed evidence."""
     methods: Methods = {}
     scores: dict[str, dict[int, float]] = {}
+    items: dict[str, tuple[list[str], Path]] = {}  # method -> what its first seed ran with
+    starts: dict[int, tuple[str, Path]] = {}  # seed -> the supervised model its rows started from
     for path in sorted(EVIDENCE.glob("*/seed-*.json")):
         found = json.loads(path.read_text())
-        if found["seed"] in seeds:
-            methods.setdefault(found["method"], {})[found["seed"]] = found["users"]
-            if "reward-documents" in found:
-                scores.setdefault(found["method"], {})[found["seed"]] = found["reward-documents"]
+        if found["seed"] not in seeds:
+            continue
+        method, seed = found["method"], found["seed"]
+        if "items" in found:
+            first = items.setdefault(method, (found["items"], path))
+            if first[0] != found["items"]:
+                raise ValueError(
+                    f"{path} ran with {found['items']}, {first[1]} with {first[0]}: not one method"
+                )
+        if "sft-model" in found:
+            first_start = starts.setdefault(seed, (found["sft-model"], path))
+            if first_start[0] != found["sft-model"]:
+                raise ValueError(f"{path} and {first_start[1]} started from different supervised models")
+        methods.setdefault(method, {})[seed] = found["users"]
+        if "reward-documents" in found:
+            scores.setdefault(method, {})[seed] = found["reward-documents"]
     return methods, scores
 
 
@@ -280,6 +319,8 @@ def main() -> None:
         TRIAL.extend(args.set)
         RESULTS = PROJECT_DIR / "results" / "personalize-trial"
         EVIDENCE = RESULTS / "evidence"
+    # the best algorithm belongs to the matrix: chosen on all its seeds, whichever run now
+    choice = args.seeds if args.set else list(SEEDS)
     if not args.report:
         for seed in args.seeds:
             ensure_sft(seed)
@@ -288,29 +329,30 @@ def main() -> None:
                 if name == "local-only":
                     run_local_only(seed)
                 else:
-                    run_row(
-                        name, rows()[name], seed, best_algorithm(load_evidence(args.seeds)[1], args.seeds)
-                    )
+                    run_row(name, rows()[name], seed, best_algorithm(load_evidence(choice)[1], choice))
     methods, scores = load_evidence(args.seeds)
     figures = row_figures(methods)
     best = best_row(scores, args.seeds)
-    found = targets(methods, figures, best)
+    found = targets(methods, figures, best, scores)
     print(markdown(figures))
     if best:
         detectable = figures[best].get("vs-shared", {}).get("half-width")
-        print(
-            f"\nbest FLHF row (on reward documents): {best}; smallest detectable difference vs the shared "
-            f"baseline: {detectable:.4f}"
-            if detectable is not None
-            else f"\nbest FLHF row: {best}"
-        )
+        print(f"\nbest FLHF row (chosen on reward documents): {best}")
+        if detectable is not None:
+            print(
+                f"smallest difference these seeds and users detect against the shared baseline: {detectable:.4f}"
+            )
     for target in found:
         status = {True: "met", False: "missed", None: "n/a"}[target["met"]]
         print(
             f"- {target['target']}: {target['value']} (target {target['threshold']}, {target['seeds']} seeds): {status}"
         )
     common = {"preset": PRESET, "feedback-rounds": FEEDBACK_ROUNDS, "seeds": args.seeds}
-    quality = {**common, "best-algorithm": best_algorithm(scores, args.seeds), "methods": figures}
+    quality = {
+        **common,
+        "best-algorithm": best_algorithm(load_evidence(choice)[1], choice),
+        "methods": figures,
+    }
     summary = {**common, "best-row": best, "targets": found}
     if args.set:
         atomic_write_json(RESULTS / "quality.json", {**quality, "trial": args.set})

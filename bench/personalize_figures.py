@@ -3,7 +3,7 @@
 A method's *users* at one seed: user id -> ``reward`` (mean true utility on the user's held-out
 documents), ``content`` and ``length`` factors, its preference ``group`` (the code that best
 expresses what it wants: users of one group share aspect-or-mix and length bucket), whether
-it has ``keywords`` (a preference no code names) and, for learned rows, the ``digests`` of its
+it ``has-keywords`` (a preference no code names) and, for learned rows, the ``digests`` of its
 summaries by document (equal digests: the same text). Every figure below compares methods on
 the seeds they share, paired by (seed, user), with :mod:`flhf_core.results.statistics`'s rule:
 a row beats another only when the paired difference's 95% interval lies above zero, and a
@@ -28,8 +28,9 @@ FACTORS = ("reward", "content", "length")
 def matrix(
     per_seed: dict[int, Users], seeds: list[int], key: str = "reward", users: list[str] | None = None
 ) -> np.ndarray:
-    """(seeds x users) of one figure; users in a fixed order (all of the first seed's by default)."""
-    users = users or sorted(per_seed[seeds[0]], key=int)
+    """(seeds x users) of one figure; ``users`` in this order (default: those of every seed)."""
+    if users is None:
+        users = sorted(set.intersection(*(set(per_seed[s]) for s in seeds)), key=int)
     return np.array([[per_seed[s][u][key] for u in users] for s in seeds], dtype=float)
 
 
@@ -38,6 +39,21 @@ def common_seeds(methods: Methods, *names: str) -> list[int]:
     if len(present) < len(names):
         return []
     return sorted(set.intersection(*present))
+
+
+def common_users(methods: Methods, names: tuple[str, ...], seeds: list[int]) -> list[str]:
+    """The users every one of ``names`` has at every one of ``seeds`` (a user missing from one
+    run's final evaluation is left out of its comparisons, never misaligned)."""
+    users = set.intersection(*(set(methods[n][s]) for n in names for s in seeds))
+    return sorted(users, key=int)
+
+
+def pair(
+    methods: Methods, mine: str, reference: str, seeds: list[int], key: str = "reward"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(seeds x users) of ``key`` for two methods on their shared users, aligned."""
+    users = common_users(methods, (mine, reference), seeds)
+    return matrix(methods[mine], seeds, key, users), matrix(methods[reference], seeds, key, users)
 
 
 def shared_baseline(methods: Methods, seeds: list[int]) -> str | None:
@@ -90,7 +106,8 @@ def row_figures(methods: Methods) -> dict[str, dict[str, Any]]:
         shares = [identical_share(per_seed[s]) for s in seeds]
         if any(share is not None for share in shares):
             entry["identical-across-groups"] = float(np.mean([s for s in shares if s is not None]))
-        keyed = [u for u, f in per_seed[seeds[0]].items() if f.get("keywords")]
+        everywhere = set.intersection(*(set(per_seed[s]) for s in seeds))
+        keyed = [u for u, f in per_seed[seeds[0]].items() if f.get("has-keywords") and u in everywhere]
         if keyed:
             entry["reward-keyword-users"] = float(
                 matrix(per_seed, seeds, users=sorted(keyed, key=int)).mean()
@@ -98,8 +115,10 @@ def row_figures(methods: Methods) -> dict[str, dict[str, Any]]:
         paired = common_seeds(methods, method, "oracle")
         baseline = shared_baseline(methods, paired)
         if baseline is not None:
-            own, shared = matrix(per_seed, paired), matrix(methods[baseline], paired)
-            oracle = matrix(methods["oracle"], paired)
+            users = common_users(methods, (method, baseline, "oracle"), paired)
+            own, shared, oracle = (
+                matrix(methods[m], paired, users=users) for m in (method, baseline, "oracle")
+            )
             gap = oracle.mean() - shared.mean()
             entry["shared-baseline"] = baseline
             entry["gap-closed"] = float((own.mean() - shared.mean()) / gap) if gap > 0 else None
@@ -109,7 +128,7 @@ def row_figures(methods: Methods) -> dict[str, dict[str, Any]]:
                 entry["vs-shared"] = against(own, shared)
         local = common_seeds(methods, method, "local-only")
         if local and method != "local-only":
-            entry["vs-local-only"] = against(matrix(per_seed, local), matrix(methods["local-only"], local))
+            entry["vs-local-only"] = against(*pair(methods, method, "local-only", local))
         figures[method] = entry
     return figures
 
@@ -119,7 +138,7 @@ def paired(methods: Methods, method: str, reference: str) -> dict[str, Any] | No
     seeds = common_seeds(methods, method, reference)
     if not seeds:
         return None
-    return {"seeds": seeds, **against(matrix(methods[method], seeds), matrix(methods[reference], seeds))}
+    return {"seeds": seeds, **against(*pair(methods, method, reference, seeds))}
 
 
 def met(comparison: dict[str, Any] | None, ratio: float) -> bool | None:
@@ -129,65 +148,120 @@ def met(comparison: dict[str, Any] | None, ratio: float) -> bool | None:
     return comparison["ratio"] >= ratio and comparison["low"] > 0
 
 
-def targets(methods: Methods, figures: dict[str, dict[str, Any]], best: str | None) -> list[dict[str, Any]]:
+def targets(
+    methods: Methods,
+    figures: dict[str, dict[str, Any]],
+    best: str | None,
+    scores: dict[str, dict[int, float]] | None = None,
+) -> list[dict[str, Any]]:
     """The personalization targets for the best FLHF row ``best`` (each: its figure, the
-    threshold, whether it is met, and on how many seeds)."""
+    threshold, whether it is met, on how many seeds, and ``rule``: ``ratio`` (reached and the
+    paired interval above zero), ``interval`` (above zero) or ``point`` (the estimate alone,
+    where no interval is taken: a worst user, a share of users, gap-closed)). ``scores``: the
+    rows' reward-document scores, which pick among the rows at a budget."""
     if best is None or best not in figures or "shared-baseline" not in figures[best]:
         return []
     row = figures[best]
     found: list[dict[str, Any]] = []
 
-    def check(name: str, value: Any, threshold: Any, is_met: bool | None, seeds: list[int]) -> None:
+    def check(
+        name: str, value: Any, threshold: Any, is_met: bool | None, seeds: list[int], rule: str, **more: Any
+    ) -> None:
         found.append(
-            {"target": name, "value": value, "threshold": threshold, "met": is_met, "seeds": len(seeds)}
+            {
+                "target": name,
+                "value": value,
+                "threshold": threshold,
+                "met": is_met,
+                "seeds": len(seeds),
+                "rule": rule,
+                **more,
+            }
         )
 
     shared = paired(methods, best, row["shared-baseline"])
-    check("mean reward / shared baseline", shared["ratio"], 1.5, met(shared, 1.5), shared["seeds"])
-    worst = row["worst-ratio-to-shared"]
     check(
-        "worst user / shared baseline's worst",
-        worst,
-        2.0,
-        worst >= 2.0 and shared["low"] > 0,
+        "mean reward / shared baseline",
+        shared["ratio"],
+        1.5,
+        met(shared, 1.5),
         shared["seeds"],
+        "ratio",
+        interval=shared,
     )
+    worst = row["worst-ratio-to-shared"]
+    check("worst user / shared baseline's worst", worst, 2.0, worst >= 2.0, shared["seeds"], "point")
     local = paired(methods, best, "local-only")
     if local:
-        check("mean reward / local-only", local["ratio"], 1.2, met(local, 1.2), local["seeds"])
+        check(
+            "mean reward / local-only",
+            local["ratio"],
+            1.2,
+            met(local, 1.2),
+            local["seeds"],
+            "ratio",
+            interval=local,
+        )
     rule = paired(methods, best, "first-L-words")
     if rule:
         worst_rule = figures["first-L-words"]["reward-worst"]
-        check("above first-L-words (mean)", rule["mean"], 0.0, rule["low"] > 0, rule["seeds"])
+        check(
+            "above first-L-words (mean)",
+            rule["mean"],
+            0.0,
+            rule["low"] > 0,
+            rule["seeds"],
+            "interval",
+            interval=rule,
+        )
         check(
             "above first-L-words (worst user)",
             row["reward-worst"] - worst_rule,
             0.0,
             row["reward-worst"] > worst_rule,
             rule["seeds"],
+            "point",
         )
     gap = row.get("gap-closed")
-    check("gap-closed (unlimited feedback)", gap, 0.7, None if gap is None else gap >= 0.7, row["seeds"])
-    budget = [m for m in figures if m.endswith("@32") and figures[m].get("gap-closed") is not None]
-    if budget:
-        top = max(budget, key=lambda m: figures[m]["gap-closed"])
+    check(
+        "gap-closed (unlimited feedback)",
+        gap,
+        0.7,
+        None if gap is None else gap >= 0.7,
+        row["seeds"],
+        "point",
+    )
+    at_32 = [m for m in figures if m.endswith("@32") and figures[m].get("gap-closed") is not None]
+    chosen = [m for m in at_32 if scores and m in scores]
+    if chosen:  # the @32 row the users' reward documents prefer, never the held-out figure
+        top = max(chosen, key=lambda m: np.mean(list(scores[m].values())))
+        closed = figures[top]["gap-closed"]
         check(
-            f"gap-closed at 32 judgements ({top})",
-            figures[top]["gap-closed"],
-            0.5,
-            figures[top]["gap-closed"] >= 0.5,
-            figures[top]["seeds"],
+            f"gap-closed at 32 judgements ({top})", closed, 0.5, closed >= 0.5, figures[top]["seeds"], "point"
         )
     share = row["users-at-least-shared"]
     check(
-        "users served at least as well as by the shared baseline", share, 0.9, share >= 0.9, shared["seeds"]
+        "users served at least as well as by the shared baseline",
+        share,
+        0.9,
+        share >= 0.9,
+        shared["seeds"],
+        "point",
     )
     identical = row.get("identical-across-groups")
     if identical is not None:
-        check("identical summaries across groups", identical, 0.1, identical <= 0.1, row["seeds"])
+        check("identical summaries across groups", identical, 0.1, identical <= 0.1, row["seeds"], "point")
     sft = paired_factor(methods, best, "fedavg-sft", "content")
     if sft:
-        check("content factor rises over fedavg-sft", sft["mean"], 0.0, sft["low"] > 0, sft["seeds"])
+        check(
+            "content factor rises over fedavg-sft",
+            sft["mean"],
+            0.0,
+            sft["low"] > 0,
+            sft["seeds"],
+            "interval",
+            interval=sft,
+        )
     bandit = paired(methods, best, "code-bandit")
     if bandit:
         check(
@@ -196,6 +270,8 @@ def targets(methods: Methods, figures: dict[str, dict[str, Any]], best: str | No
             0.0,
             bandit["mean"] >= 0,
             bandit["seeds"],
+            "point",
+            interval=bandit,
         )
         keyed = keyword_users(methods, best)
         if keyed:
@@ -206,6 +282,8 @@ def targets(methods: Methods, figures: dict[str, dict[str, Any]], best: str | No
                 0.0,
                 on_keywords["low"] > 0,
                 on_keywords["seeds"],
+                "interval",
+                interval=on_keywords,
             )
     return found
 
@@ -214,13 +292,13 @@ def paired_factor(methods: Methods, method: str, reference: str, factor: str) ->
     seeds = common_seeds(methods, method, reference)
     if not seeds:
         return None
-    mine, theirs = matrix(methods[method], seeds, factor), matrix(methods[reference], seeds, factor)
+    mine, theirs = pair(methods, method, reference, seeds, factor)
     return {"seeds": seeds, **paired_interval(mine - theirs).to_json()}
 
 
 def keyword_users(methods: Methods, method: str) -> list[str]:
     first = methods[method][min(methods[method])]
-    return sorted((u for u, f in first.items() if f.get("keywords")), key=int)
+    return sorted((u for u, f in first.items() if f.get("has-keywords")), key=int)
 
 
 def methods_on(methods: Methods, users: list[str]) -> Methods:

@@ -14,9 +14,10 @@ PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glo
 
 def anchors(page: Path) -> set[str]:
     """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to dashes."""
-    found = set()
+    found, fenced = set(), False
     for line in page.read_text().splitlines():
-        if line.startswith("#") and not line.startswith("#!"):
+        fenced ^= line.startswith("```")
+        if not fenced and line.startswith("#"):
             text = line.lstrip("#").strip().lower()
             found.add(re.sub(r"[^\w\- ]", "", text).replace(" ", "-"))
     return found

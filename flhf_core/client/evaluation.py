@@ -98,8 +98,13 @@ def judged_lists(judgements: list[Judgement], texts: list[str], suffix: str = ""
 
 
 def summary_digest(text: str) -> int:
-    """The first 52 bits of the text's SHA-256: equal for equal texts, exact as a float, and
-    saying nothing of the text."""
+    """The first 52 bits of the text's SHA-256: equal for equal texts, exact as a float.
+
+    The held-out evaluation is the experiment's instrument, not a deployment's: like the true
+    utilities beside it, a digest tells something about the user to a server that can write the
+    same text itself (one that holds the global model and the documents can recognize which
+    control code a user's summary answered). A deployment without simulated users has no
+    held-out judgements to report."""
     return int(hashlib.sha256(text.encode()).hexdigest()[:13], 16)
 
 

@@ -161,14 +161,19 @@ def read_metrics(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def read_user_rewards(path: Path) -> dict[int, float]:
-    """Each user's reward in a ``judgements.json``: the mean true utility of the summaries its
-    model wrote on its held-out documents (its personalized model's, where it has one)."""
+def read_user_rewards(path: Path) -> dict[int, tuple[float, tuple[str, ...] | None]]:
+    """Each user's reward in a ``judgements.json`` and the documents it was judged on: the mean
+    true utility of the summaries its model wrote on its held-out documents (its personalized
+    model's, where it has one), and their ids (None for a user with its own data file)."""
     users = json.loads(path.read_text())["users"]
     rewards = {}
     for user, values in users.items():
         utilities = values.get("judged-utility-personal") or values["judged-utility"]
-        rewards[int(user)] = sum(utilities) / len(utilities)
+        documents = values.get("doc-ids")
+        rewards[int(user)] = (
+            sum(utilities) / len(utilities),
+            tuple(documents) if documents is not None else None,
+        )
     return rewards
 
 

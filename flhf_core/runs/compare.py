@@ -59,7 +59,8 @@ class Run:
     config: dict[str, Any]
     summary: dict[str, Any]
     rows: list[dict[str, Any]]
-    user_rewards: dict[int, float]  # judgements.json's: user -> reward on its held-out documents
+    # judgements.json's: user -> (reward on its held-out documents, their ids)
+    user_rewards: dict[int, tuple[float, tuple[str, ...] | None]]
 
     @property
     def status(self) -> str:
@@ -124,18 +125,27 @@ def method_name(group: Sequence[Run]) -> str:
     return f"{group[0].name}: {len(group)} seeds ({', '.join(str(r.config.get('seed')) for r in group)})"
 
 
+def by_seed(group: Sequence[Run]) -> dict[Any, dict[int, tuple[float, tuple[str, ...] | None]]]:
+    """Each seed's user rewards (the first run of a seed, where a method ran one seed twice)."""
+    found: dict[Any, dict[int, tuple[float, tuple[str, ...] | None]]] = {}
+    for run in group:
+        if run.user_rewards:
+            found.setdefault(run.config.get("seed"), run.user_rewards)
+    return found
+
+
 def paired_rewards(group: Sequence[Run], reference: Sequence[Run]) -> tuple[np.ndarray, np.ndarray] | None:
-    """(seeds x users) rewards of ``group`` and ``reference`` on the seeds and users both have
-    (a seed's runs share its documents and users); None when they share none."""
-    mine = {r.config.get("seed"): r.user_rewards for r in group if r.user_rewards}
-    theirs = {r.config.get("seed"): r.user_rewards for r in reference if r.user_rewards}
+    """(seeds x users) rewards of ``group`` and ``reference`` on the seeds and users both have,
+    a user counted only where both runs judged it on the same documents; None when none is left."""
+    mine, theirs = by_seed(group), by_seed(reference)
     seeds = sorted(mine.keys() & theirs.keys(), key=str)
-    users = sorted(set.intersection(*(set(mine[s]) & set(theirs[s]) for s in seeds))) if seeds else []
+    same = [{u for u in mine[s].keys() & theirs[s].keys() if mine[s][u][1] == theirs[s][u][1]} for s in seeds]
+    users = sorted(set.intersection(*same)) if same else []
     if not users:
         return None
     return (
-        np.array([[mine[s][u] for u in users] for s in seeds]),
-        np.array([[theirs[s][u] for u in users] for s in seeds]),
+        np.array([[mine[s][u][0] for u in users] for s in seeds]),
+        np.array([[theirs[s][u][0] for u in users] for s in seeds]),
     )
 
 
@@ -148,8 +158,9 @@ def paired_lines(runs: Sequence[Run]) -> list[str]:
     reference = groups[0]
     lines = [
         "",
-        f"Against `{method_name(reference)}`: reward minus its reward on the same (seed, user), "
-        "95% bootstrap interval over seeds and users:",
+        f"Against `{method_name(reference)}`: the users' reward (their personalized model's, where "
+        "they have one) minus theirs on the same seed, user and documents; 95% bootstrap interval "
+        "over seeds and users:",
         "",
         "| run | seeds x users | difference | 95% interval | detectable (half-width) | ratio | verdict |",
         "| --- | --- | --- | --- | --- | --- | --- |",

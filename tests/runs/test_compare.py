@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from flhf_core.config import RunConfig
 from flhf_core.runs import cli
@@ -103,14 +104,28 @@ def test_methods_are_judged_against_the_first_by_paired_intervals_over_seeds_and
         # the same as the reference, give or take 0.01: no difference to see
         same = {u: v + noise[seed][u] for u, v in base[seed].items()}
         runs.append(fake_run(tmp_path, f"lin{seed}", seed, 0.2, same, reward_weighting="linear"))
+        worse = {u: v - 0.05 + noise[seed][u] for u, v in base[seed].items()}
+        runs.append(fake_run(tmp_path, f"none{seed}", seed, 0.15, worse, reward_weighting="gain"))
     runs.append(fake_run(tmp_path, "other", 9, 0.3, {0: 0.3}, reward_weighting="history"))
     table = markdown_table([load_run(d) for d in runs])
     lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.count("|") == 8}
     assert "Against `sft1: 3 seeds (1, 2, 3)`" in table
-    ppo = lines["| fb1: 3 seeds (1, 2, 3)"]
-    assert "3 x 8" in ppo and "beats it" in ppo and "+0.05" in ppo
+    ppo = lines["| fb1: 3 seeds (1, 2, 3)"].split(" | ")
+    assert ppo[1] == "3 x 8" and ppo[-1] == "beats it |"
+    assert abs(float(ppo[2]) - 0.05) < 0.01 and abs(float(ppo[5].rstrip("x")) - 1.2) < 0.1
+    assert lines["| none1: 3 seeds (1, 2, 3)"].endswith("behind it |")
     assert "no difference" in lines["| lin1: 3 seeds (1, 2, 3)"]
     assert "no shared seed" in lines["| other"]
+
+
+def test_users_judged_on_other_documents_are_not_paired(tmp_path):
+    a = fake_run(tmp_path, "a", 1, 0.2, {0: 0.2, 1: 0.2})
+    b = fake_run(tmp_path, "b", 1, 0.3, {0: 0.3, 1: 0.3}, reward_weighting="linear")
+    judged = json.loads((b / "judgements.json").read_text())
+    judged["users"]["1"]["doc-ids"] = ["c", "d"]  # another split: user 1 read other documents
+    (b / "judgements.json").write_text(json.dumps(judged))
+    table = markdown_table([load_run(a), load_run(b)])
+    assert "| b | 1 x 1 |" in table
 
 
 def test_a_user_s_reward_is_its_personalized_model_s_where_it_has_one(tmp_path):
@@ -118,4 +133,4 @@ def test_a_user_s_reward_is_its_personalized_model_s_where_it_has_one(tmp_path):
     judged = json.loads((folder / "judgements.json").read_text())
     judged["users"]["0"]["judged-utility-personal"] = [0.5, 0.7]
     (folder / "judgements.json").write_text(json.dumps(judged))
-    assert load_run(folder).user_rewards == {0: 0.6}
+    assert load_run(folder).user_rewards == {0: (pytest.approx(0.6), ("a", "b"))}
