@@ -1,92 +1,81 @@
-"""Paired differences between rows of bench/quality.py's matrix, seed by seed.
+"""Rows of the personalize matrix against a reference, paired by seed and user.
 
-A method's mean over three seeds against another's says little when the seeds differ more
-than the methods do (on the default preset one seed's reward runs 0.02 above another's). The
-rows of one seed share everything up to the first step where they differ (the supervised
-rounds, the documents, the users), so the difference *on the same seed* is the figure: for
-each pair, the per-seed differences of the users' mean and worst reward, their mean, their
-standard error (sd / sqrt(n)), and on how many seeds the row is ahead. Pure functions of
-``quality.json``'s rows, so tests need no run.
+    python bench/paired.py fedavg-sft                          # every row against fedavg-sft
+    python bench/paired.py local-only soft-prompt/reinforce lora
+    python bench/paired.py fedavg-sft --key content            # a factor instead of the reward
 
-Pairs (issue 13): every reward-model row against ``none`` at its budget (what the learned
-model adds to the budget alone), against ``fedavg-sft`` and against the unlimited budget of
-its algorithm (``<algorithm>/none/none``).
-
-Beside the final model's reward, where both rows kept their metrics.jsonl, the same
-differences of the reward averaged over every feedback round's model
-(``reward-feedback-rounds``): one round's reward moves by ~0.02 from the next on this preset,
-so a lead that holds over the rounds is firmer than one in the last round alone.
+Rows of one seed share everything up to where they differ (the supervised model, documents and
+users), so the figure to judge is the difference on the same (seed, user): its mean, the 95%
+bootstrap interval over seeds and users (:mod:`flhf_core.results.statistics`), the interval's
+half-width (the smallest difference these seeds and users can detect), the ratio of the means,
+and the verdict: a row *beats* the reference only when the interval lies above zero. Reads the
+committed evidence of ``bench/personalize.py`` (``bench/results/personalize-runs/``), so it
+needs no run.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
+import argparse
 
-import numpy as np
-from quality_figures import BASELINE, FEEDBACK_ROUNDS_OF, OVER_FEEDBACK_ROUNDS
-
-
-def paired_difference(rows: list[dict[str, Any]], method: str, reference: str) -> dict[str, Any] | None:
-    """``method`` minus ``reference`` on the seeds both have: per seed, mean and standard error
-    of the users' reward and of the worst user's (and of their means over the feedback rounds,
-    where every row compared has them, over the same rounds); None when they share no seed.
-    ``ahead``: on how many seeds the final reward is ahead."""
-    mine = {r["seed"]: r for r in rows if r["method"] == method}
-    theirs = {r["seed"]: r for r in rows if r["method"] == reference}
-    seeds = sorted(mine.keys() & theirs.keys())
-    if not seeds:
-        return None
-    result: dict[str, Any] = {"method": method, "reference": reference, "seeds": seeds}
-    compared = [mine[s] for s in seeds] + [theirs[s] for s in seeds]
-    over_rounds = len({str(r.get(FEEDBACK_ROUNDS_OF)) for r in compared}) == 1 and all(
-        k in r for k in OVER_FEEDBACK_ROUNDS for r in compared
-    )  # and the same rounds in every row
-    keys = ["reward", "reward-worst", *(OVER_FEEDBACK_ROUNDS if over_rounds else ())]
-    for key in keys:
-        differences = [mine[s][key] - theirs[s][key] for s in seeds]
-        mean = float(np.mean(differences))
-        error = float(np.std(differences, ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else None
-        result[key] = {"per-seed": differences, "mean": mean, "stderr": error}
-    result["ahead"] = sum(d > 0 for d in result["reward"]["per-seed"])
-    return result
+from personalize import SEEDS, load_evidence
+from personalize_figures import Methods, against, common_seeds, pair
 
 
-def reward_model_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every reward-model row (``<algorithm>/none/none+<mode>@<budget>``) against ``none`` at
-    its budget, ``fedavg-sft`` and its algorithm's unlimited budget, where they share seeds."""
+def comparisons(methods: Methods, reference: str, rows: list[str], key: str = "reward") -> list[dict]:
+    """Each of ``rows`` against ``reference`` on the seeds and users both have."""
     found = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        if "+" not in method:
+    for row in rows:
+        seeds = common_seeds(methods, row, reference)
+        if row == reference or not seeds:
             continue
-        base, variant = method.split("+", 1)
-        budget = variant.rsplit("@", 1)[1]
-        references = [f"{base}+none@{budget}", BASELINE, base]
-        for reference in references:
-            if reference != method:
-                pair = paired_difference(rows, method, reference)
-                if pair is not None:
-                    found.append(pair)
+        mine, theirs = pair(methods, row, reference, seeds, key)
+        figures = against(mine, theirs)
+        verdict = (
+            "beats it" if figures["low"] > 0 else "behind it" if figures["high"] < 0 else "no difference"
+        )
+        found.append({"row": row, "seeds": seeds, "users": mine.shape[1], **figures, "verdict": verdict})
     return found
 
 
-def markdown_pairs(pairs: list[dict[str, Any]]) -> str:
-    """One line per pair: the mean difference ± its standard error, the per-seed differences."""
-
-    def cell(figure: dict[str, Any]) -> str:
-        error = "" if figure["stderr"] is None else f" ± {figure['stderr']:.3f}"
-        return f"{figure['mean']:+.3f}{error} ({', '.join(f'{d:+.3f}' for d in figure['per-seed'])})"
-
+def markdown(reference: str, found: list[dict], key: str) -> str:
     lines = [
-        "| row | against | reward, mean ± s.e. (per seed) | worst user | ahead on (final) | seeds "
-        "| reward over the feedback rounds |",
-        "|---|---|---|---|---|---|---|",
+        f"{key} minus `{reference}`'s on the same (seed, user); 95% bootstrap interval over seeds and users:",
+        "",
+        "| row | seeds | users | difference | 95% interval | detectable (half-width) | ratio | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for pair in pairs:
-        seeds = ", ".join(str(s) for s in pair["seeds"])
-        rounds = cell(pair[OVER_FEEDBACK_ROUNDS[0]]) if OVER_FEEDBACK_ROUNDS[0] in pair else "–"
+    for f in found:
+        ratio = "–" if f["ratio"] is None else f"{f['ratio']:.2f}x"
         lines.append(
-            f"| `{pair['method']}` | `{pair['reference']}` | {cell(pair['reward'])} | "
-            f"{cell(pair['reward-worst'])} | {pair['ahead']}/{len(pair['seeds'])} | {seeds} | {rounds} |"
+            f"| `{f['row']}` | {len(f['seeds'])} | {f['users']} | {f['mean']:+.4f} | "
+            f"[{f['low']:+.4f}, {f['high']:+.4f}] | {f['half-width']:.4f} | {ratio} | {f['verdict']} |"
         )
     return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("reference", help="the method every row is judged against, e.g. fedavg-sft")
+    parser.add_argument("rows", nargs="*", help="the rows to judge (default: every method in the evidence)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--key", default="reward", choices=["reward", "content", "length"])
+    args = parser.parse_args()
+    methods, _ = load_evidence(args.seeds)
+    if args.reference not in methods:
+        parser.error(
+            f"no evidence of {args.reference!r}; the evidence holds: {', '.join(sorted(methods)) or 'nothing'}"
+        )
+    unknown = [row for row in args.rows if row not in methods]
+    if unknown:
+        parser.error(f"no evidence of {', '.join(unknown)}; the evidence holds: {', '.join(sorted(methods))}")
+    print(
+        markdown(
+            args.reference,
+            comparisons(methods, args.reference, args.rows or sorted(methods), args.key),
+            args.key,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

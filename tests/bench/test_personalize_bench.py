@@ -213,3 +213,25 @@ def test_evidence_that_is_not_one_method_or_not_one_start_is_refused(tmp_path, m
     path.write_text(json.dumps({"method": "oracle", "seed": 0, "sft-model": "other", "users": {}}))
     with pytest.raises(ValueError, match="different supervised models"):
         personalize.load_evidence([0])
+
+
+def test_paired_judges_every_row_against_the_reference_by_its_interval():
+    import paired
+
+    found = {
+        f["row"]: f
+        for f in paired.comparisons(
+            methods_around(), "best-shared-code", ["soft-prompt/reinforce", "local-only", "best-shared-code"]
+        )
+    }
+    assert set(found) == {"soft-prompt/reinforce", "local-only"}  # never against itself
+    assert found["soft-prompt/reinforce"]["verdict"] == "beats it"
+    assert (
+        found["soft-prompt/reinforce"]["mean"] == pytest.approx(0.05)
+        and found["soft-prompt/reinforce"]["users"] == 8
+    )
+    assert found["local-only"]["verdict"] == "behind it"
+    content = paired.comparisons(
+        methods_around(), "best-shared-code", ["soft-prompt/reinforce"], key="content"
+    )
+    assert content[0]["mean"] == pytest.approx(0.1)  # 0.3 against 0.2
