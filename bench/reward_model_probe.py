@@ -61,6 +61,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from flhf_core.client.reward_state import STATE_FILE, judgements_from_mapping
 from flhf_core.config import RunConfig
+from flhf_core.data import partitions
 from flhf_core.data.corpus import load_corpus
 from flhf_core.learning import reward_model as rm
 from flhf_core.users.feedback import build_profile, judge
@@ -92,7 +93,7 @@ def probe(run_dir: Path, train_share: float, steps: int, head_steps: int, rates:
         def utility(documents, summaries, profile=profile):
             return np.array(
                 [
-                    judge(profile, s, by_text[d].summary(profile.aspect)).utility
+                    judge(profile, s, partitions.preferred_summary(by_text[d], profile, config)).utility
                     for d, s in zip(documents, summaries, strict=True)
                 ]
             )
