@@ -6,8 +6,8 @@
 
 Per seed, on the ``personalize`` preset (24 users; ``configs/personalize.toml``):
 
-1. the supervised phase, once (``sft-seed-<s>``: ``feedback-algorithm = sft``,
-   ``personalization = none``), and its bounds (``flhf bounds``: ``fedavg-sft``,
+1. the supervised phase, once (``sft-seed-<s>``: the preset's ``sft-rounds`` with
+   ``feedback-algorithm = sft``, ``personalization = none``), and its bounds (``flhf bounds``: ``fedavg-sft``,
    ``best-shared-code``, ``oracle``, ``first-L-words``, ``lead-1``, ``lead-2``);
 2. each row's feedback phase, started from that model (``init-from``, ``sft-rounds = 0``,
    :data:`FEEDBACK_ROUNDS` rounds, every user in each), so every row of a seed starts alike;
@@ -43,15 +43,20 @@ from common import PROJECT_DIR, run_flhf, write_result
 from personalize_figures import Methods, Users, row_figures, targets
 
 from flhf_core.common import atomic_write_json
-from flhf_core.config import RunConfig
+from flhf_core.config import RunConfig, load_preset
 from flhf_core.data import codes
 from flhf_core.data.corpus import load_corpus
 from flhf_core.results.tracking import read_metrics
+from flhf_core.runs.presets import resolve_preset
 from flhf_core.users.profiles import build_profile
 
 PRESET = "personalize"
 SEEDS = (0, 1, 2, 3, 4)
-FEEDBACK_ROUNDS = 3
+# the preset's phases: its supervised rounds are the seed's one supervised run, its remaining
+# rounds each row's feedback phase (so a row is what `flhf run personalize` runs, in two parts)
+_PHASES = load_preset(resolve_preset(PRESET))
+SFT_ROUNDS = int(_PHASES["sft-rounds"])
+FEEDBACK_ROUNDS = int(_PHASES["num-server-rounds"]) - SFT_ROUNDS
 RESULTS = PROJECT_DIR / "results" / "personalize"
 # each finished (method, seed)'s users, committed: the figures come from these files
 EVIDENCE = PROJECT_DIR / "bench" / "results" / "personalize-runs"
@@ -195,7 +200,8 @@ def run_once(folder: Path, items: list[str]) -> None:
 def ensure_sft(seed: int) -> Path:
     folder = run_dir("sft", seed)
     if not (folder / "model" / "config.json").is_file():
-        run_once(folder, [PRESET, "feedback-algorithm=sft", "personalization=none", f"seed={seed}"])
+        items = [PRESET, "feedback-algorithm=sft", "personalization=none", f"num-server-rounds={SFT_ROUNDS}"]
+        run_once(folder, [*items, f"seed={seed}"])
     if not (folder / "bounds.json").is_file():
         command = [sys.executable, "-m", "flhf_core.runs.cli", "bounds", str(folder)]
         subprocess.run(command, check=True, cwd=PROJECT_DIR)
