@@ -321,8 +321,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.set:
-        global RESULTS, EVIDENCE
-        TRIAL.extend(args.set)
+        global RESULTS, EVIDENCE, SFT_ROUNDS, FEEDBACK_ROUNDS
+        # a trial's sft-rounds and num-server-rounds size its two phases, as the preset's do
+        phases = dict(
+            item.split("=", 1) for item in args.set if item.startswith(("sft-rounds=", "num-server-rounds="))
+        )
+        SFT_ROUNDS = int(phases.get("sft-rounds", SFT_ROUNDS))
+        FEEDBACK_ROUNDS = int(phases.get("num-server-rounds", SFT_ROUNDS + FEEDBACK_ROUNDS)) - SFT_ROUNDS
+        TRIAL.extend(item for item in args.set if not item.startswith(("sft-rounds=", "num-server-rounds=")))
         RESULTS = PROJECT_DIR / "results" / "personalize-trial"
         EVIDENCE = RESULTS / "evidence"
     # the best algorithm belongs to the matrix: chosen on all its seeds, whichever run now
