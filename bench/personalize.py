@@ -201,7 +201,8 @@ def ensure_sft(seed: int) -> Path:
     folder = run_dir("sft", seed)
     if not (folder / "model" / "config.json").is_file():
         items = [PRESET, "feedback-algorithm=sft", "personalization=none", f"num-server-rounds={SFT_ROUNDS}"]
-        run_once(folder, [*items, f"seed={seed}"])
+        # evaluated at round 0 and the end only: its bounds are evaluated by flhf bounds
+        run_once(folder, [*items, f"evaluate-every={SFT_ROUNDS}", f"seed={seed}"])
     if not (folder / "bounds.json").is_file():
         command = [sys.executable, "-m", "flhf_core.runs.cli", "bounds", str(folder)]
         subprocess.run(command, check=True, cwd=PROJECT_DIR)
@@ -218,7 +219,9 @@ def run_row(name: str, overrides: list[str], seed: int, best: str | None) -> Non
     sft = ensure_sft(seed)
     folder = run_dir(name.replace("/", "-"), seed)
     items = [*(o.replace(BEST, best or "") for o in overrides), *ROW_SETTINGS]
+    # the final model is what every user judges: evaluated at round 0 and the end only
     start = [f"init-from={sft}", "sft-rounds=0", f"num-server-rounds={FEEDBACK_ROUNDS}"]
+    start += [f"evaluate-every={FEEDBACK_ROUNDS}"]
     run_once(folder, [PRESET, *items, f"seed={seed}", *start])
     origin = {"items": [*items, *TRIAL], "sft-model": sft_model(sft)}
     keep_evidence(name, seed, folder, user_groups(sft), origin)
@@ -229,6 +232,7 @@ def run_local_only(seed: int) -> None:
         return
     folder = run_dir("local-only", seed)
     items = ["mode=local-only", "personalization=none", "feedback-learning-rate=0.0003"]
+    items += [f"evaluate-every={SFT_ROUNDS + FEEDBACK_ROUNDS}"]  # the final models only
     run_once(folder, [PRESET, *items, f"seed={seed}"])
     keep_evidence("local-only", seed, folder, user_groups(ensure_sft(seed)), {"items": [*items, *TRIAL]})
 
