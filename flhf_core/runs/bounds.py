@@ -17,7 +17,9 @@ true utility (:func:`~flhf_core.users.feedback.judge`, against its preferred cod
     flhf bounds RUN_DIR        # writes RUN_DIR/bounds.json
 
 ``bounds.json``: per method, each user's mean ``reward`` and its ``content``, ``length`` and
-``keywords`` factors, and the code ``best-shared-code`` chose.
+``keywords`` factors, the code ``best-shared-code`` chose, and ``code-steering``: per code, how
+long the model's summaries are against the code's length, and how close to the code's own
+target against the other codes' (a model whose codes do not steer bounds nothing).
 """
 
 from __future__ import annotations
@@ -105,13 +107,48 @@ def bounds(config: RunConfig, corpus: Corpus, num_users: int, write: Writer) -> 
             for k in LEAD_SENTENCES
         },
     }
+    held_out = list({d.doc_id: d for ds in report.values() for d in ds}.values())
     return {
         "best-shared-code": shared.prompt,
         "best-shared-code-reward-documents": on_reward[shared],
+        "code-steering": code_steering(every, held_out, written),
         "methods": methods,
         "mean": {m: float(np.mean([u["reward"] for u in users.values()])) for m, users in methods.items()},
         "worst": {m: float(np.min([u["reward"] for u in users.values()])) for m, users in methods.items()},
     }
+
+
+def code_steering(
+    every: Sequence[codes.Code], docs: Sequence[Document], written: dict[Request, str]
+) -> dict[str, dict[str, float]]:
+    """Whether the model does what each code asks, on the held-out documents: its summaries'
+    mean length against the code's, and their ROUGE-L against the code's own target and
+    against the other codes' targets (a code that steers content scores higher on its own)."""
+    from flhf_core.users.rouge import rouge_pair
+
+    steering = {}
+    for code in every:
+        own, others, words = [], [], []
+        for doc in docs:
+            targets = {c.prompt: codes.target(doc, c) for c in every}
+            if not targets[code.prompt]:
+                continue
+            summary = written[(doc.doc_id, code.prompt)]
+            words.append(len(summary.split()))
+            own.append(rouge_pair(summary, targets[code.prompt])["rougeL"])
+            others.append(
+                np.mean(
+                    [rouge_pair(summary, t)["rougeL"] for p, t in targets.items() if t and p != code.prompt]
+                )
+            )
+        if words:
+            steering[code.prompt] = {
+                "words": float(np.mean(words)),
+                "code-words": float(code.words),
+                "rougeL-own-target": float(np.mean(own)),
+                "rougeL-other-targets": float(np.mean(others)),
+            }
+    return steering
 
 
 def model_writer(run_dir: Path, config: RunConfig) -> Writer:

@@ -272,6 +272,14 @@ def command_bounds(args: argparse.Namespace) -> int:
     result = read_json(path)
     for method, mean in result["mean"].items():
         print(f"{method:18s} reward {mean:.3f}  worst user {result['worst'][method]:.3f}")
+    print(
+        "code steering (held-out papers): words written / asked, ROUGE-L to its own target / to the others'"
+    )
+    for code, f in result["code-steering"].items():
+        print(
+            f"  {code:24s} {f['words']:5.1f} / {f['code-words']:2.0f} words  "
+            f"{f['rougeL-own-target']:.3f} / {f['rougeL-other-targets']:.3f}"
+        )
     print(f"best shared code: {result['best-shared-code']}; wrote {path}")
     return 0
 

@@ -42,6 +42,26 @@ def test_an_ideal_writer_puts_the_oracle_on_top_and_the_shared_code_between():
     assert len(result["methods"]["oracle"]) == 12
 
 
+def test_code_steering_tells_a_writer_that_follows_codes_from_one_that_ignores_them():
+    config = RunConfig().replace(**PERSONALIZE)
+    corpus = load_corpus(config)
+    follows = bounds(config, corpus, 6, ideal_writer(corpus.aspects))["code-steering"]
+    ignores = bounds(
+        config,
+        corpus,
+        6,
+        lambda requests: [codes.target(d, codes.Code("approach", "medium")) for d, _ in requests],
+    )["code-steering"]
+    assert set(follows) == {c.prompt for c in codes.all_codes(corpus.aspects)}
+    for f in follows.values():
+        assert f["rougeL-own-target"] == pytest.approx(1.0)
+        assert f["rougeL-other-targets"] < 0.9
+        assert abs(f["words"] - f["code-words"]) < 0.5 * f["code-words"]
+    short = ignores["challenge short"]
+    assert short["rougeL-own-target"] < short["rougeL-other-targets"] + 0.2  # no code of its own
+    assert short["words"] > 1.5 * short["code-words"]  # a medium summary when asked for a short one
+
+
 def test_bounds_need_control_codes():
     config = RunConfig()
     with pytest.raises(ConfigError, match="partitioning='codes'"):
