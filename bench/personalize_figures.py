@@ -133,12 +133,13 @@ def row_figures(methods: Methods) -> dict[str, dict[str, Any]]:
     return figures
 
 
-def paired(methods: Methods, method: str, reference: str) -> dict[str, Any] | None:
-    """``method`` against ``reference`` on the seeds both have, paired by (seed, user)."""
+def paired(methods: Methods, method: str, reference: str, key: str = "reward") -> dict[str, Any] | None:
+    """``method`` against ``reference`` on the seeds both have, paired by (seed, user), on ``key``
+    (the reward, or one of its factors)."""
     seeds = common_seeds(methods, method, reference)
     if not seeds:
         return None
-    return {"seeds": seeds, **against(*pair(methods, method, reference, seeds))}
+    return {"seeds": seeds, **against(*pair(methods, method, reference, seeds, key))}
 
 
 def met(comparison: dict[str, Any] | None, ratio: float) -> bool | None:
@@ -251,7 +252,7 @@ def targets(
     identical = row.get("identical-across-groups")
     if identical is not None:
         check("identical summaries across groups", identical, 0.1, identical <= 0.1, row["seeds"], "point")
-    sft = paired_factor(methods, best, "fedavg-sft", "content")
+    sft = paired(methods, best, "fedavg-sft", "content")
     if sft:
         check(
             "content factor rises over fedavg-sft",
@@ -286,14 +287,6 @@ def targets(
                 interval=on_keywords,
             )
     return found
-
-
-def paired_factor(methods: Methods, method: str, reference: str, factor: str) -> dict[str, Any] | None:
-    seeds = common_seeds(methods, method, reference)
-    if not seeds:
-        return None
-    mine, theirs = pair(methods, method, reference, seeds, factor)
-    return {"seeds": seeds, **paired_interval(mine - theirs).to_json()}
 
 
 def keyword_users(methods: Methods, method: str) -> list[str]:
