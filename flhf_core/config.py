@@ -90,6 +90,7 @@ class RunConfig:
     min_available_nodes: int = field(default=2, metadata=_range(1))
     round_timeout: float = field(default=600.0, metadata=_range(0.0))
     sft_rounds: int = field(default=8, metadata=_range(0))
+    sft_fraction_train: float = field(default=0.0, metadata=_range(0.0, 1.0))
     reward_weighting: str = field(default="none", metadata=_choice(*REWARD_WEIGHTINGS))
     reward_weighting_rounds: str = field(default="feedback", metadata=_choice(*WEIGHTING_ROUNDS))
     reward_temperature: float = 0.1
@@ -287,6 +288,13 @@ class RunConfig:
         """Evaluate messages after each evaluated round: ``separate-evaluation``, and always when
         centralized (one learner trains; every user must still evaluate the model)."""
         return self.separate_evaluation or self.mode == "centralized"
+
+    def round_fraction_train(self, phase: str) -> float:
+        """The share of users sampled for training in a round of ``phase``: ``sft-fraction-train``
+        in supervised rounds where it is set, else ``fraction-train``."""
+        if phase == "sft" and self.sft_fraction_train > 0:
+            return self.sft_fraction_train
+        return self.fraction_train
 
     def server_learning_rate(self, phase: str) -> float:
         """The server's step towards the users' average in a round of ``phase``: supervised

@@ -159,6 +159,10 @@ def test_reward_weighting_applies_to_feedback_rounds_unless_all():
     assert RunConfig.from_mapping({**feedback, "reward-weighting": "qfedavg"}).weighting("sft") == "none"
     damped = RunConfig.from_mapping({**feedback, "feedback-server-learning-rate": 0.5})
     assert (damped.server_learning_rate("sft"), damped.server_learning_rate("feedback")) == (1.0, 0.5)
+    sampled = RunConfig.from_mapping({**feedback, "fraction-train": 0.5, "sft-fraction-train": 0.25})
+    assert (sampled.round_fraction_train("sft"), sampled.round_fraction_train("feedback")) == (0.25, 0.5)
+    assert damped.round_fraction_train("sft") == damped.fraction_train  # 0: as fraction-train
+
     with pytest.raises(ConfigError, match="feedback rounds only"):  # the default sft run has none
         RunConfig.from_mapping({"reward-weighting": "softmax", "feedback-algorithm": "sft"})
 

@@ -339,6 +339,7 @@ class Federation(RunOutput):
         self.strategy.example_counts = self.example_counts(phase)
         self.strategy.reward_weighting = config.weighting(phase)
         self.strategy.server_learning_rate = config.server_learning_rate(phase)
+        self.strategy.fraction_train = config.round_fraction_train(phase)
         self.strategy.reward_models_active = phase == "feedback"  # only feedback rounds judge
         self.strategy.client_learning_rate = phase_learning_rate(config, phase, server_round)
 

@@ -205,7 +205,9 @@ def test_a_summary_is_written_when_the_last_rounds_were_not_evaluated():
 def test_local_head_publishes_and_reports_no_global_model(
     flower_identity, smoke_config, tmp_path, in_process_grid
 ):
-    config = in_process_config(smoke_config, tmp_path, personalization="local-head")
+    # supervised rounds of one user of two each (sft-fraction-train): the same work as one full round
+    overrides = {"personalization": "local-head", "num-server-rounds": 2, "sft-fraction-train": 0.5}
+    config = in_process_config(smoke_config, tmp_path, **overrides)
     run_dir = run_in_process(in_process_grid(config.to_mapping(), users=2), config)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global-model"].startswith("none: under personalization=local-head")
@@ -213,6 +215,7 @@ def test_local_head_publishes_and_reports_no_global_model(
     assert not (run_dir / "model").exists()
     server = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["scope"] == "server"]
     assert all("rougeL" not in r and "reward" not in r for r in server)
+    assert [r["clients"] for r in server if r["round"] > 0] == [1, 1]
     assert server[-1]["client-rougeL-personal"] > 0 and server[-1]["reward-personal"] > 0
     text = tmp_path / "paper.txt"
     text.write_text("We propose a parser for long sentences. It improves accuracy by 2 points.")
