@@ -162,7 +162,6 @@ def test_reward_weighting_applies_to_feedback_rounds_unless_all():
     sampled = RunConfig.from_mapping({**feedback, "fraction-train": 0.5, "sft-fraction-train": 0.25})
     assert (sampled.round_fraction_train("sft"), sampled.round_fraction_train("feedback")) == (0.25, 0.5)
     assert damped.round_fraction_train("sft") == damped.fraction_train  # 0: as fraction-train
-
     with pytest.raises(ConfigError, match="feedback rounds only"):  # the default sft run has none
         RunConfig.from_mapping({"reward-weighting": "softmax", "feedback-algorithm": "sft"})
 
