@@ -51,10 +51,9 @@ def steering_summary(config: RunConfig, model, tokenizer, corpus, docs) -> dict:
     summaries = summarize(model, tokenizer, sources, config)
     written = dict(zip([(d.doc_id, p) for d, p in requests], summaries, strict=True))
     table = code_steering(every, docs, written)
+    length_of = {code.prompt: code.length for code in every}
     words = {
-        length: float(
-            np.mean([row["words"] for prompt, row in table.items() if prompt.endswith(f" {length}")])
-        )
+        length: float(np.mean([row["words"] for prompt, row in table.items() if length_of[prompt] == length]))
         for length in codes.LENGTH_WORDS
     }
     own = float(np.mean([row["rougeL-own-target"] for row in table.values()]))
