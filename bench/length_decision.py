@@ -31,7 +31,7 @@ DOCUMENTS = 32
 
 def end_after_first_sentence(model, tokenizer, config: RunConfig, docs, code: codes.Code) -> float:
     """Mean p(</s>) at the position after each target's first full stop."""
-    sources = [f"{code.prompt}: {partitions.reading(doc, '', config)}" for doc in docs]
+    sources = [partitions.request(doc, code.prompt, config) for doc in docs]
     batch = tokenizer(
         sources, max_length=config.max_source_tokens, truncation=True, padding=True, return_tensors="pt"
     )
@@ -66,8 +66,8 @@ def main() -> None:
     docs = docs[:DOCUMENTS]
     figures = {}
     for code in codes.all_codes(corpus.aspects):
-        figures[code.prompt] = end_after_first_sentence(model, tokenizer, config, docs, code)
-        print(f"{code.prompt:28s} p(end after the first sentence) {figures[code.prompt]:.2f}")
+        figures[code.name] = end_after_first_sentence(model, tokenizer, config, docs, code)
+        print(f"{code.name:28s} p(end after the first sentence) {figures[code.name]:.2f}")
     write_result(
         f"length-decision-{args.run_dir.resolve().parent.name}-{args.run_dir.name}",
         {"run": str(args.run_dir), "documents": len(docs), **figures},

@@ -132,7 +132,7 @@ def user_groups(sft_folder: Path) -> dict[str, dict[str, Any]]:
     for user in range(users):
         profile = build_profile(user, config.user_profiles, aspects, config.seed)
         groups[str(user)] = {
-            "group": codes.preferred_code(profile).prompt,
+            "group": codes.preferred_code(profile).name,
             "has-keywords": bool(profile.include_keywords or profile.avoid_keywords),
         }
     return groups

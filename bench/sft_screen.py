@@ -47,13 +47,13 @@ JUDGED_DOCUMENTS = 24  # validation documents, every code of each
 def steering_summary(config: RunConfig, model, tokenizer, corpus, docs) -> dict:
     every = codes.all_codes(corpus.aspects)
     requests = [(doc, code.prompt) for doc in docs for code in every]
-    sources = [f"{prompt}: {partitions.reading(doc, '', config)}" for doc, prompt in requests]
+    sources = [partitions.request(doc, prompt, config) for doc, prompt in requests]
     summaries = summarize(model, tokenizer, sources, config)
     written = dict(zip([(d.doc_id, p) for d, p in requests], summaries, strict=True))
     table = code_steering(every, docs, written)
-    length_of = {code.prompt: code.length for code in every}
+    length_of = {code.name: code.length for code in every}
     words = {
-        length: float(np.mean([row["words"] for prompt, row in table.items() if length_of[prompt] == length]))
+        length: float(np.mean([row["words"] for name, row in table.items() if length_of[name] == length]))
         for length in codes.LENGTH_WORDS
     }
     own = float(np.mean([row["rougeL-own-target"] for row in table.values()]))

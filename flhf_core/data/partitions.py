@@ -360,6 +360,12 @@ def reading(doc: Document, aspect: str, config: RunConfig) -> str:
     return extractor.extract(doc, aspect, config.extract_sentences)
 
 
+def request(doc: Document, instruction: str, config: RunConfig) -> str:
+    """The model input that asks for ``instruction`` (a code's prompt, or the neutral request)
+    of ``doc``, read whole or as extracted, as the run asks for codes."""
+    return Example(doc.doc_id, "", reading(doc, "", config), "", instruction).source
+
+
 def instruction_for(config: RunConfig, aspect: str) -> str:
     """What the model is told to write for ``aspect`` ("" = the aspect's name). Under
     ``preference`` partitioning users never name their aspect: the prompt is neutral."""

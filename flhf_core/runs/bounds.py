@@ -109,7 +109,7 @@ def bounds(config: RunConfig, corpus: Corpus, num_users: int, write: Writer) -> 
     }
     held_out = list({d.doc_id: d for ds in report.values() for d in ds}.values())
     return {
-        "best-shared-code": shared.prompt,
+        "best-shared-code": shared.name,
         "best-shared-code-reward-documents": on_reward[shared],
         "code-steering": code_steering(every, held_out, written),
         "methods": methods,
@@ -142,7 +142,7 @@ def code_steering(
                 )
             )
         if words:
-            steering[code.prompt] = {
+            steering[code.name] = {
                 "words": float(np.mean(words)),
                 "code-words": float(code.words),
                 "rougeL-own-target": float(np.mean(own)),
@@ -165,7 +165,7 @@ def model_writer(run_dir: Path, config: RunConfig) -> Writer:
     tokenizer = AutoTokenizer.from_pretrained(folder)
 
     def write(requests: Sequence[tuple[Document, str]]) -> list[str]:
-        sources = [f"{instruction}: {partitions.reading(doc, '', config)}" for doc, instruction in requests]
+        sources = [partitions.request(doc, instruction, config) for doc, instruction in requests]
         return summarize(model, tokenizer, sources, config)
 
     return write

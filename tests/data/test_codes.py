@@ -43,7 +43,8 @@ def test_codes_cover_every_content_and_no_short_mix():
     assert nearest_code("challenge+outcome", 10) == Code("challenge+outcome", "medium")
     assert nearest_code("challenge", 10) == Code("challenge", "short")
     assert nearest_code("approach", 18) == Code("approach", "short")  # a tie goes to the shorter
-    assert Code("approach+outcome", "long").prompt == "approach+outcome long"
+    assert Code("approach+outcome", "long").name == "approach+outcome long"
+    assert Code("approach+outcome", "long").prompt == "approach+outcome =40"  # the word budget
 
 
 def test_targets_are_near_their_length_and_come_from_the_references(corpus):

@@ -38,7 +38,7 @@ def test_an_ideal_writer_puts_the_oracle_on_top_and_the_shared_code_between():
     assert mean["oracle"] > mean["best-shared-code"] >= mean["fedavg-sft"] * 0.9
     assert mean["oracle"] > 2 * mean["best-shared-code"]  # one code cannot serve six groups
     assert set(mean) == {"fedavg-sft", "best-shared-code", "oracle", "first-L-words", "lead-1", "lead-2"}
-    assert result["best-shared-code"] in {c.prompt for c in codes.all_codes(corpus.aspects)}
+    assert result["best-shared-code"] in {c.name for c in codes.all_codes(corpus.aspects)}
     assert len(result["methods"]["oracle"]) == 12
 
 
@@ -52,7 +52,7 @@ def test_code_steering_tells_a_writer_that_follows_codes_from_one_that_ignores_t
         6,
         lambda requests: [codes.target(d, codes.Code("approach", "medium")) for d, _ in requests],
     )["code-steering"]
-    assert set(follows) == {c.prompt for c in codes.all_codes(corpus.aspects)}
+    assert set(follows) == {c.name for c in codes.all_codes(corpus.aspects)}
     for f in follows.values():
         assert f["rougeL-own-target"] == pytest.approx(1.0)
         assert f["rougeL-other-targets"] < 0.9
