@@ -37,9 +37,9 @@ FEEDBACK_ONLY = ("soft-prompt", "code-bandit")  # personalizations whose state s
 def local_update(session: UserSession) -> dict[str, float]:
     """Update ``session.model`` in place for this round's phase; the update's figures."""
     torch.manual_seed(round_seed(session, 0))  # dropout masks
-    metrics = local_sft(session) if session.phase == "sft" else local_feedback(session)
-    metrics["learning-rate"] = learning_rate(session)
-    return metrics
+    if session.phase == "sft":
+        return {**local_sft(session), "learning-rate": learning_rate(session)}
+    return local_feedback(session)  # each pass reports its own rate
 
 
 def learning_rate(session: UserSession) -> float:
@@ -175,7 +175,7 @@ def local_feedback(session: UserSession) -> dict[str, float]:
                 replace(feedback, learning_rate=rate),
                 rng,
             )
-        metrics.update({f"{prefix}-{k}": v for k, v in stats.items()})
+        metrics.update({f"{prefix}-{k}": v for k, v in {**stats, "learning-rate": rate}.items()})
     metrics["train-ratings-used"] = float(scorer.used)
     if isinstance(scorer, LearnedScorer):
         metrics.update(reward_models.finish(session, scorer))

@@ -113,6 +113,8 @@ def test_the_conditioning_learns_from_feedback_only_and_first(
     received = sent.content["arrays"]
     assert all(np.array_equal(reply.content["arrays"][k].numpy(), received[k].numpy()) for k in shared)
     assert "personal-loss" not in reply.content["metrics"]  # one pass: its figures are train-*
+    # the rate it ran at: the personal one, not the supervised schedule's
+    assert reply.content["metrics"]["train-learning-rate"] == config.personal_feedback_learning_rate
 
 
 def test_a_corrupt_state_file_is_reported_kept_and_the_user_starts_fresh(
