@@ -17,7 +17,9 @@ true utility (:func:`~flhf_core.users.feedback.judge`, against its preferred cod
     flhf bounds RUN_DIR        # writes RUN_DIR/bounds.json
 
 ``bounds.json``: per method, each user's mean ``reward`` and its ``content``, ``length`` and
-``keywords`` factors, the code ``best-shared-code`` chose, and ``code-steering``: per code, how
+``keywords`` factors, the code ``best-shared-code`` chose, both codes' means on the reward documents
+(``best-shared-code-reward-documents``, ``oracle-reward-documents``: what a supervised recipe
+may be chosen on, never the held-out figures), and ``code-steering``: per code, how
 long the model's summaries are against the code's length, and how close to the code's own
 target against the other codes' (a model whose codes do not steer bounds nothing).
 """
@@ -90,6 +92,13 @@ def bounds(config: RunConfig, corpus: Corpus, num_users: int, write: Writer) -> 
         for code in every
     }
     shared = max(every, key=lambda code: on_reward[code])
+    # what a supervised recipe may be chosen on: its oracle's lead on reward documents
+    oracle_on_reward = np.mean(
+        [
+            user_figures(p, config, reward[p.user_id], asked(codes.preferred_code(p).prompt))["reward"]
+            for p in profiles
+        ]
+    )
 
     def per_user(summary: Callable[[Document, UserProfile], str]) -> dict[str, dict[str, float]]:
         return {
@@ -111,6 +120,7 @@ def bounds(config: RunConfig, corpus: Corpus, num_users: int, write: Writer) -> 
     return {
         "best-shared-code": shared.name,
         "best-shared-code-reward-documents": on_reward[shared],
+        "oracle-reward-documents": float(oracle_on_reward),
         "code-steering": code_steering(every, held_out, written),
         "methods": methods,
         "mean": {m: float(np.mean([u["reward"] for u in users.values()])) for m, users in methods.items()},

@@ -280,6 +280,10 @@ def command_bounds(args: argparse.Namespace) -> int:
             f"  {code:24s} {f['words']:5.1f} / {f['code-words']:2.0f} words  "
             f"{f['rougeL-own-target']:.3f} / {f['rougeL-other-targets']:.3f}"
         )
+    print(
+        f"on the reward documents: oracle {result['oracle-reward-documents']:.3f}, "
+        f"best shared code {result['best-shared-code-reward-documents']:.3f}"
+    )
     print(f"best shared code: {result['best-shared-code']}; wrote {path}")
     return 0
 

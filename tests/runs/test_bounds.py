@@ -37,6 +37,7 @@ def test_an_ideal_writer_puts_the_oracle_on_top_and_the_shared_code_between():
     mean = result["mean"]
     assert mean["oracle"] > mean["best-shared-code"] >= mean["fedavg-sft"] * 0.9
     assert mean["oracle"] > 2 * mean["best-shared-code"]  # one code cannot serve six groups
+    assert result["oracle-reward-documents"] > 2 * result["best-shared-code-reward-documents"]
     assert set(mean) == {"fedavg-sft", "best-shared-code", "oracle", "first-L-words", "lead-1", "lead-2"}
     assert result["best-shared-code"] in {c.name for c in codes.all_codes(corpus.aspects)}
     assert len(result["methods"]["oracle"]) == 12
