@@ -240,6 +240,8 @@ def bandit_feedback(session: UserSession, feedback: FeedbackConfig) -> dict[str,
     state.store(bandit)
     return {
         "num-examples": len(documents),
-        "train-reward": float(np.mean(ratings)) if ratings else 0.0,
+        # its ratings' mean, exploration included; not "reward", which is the updated model's
+        # true utility on the reward documents (the handler's, as for every algorithm)
+        "train-ratings-mean": float(np.mean(ratings)) if ratings else 0.0,
         "train-ratings-used": float(len(ratings)),
     }  # (which code the bandit serves stays on the device: it names what the user wants)
