@@ -83,22 +83,18 @@ def bounds(config: RunConfig, corpus: Corpus, num_users: int, write: Writer) -> 
     def asked(instruction: str) -> Callable[[Document], str]:
         return lambda d: written[(d.doc_id, instruction)]
 
-    on_reward = {
-        code: float(
-            np.mean(
-                [user_figures(p, config, reward[p.user_id], asked(code.prompt))["reward"] for p in profiles]
-            )
-        )
+    # each user's reward on its reward documents, per code: what the shared code is chosen on,
+    # and, with the oracle's, what a supervised recipe may be chosen on
+    reward_by_code = {
+        code: {
+            p.user_id: user_figures(p, config, reward[p.user_id], asked(code.prompt))["reward"]
+            for p in profiles
+        }
         for code in every
     }
+    on_reward = {code: float(np.mean(list(users.values()))) for code, users in reward_by_code.items()}
     shared = max(every, key=lambda code: on_reward[code])
-    # what a supervised recipe may be chosen on: its oracle's lead on reward documents
-    oracle_on_reward = np.mean(
-        [
-            user_figures(p, config, reward[p.user_id], asked(codes.preferred_code(p).prompt))["reward"]
-            for p in profiles
-        ]
-    )
+    oracle_on_reward = np.mean([reward_by_code[codes.preferred_code(p)][p.user_id] for p in profiles])
 
     def per_user(summary: Callable[[Document, UserProfile], str]) -> dict[str, dict[str, float]]:
         return {
